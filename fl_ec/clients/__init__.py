@@ -1,0 +1,1 @@
+"""Flower ClientApps and their local trainers."""

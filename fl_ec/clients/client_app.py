@@ -1,0 +1,126 @@
+"""The fl-ec ClientApp: local training and evaluation on this node's partition.
+
+The server sends arrays plus a JSON architecture spec (``config["arch-spec"]``); the
+client rebuilds the model from them -- no pickled module travels. A reply carries:
+
+* ``arrays``: the trained state_dict as an ``ArrayRecord``;
+* ``metrics``: ``num-examples``, ``train-loss``, ``train-seconds`` (a ``MetricRecord``,
+  averaged by any Flower strategy);
+* ``capability``: what this node is (device kind and tier, memory, threads, speed) as
+  a ``ConfigRecord`` -- the server cannot read ``node_config``, so clients tell it.
+
+A configuration problem becomes an error reply whose reason is one readable line,
+instead of a traceback in the node's log.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_ec.config import ExperimentConfig, NodeSettings
+from fl_ec.data.federated import ClientData, load_client_data
+from fl_ec.errors import FlEcError
+from fl_ec.models.spec import ArchSpec, build_from_state_dict
+from fl_ec.training import (
+    device_capability,
+    evaluate,
+    select_device,
+    set_cpu_threads,
+    train_supervised,
+)
+
+app = ClientApp()
+
+# Error code for fl-ec's own, user-fixable errors in replies (Flower's are < 100).
+FL_EC_ERROR_CODE = 100
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        return _train(msg, context)
+    except FlEcError as err:
+        return Message(Error(code=FL_EC_ERROR_CODE, reason=str(err)), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    try:
+        return _evaluate(msg, context)
+    except FlEcError as err:
+        return Message(Error(code=FL_EC_ERROR_CODE, reason=str(err)), reply_to=msg)
+
+
+def _setup(msg: Message, context: Context):
+    config = ExperimentConfig.from_run_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    set_cpu_threads(config.client_threads)
+    data = _client_data(config, node.partition_id, node.num_partitions)
+    spec = ArchSpec.from_json(str(msg.content["config"]["arch-spec"]))
+    model = build_from_state_dict(spec, msg.content["arrays"].to_torch_state_dict())
+    return config, node, data, model
+
+
+def _train(msg: Message, context: Context) -> Message:
+    config, node, data, model = _setup(msg, context)
+    device = select_device(config.device)
+    round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    result = train_supervised(
+        model,
+        data.train,
+        epochs=int(round_config.get("local-epochs", config.local_epochs)),
+        batch_size=config.batch_size,
+        lr=float(round_config.get("lr", config.lr)),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        device=device,
+        # Different shuffles per node and round, reproducible for a fixed seed.
+        seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,
+    )
+    model.to("cpu")
+    metrics = MetricRecord({
+        "num-examples": len(data.train),
+        "train-loss": result.train_loss,
+        "train-seconds": result.seconds,
+    })
+    capability = ConfigRecord(
+        device_capability(device, node.device_tier, node.memory_mb, node.speed)
+    )
+    content = RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": metrics,
+        "capability": capability,
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    config, _, data, model = _setup(msg, context)
+    result = evaluate(model, data.test, config.eval_batch_size, select_device(config.device))
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "eval-loss": result.loss,
+        "eval-acc": result.accuracy,
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
+    # Simulated nodes share worker processes; cache the data per (data settings,
+    # partition) instead of re-partitioning every round. Bounded: a worker serves a
+    # handful of partitions at a time.
+    key = (config.dataset, config.data_dir, config.download, config.train_subset,
+           config.partitioner, config.alpha, config.classes_per_client, config.proxy_size,
+           config.validation_size, config.client_test_fraction, config.seed,
+           partition_id, num_partitions)
+    if key not in _DATA_CACHE:
+        if len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
+            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
+        _DATA_CACHE[key] = load_client_data(config, partition_id, num_partitions)
+    return _DATA_CACHE[key]
+
+
+_DATA_CACHE: dict[tuple, ClientData] = {}
+_DATA_CACHE_SIZE = 32

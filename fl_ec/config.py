@@ -1,0 +1,226 @@
+"""Run-config -> one typed, validated config object.
+
+This is the only module that reads Flower's ``context.run_config`` (a flat mapping of
+kebab-case keys, defaults in ``[tool.flwr.app.config]`` of ``pyproject.toml``).
+Everything downstream receives :class:`ExperimentConfig` or plain arguments, so the
+algorithms never depend on Flower's config format.
+
+Validation happens here, eagerly, so that a bad value fails in the first second of a
+run with one line naming the key and what to change -- instead of deep inside a
+client after Flower's start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fl_ec.errors import ConfigError
+from fl_ec.models.spec import is_known_model
+
+STRATEGIES = ("fedavg",)
+DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every knob of an fl-ec experiment; field ``foo_bar`` is run-config key ``foo-bar``.
+
+    The README's knob table documents each field; defaults here mirror
+    ``[tool.flwr.app.config]`` so the library can be used without a pyproject.
+    """
+
+    # Federation / strategy
+    strategy: str = "fedavg"
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    # Data
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    download: bool = False
+    train_subset: int = 0
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    proxy_size: int = 5000
+    validation_size: int = 1000
+    client_test_fraction: float = 0.1
+    seed: int = 42
+    # Model and local training
+    model: str = "cnn"
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"
+    client_threads: int = 0
+    # Server-side evaluation and output
+    eval_batch_size: int = 512
+    results_dir: str = "results"
+    run_name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Parse and validate a Flower run-config mapping.
+
+        Unknown keys are kept in :attr:`extra` (later strategies read their own
+        knobs from there through their own typed configs) rather than rejected, so
+        an app can carry keys of its own.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name in known:
+                values[name] = _coerce(key, raw, known[name].type)
+            else:
+                extra[key] = raw
+        config = cls(**values, extra=extra)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` with one actionable line for the first bad value."""
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("dataset", self.dataset, DATASETS)
+        if not is_known_model(self.model):
+            raise ConfigError(
+                f"model={self.model!r} is unknown: choose cnn, resnet8, resnet20 "
+                "(or any resnet<6n+2>, e.g. resnet56)"
+            )
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("device", self.device, DEVICES)
+        if not self.alpha > 0:
+            raise ConfigError(
+                f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "
+                "0.1 is very non-IID, 100 is nearly IID): set e.g. alpha=0.5"
+            )
+        _positive("num-server-rounds", self.num_server_rounds)
+        _positive("local-epochs", self.local_epochs)
+        _positive("batch-size", self.batch_size)
+        _positive("eval-batch-size", self.eval_batch_size)
+        _positive("classes-per-client", self.classes_per_client)
+        _positive("lr", self.lr)
+        _positive("min-train-nodes", self.min_train_nodes)
+        _positive("min-available-nodes", self.min_available_nodes)
+        for key, value in (("proxy-size", self.proxy_size),
+                           ("validation-size", self.validation_size),
+                           ("train-subset", self.train_subset),
+                           ("client-threads", self.client_threads),
+                           ("min-evaluate-nodes", self.min_evaluate_nodes)):
+            if value < 0:
+                raise ConfigError(f"{key}={value} must be >= 0")
+        for key, value in (("fraction-train", self.fraction_train),
+                           ("fraction-evaluate", self.fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}={value} must be within [0, 1]")
+        if self.fraction_train == 0.0:
+            raise ConfigError("fraction-train=0 trains no client: set it within (0, 1]")
+        if not 0.0 <= self.client_test_fraction < 1.0:
+            raise ConfigError(
+                f"client-test-fraction={self.client_test_fraction} must be within [0, 1)"
+            )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum} must be within [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight-decay={self.weight_decay} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping, as written to ``metrics.json`` for reproducibility."""
+        out = {f.name.replace("_", "-"): getattr(self, f.name)
+               for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a ClientApp learns from its node's ``node_config``.
+
+    ``partition-id``/``num-partitions`` are set by the simulation engine, or by
+    ``flower-supernode --node-config`` in a deployment. The capability knobs let a
+    simulated node pretend to be a GPU box or an edge device; they are optional.
+    """
+
+    partition_id: int
+    num_partitions: int
+    device_tier: str = ""
+    memory_mb: float = 0.0
+    speed: float = 0.0
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        try:
+            partition_id = int(node_config["partition-id"])
+            num_partitions = int(node_config["num-partitions"])
+        except KeyError as err:
+            raise ConfigError(
+                f"node_config lacks {err.args[0]!r}: start the SuperNode with "
+                "--node-config \"partition-id=0 num-partitions=N\""
+            ) from None
+        except (TypeError, ValueError):
+            raise ConfigError(
+                "node_config partition-id/num-partitions must be integers"
+            ) from None
+        if num_partitions <= 0 or not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"node_config partition-id={partition_id} must be within "
+                f"[0, num-partitions={num_partitions})"
+            )
+        return cls(
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            device_tier=str(node_config.get("device-tier", "")),
+            memory_mb=float(node_config.get("memory-mb", 0.0)),
+            speed=float(node_config.get("speed", 0.0)),
+        )
+
+
+def _coerce(key: str, raw: Any, annotation: Any) -> Any:
+    """Convert a run-config value to the field's declared type, or fail readably."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+                return raw.lower() in ("true", "1")
+            if isinstance(raw, int | float) and raw in (0, 1):
+                return bool(raw)
+            raise ValueError
+        if kind == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind == "str":
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return raw
+    raise ConfigError(f"run-config {key}={raw!r} is not a valid {kind}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is unknown: choose one of {', '.join(options)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value} must be > 0")

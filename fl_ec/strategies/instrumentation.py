@@ -1,0 +1,116 @@
+"""Measure any Flower strategy from the outside: bytes on the wire, time per phase.
+
+:class:`MeteredGrid` wraps the ``Grid`` handed to ``strategy.start``. Every message
+the strategy sends and every reply it receives passes through it, so the bytes are
+those of the arrays actually sent (``len(Array.data)``, the serialised payload) --
+whatever the strategy, including ones that send different arrays to each node. It
+also logs failed replies with their node id and reason, and stops the run when *every*
+training reply of a round failed (a misconfiguration, not a flaky node).
+
+:func:`time_aggregation` wraps a strategy instance's ``aggregate_train`` to time it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import WARNING
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_ec.errors import FlEcError
+from fl_ec.results import RunRecorder
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Serialised bytes of every array in a message's content."""
+    return sum(len(array.data) for record in content.array_records.values()
+               for array in record.values())
+
+
+class MeteredGrid(Grid):
+    """A ``Grid`` that forwards everything to ``inner`` and records traffic and timing."""
+
+    def __init__(self, inner: Grid, recorder: RunRecorder) -> None:
+        self.inner = inner
+        self.recorder = recorder
+
+    # -- plain delegation -------------------------------------------------------
+    def set_run(self, run):  # noqa: ANN001, ANN201 - signature fixed by Flower
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    # -- the metered path ------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        message_type = messages[0].metadata.message_type
+        is_train = message_type == MessageType.TRAIN
+        server_round = _round_of(messages[0], default=self.recorder.current.round)
+        record = self.recorder.record_for(server_round)
+        record.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        start = time.perf_counter()
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        elapsed = time.perf_counter() - start
+        failed = [r for r in replies if r.has_error()]
+        record.bytes_up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
+        for reply in failed:
+            log(WARNING, "round %d: %s reply from node %d failed: %s", server_round,
+                message_type, reply.metadata.src_node_id, reply.error.reason)
+        if is_train:
+            record.train_seconds += elapsed
+            record.train_replies += len(replies) - len(failed)
+            record.rejected_replies += len(failed)
+            if replies and len(failed) == len(replies):
+                raise FlEcError(
+                    f"round {server_round}: all {len(replies)} clients failed; first "
+                    f"(node {failed[0].metadata.src_node_id}): {failed[0].error.reason}"
+                )
+        else:
+            record.client_evaluate_seconds += elapsed
+        return replies
+
+
+def _round_of(message: Message, default: int) -> int:
+    for record in message.content.config_records.values():
+        if "server-round" in record:
+            return int(record["server-round"])
+    return default
+
+
+def time_aggregation(strategy: Strategy, recorder: RunRecorder) -> Strategy:
+    """Wrap ``strategy.aggregate_train`` (on this instance only) to record its seconds."""
+    inner: Callable = strategy.aggregate_train
+
+    def timed_aggregate_train(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
+        start = time.perf_counter()
+        try:
+            return inner(server_round, replies)
+        finally:
+            recorder.record_for(server_round).aggregate_seconds += time.perf_counter() - start
+
+    strategy.aggregate_train = timed_aggregate_train  # type: ignore[method-assign]
+    return strategy

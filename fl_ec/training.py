@@ -1,0 +1,117 @@
+"""Local training and evaluation in plain PyTorch (the client trainer).
+
+Nothing here knows about Flower: the ClientApp calls these functions, and so can
+tests, benchmarks and the server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fl_ec.data.tensor_data import TensorData
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU falls back to CPU."""
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Pin torch's intra-op threads. ``0`` keeps torch's default (all cores)."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    train_loss: float
+    num_examples: int
+    seconds: float
+
+
+def train_supervised(
+    model: nn.Module,
+    data: TensorData,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> TrainResult:
+    """SGD with momentum on cross-entropy; returns the mean loss of the last epoch."""
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty partition")
+    start = time.perf_counter()
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    loss_sum, seen = 0.0, 0
+    for _ in range(epochs):
+        loss_sum, seen = 0.0, 0
+        for x, y in data.batches(batch_size, shuffle=True, generator=generator, device=device):
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+    if not torch.isfinite(torch.tensor(loss_sum)):
+        raise FloatingPointError("training diverged (non-finite loss): lower lr")
+    return TrainResult(loss_sum / seen, epochs * len(data), time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: TensorData, batch_size: int = 512,
+             device: torch.device | str = "cpu") -> EvalResult:
+    """Mean cross-entropy and top-1 accuracy over ``data`` (eval mode, no gradients)."""
+    if len(data) == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in data.batches(batch_size, device=device):
+        logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return EvalResult(loss_sum / len(data), correct / len(data), len(data))
+
+
+def device_capability(device: torch.device, tier: str = "", memory_mb: float = 0.0,
+                      speed: float = 0.0) -> dict[str, float | str]:
+    """What a client reports about itself: kind, tier, memory (MB), cores, a speed figure.
+
+    ``tier`` / ``memory_mb`` / ``speed`` override what is detected, so a simulated
+    node can play an edge device. Without a tier, CUDA nodes are ``gpu`` and others
+    ``cpu``.
+    """
+    if device.type == "cuda":
+        detected_mb = torch.cuda.get_device_properties(device).total_memory / 2**20
+    else:
+        try:
+            detected_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        except (ValueError, OSError, AttributeError):
+            detected_mb = 0.0
+    return {
+        "device-kind": device.type,
+        "device-tier": tier or ("gpu" if device.type == "cuda" else "cpu"),
+        "memory-mb": float(memory_mb or detected_mb),
+        "cpu-threads": float(torch.get_num_threads()),
+        "speed": float(speed),
+    }

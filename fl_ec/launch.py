@@ -1,0 +1,219 @@
+"""``fl-ec-run``: ``flwr run`` with a pre-flight check and an honest exit code.
+
+``flwr run . --stream`` exits 0 even when the run failed, and a bad knob surfaces
+only after Flower's ~30 s start-up. This wrapper
+
+1. merges ``[tool.flwr.app.config]`` with the ``--run-config`` overrides and validates
+   them with :class:`~fl_ec.config.ExperimentConfig` -- and checks the dataset is
+   there -- before Flower starts (one line and exit code 2 on a problem);
+2. submits the run (``flwr run --format json``), streams its logs (``flwr log``);
+3. reads the final status with ``flwr ls --run-id`` and exits 0 only for
+   ``finished:completed`` (otherwise prints the status details, exit 1).
+
+The same :class:`FlowerCli` drives the integration tests and the benchmarks, with an
+isolated ``FLWR_HOME`` and ports so runs never reuse someone else's SuperLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_ec.config import ExperimentConfig
+from fl_ec.errors import FlEcError
+
+DEFAULT_SUPERNODES = 10
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the app's pyproject.toml."""
+    with open(Path(app_dir) / "pyproject.toml", "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"k1=v1 k2='s'"`` exactly as ``flwr run --run-config`` does."""
+    if not text.strip():
+        return {}
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args([text]))
+    except Exception:  # flwr raises click/typer exceptions on bad syntax
+        raise FlEcError(
+            f"--run-config {text!r} is malformed: use k1=v1 k2=\"text\" (TOML values, "
+            "strings quoted)"
+        ) from None
+
+
+def preflight(app_dir: Path, overrides: dict[str, Any]) -> ExperimentConfig:
+    """Validate the merged run-config and locate the data, without starting Flower."""
+    defaults = app_defaults(app_dir)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise FlEcError(
+            f"unknown run-config key(s) {', '.join(unknown)}: see [tool.flwr.app.config] "
+            "in pyproject.toml or the README's knob table"
+        )
+    config = ExperimentConfig.from_run_config({**defaults, **overrides})
+    if config.dataset == "fashion-mnist":
+        from fl_ec.data.sources import locate_fashion_mnist
+
+        locate_fashion_mnist(config.data_dir, config.download)
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str
+    details: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+class FlowerCli:
+    """The ``flwr`` command line with its own environment (home, ports).
+
+    ``isolated=True`` creates a private ``FLWR_HOME`` and free ports, so the local
+    SuperLink this starts is this object's alone; :meth:`stop_local_superlink` ends it.
+    """
+
+    def __init__(self, home: Path | None = None, isolated: bool = False,
+                 superlink: str | None = None) -> None:
+        self.env = dict(os.environ)
+        self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        self.env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        if home is not None:
+            Path(home).mkdir(parents=True, exist_ok=True)
+            self.env["FLWR_HOME"] = str(home)
+        if isolated:
+            self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+            self.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+        self.superlink = superlink
+
+    def _cmd(self, *args: str) -> list[str]:
+        return ["flwr", *args, *([self.superlink] if self.superlink else [])]
+
+    def submit(self, app_dir: Path, run_config: str = "", num_supernodes: int | None = None
+               ) -> int:
+        args = ["run", str(app_dir)]
+        if run_config:
+            args += ["--run-config", run_config]
+        if num_supernodes is not None:
+            args += ["--federation-config", f"num-supernodes={num_supernodes}"]
+        proc = subprocess.run(self._cmd(*args, "--format", "json"), env=self.env,
+                              capture_output=True, text=True, timeout=300)
+        try:
+            reply = json.loads(proc.stdout[proc.stdout.index("{"):])
+            return int(reply["run-id"])
+        except (ValueError, KeyError):
+            raise FlEcError(
+                f"flwr run failed to submit: {(proc.stdout + proc.stderr).strip()[-400:]}"
+            ) from None
+
+    def stream_logs(self, run_id: int) -> None:
+        subprocess.run(self._cmd("log", str(run_id), "--stream"), env=self.env, check=False)
+
+    def logs(self, run_id: int) -> str:
+        proc = subprocess.run(self._cmd("log", str(run_id), "--show"), env=self.env,
+                              capture_output=True, text=True, timeout=120)
+        return proc.stdout + proc.stderr
+
+    def status(self, run_id: int) -> dict[str, Any]:
+        proc = subprocess.run(self._cmd("ls", "--run-id", str(run_id), "--format", "json"),
+                              env=self.env, capture_output=True, text=True, timeout=120)
+        try:
+            runs = json.loads(proc.stdout[proc.stdout.index("{"):])["runs"]
+        except (ValueError, KeyError):
+            return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
+        return runs[0] if runs else {"status": "unknown", "status-details": "run not listed"}
+
+    def wait(self, run_id: int, timeout: float = 1800, poll: float = 2.0) -> RunOutcome:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.status(run_id)
+            status = str(info.get("status", "unknown"))
+            if status.startswith("finished") or time.monotonic() > deadline:
+                return RunOutcome(run_id, status, str(info.get("status-details", "")), info)
+            time.sleep(poll)
+
+    def stop_local_superlink(self) -> list[int]:
+        """Kill the detached ``flower-superlink`` a ``:local:`` run started, by PID."""
+        port = self.env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
+        pids = superlink_pids(f"127.0.0.1:{port}")
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        return pids
+
+
+def superlink_pids(control_address: str) -> list[int]:
+    """PIDs of ``flower-superlink`` processes serving ``control_address`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if any(a.endswith("flower-superlink") for a in text) and control_address in text:
+            pids.append(int(entry.name))
+    return pids
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fl-ec-run",
+        description="Run the fl-ec Flower app (flwr run) with a pre-flight config check "
+        "and an exit code that reflects the run's final status.")
+    parser.add_argument("app", nargs="?", default=".", help="app directory (default: .)")
+    parser.add_argument("superlink", nargs="?", default=None,
+                        help="SuperLink connection name from $FLWR_HOME/config.toml")
+    parser.add_argument("--run-config", "-c", default="",
+                        help='overrides, e.g. "num-server-rounds=3 alpha=0.1"')
+    parser.add_argument("--supernodes", type=int, default=DEFAULT_SUPERNODES,
+                        help="simulated SuperNodes for a local simulation (default: 10); "
+                        "ignored by a deployment SuperLink")
+    args = parser.parse_args(argv)
+    app_dir = Path(args.app).resolve()
+    try:
+        preflight(app_dir, parse_overrides(args.run_config))
+        cli = FlowerCli(superlink=args.superlink)
+        run_id = cli.submit(app_dir, args.run_config,
+                            None if args.superlink else args.supernodes)
+    except FlEcError as err:
+        print(f"fl-ec error: {err}", file=sys.stderr)
+        return 2
+    print(f"fl-ec: submitted run {run_id}; streaming its logs", flush=True)
+    cli.stream_logs(run_id)
+    outcome = cli.wait(run_id, timeout=120)
+    if not outcome.completed:
+        print(f"fl-ec: run {run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
+        return 1
+    print(f"fl-ec: run {run_id} {outcome.status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -114,15 +114,19 @@ class ExperimentConfig:
         _positive("lr", self.lr)
         _positive("min-train-nodes", self.min_train_nodes)
         _positive("min-available-nodes", self.min_available_nodes)
-        for key, value in (("proxy-size", self.proxy_size),
-                           ("validation-size", self.validation_size),
-                           ("train-subset", self.train_subset),
-                           ("client-threads", self.client_threads),
-                           ("min-evaluate-nodes", self.min_evaluate_nodes)):
+        for key, value in (
+            ("proxy-size", self.proxy_size),
+            ("validation-size", self.validation_size),
+            ("train-subset", self.train_subset),
+            ("client-threads", self.client_threads),
+            ("min-evaluate-nodes", self.min_evaluate_nodes),
+        ):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")
-        for key, value in (("fraction-train", self.fraction_train),
-                           ("fraction-evaluate", self.fraction_evaluate)):
+        for key, value in (
+            ("fraction-train", self.fraction_train),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}={value} must be within [0, 1]")
         if self.fraction_train == 0.0:
@@ -138,8 +142,11 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping, as written to ``metrics.json`` for reproducibility."""
-        out = {f.name.replace("_", "-"): getattr(self, f.name)
-               for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "extra"
+        }
         out.update(self.extra)
         return out
 
@@ -167,12 +174,10 @@ class NodeSettings:
         except KeyError as err:
             raise ConfigError(
                 f"node_config lacks {err.args[0]!r}: start the SuperNode with "
-                "--node-config \"partition-id=0 num-partitions=N\""
+                '--node-config "partition-id=0 num-partitions=N"'
             ) from None
         except (TypeError, ValueError):
-            raise ConfigError(
-                "node_config partition-id/num-partitions must be integers"
-            ) from None
+            raise ConfigError("node_config partition-id/num-partitions must be integers") from None
         if num_partitions <= 0 or not 0 <= partition_id < num_partitions:
             raise ConfigError(
                 f"node_config partition-id={partition_id} must be within "

@@ -51,8 +51,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
         return dict(parse_config_args([text]))
     except Exception:  # flwr raises click/typer exceptions on bad syntax
         raise FlEcError(
-            f"--run-config {text!r} is malformed: use k1=v1 k2=\"text\" (TOML values, "
-            "strings quoted)"
+            f'--run-config {text!r} is malformed: use k1=v1 k2="text" (TOML values, strings quoted)'
         ) from None
 
 
@@ -98,8 +97,9 @@ class FlowerCli:
     SuperLink this starts is this object's alone; :meth:`stop_local_superlink` ends it.
     """
 
-    def __init__(self, home: Path | None = None, isolated: bool = False,
-                 superlink: str | None = None) -> None:
+    def __init__(
+        self, home: Path | None = None, isolated: bool = False, superlink: str | None = None
+    ) -> None:
         self.env = dict(os.environ)
         self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         self.env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
@@ -114,17 +114,21 @@ class FlowerCli:
     def _cmd(self, *args: str) -> list[str]:
         return ["flwr", *args, *([self.superlink] if self.superlink else [])]
 
-    def submit(self, app_dir: Path, run_config: str = "", num_supernodes: int | None = None
-               ) -> int:
+    def submit(self, app_dir: Path, run_config: str = "", num_supernodes: int | None = None) -> int:
         args = ["run", str(app_dir)]
         if run_config:
             args += ["--run-config", run_config]
         if num_supernodes is not None:
             args += ["--federation-config", f"num-supernodes={num_supernodes}"]
-        proc = subprocess.run(self._cmd(*args, "--format", "json"), env=self.env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            self._cmd(*args, "--format", "json"),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         try:
-            reply = json.loads(proc.stdout[proc.stdout.index("{"):])
+            reply = json.loads(proc.stdout[proc.stdout.index("{") :])
             return int(reply["run-id"])
         except (ValueError, KeyError):
             raise FlEcError(
@@ -135,15 +139,25 @@ class FlowerCli:
         subprocess.run(self._cmd("log", str(run_id), "--stream"), env=self.env, check=False)
 
     def logs(self, run_id: int) -> str:
-        proc = subprocess.run(self._cmd("log", str(run_id), "--show"), env=self.env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            self._cmd("log", str(run_id), "--show"),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return proc.stdout + proc.stderr
 
     def status(self, run_id: int) -> dict[str, Any]:
-        proc = subprocess.run(self._cmd("ls", "--run-id", str(run_id), "--format", "json"),
-                              env=self.env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            self._cmd("ls", "--run-id", str(run_id), "--format", "json"),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         try:
-            runs = json.loads(proc.stdout[proc.stdout.index("{"):])["runs"]
+            runs = json.loads(proc.stdout[proc.stdout.index("{") :])["runs"]
         except (ValueError, KeyError):
             return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
         return runs[0] if runs else {"status": "unknown", "status-details": "run not listed"}
@@ -186,22 +200,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fl-ec-run",
         description="Run the fl-ec Flower app (flwr run) with a pre-flight config check "
-        "and an exit code that reflects the run's final status.")
+        "and an exit code that reflects the run's final status.",
+    )
     parser.add_argument("app", nargs="?", default=".", help="app directory (default: .)")
-    parser.add_argument("superlink", nargs="?", default=None,
-                        help="SuperLink connection name from $FLWR_HOME/config.toml")
-    parser.add_argument("--run-config", "-c", default="",
-                        help='overrides, e.g. "num-server-rounds=3 alpha=0.1"')
-    parser.add_argument("--supernodes", type=int, default=DEFAULT_SUPERNODES,
-                        help="simulated SuperNodes for a local simulation (default: 10); "
-                        "ignored by a deployment SuperLink")
+    parser.add_argument(
+        "superlink",
+        nargs="?",
+        default=None,
+        help="SuperLink connection name from $FLWR_HOME/config.toml",
+    )
+    parser.add_argument(
+        "--run-config", "-c", default="", help='overrides, e.g. "num-server-rounds=3 alpha=0.1"'
+    )
+    parser.add_argument(
+        "--supernodes",
+        type=int,
+        default=DEFAULT_SUPERNODES,
+        help="simulated SuperNodes for a local simulation (default: 10); "
+        "ignored by a deployment SuperLink",
+    )
     args = parser.parse_args(argv)
     app_dir = Path(args.app).resolve()
     try:
         preflight(app_dir, parse_overrides(args.run_config))
         cli = FlowerCli(superlink=args.superlink)
-        run_id = cli.submit(app_dir, args.run_config,
-                            None if args.superlink else args.supernodes)
+        run_id = cli.submit(app_dir, args.run_config, None if args.superlink else args.supernodes)
     except FlEcError as err:
         print(f"fl-ec error: {err}", file=sys.stderr)
         return 2

@@ -80,8 +80,9 @@ def machine_summary() -> dict[str, Any]:
 class RunRecorder:
     """Collects per-round records and writes the run folder."""
 
-    def __init__(self, run_dir: Path, config: Mapping[str, Any], spec: ArchSpec,
-                 num_rounds: int) -> None:
+    def __init__(
+        self, run_dir: Path, config: Mapping[str, Any], spec: ArchSpec, num_rounds: int
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
@@ -114,11 +115,15 @@ class RunRecorder:
     # -- writing --------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         trained = [r for r in self.rounds if r.round > 0]
-        mean = (lambda key: sum(getattr(r, key) for r in trained) / len(trained)) if trained \
+        mean = (
+            (lambda key: sum(getattr(r, key) for r in trained) / len(trained))
+            if trained
             else (lambda key: 0.0)
+        )
         return {
             "rounds-completed": len(trained),
-            "final-test-accuracy": self.rounds[-1].metrics.get("test-accuracy") if self.rounds
+            "final-test-accuracy": self.rounds[-1].metrics.get("test-accuracy")
+            if self.rounds
             else None,
             "mean-round-seconds": mean("wall_seconds"),
             "mean-train-seconds": mean("train_seconds"),
@@ -151,8 +156,9 @@ class RunRecorder:
         import matplotlib.pyplot as plt
 
         rounds = [r.round for r in self.rounds if "test-accuracy" in r.metrics]
-        accuracy = [100 * r.metrics["test-accuracy"] for r in self.rounds
-                    if "test-accuracy" in r.metrics]
+        accuracy = [
+            100 * r.metrics["test-accuracy"] for r in self.rounds if "test-accuracy" in r.metrics
+        ]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(rounds, accuracy, marker="o", label="global model (test)")
         ax.set_xlabel("round")
@@ -166,7 +172,9 @@ class RunRecorder:
         plt.close(fig)
         return path
 
-    def write_model(self, state_dict: Mapping[str, torch.Tensor], name: str = "final_model") -> Path:
+    def write_model(
+        self, state_dict: Mapping[str, torch.Tensor], name: str = "final_model"
+    ) -> Path:
         """``<name>.pt`` (tensors only: loads with ``torch.load(weights_only=True)``) + spec."""
         path = self.run_dir / f"{name}.pt"
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)

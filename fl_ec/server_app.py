@@ -50,19 +50,30 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     initial_model = build_model(spec)
     strategy = build_strategy(config)
 
-    run_name = safe_run_name(config.run_name or default_run_name(
-        config.strategy, config.dataset, config.alpha))
+    run_name = safe_run_name(
+        config.run_name or default_run_name(config.strategy, config.dataset, config.alpha)
+    )
     run_dir = Path(config.results_dir).expanduser().resolve() / run_name
     recorder = RunRecorder(run_dir, config.to_dict(), spec, config.num_server_rounds)
-    log(INFO, "[fl-ec] %s on %s (%s, alpha=%g), %d rounds; results -> %s", config.strategy,
-        config.dataset, config.partitioner, config.alpha, config.num_server_rounds, run_dir)
+    log(
+        INFO,
+        "[fl-ec] %s on %s (%s, alpha=%g), %d rounds; results -> %s",
+        config.strategy,
+        config.dataset,
+        config.partitioner,
+        config.alpha,
+        config.num_server_rounds,
+        run_dir,
+    )
 
     # The spec travels with every message so clients rebuild the model from arrays.
-    round_config = ConfigRecord({
-        "arch-spec": spec.to_json(),
-        "lr": config.lr,
-        "local-epochs": config.local_epochs,
-    })
+    round_config = ConfigRecord(
+        {
+            "arch-spec": spec.to_json(),
+            "lr": config.lr,
+            "local-epochs": config.local_epochs,
+        }
+    )
     result = time_aggregation(strategy, recorder).start(
         grid=MeteredGrid(grid, recorder),
         initial_arrays=ArrayRecord(initial_model.state_dict()),
@@ -72,19 +83,27 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         evaluate_fn=central_evaluation(spec, server_data, config, recorder),
     )
 
-    final_state = result.arrays.to_torch_state_dict() if result.arrays is not None \
+    final_state = (
+        result.arrays.to_torch_state_dict()
+        if result.arrays is not None
         else initial_model.state_dict()
+    )
     recorder.write_model(final_state)
     recorder.write_metrics()
     recorder.write_plot()
     final_acc = recorder.summary()["final-test-accuracy"]
-    log(INFO, "[fl-ec] done: final test accuracy %.2f%%; results in %s",
-        100 * (final_acc or 0.0), run_dir)
+    log(
+        INFO,
+        "[fl-ec] done: final test accuracy %.2f%%; results in %s",
+        100 * (final_acc or 0.0),
+        run_dir,
+    )
     return run_dir
 
 
-def central_evaluation(spec: ArchSpec, server_data: ServerData, config: ExperimentConfig,
-                       recorder: RunRecorder):
+def central_evaluation(
+    spec: ArchSpec, server_data: ServerData, config: ExperimentConfig, recorder: RunRecorder
+):
     """The ``evaluate_fn`` for ``strategy.start``: test-set metrics, then close the round."""
     device = select_device(config.device)
     test: TensorData = server_data.test
@@ -97,14 +116,25 @@ def central_evaluation(spec: ArchSpec, server_data: ServerData, config: Experime
         result = evaluate(model, test, config.eval_batch_size, device)
         record = recorder.record_for(server_round)
         record.server_evaluate_seconds += time.perf_counter() - start
-        record = recorder.close_round(server_round, {
-            "test-accuracy": result.accuracy, "test-loss": result.loss})
-        log(INFO, "[fl-ec] round %d/%d | test acc %.2f%% loss %.4f | %.1fs (train %.1fs, "
+        record = recorder.close_round(
+            server_round, {"test-accuracy": result.accuracy, "test-loss": result.loss}
+        )
+        log(
+            INFO,
+            "[fl-ec] round %d/%d | test acc %.2f%% loss %.4f | %.1fs (train %.1fs, "
             "aggregate %.2fs) | down %.2f MB, up %.2f MB | %d replies, %d rejected",
-            server_round, config.num_server_rounds, 100 * result.accuracy, result.loss,
-            record.wall_seconds, record.train_seconds, record.aggregate_seconds,
-            record.bytes_down / 1e6, record.bytes_up / 1e6, record.train_replies,
-            record.rejected_replies)
+            server_round,
+            config.num_server_rounds,
+            100 * result.accuracy,
+            result.loss,
+            record.wall_seconds,
+            record.train_seconds,
+            record.aggregate_seconds,
+            record.bytes_down / 1e6,
+            record.bytes_up / 1e6,
+            record.train_replies,
+            record.rejected_replies,
+        )
         return MetricRecord({"test-accuracy": result.accuracy, "test-loss": result.loss})
 
     return evaluate_fn

@@ -52,8 +52,9 @@ def train_supervised(
         raise ValueError("cannot train on an empty partition")
     start = time.perf_counter()
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     loss_sum, seen = 0.0, 0
@@ -79,8 +80,9 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: TensorData, batch_size: int = 512,
-             device: torch.device | str = "cpu") -> EvalResult:
+def evaluate(
+    model: nn.Module, data: TensorData, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> EvalResult:
     """Mean cross-entropy and top-1 accuracy over ``data`` (eval mode, no gradients)."""
     if len(data) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
@@ -93,8 +95,9 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 512,
     return EvalResult(loss_sum / len(data), correct / len(data), len(data))
 
 
-def device_capability(device: torch.device, tier: str = "", memory_mb: float = 0.0,
-                      speed: float = 0.0) -> dict[str, float | str]:
+def device_capability(
+    device: torch.device, tier: str = "", memory_mb: float = 0.0, speed: float = 0.0
+) -> dict[str, float | str]:
     """What a client reports about itself: kind, tier, memory (MB), cores, a speed figure.
 
     ``tier`` / ``memory_mb`` / ``speed`` override what is detected, so a simulated

@@ -80,30 +80,36 @@ def _train(msg: Message, context: Context) -> Message:
         seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,
     )
     model.to("cpu")
-    metrics = MetricRecord({
-        "num-examples": len(data.train),
-        "train-loss": result.train_loss,
-        "train-seconds": result.seconds,
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.train),
+            "train-loss": result.train_loss,
+            "train-seconds": result.seconds,
+        }
+    )
     capability = ConfigRecord(
         device_capability(device, node.device_tier, node.memory_mb, node.speed)
     )
-    content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": metrics,
-        "capability": capability,
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": metrics,
+            "capability": capability,
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
     config, _, data, model = _setup(msg, context)
     result = evaluate(model, data.test, config.eval_batch_size, select_device(config.device))
-    metrics = MetricRecord({
-        "num-examples": result.num_examples,
-        "eval-loss": result.loss,
-        "eval-acc": result.accuracy,
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-acc": result.accuracy,
+        }
+    )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -111,10 +117,21 @@ def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: in
     # Simulated nodes share worker processes; cache the data per (data settings,
     # partition) instead of re-partitioning every round. Bounded: a worker serves a
     # handful of partitions at a time.
-    key = (config.dataset, config.data_dir, config.download, config.train_subset,
-           config.partitioner, config.alpha, config.classes_per_client, config.proxy_size,
-           config.validation_size, config.client_test_fraction, config.seed,
-           partition_id, num_partitions)
+    key = (
+        config.dataset,
+        config.data_dir,
+        config.download,
+        config.train_subset,
+        config.partitioner,
+        config.alpha,
+        config.classes_per_client,
+        config.proxy_size,
+        config.validation_size,
+        config.client_test_fraction,
+        config.seed,
+        partition_id,
+        num_partitions,
+    )
     if key not in _DATA_CACHE:
         if len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))

@@ -43,8 +43,12 @@ def client_partition_indices(
     )
     pool = holdout.client_pool
     parts = partition_labels(
-        labels[pool], num_partitions, config.partitioner, config.alpha,
-        config.classes_per_client, config.seed,
+        labels[pool],
+        num_partitions,
+        config.partitioner,
+        config.alpha,
+        config.classes_per_client,
+        config.seed,
     )
     return [pool[p] for p in parts]
 
@@ -61,7 +65,9 @@ def load_server_data(config: ExperimentConfig) -> ServerData:
     )
 
 
-def load_client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
+def load_client_data(
+    config: ExperimentConfig, partition_id: int, num_partitions: int
+) -> ClientData:
     train, _ = load_dataset(config.dataset, config.data_dir, config.download)
     indices = client_partition_indices(config, num_partitions, train.labels.numpy())[partition_id]
     # Per-partition seed: the local train/test split differs between clients but is

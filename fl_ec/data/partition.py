@@ -76,15 +76,27 @@ def partition_labels(
             f"num-partitions={num_partitions} exceeds the {len(labels)} client training "
             "samples: use fewer nodes (num-supernodes) or a larger train-subset"
         )
-    return [np.asarray(p) for p in _partition_cached(
-        tuple(labels.tolist()), num_partitions, partitioner, float(alpha),
-        int(classes_per_client), int(seed))]
+    return [
+        np.asarray(p)
+        for p in _partition_cached(
+            tuple(labels.tolist()),
+            num_partitions,
+            partitioner,
+            float(alpha),
+            int(classes_per_client),
+            int(seed),
+        )
+    ]
 
 
 @lru_cache(maxsize=8)
 def _partition_cached(
-    labels: tuple[int, ...], num_partitions: int, partitioner: str, alpha: float,
-    classes_per_client: int, seed: int,
+    labels: tuple[int, ...],
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    classes_per_client: int,
+    seed: int,
 ) -> tuple[tuple[int, ...], ...]:
     # Imported lazily: flwr-datasets pulls in HF `datasets`, a second of import time
     # that pure-torch users of fl_ec should not pay.
@@ -125,7 +137,9 @@ def _partition_cached(
             seed=seed,
         )
     else:
-        raise DataError(f"partitioner={partitioner!r} is unknown: choose iid, dirichlet or pathological")
+        raise DataError(
+            f"partitioner={partitioner!r} is unknown: choose iid, dirichlet or pathological"
+        )
     part.dataset = table
     try:
         return tuple(

@@ -52,7 +52,9 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as handle:
             raw = handle.read()
     except (OSError, EOFError) as err:
-        raise DataError(f"cannot read {path}: {err}; delete it and reinstall or re-download") from None
+        raise DataError(
+            f"cannot read {path}: {err}; delete it and reinstall or re-download"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX uint8 file (bad header); the file is corrupt")
     ndim = raw[3]
@@ -84,10 +86,14 @@ def _fashion_mnist_dir_ok(directory: Path) -> bool:
 def locate_fashion_mnist(data_dir: str = "", download: bool = False) -> Path:
     """Return the first directory (in the documented order) that holds Fashion-MNIST."""
     candidates: list[Path] = []
-    if data_dir:
-        candidates.append(Path(data_dir).expanduser())
-    if os.environ.get(DATA_DIR_ENV):
-        candidates.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
+    # A directory the user named explicitly must exist; a typo should not silently
+    # fall through to another copy of the data.
+    for source, value in (("data-dir", data_dir), (DATA_DIR_ENV, os.environ.get(DATA_DIR_ENV))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_dir() and not (download and source == "data-dir"):
+                raise DataError(f"{source}={value} does not exist: fix the path or unset it")
+            candidates.append(path)
     candidates.append(Path(DEBIAN_FASHION_MNIST))
     for candidate in candidates:
         if _fashion_mnist_dir_ok(candidate):
@@ -101,7 +107,7 @@ def locate_fashion_mnist(data_dir: str = "", download: bool = False) -> Path:
     raise DataError(
         f"Fashion-MNIST not found (looked in: {looked}); run "
         "'sudo apt-get install -y dataset-fashion-mnist', set data-dir or "
-        f"{DATA_DIR_ENV}, or pass --run-config \"download=true\""
+        f'{DATA_DIR_ENV}, or pass --run-config "download=true"'
     )
 
 
@@ -161,11 +167,15 @@ def load_cifar10(data_dir: str = "", download: bool = False) -> tuple[TensorData
         except RuntimeError:
             raise DataError(
                 f"CIFAR-10 not found in {root}/cifar-10-batches-py; set data-dir to its "
-                "parent or pass --run-config \"download=true\""
+                'parent or pass --run-config "download=true"'
             ) from None
         except Exception as err:
-            raise DataError(f"CIFAR-10 in {root} could not be read ({err}); it may be corrupt") from None
-        images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+            raise DataError(
+                f"CIFAR-10 in {root} could not be read ({err}); it may be corrupt"
+            ) from None
+        images = (
+            torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+        )
         splits.append(
             TensorData(
                 images=images,
@@ -202,7 +212,9 @@ def make_synthetic(
     return draw(num_train), draw(num_test)
 
 
-def load_dataset(name: str, data_dir: str = "", download: bool = False) -> tuple[TensorData, TensorData]:
+def load_dataset(
+    name: str, data_dir: str = "", download: bool = False
+) -> tuple[TensorData, TensorData]:
     """``(train, test)`` for a dataset name from the run-config."""
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, download)

@@ -13,8 +13,9 @@ class SmallCNN(nn.Module):
     model so that compression code can find (and keep) it by name.
     """
 
-    def __init__(self, widths: tuple[int, int, int], in_channels: int, image_size: int,
-                 num_classes: int) -> None:
+    def __init__(
+        self, widths: tuple[int, int, int], in_channels: int, image_size: int, num_classes: int
+    ) -> None:
         super().__init__()
         w0, w1, w2 = widths
         self.conv1 = nn.Conv2d(in_channels, w0, kernel_size=3, padding=1)

@@ -35,8 +35,13 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """Stem conv, three stages of ``blocks_per_stage`` basic blocks, global pool, classifier."""
 
-    def __init__(self, widths: tuple[int, int, int], blocks_per_stage: int, in_channels: int,
-                 num_classes: int) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, int, int],
+        blocks_per_stage: int,
+        in_channels: int,
+        num_classes: int,
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),

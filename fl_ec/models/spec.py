@@ -81,7 +81,9 @@ def validate_spec(spec: ArchSpec) -> None:
             f"model {spec.name!r} is unknown: use cnn or resnet<6n+2> (resnet8, resnet20, resnet56)"
         )
     if len(spec.input_shape) != 3 or min(spec.input_shape) <= 0:
-        raise ModelSpecError(f"input_shape {spec.input_shape} must be (C, H, W) with positive sizes")
+        raise ModelSpecError(
+            f"input_shape {spec.input_shape} must be (C, H, W) with positive sizes"
+        )
     if len(spec.widths) != 3 or min(spec.widths) <= 0:
         raise ModelSpecError(f"widths {spec.widths} must be three positive channel counts")
     if spec.num_classes < 2:
@@ -128,7 +130,9 @@ def build_from_state_dict(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor]
     return model
 
 
-def _resized(module: nn.Module, name: str, state_dict: Mapping[str, torch.Tensor]) -> nn.Module | None:
+def _resized(
+    module: nn.Module, name: str, state_dict: Mapping[str, torch.Tensor]
+) -> nn.Module | None:
     """A fresh layer with the shapes found in ``state_dict``, or ``None`` if unchanged."""
     prefix = f"{name}." if name else ""
     weight = state_dict.get(prefix + "weight")
@@ -140,8 +144,14 @@ def _resized(module: nn.Module, name: str, state_dict: Mapping[str, torch.Tensor
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise ModelSpecError(f"{name}: grouped convolutions cannot be resized from shapes")
-        return nn.Conv2d(shape[1], shape[0], module.kernel_size, module.stride, module.padding,
-                         bias=module.bias is not None)
+        return nn.Conv2d(
+            shape[1],
+            shape[0],
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            bias=module.bias is not None,
+        )
     if isinstance(module, nn.BatchNorm2d):
         return nn.BatchNorm2d(shape[0], eps=module.eps, momentum=module.momentum)
     if isinstance(module, nn.Linear):

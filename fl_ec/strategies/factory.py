@@ -23,4 +23,6 @@ def build_strategy(config: ExperimentConfig) -> Strategy:
     )
     if config.strategy == "fedavg":
         return FedAvg(**common)
-    raise ConfigError(f"strategy={config.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
+    raise ConfigError(
+        f"strategy={config.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}"
+    )

@@ -27,8 +27,9 @@ from fl_ec.results import RunRecorder
 
 def payload_bytes(content: RecordDict) -> int:
     """Serialised bytes of every array in a message's content."""
-    return sum(len(array.data) for record in content.array_records.values()
-               for array in record.values())
+    return sum(
+        len(array.data) for record in content.array_records.values() for array in record.values()
+    )
 
 
 class MeteredGrid(Grid):
@@ -62,8 +63,9 @@ class MeteredGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     # -- the metered path ------------------------------------------------------
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         if not messages:
             return []
@@ -78,8 +80,14 @@ class MeteredGrid(Grid):
         failed = [r for r in replies if r.has_error()]
         record.bytes_up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         for reply in failed:
-            log(WARNING, "round %d: %s reply from node %d failed: %s", server_round,
-                message_type, reply.metadata.src_node_id, reply.error.reason)
+            log(
+                WARNING,
+                "round %d: %s reply from node %d failed: %s",
+                server_round,
+                message_type,
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
         if is_train:
             record.train_seconds += elapsed
             record.train_replies += len(replies) - len(failed)

@@ -1,0 +1,232 @@
+"""A real Flower deployment on 127.0.0.1: one SuperLink, N SuperNodes, stopped by PID.
+
+    python -m fl_ec.deploy up --supernodes 2      # start, write .deploy/state.json
+    python -m fl_ec.deploy run -c "num-server-rounds=1"   # flwr run . against it
+    python -m fl_ec.deploy down                   # SIGTERM every PID, then SIGKILL
+
+Unlike the simulation engine, every SuperNode is its own process (each spawns its
+ClientApp in a subprocess) talking gRPC to the SuperLink's Fleet API, exactly as on
+separate machines -- only the addresses are loopback and TLS is off (``--insecure``).
+The connection is registered as ``fl-ec-local`` in ``$FLWR_HOME/config.toml`` so plain
+``flwr run . fl-ec-local`` works too. Each node gets ``partition-id``/``num-partitions``
+(and optional capability knobs) through ``--node-config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fl_ec.errors import FlEcError
+from fl_ec.launch import FlowerCli, free_port
+
+CONNECTION = "fl-ec-local"
+
+
+@dataclass
+class DeploymentState:
+    """What ``down`` needs: PIDs, ports and where the logs are."""
+
+    state_dir: str
+    flwr_home: str
+    control_address: str
+    fleet_address: str
+    superlink_pid: int = 0
+    supernode_pids: list[int] = field(default_factory=list)
+
+    def save(self) -> Path:
+        path = Path(self.state_dir) / "state.json"
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, state_dir: Path) -> DeploymentState:
+        path = Path(state_dir) / "state.json"
+        if not path.is_file():
+            raise FlEcError(f"no deployment state in {state_dir}: start one with 'up' first")
+        return cls(**json.loads(path.read_text()))
+
+
+def _register_connection(flwr_home: Path, control_address: str) -> None:
+    """Add/replace the ``[superlink.fl-ec-local]`` connection in config.toml."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = flwr_home / "config.toml"
+    text = (
+        config.read_text()
+        if config.exists()
+        else '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    header = f"[superlink.{CONNECTION}]"
+    if header in text:  # drop the old block (up to the next table header)
+        start = text.index(header)
+        nxt = text.find("\n[", start + len(header))
+        text = text[:start] + (text[nxt + 1 :] if nxt != -1 else "")
+    text = text.rstrip() + f'\n\n{header}\naddress = "{control_address}"\ninsecure = true\n'
+    config.write_text(text)
+
+
+def _wait_for_port(address: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FlEcError(f"process exited with code {proc.returncode}; see {log}")
+        with socket.socket() as sock:
+            if sock.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.2)
+    raise FlEcError(f"nothing listens on {address} after {timeout:.0f}s; see {log}")
+
+
+def up(
+    num_supernodes: int, state_dir: Path, flwr_home: Path, node_configs: list[str] | None = None
+) -> DeploymentState:
+    """Start a SuperLink and ``num_supernodes`` SuperNodes; return their PIDs and ports."""
+    if num_supernodes < 1:
+        raise FlEcError(f"--supernodes={num_supernodes} must be >= 1")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
+    control, fleet = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    state = DeploymentState(str(state_dir), str(flwr_home), control, fleet)
+    log = state_dir / "superlink.log"
+    superlink = subprocess.Popen(
+        [
+            "flower-superlink",
+            "--insecure",
+            "--control-api-address",
+            control,
+            "--fleet-api-address",
+            fleet,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--database",
+            str(state_dir / "state.db"),
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    state.superlink_pid = superlink.pid
+    state.save()
+    try:
+        _wait_for_port(fleet, 60, superlink, log)
+        _wait_for_port(control, 60, superlink, log)
+        for i in range(num_supernodes):
+            node_config = f"partition-id={i} num-partitions={num_supernodes}"
+            if node_configs and node_configs[i % len(node_configs)]:
+                node_config += " " + node_configs[i % len(node_configs)]
+            node_log = state_dir / f"supernode-{i}.log"
+            node = subprocess.Popen(
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    fleet,
+                    "--node-config",
+                    node_config,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                ],
+                env=env,
+                stdout=node_log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            state.supernode_pids.append(node.pid)
+            state.save()
+    except BaseException:
+        down(state)
+        raise
+    _register_connection(flwr_home, control)
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def down(state: DeploymentState, grace: float = 10.0) -> list[int]:
+    """SIGTERM each process group (node + its ClientApp children), then SIGKILL stragglers."""
+    pids = [*state.supernode_pids, state.superlink_pid]
+    pids = [p for p in pids if p > 0]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    # Reap our own children when we started them in this process (tests do).
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return pids
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fl_ec.deploy", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("action", choices=["up", "run", "down"])
+    parser.add_argument("--supernodes", type=int, default=2)
+    parser.add_argument("--state-dir", type=Path, default=Path(".deploy"))
+    parser.add_argument(
+        "--flwr-home", type=Path, default=Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    )
+    parser.add_argument("--run-config", "-c", default="")
+    parser.add_argument("--app", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "up":
+            state = up(args.supernodes, args.state_dir.resolve(), args.flwr_home.resolve())
+            print(
+                f"fl-ec: SuperLink pid {state.superlink_pid} (control {state.control_address},"
+                f" fleet {state.fleet_address}); SuperNode pids {state.supernode_pids}; "
+                f"connection '{CONNECTION}' in {args.flwr_home}/config.toml"
+            )
+        elif args.action == "run":
+            state = DeploymentState.load(args.state_dir)
+            cli = FlowerCli(home=Path(state.flwr_home), superlink=CONNECTION)
+            run_id = cli.submit(args.app.resolve(), args.run_config)
+            print(f"fl-ec: run {run_id} submitted to {CONNECTION}", flush=True)
+            cli.stream_logs(run_id)
+            outcome = cli.wait(run_id, timeout=600)
+            print(f"fl-ec: run {run_id} {outcome.status} {outcome.details}")
+            return 0 if outcome.completed else 1
+        else:
+            pids = down(DeploymentState.load(args.state_dir))
+            print(f"fl-ec: stopped pids {pids}")
+    except FlEcError as err:
+        print(f"fl-ec error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

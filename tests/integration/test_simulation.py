@@ -1,0 +1,56 @@
+"""`flwr run` local simulations on real Fashion-MNIST (the simulation engine, not mocks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_ec.results import load_saved_model
+from tests.conftest import ROOT, requires_fashion_mnist
+from tests.integration.helpers import FlowerCli, model_bytes, run_config
+
+pytestmark = [pytest.mark.integration, requires_fashion_mnist]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    cli = FlowerCli(home=tmp_path / "flwr-home", isolated=True)
+    yield cli
+    cli.stop_local_superlink()
+
+
+def test_one_round_simulation_writes_metrics(cli, tmp_path):
+    results = tmp_path / "results"
+    run_id = cli.submit(ROOT, run_config(results, "sim"), num_supernodes=2)
+    outcome = cli.wait(run_id, timeout=600)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+
+    run_dir = results / "sim"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["_run_dir"] = str(run_dir)
+    rounds = {r["round"]: r for r in metrics["rounds"]}
+    assert set(rounds) == {0, 1}
+    # One round of FedAvg on 2 clients lifts the untrained model well above chance.
+    assert rounds[0]["test-accuracy"] < 0.2
+    assert rounds[1]["test-accuracy"] > 0.4
+    assert rounds[1]["test-accuracy"] == metrics["summary"]["final-test-accuracy"]
+    # Both clients got the full model and each sent one back.
+    one_model = model_bytes(metrics)
+    assert rounds[1]["bytes-down"] == 2 * one_model
+    assert rounds[1]["bytes-up"] == 2 * one_model
+    assert rounds[1]["train-replies"] == 2 and rounds[1]["rejected-replies"] == 0
+    assert rounds[1]["wall-seconds"] >= rounds[1]["train-seconds"] > 0
+    assert metrics["config"]["alpha"] == 0.5 and metrics["arch-spec"]["name"] == "cnn"
+    assert (run_dir / "accuracy.png").stat().st_size > 1000
+    assert load_saved_model(run_dir) is not None
+
+
+def test_misconfigured_run_fails_with_one_line_and_no_traceback(cli, tmp_path):
+    run_id = cli.submit(ROOT, run_config(tmp_path, "bad", "alpha=0.0"), num_supernodes=2)
+    outcome = cli.wait(run_id, timeout=300)
+    assert outcome.status == "finished:failed"
+    assert "alpha=0.0 must be > 0" in outcome.details
+    logs = cli.logs(run_id)
+    assert "fl-ec error: alpha=0.0 must be > 0" in logs
+    assert "Traceback" not in logs

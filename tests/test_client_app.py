@@ -1,0 +1,75 @@
+"""The ClientApp's handlers, called directly with hand-built Messages on synthetic data."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fl_ec.clients.client_app import FL_EC_ERROR_CODE, evaluate_handler, train
+from fl_ec.launch import app_defaults
+from fl_ec.models import ArchSpec, build_model
+from tests.conftest import ROOT
+
+SPEC = ArchSpec("cnn", (1, 28, 28), 10)
+
+
+def _context(**overrides):
+    run_config = {
+        **app_defaults(ROOT),
+        "dataset": "synthetic",
+        "proxy-size": 200,
+        "validation-size": 100,
+        "client-threads": 1,
+        **overrides,
+    }
+    node_config = {"partition-id": 1, "num-partitions": 4, "device-tier": "edge"}
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def _message(kind, model, **config):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "config": ConfigRecord({"arch-spec": SPEC.to_json(), "server-round": 1, **config}),
+        }
+    )
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def test_train_returns_trained_arrays_metrics_and_capability(task_identity):
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    reply = train(_message("train", model, lr=0.05, **{"local-epochs": 1}), _context())
+    assert not reply.has_error()
+    trained = reply.content["arrays"].to_torch_state_dict()
+    assert trained.keys() == model.state_dict().keys()
+    assert not torch.equal(trained["conv1.weight"], model.state_dict()["conv1.weight"])
+    metrics = reply.content["metrics"]
+    # 2000 synthetic samples - 300 held out by the server = 1700 over 4 partitions,
+    # 10% of each kept for local evaluation.
+    assert 200 < metrics["num-examples"] < 700
+    assert metrics["train-loss"] > 0
+    capability = reply.content["capability"]
+    assert capability["device-tier"] == "edge" and capability["device-kind"] in ("cpu", "cuda")
+
+
+def test_evaluate_reports_loss_and_accuracy(task_identity):
+    model = build_model(SPEC)
+    reply = evaluate_handler(_message("evaluate", model), _context())
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and 0.0 <= metrics["eval-acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"alpha": 0.0}, "alpha=0.0 must be > 0"),
+        ({"proxy-size": 5000}, "leave no training data"),
+    ],
+)
+def test_misconfiguration_becomes_a_one_line_error_reply(task_identity, overrides, fragment):
+    reply = train(_message("train", build_model(SPEC)), _context(**overrides))
+    assert reply.has_error()
+    assert reply.error.code == FL_EC_ERROR_CODE
+    assert fragment in reply.error.reason and "Traceback" not in reply.error.reason

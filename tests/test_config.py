@@ -1,0 +1,55 @@
+import pytest
+
+from fl_ec.config import ExperimentConfig, NodeSettings
+from fl_ec.errors import ConfigError
+from fl_ec.launch import app_defaults
+from tests.conftest import ROOT
+
+
+def test_pyproject_defaults_parse_and_cover_every_field():
+    defaults = app_defaults(ROOT)
+    config = ExperimentConfig.from_run_config(defaults)
+    assert config.extra == {}, "every [tool.flwr.app.config] key must be a typed field"
+    fields = {k for k in config.to_dict()}
+    assert fields == set(defaults), "every typed field must have a pyproject default"
+
+
+def test_values_are_coerced_to_declared_types():
+    config = ExperimentConfig.from_run_config(
+        {"alpha": 1, "num-server-rounds": 3.0, "download": "true", "seed": "7"}
+    )
+    assert config.alpha == 1.0 and isinstance(config.alpha, float)
+    assert config.num_server_rounds == 3 and config.download is True and config.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"alpha": 0.0}, "alpha=0.0 must be > 0"),
+        ({"alpha": -1}, "alpha=-1.0 must be > 0"),
+        ({"strategy": "fedfoo"}, "strategy='fedfoo' is unknown"),
+        ({"model": "resnet9"}, "model='resnet9' is unknown"),
+        ({"partitioner": "zipf"}, "partitioner='zipf' is unknown"),
+        ({"fraction-train": 1.5}, "fraction-train=1.5 must be within [0, 1]"),
+        ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 is not a valid int"),
+        ({"lr": "fast"}, "lr='fast' is not a valid float"),
+        ({"proxy-size": -5}, "proxy-size=-5 must be >= 0"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_run_config(overrides)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_node_settings_require_partition_keys():
+    settings = NodeSettings.from_node_config(
+        {"partition-id": 3, "num-partitions": 10, "device-tier": "edge", "memory-mb": 512}
+    )
+    assert (settings.partition_id, settings.num_partitions, settings.device_tier) == (3, 10, "edge")
+    with pytest.raises(ConfigError, match="partition-id"):
+        NodeSettings.from_node_config({"num-partitions": 2})
+    with pytest.raises(ConfigError, match="within"):
+        NodeSettings.from_node_config({"partition-id": 2, "num-partitions": 2})

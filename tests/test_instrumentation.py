@@ -1,0 +1,128 @@
+"""MeteredGrid / time_aggregation with a scripted Grid (unit test of the metering logic)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl_ec.errors import FlEcError
+from fl_ec.models import ArchSpec
+from fl_ec.results import RunRecorder
+from fl_ec.strategies.instrumentation import MeteredGrid, payload_bytes, time_aggregation
+
+
+class ScriptedGrid(Grid):
+    """Replies to each message with what ``reply_fn(message)`` returns."""
+
+    def __init__(self, reply_fn):
+        self.reply_fn = reply_fn
+
+    def set_run(self, run): ...
+
+    @property
+    def run(self): ...
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None): ...
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def push_messages(self, messages): ...
+
+    def pull_messages(self, message_ids): ...
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.reply_fn(m) for m in messages]
+
+
+def _arrays(n):
+    return ArrayRecord({"w": Array(np.ones(n, dtype=np.float32))})
+
+
+def _train_messages(server_round, n=100):
+    return [
+        Message(
+            RecordDict(
+                {"arrays": _arrays(n), "config": ConfigRecord({"server-round": server_round})}
+            ),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+        )
+        for node in (1, 2, 3)
+    ]
+
+
+def _ok_reply(message, n=50):
+    return Message(
+        RecordDict({"arrays": _arrays(n), "metrics": MetricRecord({"num-examples": 10})}),
+        reply_to=message,
+    )
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    return RunRecorder(
+        tmp_path / "run", {"strategy": "fedavg"}, ArchSpec("cnn", (1, 28, 28), 10), num_rounds=2
+    )
+
+
+def test_bytes_are_those_of_the_serialised_arrays(task_identity, recorder):
+    grid = MeteredGrid(ScriptedGrid(_ok_reply), recorder)
+    messages = _train_messages(1)
+    replies = grid.send_and_receive(messages)
+    record = recorder.record_for(1)
+    assert record.bytes_down == 3 * len(messages[0].content["arrays"]["w"].data)
+    assert record.bytes_down > 3 * 100 * 4  # the npy header travels too
+    assert record.bytes_up == sum(payload_bytes(r.content) for r in replies)
+    assert record.bytes_up < record.bytes_down
+    assert record.train_replies == 3 and record.rejected_replies == 0
+
+
+def test_failed_replies_are_logged_with_node_and_counted(task_identity, recorder, caplog):
+    def reply(message):
+        if message.metadata.dst_node_id == 2:
+            return Message(Error(code=100, reason="partition missing"), reply_to=message)
+        return _ok_reply(message)
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    replies = MeteredGrid(ScriptedGrid(reply), recorder).send_and_receive(_train_messages(1))
+    assert len(replies) == 3
+    record = recorder.record_for(1)
+    assert record.train_replies == 2 and record.rejected_replies == 1
+    assert any(
+        "node 2" in r.getMessage() and "partition missing" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_round_where_every_client_failed_stops_the_run(task_identity, recorder):
+    def reply(message):
+        return Message(Error(code=100, reason="alpha=0.0 must be > 0"), reply_to=message)
+
+    with pytest.raises(FlEcError, match="all 3 clients failed.*alpha=0.0 must be > 0"):
+        MeteredGrid(ScriptedGrid(reply), recorder).send_and_receive(_train_messages(1))
+
+
+def test_aggregation_is_timed_and_rounds_are_written(task_identity, recorder):
+    strategy = time_aggregation(FedAvg(), recorder)
+    replies = MeteredGrid(ScriptedGrid(_ok_reply), recorder).send_and_receive(_train_messages(1))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert recorder.record_for(1).aggregate_seconds > 0
+    recorder.close_round(1, {"test-accuracy": 0.5})
+    written = json.loads((recorder.run_dir / "metrics.json").read_text())
+    assert written["rounds"][0]["round"] == 1
+    assert written["rounds"][0]["bytes-down"] == recorder.rounds[0].bytes_down
+    assert written["rounds"][0]["test-accuracy"] == 0.5

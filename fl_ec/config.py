@@ -61,6 +61,7 @@ class ExperimentConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    max_grad_norm: float = 10.0
     device: str = "auto"
     client_threads: int = 0
     # Server-side evaluation and output
@@ -137,6 +138,8 @@ class ExperimentConfig:
             )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum} must be within [0, 1)")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max-grad-norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
         if self.weight_decay < 0:
             raise ConfigError(f"weight-decay={self.weight_decay} must be >= 0")
 

@@ -37,8 +37,7 @@ class DeploymentState:
 
     state_dir: str
     flwr_home: str
-    control_address: str
-    fleet_address: str
+    address: str
     superlink_pid: int = 0
     supernode_pids: list[int] = field(default_factory=list)
 
@@ -55,7 +54,7 @@ class DeploymentState:
         return cls(**json.loads(path.read_text()))
 
 
-def _register_connection(flwr_home: Path, control_address: str) -> None:
+def _register_connection(flwr_home: Path, address: str) -> None:
     """Add/replace the ``[superlink.fl-ec-local]`` connection in config.toml."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     config = flwr_home / "config.toml"
@@ -69,7 +68,7 @@ def _register_connection(flwr_home: Path, control_address: str) -> None:
         start = text.index(header)
         nxt = text.find("\n[", start + len(header))
         text = text[:start] + (text[nxt + 1 :] if nxt != -1 else "")
-    text = text.rstrip() + f'\n\n{header}\naddress = "{control_address}"\ninsecure = true\n'
+    text = text.rstrip() + f'\n\n{header}\naddress = "{address}"\ninsecure = true\n'
     config.write_text(text)
 
 
@@ -101,21 +100,20 @@ def up(
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
     )
-    control, fleet = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    state = DeploymentState(str(state_dir), str(flwr_home), control, fleet)
+    # Since Flower 1.41 the SuperLink serves its Fleet, Control and Runtime APIs over
+    # one HTTP address (--host/--port); SuperNodes and `flwr` both connect to it.
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    state = DeploymentState(str(state_dir), str(flwr_home), address)
     log = state_dir / "superlink.log"
     superlink = subprocess.Popen(
         [
             "flower-superlink",
             "--insecure",
-            "--control-api-address",
-            control,
-            "--fleet-api-address",
-            fleet,
             "--host",
             "127.0.0.1",
             "--port",
-            str(free_port()),
+            str(port),
             "--database",
             str(state_dir / "state.db"),
         ],
@@ -127,8 +125,7 @@ def up(
     state.superlink_pid = superlink.pid
     state.save()
     try:
-        _wait_for_port(fleet, 60, superlink, log)
-        _wait_for_port(control, 60, superlink, log)
+        _wait_for_port(address, 60, superlink, log)
         for i in range(num_supernodes):
             node_config = f"partition-id={i} num-partitions={num_supernodes}"
             if node_configs and node_configs[i % len(node_configs)]:
@@ -139,7 +136,7 @@ def up(
                     "flower-supernode",
                     "--insecure",
                     "--superlink",
-                    fleet,
+                    address,
                     "--node-config",
                     node_config,
                     "--host",
@@ -157,7 +154,7 @@ def up(
     except BaseException:
         down(state)
         raise
-    _register_connection(flwr_home, control)
+    _register_connection(flwr_home, address)
     return state
 
 
@@ -206,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             state = up(args.supernodes, args.state_dir.resolve(), args.flwr_home.resolve())
             print(
-                f"fl-ec: SuperLink pid {state.superlink_pid} (control {state.control_address},"
-                f" fleet {state.fleet_address}); SuperNode pids {state.supernode_pids}; "
+                f"fl-ec: SuperLink pid {state.superlink_pid} on {state.address}; "
+                f"SuperNode pids {state.supernode_pids}; "
                 f"connection '{CONNECTION}' in {args.flwr_home}/config.toml"
             )
         elif args.action == "run":

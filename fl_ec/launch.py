@@ -55,8 +55,14 @@ def parse_overrides(text: str) -> dict[str, Any]:
         ) from None
 
 
-def preflight(app_dir: Path, overrides: dict[str, Any]) -> ExperimentConfig:
-    """Validate the merged run-config and locate the data, without starting Flower."""
+def preflight(
+    app_dir: Path, overrides: dict[str, Any], num_partitions: int | None = None
+) -> ExperimentConfig:
+    """Validate the merged run-config and the data, without starting Flower.
+
+    With ``num_partitions`` (the simulation's SuperNode count) it also checks that
+    the client pool can be split that many ways.
+    """
     defaults = app_defaults(app_dir)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
@@ -69,6 +75,23 @@ def preflight(app_dir: Path, overrides: dict[str, Any]) -> ExperimentConfig:
         from fl_ec.data.sources import locate_fashion_mnist
 
         locate_fashion_mnist(config.data_dir, config.download)
+    if num_partitions is not None and config.dataset == "fashion-mnist":
+        from fl_ec.data.partition import split_server_holdout
+        from fl_ec.data.sources import load_fashion_mnist
+
+        train, _ = load_fashion_mnist(config.data_dir, config.download)
+        pool = split_server_holdout(
+            len(train),
+            config.proxy_size,
+            config.validation_size,
+            config.train_subset,
+            config.seed,
+        ).client_pool
+        if num_partitions > len(pool):
+            raise FlEcError(
+                f"num-partitions={num_partitions} exceeds the {len(pool)} client training "
+                "samples: use fewer SuperNodes or a larger train-subset"
+            )
     return config
 
 
@@ -222,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     app_dir = Path(args.app).resolve()
     try:
-        preflight(app_dir, parse_overrides(args.run_config))
+        preflight(
+            app_dir, parse_overrides(args.run_config), None if args.superlink else args.supernodes
+        )
         cli = FlowerCli(superlink=args.superlink)
         run_id = cli.submit(app_dir, args.run_config, None if args.superlink else args.supernodes)
     except FlEcError as err:

@@ -43,6 +43,7 @@ STANDARD_SETTINGS = {
     "batch-size": 32,
     "lr": 0.05,
     "momentum": 0.9,
+    "max-grad-norm": 10.0,
     "proxy-size": 5000,
     "validation-size": 1000,
     "train-subset": 0,

@@ -41,3 +41,33 @@ def test_cuda_request_falls_back_to_cpu_without_a_gpu():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert select_device("cuda").type == expected
     assert select_device("cpu").type == "cpu"
+
+
+def _update_norm(max_grad_norm):
+    train, _ = make_synthetic(num_train=64, num_test=1, seed=3)
+    torch.manual_seed(0)
+    model = build_model(ArchSpec("cnn", train.input_shape, 10))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    train_supervised(
+        model, train, epochs=1, batch_size=64, lr=1.0, momentum=0.0, max_grad_norm=max_grad_norm
+    )
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return float((after - before).norm())
+
+
+def test_gradient_clipping_bounds_the_step():
+    # One full-batch SGD step with lr=1: the update *is* the (clipped) gradient.
+    assert _update_norm(0.0) > 0.05
+    assert _update_norm(0.01) <= 0.01 + 1e-6
+
+
+def test_divergence_is_reported_as_a_one_line_error():
+    import pytest
+
+    from fl_ec.training import TrainingDivergedError
+
+    train, _ = make_synthetic(num_train=256, num_test=1, seed=3)
+    torch.manual_seed(0)
+    model = build_model(ArchSpec("cnn", train.input_shape, 10))
+    with pytest.raises(TrainingDivergedError, match="lower lr or set max-grad-norm"):
+        train_supervised(model, train, epochs=3, batch_size=32, lr=1e6, momentum=0.9)

@@ -75,6 +75,7 @@ def _train(msg: Message, context: Context) -> Message:
         lr=float(round_config.get("lr", config.lr)),
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
         device=device,
         # Different shuffles per node and round, reproducible for a fixed seed.
         seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,

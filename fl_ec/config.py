@@ -20,7 +20,9 @@ from typing import Any
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import is_known_model
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedec")
+TEACHER_RULES = ("mean-logits", "mean-probs", "weighted", "label-aware", "trimmed-mean", "median")
+STUDENT_INITS = ("average", "previous")
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,6 +66,19 @@ class ExperimentConfig:
     max_grad_norm: float = 10.0
     device: str = "auto"
     client_threads: int = 0
+    # FedEC: ensemble teacher on the proxy set, distillation into the student
+    teacher_rule: str = "mean-logits"
+    trim_ratio: float = 0.1
+    teacher_includes_average: bool = False
+    teacher_includes_previous: bool = False
+    augment_copies: int = 0
+    student_init: str = "average"
+    distill_steps: int = 500
+    distill_batch_size: int = 128
+    distill_lr: float = 1e-3
+    distill_temperature: float = 1.0
+    distill_eval_every: int = 50
+    distill_patience: int = 150
     # Server-side evaluation and output
     eval_batch_size: int = 512
     results_dir: str = "results"
@@ -102,6 +117,24 @@ class ExperimentConfig:
             )
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("device", self.device, DEVICES)
+        _choice("teacher-rule", self.teacher_rule, TEACHER_RULES)
+        _choice("student-init", self.student_init, STUDENT_INITS)
+        if not 0.0 <= self.trim_ratio < 0.5:
+            raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
+        for key, value in (
+            ("distill-batch-size", self.distill_batch_size),
+            ("distill-lr", self.distill_lr),
+            ("distill-temperature", self.distill_temperature),
+            ("distill-eval-every", self.distill_eval_every),
+            ("distill-patience", self.distill_patience),
+        ):
+            _positive(key, value)
+        for key, value in (
+            ("distill-steps", self.distill_steps),
+            ("augment-copies", self.augment_copies),
+        ):
+            if value < 0:
+                raise ConfigError(f"{key}={value} must be >= 0")
         if not self.alpha > 0:
             raise ConfigError(
                 f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "

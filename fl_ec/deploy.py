@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fl_ec.errors import FlEcError
-from fl_ec.launch import FlowerCli, free_port
+from fl_ec.launch import FlowerCli, flower_env, free_port
 
 CONNECTION = "fl-ec-local"
 
@@ -94,12 +94,7 @@ def up(
     if num_supernodes < 1:
         raise FlEcError(f"--supernodes={num_supernodes} must be >= 1")
     state_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-    )
+    env = dict(flower_env(), FLWR_HOME=str(flwr_home))
     # Since Flower 1.41 the SuperLink serves its Fleet, Control and Runtime APIs over
     # one HTTP address (--host/--port); SuperNodes and `flwr` both connect to it.
     port = free_port()

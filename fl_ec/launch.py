@@ -55,6 +55,25 @@ def parse_overrides(text: str) -> dict[str, Any]:
         ) from None
 
 
+def format_overrides(values: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_overrides`: ``{"a": 1, "b": "x"}`` -> ``a=1 b="x"``."""
+
+    def toml_value(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return json.dumps(value) if isinstance(value, str) else repr(value)
+
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def merge_overrides(*texts: str) -> str:
+    """Merge run-config strings; later keys win (flwr rejects a repeated key)."""
+    merged: dict[str, Any] = {}
+    for text in texts:
+        merged.update(parse_overrides(text))
+    return format_overrides(merged)
+
+
 def preflight(
     app_dir: Path, overrides: dict[str, Any], num_partitions: int | None = None
 ) -> ExperimentConfig:
@@ -95,6 +114,22 @@ def preflight(
     return config
 
 
+def flower_env() -> dict[str, str]:
+    """``os.environ`` with this interpreter's bin dir first on PATH.
+
+    ``flwr`` spawns ``flower-superlink``, which spawns ``flwr-serverapp`` and
+    ``flwr-simulation``, all by name. Running ``.venv/bin/python`` without activating
+    the venv (as ``make test`` does) would otherwise not find them.
+    """
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -123,9 +158,7 @@ class FlowerCli:
     def __init__(
         self, home: Path | None = None, isolated: bool = False, superlink: str | None = None
     ) -> None:
-        self.env = dict(os.environ)
-        self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        self.env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        self.env = flower_env()
         if home is not None:
             Path(home).mkdir(parents=True, exist_ok=True)
             self.env["FLWR_HOME"] = str(home)

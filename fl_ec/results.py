@@ -92,6 +92,7 @@ class RunRecorder:
         self.started = dt.datetime.now().isoformat(timespec="seconds")
         self._round_start = time.perf_counter()
         self.current = RoundRecord(round=0)
+        self.extra_summary: dict[str, Any] = {}
 
     # -- feeding --------------------------------------------------------------
     def record_for(self, server_round: int) -> RoundRecord:
@@ -131,6 +132,7 @@ class RunRecorder:
             "mean-bytes-down": mean("bytes_down"),
             "mean-bytes-up": mean("bytes_up"),
             "total-rejected-replies": sum(r.rejected_replies for r in trained),
+            **self.extra_summary,
         }
 
     def write_metrics(self) -> Path:
@@ -161,6 +163,14 @@ class RunRecorder:
         ]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(rounds, accuracy, marker="o", label="global model (test)")
+        for key, label in (
+            ("teacher-val-accuracy", "teacher ensemble (val)"),
+            ("student-start-val-accuracy", "parameter average (val)"),
+            ("student-val-accuracy", "distilled student (val)"),
+        ):
+            points = [(r.round, 100 * r.metrics[key]) for r in self.rounds if key in r.metrics]
+            if points:
+                ax.plot(*zip(*points, strict=True), linestyle="--", label=label)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(self.run_dir.name, fontsize=9)
@@ -173,12 +183,16 @@ class RunRecorder:
         return path
 
     def write_model(
-        self, state_dict: Mapping[str, torch.Tensor], name: str = "final_model"
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        name: str = "final_model",
+        spec: ArchSpec | None = None,
     ) -> Path:
         """``<name>.pt`` (tensors only: loads with ``torch.load(weights_only=True)``) + spec."""
         path = self.run_dir / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
-        (self.run_dir / f"{name}.json").write_text(self.spec.to_json())
+        (self.run_dir / f"{name}.json").write_text((spec or self.spec).to_json())
         return path
 
 

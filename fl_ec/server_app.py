@@ -48,7 +48,7 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     )
     torch.manual_seed(config.seed)
     initial_model = build_model(spec)
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, spec, server_data)
 
     run_name = safe_run_name(
         config.run_name or default_run_name(config.strategy, config.dataset, config.alpha)
@@ -80,7 +80,7 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         num_rounds=config.num_server_rounds,
         train_config=round_config,
         evaluate_config=ConfigRecord({"arch-spec": spec.to_json()}),
-        evaluate_fn=central_evaluation(spec, server_data, config, recorder),
+        evaluate_fn=central_evaluation(spec, server_data, config, recorder, strategy),
     )
 
     final_state = (
@@ -89,6 +89,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         else initial_model.state_dict()
     )
     recorder.write_model(final_state)
+    if hasattr(strategy, "ensemble_members"):
+        save_global_ensemble(strategy, server_data, config, recorder)
     recorder.write_metrics()
     recorder.write_plot()
     final_acc = recorder.summary()["final-test-accuracy"]
@@ -101,8 +103,42 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     return run_dir
 
 
+def save_global_ensemble(
+    strategy, server_data: ServerData, config: ExperimentConfig, recorder: RunRecorder
+) -> None:
+    """EC-DNN's inference-time model: the last round's client models, averaging logits."""
+    from fl_ec.ensemble import teacher_logits
+
+    members = strategy.ensemble_members()
+    if not members:
+        return
+    test = server_data.test
+    outputs = teacher_logits(
+        members,
+        test.normalize(test.images),
+        "mean-logits",
+        batch_size=config.eval_batch_size,
+        device=select_device(config.device),
+    )
+    accuracy = float((outputs.logits.argmax(1) == test.labels).float().mean())
+    recorder.extra_summary["ensemble-test-accuracy"] = accuracy
+    recorder.extra_summary["ensemble-members"] = len(members)
+    for index, member in enumerate(strategy.last_client_models):
+        recorder.write_model(member.state, name=f"ensemble/member-{index}", spec=member.spec)
+    log(
+        INFO,
+        "[fl-ec] EC-DNN global ensemble of %d client models: test acc %.2f%%",
+        len(members),
+        100 * accuracy,
+    )
+
+
 def central_evaluation(
-    spec: ArchSpec, server_data: ServerData, config: ExperimentConfig, recorder: RunRecorder
+    spec: ArchSpec,
+    server_data: ServerData,
+    config: ExperimentConfig,
+    recorder: RunRecorder,
+    strategy=None,
 ):
     """The ``evaluate_fn`` for ``strategy.start``: test-set metrics, then close the round."""
     device = select_device(config.device)
@@ -116,8 +152,15 @@ def central_evaluation(
         result = evaluate(model, test, config.eval_batch_size, device)
         record = recorder.record_for(server_round)
         record.server_evaluate_seconds += time.perf_counter() - start
+        # Server-side measurements of the round (FedEC: teacher/student validation
+        # accuracy, distillation steps and seconds, replies it dropped as invalid).
+        server_metrics = dict(getattr(strategy, "server_metrics", {}).get(server_round, {}))
+        invalid = int(server_metrics.pop("invalid-replies", 0))
+        record.rejected_replies += invalid
+        record.train_replies -= invalid
         record = recorder.close_round(
-            server_round, {"test-accuracy": result.accuracy, "test-loss": result.loss}
+            server_round,
+            {"test-accuracy": result.accuracy, "test-loss": result.loss, **server_metrics},
         )
         log(
             INFO,

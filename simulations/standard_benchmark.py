@@ -1,16 +1,21 @@
-"""The standard fl-ec benchmark: strategies x alphas on Fashion-MNIST, via real `flwr run`.
+"""The standard fl-ec benchmark: methods x alphas on Fashion-MNIST, via real `flwr run`.
 
-    python simulations/standard_benchmark.py                  # FedAvg, alpha 0.1 and 0.5
-    python simulations/standard_benchmark.py --strategies fedavg fedec --rounds 20
+    python simulations/standard_benchmark.py                       # FedAvg, alpha 0.1 and 0.5
+    python simulations/standard_benchmark.py --methods fedavg fedec --regime comm-limited
+    python simulations/standard_benchmark.py --section fedec-ablation --alphas 0.1 \\
+        --methods fedavg fedec "fedec:teacher-rule=label-aware"
 
-Every run is a real local Flower simulation (10 SuperNodes by default) with its own
-FLWR_HOME and ports; the numbers come from each run's ``metrics.json``. The table
-(test accuracy every 5 rounds, seconds per round split into client training and
-server aggregation, bytes per round, and accuracy ratios against FedAvg) replaces this
-benchmark's section of BENCHMARKS.md, with the machine, date and command.
+A method is a strategy name, optionally with run-config overrides of its own:
+``fedec:teacher-rule="label-aware",augment-copies=1``. Every run is a real local Flower
+simulation (10 SuperNodes by default) with its own FLWR_HOME and ports; the numbers
+come from each run's ``metrics.json``. The table (test accuracy every 5 rounds, rounds
+to reach FedAvg's final accuracy, seconds per round split into client training and
+server aggregation, bytes per round, ratios against FedAvg) and an accuracy-vs-round
+plot replace the section ``--section`` of BENCHMARKS.md, with machine, date and command.
 
-Settings shared by every method live in ``STANDARD_SETTINGS`` below so that later
-strategies are compared on exactly the same data, partitions and seeds.
+Regimes: ``standard`` (1 local epoch, ``--rounds`` rounds) and ``comm-limited``
+(5x the local epochs, a fifth of the rounds: the same client compute, 5x less
+communication -- where edge federations live).
 """
 
 from __future__ import annotations
@@ -23,22 +28,23 @@ import platform
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from fl_ec.launch import FlowerCli, parse_overrides
+from fl_ec.launch import FlowerCli, format_overrides, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
-SECTION = "standard-benchmark"
+PLOTS = ROOT / "simulations" / "plots"
 
 # Full Fashion-MNIST minus the server's 5k proxy + 1k validation hold-out (54k client
-# samples), 1 local epoch, batch 32, SGD lr 0.05 momentum 0.9, seed 42.
+# samples), 1 local epoch, batch 32, SGD lr 0.05 momentum 0.9, clipping 10, seed 42.
 STANDARD_SETTINGS = {
-    "dataset": '"fashion-mnist"',
-    "model": '"cnn"',
-    "partitioner": '"dirichlet"',
+    "dataset": "fashion-mnist",
+    "model": "cnn",
+    "partitioner": "dirichlet",
     "local-epochs": 1,
     "batch-size": 32,
     "lr": 0.05,
@@ -53,83 +59,127 @@ STANDARD_SETTINGS = {
 }
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+def parse_method(text: str) -> tuple[str, str, dict]:
+    """``fedec:teacher-rule="label-aware",augment-copies=1`` -> (label, strategy, overrides)."""
+    strategy, _, rest = text.partition(":")
+    overrides = parse_overrides(rest.replace(",", " ")) if rest else {}
+    return text, strategy, overrides
 
 
 def run_one(
-    strategy: str, alpha: float, rounds: int, supernodes: int, results_dir: Path, extra: str
+    label: str,
+    strategy: str,
+    method_overrides: dict,
+    alpha: float,
+    rounds: int,
+    local_epochs: int,
+    supernodes: int,
+    results_dir: Path,
+    extra: str,
 ) -> dict:
-    run_name = f"bench-{strategy}-a{alpha:g}"
+    run_name = (
+        "bench-"
+        + "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
+        + f"-a{alpha:g}-e{local_epochs}"
+    )
     settings = {
         **STANDARD_SETTINGS,
-        "strategy": f'"{strategy}"',
+        "strategy": strategy,
         "alpha": alpha,
         "num-server-rounds": rounds,
-        "run-name": f'"{run_name}"',
-        "results-dir": f'"{results_dir}"',
+        "local-epochs": local_epochs,
+        "run-name": run_name,
+        "results-dir": str(results_dir),
+        **method_overrides,
+        **parse_overrides(extra),
     }
-    # Extras override the standard settings (a TOML string must not repeat a key).
-    settings.update({k: toml_value(v) for k, v in parse_overrides(extra).items()})
-    run_config = " ".join(f"{k}={v}" for k, v in settings.items())
     with tempfile.TemporaryDirectory(prefix="flec-bench-") as home:
         cli = FlowerCli(home=Path(home), isolated=True)
         try:
-            run_id = cli.submit(ROOT, run_config, supernodes)
-            print(f"[bench] {strategy} alpha={alpha}: run {run_id}", flush=True)
+            run_id = cli.submit(ROOT, format_overrides(settings), supernodes)
+            print(f"[bench] {label} alpha={alpha} epochs={local_epochs}: run {run_id}", flush=True)
             outcome = cli.wait(run_id, timeout=3 * 3600, poll=5)
         finally:
             cli.stop_local_superlink()
     if not outcome.completed:
-        raise SystemExit(
-            f"[bench] {strategy} alpha={alpha} ended {outcome.status}: {outcome.details}"
-        )
+        raise SystemExit(f"[bench] {label} alpha={alpha} ended {outcome.status}: {outcome.details}")
     metrics = json.loads((results_dir / run_name / "metrics.json").read_text())
     metrics["elapsed-seconds"] = outcome.info.get("elapsed")
     return metrics
 
 
+def _mean(rounds: list[dict], key: str) -> float:
+    values = [r[key] for r in rounds if key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _first_round_reaching(rounds: list[dict], target: float) -> int | None:
+    for r in rounds:
+        if r["round"] > 0 and r["test-accuracy"] >= target - 1e-9:
+            return r["round"]
+    return None
+
+
 def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
-    checkpoints = sorted({r for r in range(5, rounds + 1, 5)} | {rounds})
+    checkpoints = sorted(set(range(5, rounds + 1, 5)) | {rounds})
     head = (
         ["method", "alpha"]
         + [f"acc@{r}" for r in checkpoints]
         + [
-            "acc ratio vs FedAvg",
+            "Δ final vs FedAvg (pts)",
+            "rounds to FedAvg's final",
+            "EC-DNN ensemble acc",
             "s/round",
-            "client train s",
+            "client train s (wall)",
             "server agg s",
+            "server s / summed client train s",
+            "teacher s",
+            "distill s (steps)",
             "MB down/round",
             "MB up/round",
-            "run s (incl. start-up)",
+            "run s",
         ]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (strategy, alpha), metrics in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, alpha), metrics in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        trained = [r for r in metrics["rounds"] if r["round"] > 0]
         by_round = {r["round"]: r for r in metrics["rounds"]}
         accs = [
             100 * by_round[r]["test-accuracy"] if r in by_round else float("nan")
             for r in checkpoints
         ]
-        base = results.get(("fedavg", alpha))
-        ratio = (
-            (metrics["summary"]["final-test-accuracy"] / base["summary"]["final-test-accuracy"])
-            if base
-            else float("nan")
-        )
         summary = metrics["summary"]
+        final = summary["final-test-accuracy"]
+        base = results.get(("fedavg", alpha))
+        delta = 100 * (final - base["summary"]["final-test-accuracy"]) if base else float("nan")
+        reach = (
+            _first_round_reaching(metrics["rounds"], base["summary"]["final-test-accuracy"])
+            if base
+            else None
+        )
+        agg = summary["mean-aggregate-seconds"]
+        client_sum = _mean(trained, "client-train-seconds-sum")
+        ensemble = summary.get("ensemble-test-accuracy")
         lines.append(
             "| "
             + " | ".join(
-                [strategy, f"{alpha:g}"]
+                [label, f"{alpha:g}"]
                 + [f"{a:.2f}" for a in accs]
                 + [
-                    f"{ratio:.3f}",
+                    f"{delta:+.2f}",
+                    f"{reach}/{len(trained)}" if reach else f"-/{len(trained)}",
+                    f"{100 * ensemble:.2f}" if ensemble is not None else "-",
                     f"{summary['mean-round-seconds']:.1f}",
                     f"{summary['mean-train-seconds']:.1f}",
-                    f"{summary['mean-aggregate-seconds']:.2f}",
+                    f"{agg:.2f}",
+                    f"{agg / client_sum:.2f}" if client_sum == client_sum and client_sum else "-",
+                    f"{_mean(trained, 'teacher-seconds'):.1f}"
+                    if "teacher-seconds" in trained[0]
+                    else "-",
+                    f"{_mean(trained, 'distill-seconds'):.1f} "
+                    f"({_mean(trained, 'distill-steps'):.0f})"
+                    if "distill-seconds" in trained[0]
+                    else "-",
                     f"{summary['mean-bytes-down'] / 1e6:.2f}",
                     f"{summary['mean-bytes-up'] / 1e6:.2f}",
                     f"{metrics.get('elapsed-seconds') or float('nan'):.0f}",
@@ -140,8 +190,63 @@ def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
+def plot(results: dict[tuple[str, float], dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({alpha for _, alpha in results})
+    fig, axes = plt.subplots(1, len(alphas), figsize=(6 * len(alphas), 4), squeeze=False)
+    for ax, alpha in zip(axes[0], alphas, strict=True):
+        for (label, a), metrics in sorted(results.items()):
+            if a != alpha:
+                continue
+            rounds = [r["round"] for r in metrics["rounds"]]
+            ax.plot(
+                rounds,
+                [100 * r["test-accuracy"] for r in metrics["rounds"]],
+                marker=".",
+                label=label,
+            )
+        ax.set_title(f"alpha={alpha:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def teacher_throughput(num_models: int = 10, proxy_size: int = 5000) -> str:
+    """Teacher pass (num_models CNNs) vs one CNN's batched inference, samples/s."""
+    from fl_ec.ensemble import teacher_logits
+    from fl_ec.models import ArchSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ArchSpec("cnn", (1, 28, 28), 10)
+    models = [build_model(spec).eval() for _ in range(num_models)]
+    x = torch.randn(proxy_size, 1, 28, 28)
+    teacher_logits(models[:1], x[:512])  # warm-up
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in x.split(512):
+            models[0](batch)
+    single = proxy_size / (time.perf_counter() - start)
+    teacher = teacher_logits(models, x, batch_size=512)
+    return (
+        f"Teacher pass: {num_models} CNNs x {proxy_size} proxy samples in "
+        f"{teacher.seconds:.2f} s = {teacher.samples_per_second:,.0f} model-samples/s; one "
+        f"CNN's plain batched inference (batch 512): {single:,.0f} samples/s; ratio "
+        f"{teacher.samples_per_second / single:.2f} (1.0 = no overhead for ensembling)."
+    )
+
+
+def write_section(section: str, body: str) -> None:
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     block = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
@@ -153,59 +258,77 @@ def write_section(body: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategies", nargs="+", default=["fedavg"])
+    parser.add_argument("--methods", nargs="+", default=["fedavg"])
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--regime", choices=["standard", "comm-limited"], default="standard")
     parser.add_argument("--supernodes", type=int, default=10)
+    parser.add_argument("--section", default="standard-benchmark")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "results" / "benchmark")
     parser.add_argument(
-        "--extra-run-config",
-        default="",
-        help="appended to every run's --run-config (same for all methods)",
+        "--extra-run-config", default="", help="applied to every run (same for all methods)"
     )
     args = parser.parse_args()
     command = "python simulations/standard_benchmark.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
     )
+    rounds, epochs = args.rounds, 1
+    if args.regime == "comm-limited":
+        rounds, epochs = max(1, args.rounds // 5), 5
     started = dt.datetime.now()
     results = {}
     for alpha in args.alphas:
-        for strategy in args.strategies:
-            results[(strategy, alpha)] = run_one(
+        for method in args.methods:
+            label, strategy, overrides = parse_method(method)
+            results[(label, alpha)] = run_one(
+                label,
                 strategy,
+                overrides,
                 alpha,
-                args.rounds,
+                rounds,
+                epochs,
                 args.supernodes,
                 args.results_dir.resolve(),
                 args.extra_run_config,
             )
     minutes = (dt.datetime.now() - started).total_seconds() / 60
+    plot_path = PLOTS / f"{args.section}.png"
+    plot(results, plot_path)
     accelerator = (
         f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
     )
-    settings = ", ".join(f"{k}={v}".replace('"', "") for k, v in STANDARD_SETTINGS.items())
-    body = "\n".join(
-        [
-            f"## Standard benchmark (Fashion-MNIST, {args.supernodes} clients, "
-            "Dirichlet partitions)",
-            "",
-            f"- Command: `{command.strip()}`",
-            f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
-            f"- Machine: {platform.platform()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {accelerator}",
-            f"- Setup: {args.supernodes} simulated SuperNodes (`flwr run`, Ray backend), "
-            f"{args.rounds} rounds, {settings}"
-            + (f", {args.extra_run_config}" if args.extra_run_config else ""),
-            "- Accuracy: central test set (10k) after the round. s/round: wall time of a round; "
-            "client train s: from sending train messages to the last reply; server agg s: "
-            "`aggregate_train`. Bytes: serialised arrays actually sent to / received from "
-            "all clients in a round. Ratio: final accuracy / FedAvg's at the same alpha.",
-            "",
-            table(results, args.rounds),
-        ]
-    )
-    write_section(body)
-    print(body)
+    settings = format_overrides({**STANDARD_SETTINGS, "local-epochs": epochs}).replace('"', "")
+    lines = [
+        f"## {args.section} ({args.regime} regime: {rounds} rounds x {epochs} local epoch(s); "
+        f"Fashion-MNIST, {args.supernodes} clients, Dirichlet partitions)",
+        "",
+        f"- Command: `{command.strip()}`",
+        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
+        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {accelerator}",
+        f"- Setup: {args.supernodes} simulated SuperNodes (`flwr run`, Ray backend), all "
+        f"training every round; {settings}"
+        + (f"; {args.extra_run_config}" if args.extra_run_config else ""),
+        "- Accuracy: central test set (10k) after the round. Δ: final accuracy minus "
+        "FedAvg's at the same alpha, in points. Rounds to FedAvg's final: first round at "
+        "or above FedAvg's final accuracy. s/round: wall time of a round; client train s: "
+        "from sending train messages to the last reply; server agg s: `aggregate_train` "
+        "(FedEC: reply checks + teacher pass + distillation); its ratio is to the sum of "
+        "the clients' own training seconds in that round. Bytes: serialised arrays "
+        "actually sent to / received from all clients per round.",
+        "",
+        table(results, rounds),
+        "",
+        f"![accuracy vs round](simulations/plots/{plot_path.name})",
+    ]
+    if any(strategy_of(label) == "fedec" for label, _ in results):
+        lines += ["", "- " + teacher_throughput()]
+    write_section(args.section, "\n".join(lines))
+    print("\n".join(lines))
+
+
+def strategy_of(label: str) -> str:
+    return label.partition(":")[0]
 
 
 if __name__ == "__main__":

@@ -59,11 +59,11 @@ def _setup(msg: Message, context: Context):
     data = _client_data(config, node.partition_id, node.num_partitions)
     spec = ArchSpec.from_json(str(msg.content["config"]["arch-spec"]))
     model = build_from_state_dict(spec, msg.content["arrays"].to_torch_state_dict())
-    return config, node, data, model
+    return config, node, data, spec, model
 
 
 def _train(msg: Message, context: Context) -> Message:
-    config, node, data, model = _setup(msg, context)
+    config, node, data, spec, model = _setup(msg, context)
     device = select_device(config.device)
     round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
@@ -91,18 +91,24 @@ def _train(msg: Message, context: Context) -> Message:
     capability = ConfigRecord(
         device_capability(device, node.device_tier, node.memory_mb, node.speed)
     )
+    # What the server needs to use this model in an ensemble: the architecture it was
+    # trained as, and the label distribution it saw (label-aware teacher weighting).
+    train_info = ConfigRecord(
+        {"arch-spec": spec.to_json(), "class-counts": data.train.class_counts()}
+    )
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": metrics,
             "capability": capability,
+            "train-info": train_info,
         }
     )
     return Message(content=content, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    config, _, data, model = _setup(msg, context)
+    config, _, data, _, model = _setup(msg, context)
     result = evaluate(model, data.test, config.eval_batch_size, select_device(config.device))
     metrics = MetricRecord(
         {

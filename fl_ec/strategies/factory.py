@@ -5,14 +5,31 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_ec.config import STRATEGIES, ExperimentConfig
+from fl_ec.data.federated import ServerData
+from fl_ec.distill import DistillSettings
 from fl_ec.errors import ConfigError
+from fl_ec.models.spec import ArchSpec
 
 
-def build_strategy(config: ExperimentConfig) -> Strategy:
+def distill_settings(config: ExperimentConfig) -> DistillSettings:
+    return DistillSettings(
+        steps=config.distill_steps,
+        batch_size=config.distill_batch_size,
+        lr=config.distill_lr,
+        temperature=config.distill_temperature,
+        eval_every=config.distill_eval_every,
+        patience=config.distill_patience,
+    )
+
+
+def build_strategy(
+    config: ExperimentConfig, spec: ArchSpec | None = None, server_data: ServerData | None = None
+) -> Strategy:
     """The strategy named by ``config.strategy``, with the federation knobs applied.
 
     ``fedavg`` is Flower's own ``FedAvg``, unchanged: the baseline every fl-ec
-    strategy is compared against.
+    strategy is compared against. ``fedec`` needs the global ``spec`` and the server's
+    data (proxy and validation sets).
     """
     common = dict(
         fraction_train=config.fraction_train,
@@ -23,6 +40,28 @@ def build_strategy(config: ExperimentConfig) -> Strategy:
     )
     if config.strategy == "fedavg":
         return FedAvg(**common)
+    if config.strategy == "fedec":
+        from fl_ec.strategies.fedec import FedEC
+
+        if spec is None or server_data is None:
+            raise ConfigError("strategy=fedec needs the model spec and the server's proxy data")
+        validation = server_data.validation
+        return FedEC(
+            proxy_data=server_data.proxy.normalize(server_data.proxy.images),
+            arch_spec=spec,
+            validation_data=(validation.normalize(validation.images), validation.labels),
+            distill=distill_settings(config),
+            teacher_rule=config.teacher_rule,
+            trim_ratio=config.trim_ratio,
+            student_init=config.student_init,
+            teacher_includes_average=config.teacher_includes_average,
+            teacher_includes_previous=config.teacher_includes_previous,
+            augment_copies=config.augment_copies,
+            proxy_batch_size=config.eval_batch_size,
+            device=config.device,
+            seed=config.seed,
+            **common,
+        )
     raise ConfigError(
         f"strategy={config.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}"
     )

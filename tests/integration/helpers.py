@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fl_ec.launch import FlowerCli
+from fl_ec.launch import FlowerCli, merge_overrides
 
 # Small but real: Fashion-MNIST, 2 clients, 1 round on a fixed 2k-sample client pool.
 SMALL_RUN = (
@@ -13,7 +13,7 @@ SMALL_RUN = (
 
 
 def run_config(results_dir: Path, run_name: str, extra: str = "") -> str:
-    return f'{SMALL_RUN} results-dir="{results_dir}" run-name="{run_name}" {extra}'.strip()
+    return merge_overrides(SMALL_RUN, f'results-dir="{results_dir}" run-name="{run_name}"', extra)
 
 
 def model_bytes(metrics: dict) -> int:

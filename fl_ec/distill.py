@@ -1,0 +1,197 @@
+"""Compression by distillation: train a student to match cached teacher logits.
+
+FedDF-style: KL(teacher || student) at temperature T, scaled by T^2 so gradient size
+does not depend on T; Adam with cosine decay; every ``eval_every`` steps the student is
+scored on the server's labelled validation split, the best checkpoint is kept, and
+training stops after ``patience`` steps without improvement. The starting point is
+scored first, so distillation can never return something worse (on validation) than
+the model it started from -- typically the FedAvg average.
+
+BatchNorm: the student starts from averaged client parameters *and averaged running
+statistics*, which describe no real data distribution when clients are non-IID. Before
+scoring the start, and throughout distillation, BN statistics are re-estimated on the
+proxy set (which is drawn from the global distribution): first a full pass with a
+cumulative average (``momentum=None``), then the usual running update in train mode.
+Models without BatchNorm are unaffected.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812 - the universal alias
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Knobs of one distillation (run-config keys ``distill-*``)."""
+
+    steps: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    temperature: float = 1.0
+    eval_every: int = 50
+    patience: int = 150
+    recalibrate_bn: bool = True
+
+
+@dataclass
+class DistillResult:
+    start_accuracy: float
+    best_accuracy: float
+    steps: int
+    best_step: int
+    seconds: float
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits.float() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Replace BN running statistics by a cumulative average over ``inputs``."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    model.to(device).train()
+    for batch in inputs.split(batch_size):
+        model(batch.to(device))
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+
+
+@torch.inference_mode()
+def accuracy(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on normalised ``inputs``."""
+    model.to(device).eval()
+    correct = 0
+    for x, y in zip(inputs.split(batch_size), labels.split(batch_size), strict=True):
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    return correct / max(len(labels), 1)
+
+
+def augmented_views(
+    inputs: torch.Tensor, copies: int, seed: int, max_shift: int = 2, flip: bool = True
+) -> torch.Tensor:
+    """``copies`` augmented versions of ``inputs`` (N, C, H, W): random shifts (+ flips).
+
+    Shifts pad with the border value (torch.roll would wrap objects around); the
+    same seed gives the same views, so a round's teacher labels stay aligned.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n, _, h, w = inputs.shape
+    views = []
+    for _ in range(copies):
+        padded = F.pad(inputs, (max_shift,) * 4, mode="replicate")
+        dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+        batch = torch.arange(n).view(n, 1, 1, 1)
+        chan = torch.arange(inputs.shape[1]).view(1, -1, 1, 1)
+        view = padded[batch, chan, rows, cols]
+        if flip:
+            flips = torch.rand(n, generator=generator) < 0.5
+            view[flips] = view[flips].flip(-1)
+        views.append(view)
+    return torch.cat(views) if views else inputs[:0]
+
+
+def distill(
+    student: nn.Module,
+    proxy_inputs: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
+    settings: DistillSettings,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> DistillResult:
+    """Distil ``teacher_logits`` (aligned with ``proxy_inputs`` rows) into ``student``.
+
+    ``student`` is modified in place and ends holding the best checkpoint on
+    ``validation`` (inputs, labels); without validation it runs every step and keeps
+    the last one (accuracies are then NaN).
+    """
+    if proxy_inputs.shape[0] != teacher_logits.shape[0]:
+        raise ValueError("proxy_inputs and teacher_logits must have the same number of rows")
+    start_time = time.perf_counter()
+    student.to(device)
+    if settings.recalibrate_bn and has_batchnorm(student):
+        recalibrate_batchnorm(student, proxy_inputs, device=device)
+
+    def score() -> float:
+        if validation is None:
+            return float("nan")
+        return accuracy(student, validation[0], validation[1], device=device)
+
+    best_accuracy = start_accuracy = score()
+    best_state = copy.deepcopy(student.state_dict())
+    best_step = 0
+    if settings.steps <= 0:
+        return DistillResult(start_accuracy, best_accuracy, 0, 0, time.perf_counter() - start_time)
+    optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+    generator = torch.Generator().manual_seed(seed)
+    n = proxy_inputs.shape[0]
+    order, cursor, step = torch.randperm(n, generator=generator), 0, 0
+    while step < settings.steps:
+        if cursor + settings.batch_size > n:  # reshuffle each pass over the proxy set
+            order, cursor = torch.randperm(n, generator=generator), 0
+        index = order[cursor : cursor + settings.batch_size]
+        cursor += settings.batch_size
+        student.train()
+        x = proxy_inputs[index].to(device, non_blocking=True)
+        target = teacher_logits[index].to(device, non_blocking=True)
+        loss = kd_loss(student(x), target, settings.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if validation is not None and (step % settings.eval_every == 0 or step == settings.steps):
+            current = score()
+            if current > best_accuracy:
+                best_accuracy, best_step = current, step
+                best_state = copy.deepcopy(student.state_dict())
+            elif step - best_step >= settings.patience:
+                break
+    if validation is None:
+        best_step = step
+    else:
+        student.load_state_dict(best_state)
+    return DistillResult(
+        start_accuracy, best_accuracy, step, best_step, time.perf_counter() - start_time
+    )

@@ -1,0 +1,142 @@
+"""The teacher: combine several models' outputs on the proxy set into one target per sample.
+
+EC-DNN aggregates by *averaging outputs* rather than parameters. Here the server runs
+every client model over its unlabeled proxy set and combines their logits with a rule:
+
+* ``mean-logits`` -- the plain average (FedDF's teacher; the default);
+* ``mean-probs`` -- average of softmax probabilities, returned as log-probabilities so
+  the result can be used like logits (softmax(log p) = p);
+* ``weighted`` -- average weighted by each client's ``num-examples``;
+* ``label-aware`` -- per class c, client k's vote is weighted by how many examples of c
+  it trained on (``class_counts[k][c]``); a client that never saw class c has no say
+  on it. This targets the non-IID failure of the plain mean, where clients that never
+  saw a class still push confident (wrong) logits for it;
+* ``trimmed-mean`` -- coordinate-wise mean after dropping the ``trim_ratio`` largest and
+  smallest client values (robust to a few wild clients);
+* ``median`` -- coordinate-wise median over clients.
+
+Every model runs exactly once per proxy sample, one proxy batch at a time, under
+``torch.inference_mode``. The rule is applied per batch, so memory is bounded by
+``batch x clients x classes`` for the robust rules and by the ``N x classes`` result
+for all of them; the result can be stored in fp16 for very large proxy sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+RULES = ("mean-logits", "mean-probs", "weighted", "label-aware", "trimmed-mean", "median")
+
+
+@dataclass
+class TeacherOutputs:
+    """Combined teacher logits over the proxy set, plus how long the pass took."""
+
+    logits: torch.Tensor  # (N, C), on CPU
+    seconds: float
+    samples_per_second: float  # proxy samples x models / seconds
+
+
+def client_weights(
+    rule: str,
+    num_models: int,
+    num_classes: int,
+    num_examples: Sequence[float] | None = None,
+    class_counts: Sequence[Sequence[float]] | None = None,
+) -> torch.Tensor | None:
+    """Per-(model, class) weights ``(K, C)`` summing to 1 over models, or None (unweighted)."""
+    if rule == "weighted":
+        if num_examples is None or len(num_examples) != num_models:
+            raise ValueError("rule 'weighted' needs num_examples for every model")
+        w = torch.as_tensor(num_examples, dtype=torch.float32).clamp_min(0)
+        if float(w.sum()) <= 0:
+            raise ValueError("rule 'weighted' needs a positive total of num_examples")
+        return (w / w.sum()).unsqueeze(1).expand(num_models, num_classes).contiguous()
+    if rule == "label-aware":
+        if class_counts is None or len(class_counts) != num_models:
+            raise ValueError("rule 'label-aware' needs class_counts for every model")
+        counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float32)
+        if counts.shape != (num_models, num_classes):
+            raise ValueError(f"class_counts must be {num_models}x{num_classes}, got {counts.shape}")
+        totals = counts.sum(0, keepdim=True)
+        # A class nobody trained on: fall back to an equal vote rather than 0/0.
+        uniform = torch.full_like(counts, 1.0 / num_models)
+        return torch.where(totals > 0, counts / totals.clamp_min(1e-12), uniform)
+    return None
+
+
+def combine(
+    stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None, trim_ratio: float = 0.1
+) -> torch.Tensor:
+    """Apply ``rule`` over dim 0 of ``stacked`` logits ``(K, B, C)`` -> ``(B, C)``."""
+    if rule == "mean-logits":
+        return stacked.mean(0)
+    if rule == "mean-probs":
+        return stacked.softmax(-1).mean(0).clamp_min(1e-12).log()
+    if rule in ("weighted", "label-aware"):
+        if weights is None:
+            raise ValueError(f"rule {rule!r} needs weights")
+        return (stacked * weights.to(stacked).unsqueeze(1)).sum(0)
+    if rule == "median":
+        # torch.median returns the lower of the two middle values; use the true median.
+        return (
+            stacked.quantile(0.5, dim=0) if stacked.shape[0] % 2 == 0 else stacked.median(0).values
+        )
+    if rule == "trimmed-mean":
+        k = stacked.shape[0]
+        cut = int(k * trim_ratio)
+        if k - 2 * cut <= 0:
+            raise ValueError(f"trim_ratio={trim_ratio} trims all {k} clients")
+        ordered = stacked.sort(0).values
+        return ordered[cut : k - cut].mean(0)
+    raise ValueError(f"teacher rule {rule!r} is unknown: choose one of {', '.join(RULES)}")
+
+
+@torch.inference_mode()
+def teacher_logits(
+    models: Sequence[nn.Module],
+    proxy_batches: Sequence[torch.Tensor] | torch.Tensor,
+    rule: str = "mean-logits",
+    *,
+    num_examples: Sequence[float] | None = None,
+    class_counts: Sequence[Sequence[float]] | None = None,
+    trim_ratio: float = 0.1,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype = torch.float32,
+) -> TeacherOutputs:
+    """Run every model once over the proxy inputs and combine their logits with ``rule``.
+
+    ``proxy_batches`` is a normalised input tensor ``(N, ...)`` (split into
+    ``batch_size`` chunks here) or an iterable of ready batches. Models are put in
+    eval mode: BatchNorm uses each client's running statistics, as at inference.
+    """
+    if not models:
+        raise ValueError("the teacher needs at least one model")
+    if rule not in RULES:
+        raise ValueError(f"teacher rule {rule!r} is unknown: choose one of {', '.join(RULES)}")
+    start = time.perf_counter()
+    for model in models:
+        model.to(device).eval()
+    if isinstance(proxy_batches, torch.Tensor):
+        proxy_batches = proxy_batches.split(batch_size)
+    weights: torch.Tensor | None = None
+    outputs: list[torch.Tensor] = []
+    seen = 0
+    for batch in proxy_batches:
+        batch = batch.to(device, non_blocking=True)
+        stacked = torch.stack([model(batch).float() for model in models])
+        if weights is None and rule in ("weighted", "label-aware"):
+            weights = client_weights(
+                rule, len(models), stacked.shape[-1], num_examples, class_counts
+            )
+        outputs.append(combine(stacked, rule, weights, trim_ratio).to("cpu", storage_dtype))
+        seen += batch.shape[0]
+    seconds = time.perf_counter() - start
+    logits = torch.cat(outputs)
+    return TeacherOutputs(logits, seconds, seen * len(models) / max(seconds, 1e-9))

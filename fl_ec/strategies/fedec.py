@@ -1,0 +1,378 @@
+"""FedEC: aggregate by ensembling client outputs on a proxy set, compress by distillation.
+
+EC-DNN's rule (Sun et al. 2017) on a Flower server, in the spirit of FedDF (Lin et al.
+2020): each round the clients' models form an ensemble *teacher* on the server's
+unlabeled proxy set, and the teacher is compressed back into one model of the local
+size by distillation, starting from the parameter average. The algorithm lives in
+:mod:`fl_ec.ensemble` and :mod:`fl_ec.distill`; this class is the Flower glue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fl_ec.distill import DistillSettings, augmented_views, distill
+from fl_ec.ensemble import RULES, teacher_logits
+from fl_ec.errors import ModelSpecError
+from fl_ec.models.spec import ArchSpec, build_from_state_dict
+from fl_ec.strategies.fedec_utils import (
+    ClientModel,
+    average_metrics,
+    group_by_spec,
+    parse_reply,
+    weighted_average,
+)
+from fl_ec.training import select_device
+
+STUDENT_INITS = ("average", "previous")
+
+
+class FedEC(FedAvg):
+    """Ensemble-Compression federated averaging: a drop-in replacement for ``FedAvg``.
+
+    Parameters
+    ----------
+    proxy_data : Tensor | Dataset | DataLoader
+        Unlabeled server-side inputs, already normalised as the model expects. A
+        ``Dataset``/``DataLoader`` may yield ``x`` or ``(x, y)``; labels are ignored.
+    arch_spec : ArchSpec | str | None
+        The global model's architecture (object or JSON). Give this or ``model_builder``.
+    model_builder : Callable[[], nn.Module] | None
+        Builds a fresh global model (e.g. quickstart's ``Net``); replies are loaded
+        into it. Used when no spec is given.
+    validation_data : tuple[Tensor, Tensor] | Dataset | DataLoader | None
+        Labelled server-side data for early stopping and per-round validation metrics.
+        Without it distillation runs all ``distill.steps`` and keeps the last student.
+    distill : DistillSettings
+        Steps, batch size, Adam lr, temperature, evaluation interval and patience.
+    teacher_rule : str (default: "mean-logits")
+        One of ``mean-logits``, ``mean-probs``, ``weighted``, ``label-aware``,
+        ``trimmed-mean``, ``median`` (see :mod:`fl_ec.ensemble`).
+    trim_ratio : float (default: 0.1)
+        Fraction trimmed at each end by ``trimmed-mean``.
+    student_init : str (default: "average")
+        ``average``: the example-weighted parameter average of the replies that share
+        the global architecture (FedDF); ``previous``: the previous global model.
+    teacher_includes_average : bool (default: False)
+        Add the parameter average as one more teacher member (as FedBE does).
+    teacher_includes_previous : bool (default: False)
+        Add the previous global model as one more teacher member.
+    augment_copies : int (default: 0)
+        Augmented views of the proxy set added to it (random shifts and flips); the
+        teacher labels them once per round, so distillation sees more varied inputs.
+    proxy_batch_size : int (default: 512)
+        Batch size of the teacher's forward passes.
+    device : str (default: "auto")
+        ``auto`` uses CUDA when available.
+    seed : int (default: 0)
+        Seeds augmentation and distillation batch order (per round).
+    **fedavg_kwargs
+        Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
+        ``weighted_by_key``, ``arrayrecord_key``, ...), passed through unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        proxy_data: torch.Tensor | Dataset | DataLoader,
+        arch_spec: ArchSpec | str | None = None,
+        model_builder: Callable[[], nn.Module] | None = None,
+        validation_data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader | None = None,
+        distill: DistillSettings | None = None,
+        teacher_rule: str = "mean-logits",
+        trim_ratio: float = 0.1,
+        student_init: str = "average",
+        teacher_includes_average: bool = False,
+        teacher_includes_previous: bool = False,
+        augment_copies: int = 0,
+        proxy_batch_size: int = 512,
+        device: str = "auto",
+        seed: int = 0,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        if arch_spec is None and model_builder is None:
+            raise ValueError("FedEC needs arch_spec or model_builder to rebuild client models")
+        if teacher_rule not in RULES:
+            raise ValueError(f"teacher_rule={teacher_rule!r}: choose one of {', '.join(RULES)}")
+        if student_init not in STUDENT_INITS:
+            raise ValueError(f"student_init={student_init!r}: choose average or previous")
+        self.arch_spec = ArchSpec.from_json(arch_spec) if isinstance(arch_spec, str) else arch_spec
+        self.model_builder = model_builder
+        self.proxy_inputs = _inputs_of(proxy_data)
+        self.validation = _labelled(validation_data) if validation_data is not None else None
+        self.distill_settings = distill or DistillSettings()
+        self.teacher_rule = teacher_rule
+        self.trim_ratio = trim_ratio
+        self.student_init = student_init
+        self.teacher_includes_average = teacher_includes_average
+        self.teacher_includes_previous = teacher_includes_previous
+        self.augment_copies = augment_copies
+        self.proxy_batch_size = proxy_batch_size
+        self.device = select_device(device)
+        self.seed = seed
+        self.global_arrays: ArrayRecord | None = None
+        self.last_client_models: list[ClientModel] = []
+        # Per-round server-side measurements, read by the ServerApp for metrics.json.
+        self.server_metrics: dict[int, dict[str, float]] = {}
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\t└──> FedEC: teacher=%s on %d proxy samples (+%d augmented views), "
+            "student init=%s, distill=%s",
+            self.teacher_rule,
+            len(self.proxy_inputs),
+            self.augment_copies,
+            self.student_init,
+            self.distill_settings,
+        )
+
+    # -- Flower hooks -------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays  # the previous global model, for init / teacher
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, stats = self._accept(server_round, replies)
+        if len(accepted) < self.min_train_nodes:
+            log(
+                WARNING,
+                "round %d: %d valid replies < min_train_nodes=%d; keeping the "
+                "previous global model",
+                server_round,
+                len(accepted),
+                self.min_train_nodes,
+            )
+            self.server_metrics[server_round] = stats
+            return None, None
+        student, stats = self._compress(server_round, accepted, stats)
+        self.server_metrics[server_round] = stats
+        self.last_client_models = accepted
+        return ArrayRecord(student.state_dict()), MetricRecord(average_metrics(accepted))
+
+    # -- the round's steps ----------------------------------------------------------
+    def _accept(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[ClientModel], dict[str, float]]:
+        accepted, dropped, errors = [], 0, 0
+        for reply in replies:
+            try:
+                accepted.append(
+                    parse_reply(
+                        reply,
+                        self._global_spec(),
+                        self._build,
+                        self.weighted_by_key,
+                        self.arrayrecord_key,
+                    )
+                )
+            except ValueError as reason:
+                errors += reply.has_error()
+                dropped += not reply.has_error()
+                log(
+                    WARNING,
+                    "round %d: dropped reply from node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reason,
+                )
+        stats = {
+            "invalid-replies": float(dropped),
+            "valid-replies": float(len(accepted)),
+            # Compared against the server's own cost in the benchmark.
+            "client-train-seconds-sum": sum(m.metrics.get("train-seconds", 0.0) for m in accepted),
+        }
+        return accepted, stats
+
+    def _compress(
+        self, server_round: int, accepted: list[ClientModel], stats: dict[str, float]
+    ) -> tuple[nn.Module, dict[str, float]]:
+        global_spec = self._global_spec()
+        groups = group_by_spec(accepted)
+        previous = self._previous_global()
+        same_arch = [
+            g
+            for g in groups.values()
+            if g[0].spec == global_spec and _shapes(g[0].state) == _shapes(previous.state_dict())
+        ]
+        if self.student_init == "average" and same_arch:
+            student = self._build(global_spec, weighted_average(same_arch[0]))
+        else:
+            student = previous
+        clients = [m.build() for m in accepted]
+        members = list(clients)
+        if self.teacher_includes_average:
+            members.append(self._build(global_spec, student.state_dict()))
+        if self.teacher_includes_previous:
+            members.append(self._previous_global())
+
+        generator_seed = self.seed * 10_007 + server_round
+        proxy = self.proxy_inputs
+        if self.augment_copies > 0:
+            proxy = torch.cat([proxy, augmented_views(proxy, self.augment_copies, generator_seed)])
+        weights = dict(
+            num_examples=[m.num_examples for m in accepted],
+            class_counts=self._class_counts(accepted),
+        )
+        extra = len(members) - len(clients)
+        if extra and self.teacher_rule in ("weighted", "label-aware"):
+            # Extra members (average / previous) vote like an average client.
+            mean_w = sum(weights["num_examples"]) / len(accepted)
+            weights["num_examples"] += [mean_w] * extra
+            if weights["class_counts"] is not None:
+                mean_c = torch.tensor(weights["class_counts"]).mean(0).tolist()
+                weights["class_counts"] += [mean_c] * extra
+        rule = self.teacher_rule
+        if rule == "label-aware" and weights["class_counts"] is None:
+            log(
+                WARNING,
+                "round %d: some replies lack class-counts; teacher rule falls back to 'weighted'",
+                server_round,
+            )
+            rule = "weighted"
+        teacher = teacher_logits(
+            members,
+            proxy,
+            rule,
+            trim_ratio=self.trim_ratio,
+            batch_size=self.proxy_batch_size,
+            device=self.device,
+            **weights,
+        )
+        stats.update(
+            {
+                "teacher-seconds": teacher.seconds,
+                "teacher-samples-per-second": teacher.samples_per_second,
+            }
+        )
+        if self.validation is not None:
+            val_x, val_y = self.validation
+            val_teacher = teacher_logits(
+                members,
+                val_x,
+                rule,
+                trim_ratio=self.trim_ratio,
+                batch_size=self.proxy_batch_size,
+                device=self.device,
+                **weights,
+            )
+            stats["teacher-val-accuracy"] = _accuracy(val_teacher.logits, val_y)
+            result = distill(
+                student,
+                proxy,
+                teacher.logits,
+                (val_x, val_y),
+                self.distill_settings,
+                self.device,
+                seed=generator_seed,
+            )
+            stats.update(
+                {
+                    "student-start-val-accuracy": result.start_accuracy,
+                    "student-val-accuracy": result.best_accuracy,
+                    "distill-steps": float(result.steps),
+                    "distill-best-step": float(result.best_step),
+                    "distill-seconds": result.seconds,
+                }
+            )
+        else:
+            result = distill(
+                student,
+                proxy,
+                teacher.logits,
+                None,
+                self.distill_settings,
+                self.device,
+                seed=generator_seed,
+            )
+            stats.update({"distill-steps": float(result.steps), "distill-seconds": result.seconds})
+        log(
+            INFO,
+            "round %d: teacher %.2fs (%s), distill %d steps %.2fs; val acc teacher %.4f, "
+            "average %.4f -> student %.4f",
+            server_round,
+            teacher.seconds,
+            rule,
+            result.steps,
+            result.seconds,
+            stats.get("teacher-val-accuracy", float("nan")),
+            result.start_accuracy,
+            result.best_accuracy,
+        )
+        return student.cpu(), stats
+
+    # -- EC-DNN's inference-time ensemble -------------------------------------------
+    def ensemble_members(self) -> list[nn.Module]:
+        """The last round's client models (EC-DNN's global ensemble), rebuilt."""
+        return [m.build().eval() for m in self.last_client_models]
+
+    # -- helpers ----------------------------------------------------------------------
+    def _global_spec(self) -> ArchSpec | None:
+        return self.arch_spec
+
+    def _build(self, spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A model from arrays: by spec when there is one, else the user's builder."""
+        if spec is not None:
+            return build_from_state_dict(spec, state)
+        model = self.model_builder()  # type: ignore[misc]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # keys/shapes that do not fit the builder's model
+            raise ModelSpecError(f"arrays do not fit model_builder's model: {err}") from None
+        return model
+
+    def _previous_global(self) -> nn.Module:
+        if self.global_arrays is None:
+            raise RuntimeError("FedEC.aggregate_train called before configure_train")
+        return self._build(self._global_spec(), self.global_arrays.to_torch_state_dict())
+
+    @staticmethod
+    def _class_counts(models: list[ClientModel]) -> list[list[float]] | None:
+        if any(m.class_counts is None for m in models):
+            return None
+        return [list(m.class_counts) for m in models]  # type: ignore[arg-type]
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in state.items()]
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.float().argmax(1) == labels).float().mean())
+
+
+def _inputs_of(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:
+    """Proxy inputs as one tensor (the proxy set is small enough to hold; it is cached)."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu()
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=512)
+    batches = [batch[0] if isinstance(batch, list | tuple) else batch for batch in loader]
+    if not batches:
+        raise ValueError("proxy_data is empty")
+    return torch.cat(batches).cpu()
+
+
+def _labelled(
+    data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, tuple):
+        return data[0].detach().cpu(), data[1].detach().cpu().long()
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=512)
+    xs, ys = zip(*[(b[0], b[1]) for b in loader], strict=True)
+    return torch.cat(xs).cpu(), torch.cat(ys).cpu().long()

@@ -1,0 +1,150 @@
+"""Small pure helpers of FedEC: validate replies, group by architecture, average, metrics.
+
+Kept apart from the strategy (as Flower keeps ``strategy_utils`` apart from ``FedAvg``)
+so each can be tested by building replies by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Message
+
+from fl_ec.errors import ModelSpecError
+from fl_ec.models.spec import ArchSpec, build_from_state_dict
+
+TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts
+
+
+Builder = Callable[[ArchSpec | None, dict[str, torch.Tensor]], torch.nn.Module]
+
+
+def build_by_spec(spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    if spec is None:
+        raise ModelSpecError("no architecture spec in the reply and none configured")
+    return build_from_state_dict(spec, state)
+
+
+@dataclass
+class ClientModel:
+    """One accepted reply: its node, model, spec, weight and optional class counts."""
+
+    node_id: int
+    spec: ArchSpec | None
+    state: dict[str, torch.Tensor]
+    num_examples: float
+    class_counts: list[float] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    builder: Builder = build_by_spec
+
+    def build(self) -> torch.nn.Module:
+        return self.builder(self.spec, self.state)
+
+
+def parse_reply(
+    message: Message,
+    default_spec: ArchSpec | None,
+    builder: Builder = build_by_spec,
+    weighted_by_key: str = "num-examples",
+    arrayrecord_key: str = "arrays",
+) -> ClientModel:
+    """Turn a reply into a :class:`ClientModel`, or raise ``ValueError`` naming the defect.
+
+    Checks, in order: error reply; exactly the expected ArrayRecord; a positive weight
+    in a MetricRecord; a well-formed spec (the reply's own ``train-info`` spec, or the
+    global one); finite values; keys and shapes that build the declared architecture.
+    """
+    if message.has_error():
+        raise ValueError(f"error reply: {message.error.reason}")
+    content = message.content
+    if arrayrecord_key not in content.array_records:
+        raise ValueError(f"missing ArrayRecord {arrayrecord_key!r}")
+    metric_records = list(content.metric_records.values())
+    if len(metric_records) != 1 or weighted_by_key not in metric_records[0]:
+        raise ValueError(f"missing metric {weighted_by_key!r}")
+    metrics = metric_records[0]
+    weight = metrics[weighted_by_key]
+    if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{weighted_by_key}={weight!r} must be a positive number")
+    spec, class_counts = default_spec, None
+    if TRAIN_INFO_KEY in content.config_records:
+        info = content.config_records[TRAIN_INFO_KEY]
+        if "arch-spec" in info:
+            try:
+                spec = ArchSpec.from_json(str(info["arch-spec"]))
+            except ModelSpecError as err:
+                raise ValueError(str(err)) from None
+        if "class-counts" in info:
+            class_counts = [float(v) for v in info["class-counts"]]  # type: ignore[union-attr]
+            if min(class_counts, default=-1) < 0:
+                raise ValueError(f"class-counts {class_counts} must be non-negative")
+    try:
+        state = content[arrayrecord_key].to_torch_state_dict()
+    except Exception as err:  # malformed array payloads raise a variety of errors
+        raise ValueError(f"unreadable arrays ({err})") from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"non-finite values in {key!r}")
+    try:
+        model = builder(spec, state)
+    except ModelSpecError as err:
+        raise ValueError(str(err)) from None
+    if class_counts is not None:
+        num_classes = _num_outputs(model)
+        if num_classes is not None and len(class_counts) != num_classes:
+            raise ValueError(f"{len(class_counts)} class-counts for a {num_classes}-class model")
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return ClientModel(
+        message.metadata.src_node_id, spec, state, float(weight), class_counts, numeric, builder
+    )
+
+
+def _num_outputs(model: torch.nn.Module) -> int | None:
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def group_by_spec(models: Iterable[ClientModel]) -> dict[str, list[ClientModel]]:
+    """Replies grouped by architecture: spec JSON plus the array shapes (pruned variants)."""
+    groups: dict[str, list[ClientModel]] = {}
+    for model in models:
+        shapes = tuple((k, tuple(v.shape)) for k, v in model.state.items())
+        spec = model.spec.to_json() if model.spec is not None else ""
+        groups.setdefault(spec + repr(shapes), []).append(model)
+    return groups
+
+
+def weighted_average(models: list[ClientModel]) -> dict[str, torch.Tensor]:
+    """Parameter average weighted by num-examples (all models must share shapes).
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are averaged then rounded
+    back to their dtype, so the result loads into the same architecture.
+    """
+    total = sum(m.num_examples for m in models)
+    average: dict[str, torch.Tensor] = {}
+    for key, reference in models[0].state.items():
+        acc = torch.zeros(reference.shape, dtype=torch.float64)
+        for m in models:
+            acc += m.state[key].to(torch.float64) * (m.num_examples / total)
+        average[key] = (
+            acc.round().to(reference.dtype)
+            if not reference.is_floating_point()
+            else acc.to(reference.dtype)
+        )
+    return average
+
+
+def average_metrics(models: list[ClientModel], exclude: str = "num-examples") -> dict[str, float]:
+    """Example-weighted mean of every numeric metric that all replies report."""
+    if not models:
+        return {}
+    shared = set.intersection(*(set(m.metrics) for m in models)) - {exclude}
+    total = sum(m.num_examples for m in models)
+    return {k: sum(m.metrics[k] * m.num_examples for m in models) / total for k in sorted(shared)}
+
+
+def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in arrays.items()}

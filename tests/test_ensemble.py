@@ -1,0 +1,98 @@
+"""The teacher rules, on hand-made models with known logits."""
+
+import pytest
+import torch
+from torch import nn
+
+from fl_ec.ensemble import client_weights, combine, teacher_logits
+
+
+class FixedLogits(nn.Module):
+    """Returns x @ W: a linear 'model' whose logits we can compute by hand."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def _models(k=5, d=4, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [FixedLogits(torch.randn(d, c, generator=g)) for _ in range(k)]
+
+
+def test_teacher_is_the_exact_mean_of_logits_and_batching_does_not_matter():
+    models = _models()
+    x = torch.randn(103, 4)
+    expected = torch.stack([m(x) for m in models]).mean(0).detach()
+    for batch_size in (7, 512):
+        out = teacher_logits(models, x, "mean-logits", batch_size=batch_size)
+        assert torch.allclose(out.logits, expected, atol=1e-6)
+
+
+def test_mean_probs_returns_log_of_mean_probabilities():
+    models = _models()
+    x = torch.randn(20, 4)
+    expected = torch.stack([m(x).softmax(-1) for m in models]).mean(0).detach()
+    out = teacher_logits(models, x, "mean-probs")
+    assert torch.allclose(out.logits.exp(), expected, atol=1e-6)
+
+
+def test_weighted_rule_weights_by_examples():
+    models = _models(k=2)
+    x = torch.randn(10, 4)
+    out = teacher_logits(models, x, "weighted", num_examples=[3, 1])
+    expected = (0.75 * models[0](x) + 0.25 * models[1](x)).detach()
+    assert torch.allclose(out.logits, expected, atol=1e-6)
+
+
+def test_label_aware_gives_a_class_to_the_clients_that_saw_it():
+    weights = client_weights("label-aware", 2, 3, class_counts=[[10, 0, 5], [0, 10, 5]])
+    assert weights.tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    stacked = torch.tensor([[[1.0, 9.0, 2.0]], [[7.0, 3.0, 4.0]]])  # (K=2, B=1, C=3)
+    assert combine(stacked, "label-aware", weights).tolist() == [[1.0, 3.0, 3.0]]
+    # A class no client saw: everyone votes equally instead of dividing by zero.
+    unseen = client_weights("label-aware", 2, 2, class_counts=[[1, 0], [1, 0]])
+    assert unseen[:, 1].tolist() == [0.5, 0.5]
+
+
+def test_trimmed_mean_and_median_ignore_one_wild_client():
+    honest = _models(k=4)
+    wild = FixedLogits(torch.full((4, 3), 1e4))
+    x = torch.randn(30, 4).abs()
+    clean = torch.stack([m(x) for m in honest]).detach()
+    for rule in ("trimmed-mean", "median"):
+        out = teacher_logits([*honest, wild], x, rule, trim_ratio=0.2).logits
+        assert out.abs().max() < clean.abs().max() + 1e-4, rule
+        assert out.le(clean.max(0).values + 1e-4).all() and out.ge(clean.min(0).values - 1e-4).all()
+    mean = teacher_logits([*honest, wild], x, "mean-logits").logits
+    assert mean.abs().max() > 1e3
+
+
+def test_each_model_runs_once_per_proxy_sample():
+    calls = []
+
+    class Counting(FixedLogits):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    models = [Counting(torch.randn(4, 3)) for _ in range(3)]
+    teacher_logits(models, torch.randn(50, 4), "median", batch_size=16)
+    assert sum(calls) == 3 * 50
+
+
+def test_fp16_storage_bounds_memory_and_stays_close():
+    models = _models()
+    x = torch.randn(64, 4)
+    full = teacher_logits(models, x).logits
+    half = teacher_logits(models, x, storage_dtype=torch.float16).logits
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=1e-2)
+
+
+@pytest.mark.parametrize("rule", ["weighted", "label-aware"])
+def test_weighted_rules_need_their_inputs(rule):
+    with pytest.raises(ValueError, match=rule):
+        teacher_logits(_models(k=2), torch.randn(4, 4), rule)

@@ -1,0 +1,236 @@
+"""FedEC.aggregate_train on hand-built replies, the way Flower's strategy tests do."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch_pruning as tp
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from fl_ec.data.sources import make_synthetic
+from fl_ec.distill import DistillSettings
+from fl_ec.models import ArchSpec, build_model
+from fl_ec.strategies.fedec import FedEC
+from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
+
+SPEC = ArchSpec("cnn", (1, 28, 28), 10)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, val = make_synthetic(num_train=400, num_test=200, seed=2)
+    return train.normalize(train.images), (val.normalize(val.images), val.labels)
+
+
+def _strategy(data, **kwargs):
+    proxy, validation = data
+    kwargs.setdefault(
+        "distill", DistillSettings(steps=20, batch_size=32, eval_every=10, patience=20)
+    )
+    return FedEC(
+        proxy_data=proxy, arch_spec=SPEC, validation_data=validation, min_train_nodes=2, **kwargs
+    )
+
+
+def _global(seed=0):
+    torch.manual_seed(seed)
+    return build_model(SPEC)
+
+
+def _request():
+    return Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def _reply(node, model, spec=SPEC, num_examples=100, class_counts=None, state=None):
+    info = {"arch-spec": spec.to_json()}
+    if class_counts is not None:
+        info["class-counts"] = class_counts
+    request = Message(
+        RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN
+    )
+    arrays = ArrayRecord(state if state is not None else model.state_dict())
+    return Message(
+        RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5}),
+                TRAIN_INFO_KEY: ConfigRecord(info),
+            }
+        ),
+        reply_to=request,
+    )
+
+
+def _start_round(strategy, global_model):
+    strategy.global_arrays = ArrayRecord(global_model.state_dict())
+
+
+def test_aggregate_returns_a_distilled_model_and_round_metrics(task_identity, data):
+    strategy = _strategy(data)
+    _start_round(strategy, _global())
+    replies = [_reply(n, _global(seed=n), num_examples=50 * n) for n in (1, 2, 3)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["train-loss"] == pytest.approx(0.5)
+    assert set(arrays.keys()) == set(build_model(SPEC).state_dict())
+    stats = strategy.server_metrics[1]
+    assert stats["valid-replies"] == 3 and stats["invalid-replies"] == 0
+    assert 0 < stats["distill-steps"] <= 20
+    assert stats["student-val-accuracy"] >= stats["student-start-val-accuracy"]
+    assert stats["teacher-seconds"] > 0 and stats["teacher-samples-per-second"] > 0
+    assert len(strategy.ensemble_members()) == 3
+
+
+def test_bad_replies_are_dropped_and_the_round_goes_on(task_identity, data, caplog):
+    strategy = _strategy(data)
+    _start_round(strategy, _global())
+    good = [_reply(n, _global(seed=n)) for n in (1, 2)]
+    nan_state = {k: v.clone() for k, v in _global(seed=3).state_dict().items()}
+    nan_state["fc1.weight"][0, 0] = float("nan")
+    wrong_shape = dict(_global(seed=4).state_dict())
+    wrong_shape["conv2.weight"] = torch.zeros(64, 5, 3, 3)
+    missing_key = {k: v for k, v in _global(seed=5).state_dict().items() if k != "fc1.bias"}
+    request = Message(RecordDict(), dst_node_id=9, message_type=MessageType.TRAIN)
+    bad = [
+        _reply(3, None, state=nan_state),
+        _reply(4, None, state=wrong_shape),
+        _reply(5, None, state=missing_key),
+        Message(Error(code=100, reason="client crashed"), reply_to=request),
+        _reply(6, _global(), num_examples=0),
+    ]
+    caplog.set_level(logging.WARNING, logger="flwr")
+    arrays, _ = strategy.aggregate_train(1, good + bad)
+    assert arrays is not None
+    stats = strategy.server_metrics[1]
+    assert stats["valid-replies"] == 2 and stats["invalid-replies"] == 4  # + 1 error reply
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for node, reason in (
+        (3, "non-finite"),
+        (4, "inconsistent"),
+        (5, "missing"),
+        (9, "client crashed"),
+        (6, "num-examples=0"),
+    ):
+        assert f"node {node}" in text and reason in text, (node, reason, text)
+
+
+def test_too_few_valid_replies_keep_the_previous_model(task_identity, data):
+    strategy = _strategy(data)
+    _start_round(strategy, _global())
+    state = {k: v.clone() for k, v in _global(seed=3).state_dict().items()}
+    state["conv1.weight"].fill_(float("inf"))
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(1, _global(1)), _reply(2, None, state=state)]
+    )
+    assert arrays is None and metrics is None
+    assert strategy.server_metrics[1]["valid-replies"] == 1
+
+
+def test_mixed_architectures_join_the_teacher_but_not_the_average(task_identity, data):
+    strategy = _strategy(data, teacher_rule="label-aware")
+    global_model = _global()
+    _start_round(strategy, global_model)
+    pruned = _global(seed=7)
+    tp.pruner.MagnitudePruner(
+        pruned,
+        torch.randn(1, 1, 28, 28),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[pruned.classifier],
+    ).step()
+    resnet_spec = ArchSpec("resnet8", (1, 28, 28), 10)
+    torch.manual_seed(8)
+    resnet = build_model(resnet_spec)
+    counts = [10.0] * 10
+    replies = [
+        _reply(1, _global(1), class_counts=counts),
+        _reply(2, _global(2), class_counts=counts),
+        _reply(3, pruned, class_counts=counts),
+        _reply(4, resnet, spec=resnet_spec, class_counts=counts),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert strategy.server_metrics[1]["valid-replies"] == 4
+    members = strategy.ensemble_members()
+    assert sorted(type(m).__name__ for m in members) == [
+        "CifarResNet",
+        "SmallCNN",
+        "SmallCNN",
+        "SmallCNN",
+    ]
+    # The global student keeps the full architecture.
+    assert tuple(arrays["conv1.weight"].shape) == (32, 1, 3, 3)
+
+
+def test_student_starts_from_the_weighted_average(task_identity, data):
+    strategy = _strategy(data, distill=DistillSettings(steps=0))
+    _start_round(strategy, _global())
+    a, b = _global(1), _global(2)
+    arrays, _ = strategy.aggregate_train(
+        1, [_reply(1, a, num_examples=30), _reply(2, b, num_examples=10)]
+    )
+    expected = 0.75 * a.state_dict()["fc1.weight"] + 0.25 * b.state_dict()["fc1.weight"]
+    assert torch.allclose(arrays.to_torch_state_dict()["fc1.weight"], expected, atol=1e-6)
+
+
+def test_model_builder_replaces_the_spec_for_plain_flower_replies(task_identity, data):
+    proxy, validation = data
+    strategy = FedEC(
+        proxy_data=torch.utils.data.TensorDataset(proxy, proxy[:, 0, 0, 0]),
+        model_builder=lambda: build_model(SPEC),
+        validation_data=validation,
+        distill=DistillSettings(steps=5, batch_size=16, eval_every=5),
+    )
+    _start_round(strategy, _global())
+    request = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord(_global(n).state_dict()),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+            reply_to=request,
+        )
+        for n in (1, 2)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+
+
+def test_constructor_rejects_misconfiguration(data):
+    proxy, _ = data
+    with pytest.raises(ValueError, match="arch_spec or model_builder"):
+        FedEC(proxy_data=proxy)
+    with pytest.raises(ValueError, match="teacher_rule"):
+        FedEC(proxy_data=proxy, arch_spec=SPEC, teacher_rule="vote")
+
+
+def test_array_payloads_with_unexpected_dtype_are_rejected(task_identity, data):
+    strategy = _strategy(data)
+    _start_round(strategy, _global())
+    state = {k: Array(np.asarray(v.numpy())) for k, v in _global(3).state_dict().items()}
+    state["fc1.weight"] = Array(np.zeros((2, 2), dtype=np.float32))
+    request = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    broken = Message(
+        RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 5})}),
+        reply_to=request,
+    )
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _global(1)), _reply(2, _global(2)), broken])
+    assert arrays is not None and strategy.server_metrics[1]["invalid-replies"] == 1

@@ -67,7 +67,7 @@ class ExperimentConfig:
     device: str = "auto"
     client_threads: int = 0
     # FedEC: ensemble teacher on the proxy set, distillation into the student
-    teacher_rule: str = "mean-logits"
+    teacher_rule: str = "label-aware"
     trim_ratio: float = 0.1
     teacher_includes_average: bool = False
     teacher_includes_previous: bool = False
@@ -78,7 +78,7 @@ class ExperimentConfig:
     distill_lr: float = 1e-3
     distill_temperature: float = 1.0
     distill_eval_every: int = 50
-    distill_patience: int = 150
+    distill_patience: int = 100
     # Server-side evaluation and output
     eval_batch_size: int = 512
     results_dir: str = "results"

@@ -170,7 +170,7 @@ class FedEC(FedAvg):
     def _accept(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[list[ClientModel], dict[str, float]]:
-        accepted, dropped, errors = [], 0, 0
+        accepted, dropped = [], 0
         for reply in replies:
             try:
                 accepted.append(
@@ -183,7 +183,6 @@ class FedEC(FedAvg):
                     )
                 )
             except ValueError as reason:
-                errors += reply.has_error()
                 dropped += not reply.has_error()
                 log(
                     WARNING,

@@ -107,7 +107,7 @@ def save_global_ensemble(
     strategy, server_data: ServerData, config: ExperimentConfig, recorder: RunRecorder
 ) -> None:
     """EC-DNN's inference-time model: the last round's client models, averaging logits."""
-    from fl_ec.ensemble import teacher_logits
+    from fl_ec.ensemble import logits_accuracy, teacher_logits
 
     members = strategy.ensemble_members()
     if not members:
@@ -120,7 +120,7 @@ def save_global_ensemble(
         batch_size=config.eval_batch_size,
         device=select_device(config.device),
     )
-    accuracy = float((outputs.logits.argmax(1) == test.labels).float().mean())
+    accuracy = logits_accuracy(outputs.logits, test.labels)
     recorder.extra_summary["ensemble-test-accuracy"] = accuracy
     recorder.extra_summary["ensemble-members"] = len(members)
     for index, member in enumerate(strategy.last_client_models):

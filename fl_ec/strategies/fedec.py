@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.distill import DistillSettings, augmented_views, distill
-from fl_ec.ensemble import RULES, teacher_logits
+from fl_ec.ensemble import RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.strategies.fedec_utils import (
@@ -271,7 +271,7 @@ class FedEC(FedAvg):
                 device=self.device,
                 **weights,
             )
-            stats["teacher-val-accuracy"] = _accuracy(val_teacher.logits, val_y)
+            stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
             result = distill(
                 student,
                 proxy,
@@ -350,10 +350,6 @@ class FedEC(FedAvg):
 
 def _shapes(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(v.shape)) for k, v in state.items()]
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.float().argmax(1) == labels).float().mean())
 
 
 def _inputs_of(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:

@@ -10,6 +10,7 @@ central evaluation on the test set after every round. The run folder
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 from pathlib import Path
 
@@ -145,8 +146,6 @@ def central_evaluation(
     test: TensorData = server_data.test
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        import time
-
         start = time.perf_counter()
         model = build_from_state_dict(spec, arrays.to_torch_state_dict())
         result = evaluate(model, test, config.eval_batch_size, device)

@@ -214,7 +214,7 @@ class FedEC(FedAvg):
             student = self._build(global_spec, weighted_average(same_arch[0]))
         else:
             student = previous
-        clients = [m.build() for m in accepted]
+        clients = [m.model for m in accepted]
         members = list(clients)
         if self.teacher_includes_average:
             members.append(self._build(global_spec, student.state_dict()))
@@ -318,8 +318,8 @@ class FedEC(FedAvg):
 
     # -- EC-DNN's inference-time ensemble -------------------------------------------
     def ensemble_members(self) -> list[nn.Module]:
-        """The last round's client models (EC-DNN's global ensemble), rebuilt."""
-        return [m.build().eval() for m in self.last_client_models]
+        """The last round's client models (EC-DNN's global ensemble), in eval mode."""
+        return [m.model.eval() for m in self.last_client_models]
 
     # -- helpers ----------------------------------------------------------------------
     def _global_spec(self) -> ArchSpec | None:

@@ -30,18 +30,19 @@ def build_by_spec(spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> torc
 
 @dataclass
 class ClientModel:
-    """One accepted reply: its node, model, spec, weight and optional class counts."""
+    """One accepted reply: its node, spec, arrays, weight and optional class counts.
+
+    ``model`` is the module built while validating the reply; the teacher and the
+    EC-DNN ensemble reuse it instead of rebuilding it from ``state``.
+    """
 
     node_id: int
     spec: ArchSpec | None
     state: dict[str, torch.Tensor]
+    model: torch.nn.Module
     num_examples: float
     class_counts: list[float] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    builder: Builder = build_by_spec
-
-    def build(self) -> torch.nn.Module:
-        return self.builder(self.spec, self.state)
 
 
 def parse_reply(
@@ -98,7 +99,7 @@ def parse_reply(
             raise ValueError(f"{len(class_counts)} class-counts for a {num_classes}-class model")
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     return ClientModel(
-        message.metadata.src_node_id, spec, state, float(weight), class_counts, numeric, builder
+        message.metadata.src_node_id, spec, state, model, float(weight), class_counts, numeric
     )
 
 

@@ -21,7 +21,15 @@ from fl_ec.errors import ConfigError
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec")
-TEACHER_RULES = ("mean-logits", "mean-probs", "weighted", "label-aware", "trimmed-mean", "median")
+TEACHER_RULES = (
+    "mean-logits",
+    "mean-probs",
+    "weighted",
+    "label-aware",
+    "trimmed-mean",
+    "median",
+    "gated",
+)
 STUDENT_INITS = ("average", "previous")
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -71,6 +79,7 @@ class ExperimentConfig:
     trim_ratio: float = 0.1
     teacher_includes_average: bool = False
     teacher_includes_previous: bool = False
+    proxy_per_round: int = 0
     augment_copies: int = 0
     student_init: str = "average"
     distill_steps: int = 500
@@ -132,6 +141,7 @@ class ExperimentConfig:
         for key, value in (
             ("distill-steps", self.distill_steps),
             ("augment-copies", self.augment_copies),
+            ("proxy-per-round", self.proxy_per_round),
         ):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")

@@ -92,7 +92,23 @@ def test_fp16_storage_bounds_memory_and_stays_close():
     assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=1e-2)
 
 
-@pytest.mark.parametrize("rule", ["weighted", "label-aware"])
+@pytest.mark.parametrize("rule", ["weighted", "label-aware", "gated"])
 def test_weighted_rules_need_their_inputs(rule):
     with pytest.raises(ValueError, match=rule):
         teacher_logits(_models(k=2), torch.randn(4, 4), rule)
+
+
+def test_gated_corrects_each_clients_prior_and_lets_the_confident_client_win():
+    # Two classes. Client 0 trained only on class 0, client 1 on both classes equally.
+    counts = [[99.0, 0.0], [50.0, 50.0]]
+    log_prior = client_weights("gated", 2, 2, class_counts=counts)
+    assert torch.allclose(log_prior[0].exp(), torch.tensor([100 / 101, 1 / 101]))
+    # On one sample: client 0 leans to its own class by exactly its prior bias; client 1
+    # is confident about class 1. After the correction client 0 is indifferent, so the
+    # confident client decides the vote.
+    bias = log_prior[0] - log_prior[0].mean()
+    stacked = torch.stack([bias.unsqueeze(0), torch.tensor([[0.0, 4.0]])])
+    combined = combine(stacked, "gated", log_prior).exp()
+    assert torch.allclose(combined.sum(-1), torch.ones(1))
+    assert combined[0, 1] > 0.75  # plain mean-probs would say ~0.98 / 0.02 -> 0.5 / 0.5
+    assert combine(stacked, "mean-probs").exp()[0, 1] < combined[0, 1]

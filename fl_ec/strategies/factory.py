@@ -56,6 +56,7 @@ def build_strategy(
             student_init=config.student_init,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,
+            proxy_per_round=config.proxy_per_round,
             augment_copies=config.augment_copies,
             proxy_batch_size=config.eval_batch_size,
             device=config.device,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.distill import DistillSettings, augmented_views, distill
-from fl_ec.ensemble import RULES, logits_accuracy, teacher_logits
+from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.strategies.fedec_utils import (
@@ -57,7 +57,7 @@ class FedEC(FedAvg):
         Steps, batch size, Adam lr, temperature, evaluation interval and patience.
     teacher_rule : str (default: "mean-logits")
         One of ``mean-logits``, ``mean-probs``, ``weighted``, ``label-aware``,
-        ``trimmed-mean``, ``median`` (see :mod:`fl_ec.ensemble`).
+        ``trimmed-mean``, ``median``, ``gated`` (see :mod:`fl_ec.ensemble`).
     trim_ratio : float (default: 0.1)
         Fraction trimmed at each end by ``trimmed-mean``.
     student_init : str (default: "average")
@@ -67,6 +67,10 @@ class FedEC(FedAvg):
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
         Add the previous global model as one more teacher member.
+    proxy_per_round : int (default: 0)
+        Use a fresh seeded random subset of this many proxy samples each round for the
+        teacher and distillation (0: the whole proxy set). Bounds server time per round
+        while, over the run, every proxy sample is used.
     augment_copies : int (default: 0)
         Augmented views of the proxy set added to it (random shifts and flips); the
         teacher labels them once per round, so distillation sees more varied inputs.
@@ -94,6 +98,7 @@ class FedEC(FedAvg):
         student_init: str = "average",
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
+        proxy_per_round: int = 0,
         augment_copies: int = 0,
         proxy_batch_size: int = 512,
         device: str = "auto",
@@ -117,6 +122,9 @@ class FedEC(FedAvg):
         self.student_init = student_init
         self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
+        if proxy_per_round < 0:
+            raise ValueError(f"proxy_per_round={proxy_per_round} must be >= 0 (0: all)")
+        self.proxy_per_round = proxy_per_round
         self.augment_copies = augment_copies
         self.proxy_batch_size = proxy_batch_size
         self.device = select_device(device)
@@ -130,10 +138,11 @@ class FedEC(FedAvg):
         super().summary()
         log(
             INFO,
-            "\t└──> FedEC: teacher=%s on %d proxy samples (+%d augmented views), "
+            "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round, +%d augmented views), "
             "student init=%s, distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
+            self.proxy_per_round or "all",
             self.augment_copies,
             self.student_init,
             self.distill_settings,
@@ -223,6 +232,11 @@ class FedEC(FedAvg):
 
         generator_seed = self.seed * 10_007 + server_round
         proxy = self.proxy_inputs
+        if 0 < self.proxy_per_round < len(proxy):
+            chosen = torch.randperm(
+                len(proxy), generator=torch.Generator().manual_seed(generator_seed)
+            )[: self.proxy_per_round]
+            proxy = proxy[chosen]
         if self.augment_copies > 0:
             proxy = torch.cat([proxy, augmented_views(proxy, self.augment_copies, generator_seed)])
         weights = dict(
@@ -230,7 +244,7 @@ class FedEC(FedAvg):
             class_counts=self._class_counts(accepted),
         )
         extra = len(members) - len(clients)
-        if extra and self.teacher_rule in ("weighted", "label-aware"):
+        if extra and self.teacher_rule in WEIGHTED_RULES:
             # Extra members (average / previous) vote like an average client.
             mean_w = sum(weights["num_examples"]) / len(accepted)
             weights["num_examples"] += [mean_w] * extra
@@ -238,13 +252,16 @@ class FedEC(FedAvg):
                 mean_c = torch.tensor(weights["class_counts"]).mean(0).tolist()
                 weights["class_counts"] += [mean_c] * extra
         rule = self.teacher_rule
-        if rule == "label-aware" and weights["class_counts"] is None:
+        if rule in ("label-aware", "gated") and weights["class_counts"] is None:
+            # Replies from clients that do not report class counts (e.g. a stock
+            # quickstart ClientApp): use the closest rule that needs no counts.
+            rule = "weighted" if rule == "label-aware" else "mean-probs"
             log(
                 WARNING,
-                "round %d: some replies lack class-counts; teacher rule falls back to 'weighted'",
+                "round %d: some replies lack class-counts; teacher rule falls back to %r",
                 server_round,
+                rule,
             )
-            rule = "weighted"
         teacher = teacher_logits(
             members,
             proxy,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -134,12 +135,14 @@ def distill(
     settings: DistillSettings,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> DistillResult:
     """Distil ``teacher_logits`` (aligned with ``proxy_inputs`` rows) into ``student``.
 
     ``student`` is modified in place and ends holding the best checkpoint on
     ``validation`` (inputs, labels); without validation it runs every step and keeps
-    the last one (accuracies are then NaN).
+    the last one (accuracies are then NaN). ``loss_fn(student, x, teacher_batch)``
+    replaces the KD loss (e.g. the diversity-aware loss of several variants).
     """
     if proxy_inputs.shape[0] != teacher_logits.shape[0]:
         raise ValueError("proxy_inputs and teacher_logits must have the same number of rows")
@@ -171,7 +174,10 @@ def distill(
         student.train()
         x = proxy_inputs[index].to(device, non_blocking=True)
         target = teacher_logits[index].to(device, non_blocking=True)
-        loss = kd_loss(student(x), target, settings.temperature)
+        if loss_fn is None:
+            loss = kd_loss(student(x), target, settings.temperature)
+        else:
+            loss = loss_fn(student, x, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

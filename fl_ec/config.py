@@ -20,7 +20,7 @@ from typing import Any
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import is_known_model
 
-STRATEGIES = ("fedavg", "fedec")
+STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = (
     "mean-logits",
     "mean-probs",
@@ -88,6 +88,17 @@ class ExperimentConfig:
     distill_temperature: float = 1.0
     distill_eval_every: int = 50
     distill_patience: int = 100
+    # FedHCE: compressed variants, assignment by capability, diversity-aware distillation
+    variants: str = "full,int8,int4,prune-0.5+int8,prune-0.5+int4"
+    variant_policy: str = "gpu=full,cpu=full,edge=prune-0.5+int4"
+    default_variant: str = ""
+    hce_ensemble: str = ""
+    diversity_weight: float = 0.5
+    variant_distill_steps: int = 100
+    fold_pruned: bool = False
+    prune_importance: str = "magnitude"
+    prune_steps: int = 1
+    simulated_tiers: str = ""
     # Server-side evaluation and output
     eval_batch_size: int = 512
     results_dir: str = "results"
@@ -114,6 +125,33 @@ class ExperimentConfig:
         config = cls(**values, extra=extra)
         config.validate()
         return config
+
+    def _validate_fedhce(self) -> None:
+        from fl_ec.compression.pruning import IMPORTANCES
+        from fl_ec.compression.variants import parse_variants
+
+        try:
+            names = [v.name for v in parse_variants(self.variants)]
+        except ValueError as err:
+            raise ConfigError(f"variants={self.variants!r}: {err}") from None
+        referenced = [("default-variant", n) for n in [self.default_variant] if n]
+        referenced += [
+            ("hce-ensemble", n.strip()) for n in self.hce_ensemble.split(",") if n.strip()
+        ]
+        for part in filter(None, (p.strip() for p in self.variant_policy.split(","))):
+            tier, sep, name = part.partition("=")
+            if not sep or not tier.strip():
+                raise ConfigError(f"variant-policy entry {part!r} must look like tier=variant")
+            referenced.append(("variant-policy", name.strip()))
+        for key, name in referenced:
+            if name not in names:
+                raise ConfigError(f"{key} names {name!r}, which is not in variants={names}")
+        if not 0.0 <= self.diversity_weight <= 1.0:
+            raise ConfigError(f"diversity-weight={self.diversity_weight} must be within [0, 1]")
+        _choice("prune-importance", self.prune_importance, IMPORTANCES)
+        if self.prune_steps < 1 or self.variant_distill_steps < 0:
+            raise ConfigError("prune-steps must be >= 1 and variant-distill-steps >= 0")
+        parse_tier_counts(self.simulated_tiers)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` with one actionable line for the first bad value."""
@@ -145,6 +183,7 @@ class ExperimentConfig:
         ):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")
+        self._validate_fedhce()
         if not self.alpha > 0:
             raise ConfigError(
                 f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "
@@ -265,6 +304,22 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
     else:
         return raw
     raise ConfigError(f"run-config {key}={raw!r} is not a valid {kind}")
+
+
+def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]:
+    """``"gpu=3,edge=7"`` -> the tier of each partition id, in order (simulation)."""
+    tiers: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        tier, sep, count = part.partition("=")
+        if not sep or not tier.strip() or not count.strip().isdigit():
+            raise ConfigError(f"simulated-tiers entry {part!r} must look like tier=count")
+        tiers += [tier.strip()] * int(count)
+    if tiers and num_partitions is not None and len(tiers) != num_partitions:
+        raise ConfigError(
+            f"simulated-tiers={text!r} covers {len(tiers)} nodes but the federation has "
+            f"{num_partitions}: make the counts add up to the number of SuperNodes"
+        )
+    return tiers
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

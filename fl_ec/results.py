@@ -37,7 +37,9 @@ class RoundRecord:
     wall_seconds: float = 0.0
     train_replies: int = 0
     rejected_replies: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    # Per-node payloads differ when a strategy sends each node its own variant.
+    bytes_down_by_node: dict[int, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -52,6 +54,8 @@ class RoundRecord:
             "train-replies": self.train_replies,
             "rejected-replies": self.rejected_replies,
         }
+        if self.bytes_down_by_node:
+            out["bytes-down-by-node"] = {str(k): v for k, v in self.bytes_down_by_node.items()}
         out.update(self.metrics)
         return out
 
@@ -101,13 +105,16 @@ class RunRecorder:
             self.current = RoundRecord(round=server_round)
         return self.current
 
-    def close_round(self, server_round: int, metrics: Mapping[str, float]) -> RoundRecord:
+    def close_round(self, server_round: int, metrics: Mapping[str, Any]) -> RoundRecord:
         """Finish a round: stamp its wall time, store metrics, rewrite metrics.json."""
         record = self.record_for(server_round)
         now = time.perf_counter()
         record.wall_seconds = now - self._round_start
         self._round_start = now
-        record.metrics.update({k: float(v) for k, v in metrics.items()})
+        # Numbers, plus small per-node / per-variant tables (dicts) from strategies.
+        record.metrics.update(
+            {k: dict(v) if isinstance(v, Mapping) else float(v) for k, v in metrics.items()}
+        )
         self.rounds.append(record)
         self.current = RoundRecord(round=server_round + 1)
         self.write_metrics()

@@ -10,6 +10,7 @@ central evaluation on the test set after every round. The run folder
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO
 from pathlib import Path
@@ -92,6 +93,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     recorder.write_model(final_state)
     if hasattr(strategy, "ensemble_members"):
         save_global_ensemble(strategy, server_data, config, recorder)
+    if hasattr(strategy, "hce_members"):
+        save_hce_variants(strategy, server_data, recorder)
     recorder.write_metrics()
     recorder.write_plot()
     final_acc = recorder.summary()["final-test-accuracy"]
@@ -131,6 +134,42 @@ def save_global_ensemble(
         "[fl-ec] EC-DNN global ensemble of %d client models: test acc %.2f%%",
         len(members),
         100 * accuracy,
+    )
+
+
+def save_hce_variants(strategy, server_data: ServerData, recorder: RunRecorder) -> None:
+    """FedHCE's final variants to ``variants/``, with their test accuracy and the HCE's."""
+    from fl_ec.hce import evaluate_variants, save_variants
+
+    if not strategy.variant_models:
+        return
+    save_variants(
+        recorder,
+        strategy.variant_models,
+        strategy.variants,
+        {name: payload.nbytes for name, payload in strategy.payloads.items()},
+        strategy.hce_names,
+    )
+    test = server_data.test
+    index = json.loads((recorder.run_dir / "variants" / "index.json").read_text())
+    reports = evaluate_variants(
+        strategy.variant_models,
+        index,
+        test.normalize(test.images),
+        test.labels,
+        strategy.hce_names,
+        latency=False,  # latency and the int8 export: `fl-ec-hce-eval <run dir>`
+    )
+    recorder.extra_summary["variant-test-accuracy"] = {r.name: r.accuracy for r in reports[:-1]}
+    recorder.extra_summary["variant-wire-bytes"] = {r.name: r.wire_bytes for r in reports[:-1]}
+    recorder.extra_summary["hce-test-accuracy"] = reports[-1].accuracy
+    recorder.extra_summary["hce-wire-bytes"] = reports[-1].wire_bytes
+    log(
+        INFO,
+        "[fl-ec] HCE ensemble %s: test acc %.2f%%, %d bytes on the wire",
+        strategy.hce_names,
+        100 * reports[-1].accuracy,
+        reports[-1].wire_bytes,
     )
 
 

@@ -15,12 +15,17 @@ instead of a traceback in the node's log.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_ec.config import ExperimentConfig, NodeSettings
+from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
+from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.errors import FlEcError
+from fl_ec.errors import FlEcError, ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.training import (
     device_capability,
@@ -57,9 +62,28 @@ def _setup(msg: Message, context: Context):
     node = NodeSettings.from_node_config(context.node_config)
     set_cpu_threads(config.client_threads)
     data = _client_data(config, node.partition_id, node.num_partitions)
-    spec = ArchSpec.from_json(str(msg.content["config"]["arch-spec"]))
-    model = build_from_state_dict(spec, msg.content["arrays"].to_torch_state_dict())
+    round_config = msg.content["config"]
+    spec = ArchSpec.from_json(str(round_config["arch-spec"]))
+    model = build_from_state_dict(spec, _received_state(msg.content["arrays"], round_config))
+    # A quantized variant (FedHCE) trains quantization-aware: fake-quant weights, STE.
+    enable_weight_fake_quant(model, int(round_config.get("variant-bits", 0)))
+    if not node.device_tier and config.simulated_tiers:
+        # Flower's simulation engine only puts partition-id/num-partitions into
+        # node_config; the simulated tier of each partition comes from run-config.
+        tiers = parse_tier_counts(config.simulated_tiers, node.num_partitions)
+        node = dataclasses.replace(node, device_tier=tiers[node.partition_id])
     return config, node, data, spec, model
+
+
+def _received_state(arrays: ArrayRecord, round_config: ConfigRecord) -> dict[str, torch.Tensor]:
+    """The sent weights; quantized variants arrive as packed integers plus scales."""
+    if "wire-manifest" not in round_config:
+        return arrays.to_torch_state_dict()
+    try:
+        manifest = json.loads(str(round_config["wire-manifest"]))
+        return unpack_state_dict({k: a.numpy() for k, a in arrays.items()}, manifest)
+    except (ValueError, TypeError) as err:
+        raise ModelSpecError(f"malformed quantized payload from the server: {err}") from None
 
 
 def _train(msg: Message, context: Context) -> Message:
@@ -94,7 +118,11 @@ def _train(msg: Message, context: Context) -> Message:
     # What the server needs to use this model in an ensemble: the architecture it was
     # trained as, and the label distribution it saw (label-aware teacher weighting).
     train_info = ConfigRecord(
-        {"arch-spec": spec.to_json(), "class-counts": data.train.class_counts()}
+        {
+            "arch-spec": spec.to_json(),
+            "class-counts": data.train.class_counts(),
+            "variant": str(round_config.get("variant", "")),
+        }
     )
     content = RecordDict(
         {

@@ -40,13 +40,13 @@ def build_strategy(
     )
     if config.strategy == "fedavg":
         return FedAvg(**common)
-    if config.strategy == "fedec":
-        from fl_ec.strategies.fedec import FedEC
-
+    if config.strategy in ("fedec", "fedhce"):
         if spec is None or server_data is None:
-            raise ConfigError("strategy=fedec needs the model spec and the server's proxy data")
+            raise ConfigError(
+                f"strategy={config.strategy} needs the model spec and the server's proxy data"
+            )
         validation = server_data.validation
-        return FedEC(
+        fedec_kwargs = dict(
             proxy_data=server_data.proxy.normalize(server_data.proxy.images),
             arch_spec=spec,
             validation_data=(validation.normalize(validation.images), validation.labels),
@@ -63,6 +63,41 @@ def build_strategy(
             seed=config.seed,
             **common,
         )
+        if config.strategy == "fedec":
+            from fl_ec.strategies.fedec import FedEC
+
+            return FedEC(**fedec_kwargs)
+        return _fedhce(config, fedec_kwargs)
     raise ConfigError(
         f"strategy={config.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}"
+    )
+
+
+def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
+    from fl_ec.compression import parse_variants
+    from fl_ec.strategies.fedhce import FedHCE
+    from fl_ec.strategies.fedhce_utils import parse_tier_policy
+
+    variants = parse_variants(config.variants)
+    default = config.default_variant or variants[-1].name
+    hce = [name.strip() for name in config.hce_ensemble.split(",") if name.strip()]
+    base = distill_settings(config)
+    return FedHCE(
+        variants=variants,
+        assignment_policy=parse_tier_policy(config.variant_policy, default),
+        default_variant=default,
+        hce_ensemble=hce or None,
+        diversity_weight=config.diversity_weight,
+        variant_distill=DistillSettings(
+            steps=config.variant_distill_steps,
+            batch_size=base.batch_size,
+            lr=base.lr,
+            temperature=base.temperature,
+            eval_every=base.eval_every,
+            patience=base.patience,
+        ),
+        fold_pruned=config.fold_pruned,
+        prune_importance=config.prune_importance,
+        prune_steps=config.prune_steps,
+        **fedec_kwargs,
     )

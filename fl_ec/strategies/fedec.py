@@ -131,6 +131,7 @@ class FedEC(FedAvg):
         self.seed = seed
         self.global_arrays: ArrayRecord | None = None
         self.last_client_models: list[ClientModel] = []
+        self.round_teacher: tuple[torch.Tensor, torch.Tensor] | None = None
         # Per-round server-side measurements, read by the ServerApp for metrics.json.
         self.server_metrics: dict[int, dict[str, float]] = {}
 
@@ -182,15 +183,15 @@ class FedEC(FedAvg):
         accepted, dropped = [], 0
         for reply in replies:
             try:
-                accepted.append(
-                    parse_reply(
-                        reply,
-                        self._global_spec(),
-                        self._build,
-                        self.weighted_by_key,
-                        self.arrayrecord_key,
-                    )
+                client_model = parse_reply(
+                    reply,
+                    self._global_spec(),
+                    self._build,
+                    self.weighted_by_key,
+                    self.arrayrecord_key,
                 )
+                self._prepare_client_model(client_model)
+                accepted.append(client_model)
             except ValueError as reason:
                 dropped += not reply.has_error()
                 log(
@@ -219,10 +220,7 @@ class FedEC(FedAvg):
             for g in groups.values()
             if g[0].spec == global_spec and _shapes(g[0].state) == _shapes(previous.state_dict())
         ]
-        if self.student_init == "average" and same_arch:
-            student = self._build(global_spec, weighted_average(same_arch[0]))
-        else:
-            student = previous
+        student = self._student_start(same_arch[0] if same_arch else [], accepted, previous)
         clients = [m.model for m in accepted]
         members = list(clients)
         if self.teacher_includes_average:
@@ -277,6 +275,8 @@ class FedEC(FedAvg):
                 "teacher-samples-per-second": teacher.samples_per_second,
             }
         )
+        # Kept for the round so subclasses (FedHCE) can distil more students from it.
+        self.round_teacher = (proxy, teacher.logits)
         if self.validation is not None:
             val_x, val_y = self.validation
             val_teacher = teacher_logits(
@@ -332,6 +332,18 @@ class FedEC(FedAvg):
             result.best_accuracy,
         )
         return student.cpu(), stats
+
+    # -- hooks for subclasses ----------------------------------------------------------
+    def _prepare_client_model(self, client_model: ClientModel) -> None:
+        """Check / adapt an accepted reply's model; raise ``ValueError`` to reject it."""
+
+    def _student_start(
+        self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
+    ) -> nn.Module:
+        """The model distillation starts from (FedDF: the parameter average)."""
+        if self.student_init == "average" and same_arch:
+            return self._build(self._global_spec(), weighted_average(same_arch))
+        return previous
 
     # -- EC-DNN's inference-time ensemble -------------------------------------------
     def ensemble_members(self) -> list[nn.Module]:

@@ -16,7 +16,7 @@ from flwr.app import Message
 from fl_ec.errors import ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 
-TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts
+TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts, variant
 
 
 Builder = Callable[[ArchSpec | None, dict[str, torch.Tensor]], torch.nn.Module]
@@ -43,6 +43,7 @@ class ClientModel:
     num_examples: float
     class_counts: list[float] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    variant: str = ""  # the compressed variant the client trained (FedHCE), if any
 
 
 def parse_reply(
@@ -70,9 +71,10 @@ def parse_reply(
     weight = metrics[weighted_by_key]
     if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
         raise ValueError(f"{weighted_by_key}={weight!r} must be a positive number")
-    spec, class_counts = default_spec, None
+    spec, class_counts, variant = default_spec, None, ""
     if TRAIN_INFO_KEY in content.config_records:
         info = content.config_records[TRAIN_INFO_KEY]
+        variant = str(info.get("variant", ""))
         if "arch-spec" in info:
             try:
                 spec = ArchSpec.from_json(str(info["arch-spec"]))
@@ -99,7 +101,14 @@ def parse_reply(
             raise ValueError(f"{len(class_counts)} class-counts for a {num_classes}-class model")
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     return ClientModel(
-        message.metadata.src_node_id, spec, state, model, float(weight), class_counts, numeric
+        message.metadata.src_node_id,
+        spec,
+        state,
+        model,
+        float(weight),
+        class_counts,
+        numeric,
+        variant,
     )
 
 

@@ -73,7 +73,12 @@ class MeteredGrid(Grid):
         is_train = message_type == MessageType.TRAIN
         server_round = _round_of(messages[0], default=self.recorder.current.round)
         record = self.recorder.record_for(server_round)
-        record.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        for message in messages:
+            sent = payload_bytes(message.content)
+            record.bytes_down += sent
+            if is_train:
+                node = message.metadata.dst_node_id
+                record.bytes_down_by_node[node] = record.bytes_down_by_node.get(node, 0) + sent
         start = time.perf_counter()
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         elapsed = time.perf_counter() - start

@@ -1,0 +1,200 @@
+"""The HCE ensemble for inference: save, load and evaluate FedHCE's final variants.
+
+A run of ``strategy=fedhce`` writes ``results/<run>/variants/``: one ``<name>.pt``
+(tensors only) + ``<name>.json`` (architecture spec) per variant and an
+``index.json`` with each variant's recipe, wire bytes and HCE membership. The command
+
+    fl-ec-hce-eval results/<run> [--members prune-0.5+int8,int4]
+
+reloads them (``torch.load(weights_only=True)``), and reports for every variant and for
+the HCE ensemble (mean logits of the members) the test accuracy, parameters, bytes on
+the wire, and CPU latency at batch 1 and 64, in fp32 (fake-quant) and as an exported
+int8 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fl_ec.compression import Variant, enable_weight_fake_quant
+from fl_ec.compression.export import export_int8, latency_ms
+from fl_ec.ensemble import logits_accuracy, teacher_logits
+from fl_ec.models.spec import count_parameters
+from fl_ec.results import RunRecorder, load_saved_model
+
+INDEX = "variants/index.json"
+
+
+@dataclass
+class VariantReport:
+    name: str
+    accuracy: float
+    parameters: int
+    wire_bytes: int
+    fp32_bytes: int
+    latency_b1_ms: float = float("nan")
+    latency_b64_ms: float = float("nan")
+    int8_accuracy: float = float("nan")
+    int8_latency_b1_ms: float = float("nan")
+    int8_latency_b64_ms: float = float("nan")
+
+
+def save_variants(
+    recorder: RunRecorder,
+    models: dict[str, nn.Module],
+    variants: dict[str, Variant],
+    wire_bytes: dict[str, int],
+    hce_members: list[str],
+) -> None:
+    """Write every variant (tensors + spec) and the index the evaluator reads."""
+    index = []
+    for name, model in models.items():
+        recorder.write_model(model.state_dict(), name=f"variants/{_file(name)}")
+        variant = variants[name]
+        index.append(
+            {
+                "name": name,
+                "file": _file(name),
+                "bits": variant.bits,
+                "prune-ratio": variant.prune_ratio,
+                "wire-bytes": wire_bytes[name],
+                "hce": name in hce_members,
+            }
+        )
+    (recorder.run_dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def load_variants(run_dir: Path) -> tuple[dict[str, nn.Module], list[dict[str, Any]]]:
+    """Rebuild the saved variants (fake-quant on for quantized ones) and the index."""
+    index_path = Path(run_dir) / INDEX
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path} not found: was this a strategy=fedhce run?")
+    index = json.loads(index_path.read_text())
+    models = {}
+    for entry in index:
+        model = load_saved_model(Path(run_dir), f"variants/{entry['file']}")
+        models[entry["name"]] = enable_weight_fake_quant(model, int(entry["bits"])).eval()
+    return models, index
+
+
+def evaluate_variants(
+    models: dict[str, nn.Module],
+    index: list[dict[str, Any]],
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    members: list[str] | None = None,
+    calibration: torch.Tensor | None = None,
+    latency: bool = True,
+) -> list[VariantReport]:
+    """One report per variant plus a final ``HCE{...}`` row for the ensemble of members."""
+    entries = {e["name"]: e for e in index}
+    members = members or [e["name"] for e in index if e["hce"]]
+    unknown = [m for m in members if m not in models]
+    if unknown:
+        raise ValueError(f"unknown HCE members {unknown}: saved variants are {list(models)}")
+    input_shape = tuple(test_x.shape[1:])
+    reports, logits = [], {}
+    for name, model in models.items():
+        logits[name] = teacher_logits([model], test_x, "mean-logits").logits
+        params = count_parameters(model)
+        report = VariantReport(
+            name,
+            logits_accuracy(logits[name], test_y),
+            params,
+            int(entries[name]["wire-bytes"]),
+            4 * params,
+        )
+        if latency:
+            report.latency_b1_ms = latency_ms(model, input_shape, 1)
+            report.latency_b64_ms = latency_ms(model, input_shape, 64)
+            exported = export_int8(model, calibration if calibration is not None else test_x[:512])
+            int8_logits = torch.cat([exported(x) for x in test_x.split(512)])
+            report.int8_accuracy = logits_accuracy(int8_logits, test_y)
+            report.int8_latency_b1_ms = latency_ms(exported, input_shape, 1)
+            report.int8_latency_b64_ms = latency_ms(exported, input_shape, 64)
+        reports.append(report)
+    by_name = {r.name: r for r in reports}
+    ensemble_logits = torch.stack([logits[m] for m in members]).mean(0)
+    total = lambda field: sum(getattr(by_name[m], field) for m in members)  # noqa: E731
+    reports.append(
+        VariantReport(
+            "HCE{" + ", ".join(members) + "}",
+            logits_accuracy(ensemble_logits, test_y),
+            total("parameters"),
+            total("wire_bytes"),
+            total("fp32_bytes"),
+            # Members run one after another on one CPU: latencies add up.
+            total("latency_b1_ms"),
+            total("latency_b64_ms"),
+            float("nan"),
+            total("int8_latency_b1_ms"),
+            total("int8_latency_b64_ms"),
+        )
+    )
+    return reports
+
+
+def markdown_table(reports: list[VariantReport]) -> str:
+    lines = [
+        "| variant | test acc | params | wire bytes | fp32 ms b1 | fp32 ms b64 "
+        "| int8 export acc | int8 ms b1 | int8 ms b64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r.name} | {100 * r.accuracy:.2f} | {r.parameters:,} | {r.wire_bytes:,} "
+            f"| {r.latency_b1_ms:.3f} | {r.latency_b64_ms:.2f} | {100 * r.int8_accuracy:.2f} "
+            f"| {r.int8_latency_b1_ms:.3f} | {r.int8_latency_b64_ms:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _file(name: str) -> str:
+    return name.replace("+", "_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="results/<run> of a strategy=fedhce run")
+    parser.add_argument("--members", default="", help="comma-separated HCE members")
+    parser.add_argument("--no-latency", action="store_true", help="accuracy and bytes only")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
+    args = parser.parse_args(argv)
+    from fl_ec.config import ExperimentConfig
+    from fl_ec.data.sources import load_dataset
+
+    torch.set_num_threads(args.threads)
+    try:
+        models, index = load_variants(args.run_dir)
+        run_config = json.loads((args.run_dir / "metrics.json").read_text())["config"]
+        config = ExperimentConfig.from_run_config(run_config)
+        _, test = load_dataset(config.dataset, config.data_dir, config.download)
+        members = [m.strip() for m in args.members.split(",") if m.strip()] or None
+        reports = evaluate_variants(
+            models,
+            index,
+            test.normalize(test.images),
+            test.labels,
+            members,
+            latency=not args.no_latency,
+        )
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"fl-ec-hce-eval: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(reports))
+    out = args.run_dir / "hce_eval.json"
+    out.write_text(json.dumps([asdict(r) for r in reports], indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""FedHCE: FedEC plus a heterogeneously compressed ensemble sent to GPU and edge clients.
+
+After each round's ensemble distillation (FedEC), the server derives compressed
+*variants* of the global student -- torch-pruning structured pruning and/or per-channel
+weight quantization (``full``, ``prune-0.5``, ``int8``, ``prune-0.5+int4``, ...) --
+fine-tunes them jointly by distillation from the round's teacher with a
+diversity-aware objective (:mod:`fl_ec.diversity`), and sends every client the variant
+its capability calls for. Clients train their variant (quantization-aware, pruned
+structure kept) and send it back; next round every returned model, whatever its
+variant, joins the ensemble teacher. The final product is the HCE ensemble: the mean
+logits of a chosen subset of variants, more accurate per byte than one model.
+
+The algorithms live in :mod:`fl_ec.compression` and :mod:`fl_ec.diversity`; this class
+is the Flower glue: per-node messages, capability bookkeeping, metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from torch import nn
+
+from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
+from fl_ec.compression.variants import VariantFactory
+from fl_ec.distill import DistillSettings, accuracy, distill
+from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
+from fl_ec.models.spec import build_from_state_dict
+from fl_ec.strategies.fedec import FedEC
+from fl_ec.strategies.fedec_utils import ClientModel
+from fl_ec.strategies.fedhce_utils import (
+    CAPABILITY_KEY,
+    AssignmentPolicy,
+    Payload,
+    TierPolicy,
+    make_payload,
+    prediction_disagreement,
+)
+
+FULL = "full"
+
+
+class FedHCE(FedEC):
+    """Heterogeneously compressed ensemble on top of :class:`FedEC`.
+
+    Parameters
+    ----------
+    variants : Sequence[str | Variant]
+        The variants to maintain, e.g. ``["full", "prune-0.5+int8", "int4"]``.
+    assignment_policy : Callable[[Mapping | None], str] | None
+        Maps a node's reported capability (``None`` before its first reply) to a
+        variant name. Default: every node gets ``default_variant``.
+    default_variant : str | None
+        Variant for nodes the policy cannot place (and before their first reply).
+        Default: the last of ``variants`` (the most compressed, by convention), which
+        every device can hold.
+    hce_ensemble : Sequence[str] | None
+        Variants whose mean logits form the HCE ensemble. Default: all but ``full``.
+    diversity_weight : float (default: 0.5)
+        lambda of the diversity-aware variant distillation, in [0, 1]; 0 turns the
+        diversity term off (plain distillation of each variant).
+    variant_distill : DistillSettings | None
+        Steps/lr/patience of the variants' fine-tuning (default: 100 steps).
+    fold_pruned : bool (default: False)
+        Fold pruned clients' updates into full-model coordinates through the pruning
+        index maps (HeteroFL-style) for the student's starting point.
+    prune_importance : str (default: "magnitude")
+        torch-pruning importance: ``magnitude`` or ``taylor``.
+    prune_steps : int (default: 1)
+        Iterative pruning steps (re-ranking between steps).
+    reprune : bool (default: False)
+        Re-run the pruner every round. Off: a variant's architecture is decided once
+        and replayed by slicing, so it is stable across rounds.
+    pack_quantized : bool (default: True)
+        Send quantized variants as packed integers plus scales (else fp32 values).
+    **fedec_kwargs
+        Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
+    """
+
+    def __init__(
+        self,
+        *,
+        variants: Sequence[str | Variant],
+        assignment_policy: AssignmentPolicy | None = None,
+        default_variant: str | None = None,
+        hce_ensemble: Sequence[str] | None = None,
+        diversity_weight: float = 0.5,
+        variant_distill: DistillSettings | None = None,
+        fold_pruned: bool = False,
+        prune_importance: str = "magnitude",
+        prune_steps: int = 1,
+        reprune: bool = False,
+        pack_quantized: bool = True,
+        **fedec_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedec_kwargs)
+        if self.arch_spec is None:
+            raise ValueError("FedHCE needs arch_spec: variants are rebuilt from arrays + spec")
+        parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
+        if not parsed:
+            raise ValueError("FedHCE needs at least one variant")
+        self.variants = {v.name: v for v in parsed}
+        self.default_variant = default_variant or parsed[-1].name
+        names = list(self.variants)
+        for name in [self.default_variant, *(hce_ensemble or [])]:
+            if name not in self.variants:
+                raise ValueError(f"variant {name!r} is not among the variants {names}")
+        self.hce_names = list(hce_ensemble or [n for n in names if n != FULL]) or names
+        self.policy = assignment_policy or TierPolicy({}, self.default_variant)
+        if not 0.0 <= diversity_weight <= 1.0:
+            raise ValueError(f"diversity_weight={diversity_weight} must be within [0, 1]")
+        self.diversity_weight = diversity_weight
+        self.variant_distill = variant_distill or DistillSettings(steps=100, patience=100)
+        self.fold_pruned = fold_pruned
+        self.reprune = reprune
+        self.pack_quantized = pack_quantized
+        self.factory = VariantFactory(
+            lambda state: build_from_state_dict(self.arch_spec, state),
+            self.proxy_inputs[:2],
+            prune_importance,
+            prune_steps,
+        )
+        self.variant_models: dict[str, nn.Module] = {}
+        self.payloads: dict[str, Payload] = {}
+        self.capabilities: dict[int, dict[str, Any]] = {}
+        self.assignment: dict[int, str] = {}
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\t└──> FedHCE: variants %s, default %s, HCE ensemble %s, diversity %.2f, "
+            "fold pruned %s",
+            list(self.variants),
+            self.default_variant,
+            self.hce_names,
+            self.diversity_weight,
+            self.fold_pruned,
+        )
+
+    # -- Flower hooks -------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        sampled = list(super().configure_train(server_round, arrays, config, grid))
+        if not self.payloads:  # first round: variants of the initial model, no teacher yet
+            self._derive_variants(arrays.to_torch_state_dict(), 0, {})
+        self.assignment = {}
+        messages = []
+        for message in sampled:
+            node = message.metadata.dst_node_id
+            name = self._assign(node)
+            self.assignment[node] = name
+            variant, payload = self.variants[name], self.payloads[name]
+            node_config = ConfigRecord(dict(config))
+            node_config["variant"] = name
+            node_config["variant-bits"] = variant.bits
+            node_config["wire-manifest"] = payload.manifest_json
+            record = RecordDict(
+                {self.arrayrecord_key: payload.arrays, self.configrecord_key: node_config}
+            )
+            messages += self._construct_messages(record, [node], MessageType.TRAIN)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error() and CAPABILITY_KEY in reply.content.config_records:
+                capability = reply.content.config_records[CAPABILITY_KEY]
+                self.capabilities[reply.metadata.src_node_id] = dict(capability)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        stats = self.server_metrics.setdefault(server_round, {})
+        stats["variant-by-node"] = {str(k): v for k, v in self.assignment.items()}
+        stats["returned-variant-by-node"] = {
+            str(m.node_id): m.variant or FULL for m in self.last_client_models
+        }
+        return arrays, metrics
+
+    # -- FedEC hooks ----------------------------------------------------------------
+    def _prepare_client_model(self, client_model: ClientModel) -> None:
+        """Run a returned variant as it was trained: quantized ones with fake-quant on."""
+        name = client_model.variant or FULL
+        if name not in self.variants:
+            raise ValueError(f"unknown variant {name!r} (expected one of {list(self.variants)})")
+        expected = self.variant_models.get(name)
+        if expected is not None:
+            want = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in client_model.state.items()}
+            if want != got:
+                raise ValueError(f"arrays do not have the shapes of variant {name!r}")
+        enable_weight_fake_quant(client_model.model, self.variants[name].bits)
+
+    def _student_start(
+        self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
+    ) -> nn.Module:
+        if not self.fold_pruned or self.student_init != "average":
+            return super()._student_start(same_arch, accepted, previous)
+        updates = [
+            (m.state, self.factory.structure(self.variants[m.variant or FULL]), m.num_examples)
+            for m in accepted
+        ]
+        return self._build(self.arch_spec, fold_into_full(previous.state_dict(), updates))
+
+    def _compress(
+        self, server_round: int, accepted: list[ClientModel], stats: dict[str, Any]
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        student, stats = super()._compress(server_round, accepted, stats)
+        self._derive_variants(student.state_dict(), server_round, stats)
+        return student, stats
+
+    # -- variants -------------------------------------------------------------------
+    def _assign(self, node: int) -> str:
+        name = self.policy(self.capabilities.get(node))
+        if name not in self.variants:
+            log(
+                WARNING,
+                "assignment policy chose unknown variant %r for node %d; using %r",
+                name,
+                node,
+                self.default_variant,
+            )
+            name = self.default_variant
+        return name
+
+    def _derive_variants(
+        self, full_state: dict[str, torch.Tensor], server_round: int, stats: dict[str, Any]
+    ) -> None:
+        """Derive every variant from the global student, fine-tune them, pack them."""
+        calibration = self.proxy_inputs[:256]
+        models = {
+            name: self.factory.derive(variant, full_state, calibration, reprune=self.reprune)
+            for name, variant in self.variants.items()
+        }
+        tuned = [name for name, variant in self.variants.items() if name != FULL]
+        validation = self.validation
+        if tuned and self.round_teacher is not None and self.variant_distill.steps > 0:
+            proxy, teacher = self.round_teacher
+            result = distill(
+                VariantEnsemble([models[name] for name in tuned]),
+                proxy,
+                teacher,
+                validation,
+                self.variant_distill,
+                self.device,
+                seed=self.seed * 10_007 + server_round + 1,
+                loss_fn=diversity_loss_fn(self.variant_distill.temperature, self.diversity_weight),
+            )
+            stats["variants-distill-seconds"] = result.seconds
+            stats["variants-distill-steps"] = float(result.steps)
+        self.variant_models = {name: model.cpu().eval() for name, model in models.items()}
+        self.payloads = {
+            name: make_payload(model, self.variants[name], self.pack_quantized)
+            for name, model in self.variant_models.items()
+        }
+        stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
+        if validation is not None and server_round > 0:
+            self._validation_metrics(stats)
+
+    @torch.inference_mode()
+    def _validation_metrics(self, stats: dict[str, Any]) -> None:
+        val_x, val_y = self.validation  # type: ignore[misc]
+        per_variant = {
+            name: accuracy(model, val_x, val_y, device=self.device)
+            for name, model in self.variant_models.items()
+        }
+        members = [self.variant_models[name].to(self.device) for name in self.hce_names]
+        member_logits = [
+            torch.cat([m(x.to(self.device)).cpu() for x in val_x.split(512)]) for m in members
+        ]
+        hce_logits = torch.stack(member_logits).mean(0)
+        stats["variant-val-accuracy"] = per_variant
+        stats["hce-val-accuracy"] = float((hce_logits.argmax(1) == val_y).float().mean())
+        stats["variant-disagreement"] = prediction_disagreement(member_logits)
+        for model in members:
+            model.cpu()
+
+    def hce_members(self) -> list[nn.Module]:
+        """The HCE ensemble's variants (eval mode, fake-quant on for quantized ones)."""
+        return [self.variant_models[name].eval() for name in self.hce_names]

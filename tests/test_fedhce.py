@@ -1,0 +1,173 @@
+"""FedHCE on hand-built replies: per-node variants, capability policy, variant replies."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fl_ec.compression import unpack_state_dict
+from fl_ec.data.sources import make_synthetic
+from fl_ec.distill import DistillSettings
+from fl_ec.models import ArchSpec, build_from_state_dict, build_model
+from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
+from fl_ec.strategies.fedhce import FedHCE
+from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy
+
+SPEC = ArchSpec("cnn", (1, 28, 28), 10)
+POLICY = TierPolicy({"gpu": "full", "edge": "prune-0.5+int4"}, default="int8")
+
+
+class FakeGrid:
+    """Only what FedAvg's node sampling reads."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, val = make_synthetic(num_train=300, num_test=200, seed=3)
+    return train.normalize(train.images), (val.normalize(val.images), val.labels)
+
+
+def _strategy(data, **kwargs):
+    proxy, validation = data
+    small = DistillSettings(steps=10, batch_size=32, eval_every=5, patience=10)
+    kwargs.setdefault("distill", small)
+    return FedHCE(
+        variants=["full", "int8", "prune-0.5+int4"],
+        assignment_policy=POLICY,
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        validation_data=validation,
+        variant_distill=small,
+        min_train_nodes=2,
+        min_available_nodes=2,
+        **kwargs,
+    )
+
+
+def _configure(strategy, nodes, server_round=1):
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model(SPEC).state_dict())
+    config = ConfigRecord({"arch-spec": SPEC.to_json()})
+    messages = list(strategy.configure_train(server_round, arrays, config, FakeGrid(nodes)))
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def _client_reply(request: Message, tier: str) -> Message:
+    """What fl-ec's ClientApp sends back: the variant it received, 'trained' a little."""
+    config = request.content["config"]
+    state = unpack_state_dict(
+        {k: a.numpy() for k, a in request.content["arrays"].items()},
+        json.loads(str(config["wire-manifest"])),
+    )
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    info = {"arch-spec": SPEC.to_json(), "class-counts": [10] * 10, "variant": config["variant"]}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord({"num-examples": 100, "train-loss": 0.3}),
+            "capability": ConfigRecord({"device-tier": tier, "device-kind": "cpu"}),
+            TRAIN_INFO_KEY: ConfigRecord(info),
+        }
+    )
+    return Message(content, reply_to=request)
+
+
+def test_policy_maps_each_capability_as_configured():
+    policy = parse_tier_policy("gpu=full, edge=prune-0.5+int4", default="int8")
+    assert policy({"device-tier": "gpu"}) == "full"
+    assert policy({"device-tier": "edge", "memory-mb": 512.0}) == "prune-0.5+int4"
+    assert policy({"device-tier": "tpu"}) == "int8"  # unlisted tier
+    assert policy(None) == "int8"  # before the node's first reply
+    with pytest.raises(ValueError, match="tier=variant"):
+        parse_tier_policy("gpu", default="int8")
+
+
+def test_each_node_gets_its_own_variant_after_reporting_its_capability(task_identity, data):
+    strategy = _strategy(data)
+    tiers = {1: "gpu", 2: "edge", 3: "edge"}
+    first = _configure(strategy, tiers)
+    assert {m.content["config"]["variant"] for m in first.values()} == {"int8"}  # default
+    replies = [_client_reply(first[n], tier) for n, tier in tiers.items()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    stats = strategy.server_metrics[1]
+    assert stats["returned-variant-by-node"] == {"1": "int8", "2": "int8", "3": "int8"}
+    assert set(stats["variant-val-accuracy"]) == {"full", "int8", "prune-0.5+int4"}
+    assert 0 <= stats["hce-val-accuracy"] <= 1 and stats["variants-distill-steps"] > 0
+
+    second = _configure(strategy, tiers, server_round=2)
+    assert {n: m.content["config"]["variant"] for n, m in second.items()} == {
+        1: "full",
+        2: "prune-0.5+int4",
+        3: "prune-0.5+int4",
+    }
+    sent = {n: sum(len(a.data) for a in m.content["arrays"].values()) for n, m in second.items()}
+    assert sent[2] < sent[1] / 8  # half the channels, 4-bit packed: far fewer bytes
+    # The edge node's arrays rebuild into the pruned architecture.
+    edge_request = second[2]
+    edge_state = unpack_state_dict(
+        {k: a.numpy() for k, a in edge_request.content["arrays"].items()},
+        json.loads(str(edge_request.content["config"]["wire-manifest"])),
+    )
+    edge_model = build_from_state_dict(SPEC, edge_state)
+    assert edge_model.conv2.out_channels == 32 and edge_model.classifier.out_features == 10
+
+    # Mixed variants come back; all join the teacher, the round produces a model.
+    replies = [_client_reply(second[n], tier) for n, tier in tiers.items()]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None and len(strategy.ensemble_members()) == 3
+    assert strategy.server_metrics[2]["returned-variant-by-node"]["2"] == "prune-0.5+int4"
+
+
+def test_a_reply_with_an_unknown_or_misshaped_variant_is_dropped(task_identity, data, caplog):
+    strategy = _strategy(data)
+    requests = _configure(strategy, {1: "gpu", 2: "edge", 3: "edge"})
+    good = [_client_reply(requests[n], "edge") for n in (1, 2)]
+    bad = _client_reply(requests[3], "edge")
+    bad.content[TRAIN_INFO_KEY]["variant"] = "prune-0.9"
+    caplog.set_level(logging.WARNING, logger="flwr")
+    arrays, _ = strategy.aggregate_train(1, good + [bad])
+    assert arrays is not None
+    assert strategy.server_metrics[1]["invalid-replies"] == 1
+    assert "node 3" in caplog.text and "unknown variant 'prune-0.9'" in caplog.text
+
+
+def test_fold_pruned_updates_into_full_coordinates(task_identity, data):
+    strategy = _strategy(data, fold_pruned=True, distill=DistillSettings(steps=0))
+    tiers = {1: "gpu", 2: "edge"}
+    first = _configure(strategy, tiers)
+    strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in tiers.items()])
+    second = _configure(strategy, tiers, server_round=2)
+    sent_full = second[1].content["arrays"].to_torch_state_dict()
+    replies = [_client_reply(second[n], t) for n, t in tiers.items()]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    folded = arrays.to_torch_state_dict()
+    structure = strategy.factory.structure(strategy.variants["prune-0.5+int4"])
+    dropped = [i for i in range(32) if i not in structure.kept["conv1.bias"][0]]
+    kept = structure.kept["conv1.bias"][0]
+    # Channels only the full client has: its update alone (what it got + 0.01) ...
+    assert torch.allclose(
+        folded["conv1.bias"][dropped], sent_full["conv1.bias"][dropped] + 0.01, atol=1e-5
+    )
+    # ... channels both have: the mean of the two clients' values.
+    edge = replies[1].content["arrays"].to_torch_state_dict()["conv1.bias"]
+    expected = (sent_full["conv1.bias"][kept] + 0.01 + edge) / 2
+    assert torch.allclose(folded["conv1.bias"][kept], expected, atol=1e-5)
+
+
+def test_bad_settings_fail_fast(data):
+    proxy, _ = data
+    with pytest.raises(ValueError, match="not among the variants"):
+        FedHCE(variants=["full"], hce_ensemble=["int4"], proxy_data=proxy, arch_spec=SPEC)
+    with pytest.raises(ValueError, match="diversity_weight"):
+        FedHCE(variants=["full"], diversity_weight=2.0, proxy_data=proxy, arch_spec=SPEC)

@@ -1,0 +1,60 @@
+"""FedHCE under the real `flwr run` simulation engine, with GPU and edge nodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_ec.hce import evaluate_variants, load_variants
+from tests.conftest import ROOT, requires_fashion_mnist
+from tests.integration.helpers import FlowerCli, run_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cli(tmp_path):
+    cli = FlowerCli(home=tmp_path / "flwr-home", isolated=True)
+    yield cli
+    cli.stop_local_superlink()
+
+
+@requires_fashion_mnist
+def test_fedhce_sends_each_node_the_variant_its_policy_names(cli, tmp_path):
+    results = tmp_path / "results"
+    extra = (
+        'strategy="fedhce" num-server-rounds=2 distill-steps=20 distill-eval-every=10 '
+        'distill-batch-size=64 variant-distill-steps=10 simulated-tiers="gpu=1,edge=2" '
+        'variants="full,int8,prune-0.5+int4" variant-policy="gpu=full,edge=prune-0.5+int4" '
+        'default-variant="int8"'
+    )
+    run_id = cli.submit(ROOT, run_config(results, "fedhce", extra), num_supernodes=3)
+    outcome = cli.wait(run_id, timeout=600)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+    run_dir = results / "fedhce"
+    rounds = {r["round"]: r for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]}
+    # Round 1: nobody has replied yet, so every node gets the default variant.
+    assert set(rounds[1]["variant-by-node"].values()) == {"int8"}
+    # Round 2: each node reported its tier; it got, trained and returned its variant.
+    assigned = rounds[2]["variant-by-node"]
+    assert sorted(assigned.values()) == ["full", "prune-0.5+int4", "prune-0.5+int4"]
+    assert rounds[2]["returned-variant-by-node"] == assigned
+    sent = rounds[2]["bytes-down-by-node"]
+    full_node = next(n for n, v in assigned.items() if v == "full")
+    for node, variant in assigned.items():
+        if variant != "full":  # the edge nodes' downlink is a fraction of the GPU node's
+            assert sent[node] < sent[full_node] / 8
+    assert rounds[2]["variant-bytes"]["prune-0.5+int4"] < rounds[2]["variant-bytes"]["full"] / 8
+    assert 0.3 < rounds[2]["hce-val-accuracy"] <= 1
+    # The saved variants reload (no pickles) and evaluate as an HCE ensemble.
+    models, index = load_variants(run_dir)
+    assert {e["name"] for e in index} == {"full", "int8", "prune-0.5+int4"}
+    from fl_ec.data.sources import make_synthetic
+
+    test, _ = make_synthetic(num_train=64, num_test=8, seed=0)
+    reports = evaluate_variants(
+        models, index, test.normalize(test.images), test.labels, latency=False
+    )
+    assert reports[-1].name == "HCE{int8, prune-0.5+int4}"
+    assert reports[-1].wire_bytes == sum(e["wire-bytes"] for e in index if e["hce"])

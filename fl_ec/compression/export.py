@@ -9,14 +9,13 @@ int8, activations per-tensor uint8 with ranges observed on calibration batches.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 
 import torch
 from torch import nn
 
-from fl_ec.compression.quantization import enable_weight_fake_quant, fake_quantize, weight_bits
+from fl_ec.compression.quantization import baked_copy
 
 
 def export_int8(
@@ -26,14 +25,8 @@ def export_int8(
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    float_model = copy.deepcopy(model).cpu().eval()
-    bits = weight_bits(float_model)
-    if bits:  # bake the variant's own (e.g. 4-bit) weights in; int8 then represents them
-        with torch.no_grad():
-            for module in float_model.modules():
-                if isinstance(module, nn.Conv2d | nn.Linear):
-                    module.weight.copy_(fake_quantize(module.weight, bits))
-    enable_weight_fake_quant(float_model, 0)
+    # A quantized variant's own (e.g. 4-bit) weights are baked in; int8 represents them.
+    float_model = baked_copy(model).cpu().eval()
     torch.backends.quantized.engine = "x86"
     example = calibration_inputs[:1]
     with warnings.catch_warnings():  # FX quantization is marked deprecated in torch 2.15

@@ -95,6 +95,25 @@ def enable_weight_fake_quant(model: nn.Module, bits: int) -> nn.Module:
     return model
 
 
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A plain-module copy whose weights *are* the quantized values (for deployment).
+
+    Fake-quant recomputes the quantization every forward pass; an exported or
+    latency-measured model should not pay for that.
+    """
+    import copy
+
+    baked = copy.deepcopy(model)
+    bits = weight_bits(baked)
+    if bits:
+        with torch.no_grad():
+            for module in baked.modules():
+                if isinstance(module, nn.Conv2d | nn.Linear):
+                    module.weight.copy_(fake_quantize(module.weight, bits))
+        enable_weight_fake_quant(baked, 0)
+    return baked
+
+
 def weight_bits(model: nn.Module) -> int:
     """The fake-quant bit width of ``model`` (0 when it is not quantized)."""
     for module in model.modules():

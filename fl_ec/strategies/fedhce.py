@@ -200,7 +200,10 @@ class FedHCE(FedEC):
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
     ) -> nn.Module:
-        if not self.fold_pruned or self.student_init != "average":
+        # Without full-size replies (e.g. round 1, when every node got a pruned default)
+        # folding is the only way the round's training reaches the student's start.
+        fold = self.fold_pruned or not same_arch
+        if not fold or self.student_init != "average":
             return super()._student_start(same_arch, accepted, previous)
         updates = [
             (m.state, self.factory.structure(self.variants[m.variant or FULL]), m.num_examples)

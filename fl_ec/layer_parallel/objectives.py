@@ -1,0 +1,126 @@
+"""The auxiliary-variable objectives of layer-parallel training, and boundary filters.
+
+With stages ``F_1..F_K`` and auxiliary variables ``x_j`` for the activations at the
+K-1 stage boundaries (``x_0`` = the input), training solves
+
+    penalty:  min  L(F_K(x_{K-1}), y) + beta/2 * sum_j ||x_j - F_j(x_{j-1})||^2
+    AL:       the same + sum_j <lambda_j, x_j - F_j(x_{j-1})>,
+              lambda_j += beta * (x_j - F_j(x_{j-1}))   after each step
+
+so each stage's weights (and the auxiliary variable at its input) form a sub-problem
+that only needs its neighbours' boundary tensors: K workers solve them in parallel.
+
+Choices (the paper leaves them open or tunes per dataset):
+
+* the squared residual is **averaged over the activation's elements** (and over the
+  batch), so beta means the same at every boundary whatever its size;
+* **beta schedule**: ``beta_e = min(beta0 * beta_growth**e, beta_max)`` per parallel
+  epoch -- a loose coupling first, so stages can move, then a tightening one so the
+  stitched network agrees with the auxiliary variables; AL can use a smaller beta,
+  since the multipliers absorb the remaining constraint violation;
+* multipliers are updated with the residual of the step's forward pass (Jacobi
+  style: no extra forward), and reset to zero whenever the auxiliary variables are
+  re-initialised from a forward pass (the constraints then hold exactly);
+* the auxiliary variables take **RMSprop steps** (per element, scale-free): their
+  gradient's size depends on beta and on the boundary's size, a plain SGD step size
+  would have to be retuned for each;
+* a **downsampling filter** (average pooling by ``factor``) is applied before a
+  boundary tensor is sent, and the receiver upsamples bilinearly; the auxiliary
+  variable itself lives at the low resolution, so memory and bytes shrink by factor^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F  # noqa: N812 - the universal alias
+
+METHODS = ("penalty", "al")
+LOSSES = ("ce", "kl")
+
+
+@dataclass(frozen=True)
+class LPSettings:
+    """Knobs of layer-parallel training."""
+
+    stages: int = 2
+    method: str = "al"
+    epochs: int = 4
+    parallel_epochs: int = 1  # parallel epochs per cycle, then serial_epochs
+    serial_epochs: int = 1  # 0 = never correct serially
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    aux_lr: float = 0.01  # RMSprop step of the auxiliary variables (activation units)
+    beta0: float = 1.0
+    beta_growth: float = 2.0
+    beta_max: float = 16.0
+    downsample: int = 1  # 1 = off; 2 = 2x2 average pooling on the wire
+    augment: bool = True  # random shifts (+ flips) in serial passes only
+    flip: bool = True  # horizontal flips in the augmentation
+    loss: str = "ce"  # "ce" on labels, or "kl" to teacher logits (distillation)
+    temperature: float = 1.0
+    threads_per_worker: int = 1
+    serial_threads: int = 0  # threads of serial passes (0 = all workers' threads)
+    backend: str = "auto"  # auto: nccl when every stage has a GPU, else gloo
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"lp method {self.method!r}: choose penalty or al")
+        if self.loss not in LOSSES:
+            raise ValueError(f"lp loss {self.loss!r}: choose ce or kl")
+        if self.stages < 1 or self.epochs < 1 or self.parallel_epochs < 1:
+            raise ValueError("lp stages, epochs and parallel_epochs must be >= 1")
+        if self.serial_epochs < 0 or self.downsample < 1:
+            raise ValueError("lp serial_epochs must be >= 0 and downsample >= 1")
+
+    def beta(self, parallel_epoch: int) -> float:
+        return min(self.beta0 * self.beta_growth**parallel_epoch, self.beta_max)
+
+    def is_serial(self, epoch: int) -> bool:
+        """Epoch ``epoch`` (0-based) is a serial correction pass in the schedule."""
+        cycle = self.parallel_epochs + self.serial_epochs
+        return self.serial_epochs > 0 and epoch % cycle >= self.parallel_epochs
+
+
+class BoundaryFilter:
+    """Downsample before sending a boundary activation, upsample on receipt."""
+
+    def __init__(self, factor: int = 1) -> None:
+        self.factor = factor
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.factor == 1 else F.avg_pool2d(x, self.factor, ceil_mode=True)
+
+    def up(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.factor == 1:
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def boundary_objective(
+    aux: torch.Tensor,
+    produced: torch.Tensor,
+    beta: float,
+    multipliers: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``beta/2 * mean||aux - produced||^2 (+ mean <lambda, aux - produced>)``.
+
+    Means are over the batch and the activation's elements (see the module notes).
+    """
+    residual = aux - produced
+    value = 0.5 * beta * residual.pow(2).mean()
+    if multipliers is not None:
+        value = value + (multipliers * residual).mean()
+    return value
+
+
+@torch.no_grad()
+def update_multipliers(
+    multipliers: torch.Tensor, aux: torch.Tensor, produced: torch.Tensor, beta: float
+) -> None:
+    """AL dual step, in place: ``lambda += beta * (aux - produced)``."""
+    multipliers.add_(beta * (aux - produced))

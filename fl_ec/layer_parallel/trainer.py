@@ -1,0 +1,443 @@
+"""K worker processes, one stage each, joined by a real ``torch.distributed`` group.
+
+Per mini-batch of a *parallel* epoch every worker, at the same time:
+
+1. runs its stage on its input -- the data (stage 0) or its auxiliary variable, up-
+   sampled when a boundary filter is on;
+2. exchanges boundary tensors with its neighbours (``batch_isend_irecv``): it sends
+   its (downsampled) output forward and its auxiliary variable backward;
+3. takes one SGD step on its stage's weights and one RMSprop step on the rows of its
+   auxiliary variable, on the penalty / AL objective (:mod:`.objectives`); the last
+   stage's objective starts with the task loss (cross-entropy, or KL to teacher logits);
+4. AL: updates its copy of the multipliers at its boundaries (both neighbours hold the
+   same copy: they see the same residual).
+
+A *serial* correction epoch (the hybrid schedule) gathers every stage's weights on
+rank 0, trains the whole network there with ordinary forward-backward passes and data
+augmentation (all the workers' threads), and broadcasts the weights back; the
+auxiliary variables are then re-initialised by a forward pass and the multipliers
+reset. gloo on CPU; NCCL when there is one GPU per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fl_ec.distill import augmented_views, kd_loss
+from fl_ec.layer_parallel.objectives import (
+    BoundaryFilter,
+    LPSettings,
+    boundary_objective,
+    update_multipliers,
+)
+from fl_ec.layer_parallel.stages import split_resnet, stage_keys
+from fl_ec.models.spec import ArchSpec, build_from_state_dict
+
+logger = logging.getLogger("fl_ec.layer_parallel")
+
+
+@dataclass
+class LPResult:
+    state_dict: dict[str, torch.Tensor]
+    stages: int
+    epoch_seconds: list[float]
+    epoch_kinds: list[str]  # "parallel" / "serial"
+    boundary_bytes: list[int]  # bytes sent across stage boundaries, per epoch
+    train_loss: list[float]  # last stage's task loss, per epoch
+    checkpoints: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def usable_stages(requested: int, settings: LPSettings, num_blocks: int) -> tuple[int, str]:
+    """How many stages this machine can run in parallel, and the backend."""
+    use_nccl = settings.backend in ("auto", "nccl") and torch.cuda.device_count() >= requested
+    if settings.backend == "nccl" and not use_nccl:
+        logger.warning("lp: backend nccl needs %d GPUs; using gloo on CPU", requested)
+    if use_nccl and requested > 1:
+        return min(requested, num_blocks), "nccl"
+    cores = os.cpu_count() or 1
+    fit = max(1, min(requested, cores // max(1, settings.threads_per_worker), num_blocks))
+    if fit < requested:
+        logger.warning(
+            "lp: %d stages requested but this machine fits %d (%d cores, %d thread(s) per "
+            "worker, %d blocks); training with %d",
+            requested,
+            fit,
+            cores,
+            settings.threads_per_worker,
+            num_blocks,
+            fit,
+        )
+    return fit, "gloo"
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, settings: LPSettings) -> torch.Tensor:
+    if settings.loss == "kl":
+        return kd_loss(logits, targets, settings.temperature)
+    return nn.functional.cross_entropy(logits, targets)
+
+
+def serial_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: LPSettings,
+    epoch: int,
+    device: torch.device | str = "cpu",
+) -> float:
+    """One ordinary forward-backward epoch over the whole network, with augmentation."""
+    model.train()
+    order = torch.randperm(
+        len(inputs), generator=torch.Generator().manual_seed(settings.seed + epoch)
+    )
+    total, seen = 0.0, 0
+    for step, index in enumerate(order.split(settings.batch_size)):
+        x = inputs[index]
+        if settings.augment:
+            x = augmented_views(
+                x, 1, settings.seed * 7919 + epoch * 100_003 + step, flip=settings.flip
+            )
+        x, y = x.to(device), targets[index].to(device)
+        loss = task_loss(model(x), y, settings)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(index)
+        seen += len(index)
+    return total / max(seen, 1)
+
+
+def train_layer_parallel(
+    model: nn.Module,
+    spec: ArchSpec,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: LPSettings,
+    keep_checkpoints: bool = False,
+) -> LPResult:
+    """Train ``model`` (a CIFAR ResNet built from ``spec``) layer-parallel, in place."""
+    stages, backend = usable_stages(settings.stages, settings, len(model.blocks))
+    init_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="fl-ec-lp-") as tmp:
+        out = Path(tmp)
+        args = (
+            stages,
+            backend,
+            settings,
+            spec.to_json(),
+            init_state,
+            inputs,
+            targets,
+            _free_port(),
+            str(out),
+            keep_checkpoints,
+        )
+        if stages == 1:
+            _worker(0, *args)
+        else:
+            mp.spawn(_worker, args=args, nprocs=stages, join=True)
+        stats = json.loads((out / "stats.json").read_text())
+        final = _merge(out, stages, "final")
+        checkpoints = (
+            [_merge(out, stages, f"epoch{e}") for e in range(settings.epochs)]
+            if keep_checkpoints
+            else []
+        )
+    model.load_state_dict(final)
+    return LPResult(
+        final,
+        stages,
+        stats["epoch-seconds"],
+        stats["epoch-kinds"],
+        stats["boundary-bytes"],
+        stats["train-loss"],
+        checkpoints,
+    )
+
+
+def _merge(out: Path, stages: int, tag: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for rank in range(stages):
+        state.update(torch.load(out / f"{tag}-rank{rank}.pt", weights_only=True))
+    return state
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(
+    rank,
+    world,
+    backend,
+    settings,
+    spec_json,
+    init_state,
+    inputs,
+    targets,
+    port,
+    out_dir,
+    keep_checkpoints,
+):  # noqa: ANN001, PLR0913
+    torch.set_num_threads(settings.threads_per_worker)
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
+    torch.manual_seed(settings.seed)
+    model = build_from_state_dict(ArchSpec.from_json(spec_json), init_state).to(device)
+    stages = split_resnet(model, world)
+    keys = stage_keys(model, stages)
+    mine = stages[rank]
+    sgd = dict(lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(mine.parameters(), **sgd)
+    serial_optimizer = torch.optim.SGD(model.parameters(), **sgd) if rank == 0 else None
+    boundary = BoundaryFilter(settings.downsample)
+    state = _BoundaryState(rank, world, stages, inputs, settings, boundary, device)
+    epoch_seconds, kinds, sent_bytes, losses = [], [], [], []
+    parallel_done = 0
+    for epoch in range(settings.epochs):
+        _barrier(world)
+        start = time.perf_counter()
+        if settings.is_serial(epoch):
+            loss = _serial_correction(
+                rank, world, model, keys, serial_optimizer, inputs, targets, settings, epoch, device
+            )
+            state.reinitialise(inputs)
+            kinds.append("serial")
+            sent = 0
+        else:
+            loss, sent = _parallel_epoch(
+                rank,
+                world,
+                mine,
+                optimizer,
+                state,
+                inputs,
+                targets,
+                settings,
+                epoch,
+                settings.beta(parallel_done),
+                device,
+            )
+            parallel_done += 1
+            kinds.append("parallel")
+        _barrier(world)
+        epoch_seconds.append(time.perf_counter() - start)
+        sent_bytes.append(_sum_over_ranks(sent, world))
+        losses.append(_from_last(loss, rank, world))
+        if keep_checkpoints:
+            _save(model, keys[rank], Path(out_dir) / f"epoch{epoch}-rank{rank}.pt")
+    _save(model, keys[rank], Path(out_dir) / f"final-rank{rank}.pt")
+    if rank == 0:
+        stats = {
+            "epoch-seconds": epoch_seconds,
+            "epoch-kinds": kinds,
+            "boundary-bytes": sent_bytes,
+            "train-loss": losses,
+        }
+        (Path(out_dir) / "stats.json").write_text(json.dumps(stats))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+class _BoundaryState:
+    """Auxiliary variables (at this rank's input) and multiplier copies (both sides)."""
+
+    def __init__(self, rank, world, stages, inputs, settings, boundary, device) -> None:  # noqa: ANN001
+        self.rank, self.world, self.stages = rank, world, stages
+        self.settings, self.boundary, self.device = settings, boundary, device
+        self.aux = self.aux_sq = self.lam_in = self.lam_out = None
+        self.full_size = None
+        self.reinitialise(inputs)
+
+    @torch.no_grad()
+    def reinitialise(self, inputs: torch.Tensor) -> None:
+        """Aux = the (filtered) forward activations at this rank's input; lambda = 0."""
+        if self.rank > 0:
+            prefix = self.stages[: self.rank]
+            saved = _bn_buffers(prefix)
+            chunks = []
+            for x in inputs.split(512):
+                h = x.to(self.device)
+                for stage in prefix:
+                    stage.train()  # batch statistics, as the parallel steps will see
+                    h = stage(h)
+                self.full_size = tuple(h.shape[-2:])
+                chunks.append(self.boundary.down(h).cpu())
+            _restore_bn(prefix, saved)
+            self.aux = torch.cat(chunks)
+            self.aux_sq = torch.zeros_like(self.aux)
+            if self.settings.method == "al":
+                self.lam_in = torch.zeros_like(self.aux)
+        if self.rank < self.world - 1 and self.settings.method == "al":
+            with torch.no_grad():
+                h = inputs[:2].to(self.device)
+                for stage in self.stages[: self.rank + 1]:
+                    h = stage.eval()(h)
+            self.lam_out = torch.zeros((len(inputs), *self.boundary.down(h).shape[1:]))
+
+
+def _parallel_epoch(
+    rank, world, stage, optimizer, state, inputs, targets, settings, epoch, beta, device
+):  # noqa: ANN001, PLR0913
+    stage.train()
+    order = torch.randperm(
+        len(inputs), generator=torch.Generator().manual_seed(settings.seed + epoch)
+    )
+    total, seen, sent = 0.0, 0, 0
+    for index in order.split(settings.batch_size):
+        if rank == 0:
+            x_in = inputs[index].to(device)
+            stage_input = x_in
+        else:
+            x_in = state.aux[index].to(device).requires_grad_(True)
+            stage_input = state.boundary.up(x_in, state.full_size)
+        out = stage(stage_input)
+        produced = state.boundary.down(out) if rank < world - 1 else None
+        target_aux = torch.empty_like(produced) if produced is not None else None
+        from_below = torch.empty_like(x_in) if rank > 0 else None
+        ops = []
+        if rank < world - 1:
+            payload = produced.detach().contiguous()
+            ops += [
+                dist.P2POp(dist.isend, payload, rank + 1),
+                dist.P2POp(dist.irecv, target_aux, rank + 1),
+            ]
+            sent += payload.numel() * payload.element_size()
+        if rank > 0:
+            payload = x_in.detach().contiguous()
+            ops += [
+                dist.P2POp(dist.irecv, from_below, rank - 1),
+                dist.P2POp(dist.isend, payload, rank - 1),
+            ]
+            sent += payload.numel() * payload.element_size()
+        for request in dist.batch_isend_irecv(ops) if ops else []:
+            request.wait()
+        if rank == world - 1:
+            loss = task_loss(out, targets[index].to(device), settings)
+            total += float(loss.detach()) * len(index)
+            seen += len(index)
+        else:
+            lam = state.lam_out[index].to(device) if state.lam_out is not None else None
+            loss = boundary_objective(target_aux, produced, beta, lam)
+        if rank > 0:
+            lam = state.lam_in[index].to(device) if state.lam_in is not None else None
+            loss = loss + boundary_objective(x_in, from_below, beta, lam)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            if rank > 0:  # RMSprop on the rows of the auxiliary variable
+                grad = x_in.grad.cpu()
+                sq = state.aux_sq[index].mul_(0.9).add_(0.1 * grad * grad)
+                state.aux_sq[index] = sq
+                state.aux[index] = state.aux[index] - settings.aux_lr * grad / (sq.sqrt() + 1e-8)
+            if settings.method == "al":
+                if rank < world - 1:
+                    lam = state.lam_out[index]
+                    update_multipliers(lam, target_aux.cpu(), produced.detach().cpu(), beta)
+                    state.lam_out[index] = lam
+                if rank > 0:
+                    lam = state.lam_in[index]
+                    update_multipliers(lam, x_in.detach().cpu(), from_below.cpu(), beta)
+                    state.lam_in[index] = lam
+    return (total / seen if seen else float("nan")), sent
+
+
+def _serial_correction(
+    rank, world, model, keys, optimizer, inputs, targets, settings, epoch, device
+):  # noqa: ANN001, PLR0913
+    state = model.state_dict()
+    _broadcast_stages(state, keys, world)  # every rank now holds every stage's weights
+    loss = float("nan")
+    if rank == 0:
+        torch.set_num_threads(settings.serial_threads or settings.threads_per_worker * world)
+        loss = serial_epoch(model, optimizer, inputs, targets, settings, epoch, device)
+        torch.set_num_threads(settings.threads_per_worker)
+    if world > 1:
+        _sleep_until_rank0_done(rank)
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return loss
+
+
+def _sleep_until_rank0_done(rank: int) -> None:
+    """Idle ranks wait *sleeping* while rank 0 runs the serial pass.
+
+    A blocking gloo receive busy-polls a core; with rank 0's intra-op threads on the
+    same cores that made a serial epoch ~10x slower. Polling an async receive with
+    short sleeps leaves the cores to rank 0.
+    """
+    flag = torch.zeros(1)
+    work = dist.broadcast(flag, src=0, async_op=True)
+    if rank != 0:
+        while not work.is_completed():
+            time.sleep(0.005)
+    work.wait()
+
+
+def _broadcast_stages(state, keys, world) -> None:  # noqa: ANN001
+    if world == 1:
+        return
+    for owner, owned in enumerate(keys):
+        for key in owned:
+            dist.broadcast(state[key], src=owner)
+
+
+def _bn_buffers(stages):  # noqa: ANN001, ANN202
+    return [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for s in stages
+        for m in s.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def _restore_bn(stages, saved) -> None:  # noqa: ANN001
+    for m, mean, var, count in saved:
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(count)
+
+
+def _save(model: nn.Module, keys: list[str], path: Path) -> None:
+    state = model.state_dict()
+    torch.save({k: state[k].detach().cpu().clone() for k in keys}, path)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _sum_over_ranks(value: int, world: int) -> int:
+    if world == 1:
+        return int(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def _from_last(value: float, rank: int, world: int) -> float:
+    """The last stage's loss (parallel epochs) or rank 0's (serial), on every rank."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value if value == value else 0.0], dtype=torch.float64)
+    dist.all_reduce(tensor)  # exactly one rank holds a finite loss
+    return float(tensor.item())

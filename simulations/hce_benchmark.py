@@ -44,7 +44,7 @@ from fl_ec.results import load_saved_model  # noqa: E402
 from fl_ec.strategies.fedhce_utils import prediction_disagreement  # noqa: E402
 
 HCE_SETTINGS = (
-    'simulated-tiers="gpu=3,edge=7" '
+    'simulated-tiers="gpu=3,edge=7" proxy-per-round=2000 fold-pruned=true '
     'variants="full,int8,int4,prune-0.5+int8,prune-0.5+int4" '
     'variant-policy="gpu=int8,edge=prune-0.5+int4" '
     'hce-ensemble="prune-0.5+int8,prune-0.5+int4,int4"'

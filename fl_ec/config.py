@@ -99,6 +99,15 @@ class ExperimentConfig:
     prune_importance: str = "magnitude"
     prune_steps: int = 1
     simulated_tiers: str = ""
+    # Layer-parallel training (ResNets): for clients and/or the server's distillation
+    trainer: str = "sgd"
+    distill_trainer: str = "adam"
+    lp_stages: int = 2
+    lp_method: str = "al"
+    lp_downsample: int = 1
+    lp_parallel_epochs: int = 1
+    lp_serial_epochs: int = 1
+    lp_threads_per_worker: int = 1
     # Server-side evaluation and output
     eval_batch_size: int = 512
     results_dir: str = "results"
@@ -184,6 +193,25 @@ class ExperimentConfig:
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")
         self._validate_fedhce()
+        _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
+        _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
+        _choice("lp-method", self.lp_method, ("penalty", "al"))
+        uses_lp = "layer-parallel" in (self.trainer, self.distill_trainer)
+        if uses_lp and not self.model.startswith("resnet"):
+            raise ConfigError(
+                f"layer-parallel training splits a ResNet at block boundaries: set "
+                f'model="resnet20" (or another resnet<6n+2>), not {self.model!r}'
+            )
+        for key, value in (
+            ("lp-stages", self.lp_stages),
+            ("lp-downsample", self.lp_downsample),
+            ("lp-parallel-epochs", self.lp_parallel_epochs),
+            ("lp-threads-per-worker", self.lp_threads_per_worker),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be >= 1")
+        if self.lp_serial_epochs < 0:
+            raise ConfigError(f"lp-serial-epochs={self.lp_serial_epochs} must be >= 0")
         if not self.alpha > 0:
             raise ConfigError(
                 f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "

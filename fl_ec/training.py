@@ -40,6 +40,7 @@ class TrainResult:
     train_loss: float
     num_examples: int
     seconds: float
+    stages: int = 1  # >1 when the layer-parallel trainer split the model
 
 
 def train_supervised(

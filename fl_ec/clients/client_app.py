@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -28,6 +29,7 @@ from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.errors import FlEcError, ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.training import (
+    TrainResult,
     device_capability,
     evaluate,
     select_device,
@@ -91,6 +93,9 @@ def _train(msg: Message, context: Context) -> Message:
     device = select_device(config.device)
     round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
+    if config.trainer == "layer-parallel":
+        result = _train_layer_parallel(model, spec, data, config, round_config, node, server_round)
+        return _reply(msg, model, spec, data, node, device, result)
     result = train_supervised(
         model,
         data.train,
@@ -104,12 +109,44 @@ def _train(msg: Message, context: Context) -> Message:
         # Different shuffles per node and round, reproducible for a fixed seed.
         seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,
     )
+    return _reply(msg, model, spec, data, node, device, result)
+
+
+def _train_layer_parallel(model, spec, data, config, round_config, node, server_round):  # noqa: ANN001, ANN202
+    """The layer-parallel trainer (K worker processes) on this node's partition.
+
+    It trains fp32 weights: a quantized FedHCE variant is trained without fake-quant here.
+    """
+    from fl_ec.layer_parallel import LPSettings, train_layer_parallel
+
+    start = time.perf_counter()
+    settings = LPSettings.from_experiment(
+        config,
+        epochs=int(round_config.get("local-epochs", config.local_epochs)),
+        lr=float(round_config.get("lr", config.lr)),
+        seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,
+    )
+    result = train_layer_parallel(
+        model, spec, data.train.normalize(data.train.images), data.train.labels, settings
+    )
+    return TrainResult(
+        result.train_loss[-1],
+        settings.epochs * len(data.train),
+        time.perf_counter() - start,
+        result.stages,
+    )
+
+
+def _reply(msg, model, spec, data, node, device, result) -> Message:  # noqa: ANN001
+    round_config = msg.content["config"]
     model.to("cpu")
     metrics = MetricRecord(
         {
             "num-examples": len(data.train),
             "train-loss": result.train_loss,
             "train-seconds": result.seconds,
+            # 1 for plain SGD; the stages the layer-parallel trainer actually used.
+            "trainer-stages": result.stages,
         }
     )
     capability = ConfigRecord(

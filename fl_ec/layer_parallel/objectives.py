@@ -32,6 +32,7 @@ Choices (the paper leaves them open or tunes per dataset):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
@@ -76,6 +77,25 @@ class LPSettings:
             raise ValueError("lp stages, epochs and parallel_epochs must be >= 1")
         if self.serial_epochs < 0 or self.downsample < 1:
             raise ValueError("lp serial_epochs must be >= 0 and downsample >= 1")
+
+    @classmethod
+    def from_experiment(cls, config: Any, **overrides: Any) -> LPSettings:
+        """The ``lp-*`` knobs of an :class:`~fl_ec.config.ExperimentConfig`, plus overrides."""
+        values = dict(
+            stages=config.lp_stages,
+            method=config.lp_method,
+            downsample=config.lp_downsample,
+            parallel_epochs=config.lp_parallel_epochs,
+            serial_epochs=config.lp_serial_epochs,
+            threads_per_worker=config.lp_threads_per_worker,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            seed=config.seed,
+        )
+        values.update(overrides)
+        return cls(**values)
 
     def beta(self, parallel_epoch: int) -> float:
         return min(self.beta0 * self.beta_growth**parallel_epoch, self.beta_max)

@@ -61,6 +61,9 @@ def build_strategy(
             proxy_batch_size=config.eval_batch_size,
             device=config.device,
             seed=config.seed,
+            student_trainer=_layer_parallel_student_trainer(config, spec)
+            if config.distill_trainer == "layer-parallel"
+            else None,
             **common,
         )
         if config.strategy == "fedec":
@@ -101,3 +104,28 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
         prune_steps=config.prune_steps,
         **fedec_kwargs,
     )
+
+
+def _layer_parallel_student_trainer(config: ExperimentConfig, spec: ArchSpec):  # noqa: ANN202
+    """Distillation through the layer-parallel trainer: KL to the teacher, same budget.
+
+    ``distill-steps`` x ``distill-batch-size`` proxy samples become whole epochs over
+    the round's proxy set (at least one).
+    """
+    import math
+
+    from fl_ec.layer_parallel import LPSettings, train_layer_parallel
+
+    def train(student, proxy, teacher_logits) -> None:  # noqa: ANN001
+        epochs = max(1, math.ceil(config.distill_steps * config.distill_batch_size / len(proxy)))
+        settings = LPSettings.from_experiment(
+            config,
+            loss="kl",
+            temperature=config.distill_temperature,
+            epochs=epochs,
+            batch_size=config.distill_batch_size,
+            augment=False,  # teacher logits belong to the un-augmented proxy images
+        )
+        train_layer_parallel(student, spec, proxy, teacher_logits, settings)
+
+    return train

@@ -9,6 +9,8 @@ size by distillation, starting from the parameter average. The algorithm lives i
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -21,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_ec.distill import DistillSettings, augmented_views, distill
+from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
@@ -80,6 +82,10 @@ class FedEC(FedAvg):
         ``auto`` uses CUDA when available.
     seed : int (default: 0)
         Seeds augmentation and distillation batch order (per round).
+    student_trainer : Callable[[nn.Module, Tensor, Tensor], None] | None
+        Replaces the Adam distillation: ``student_trainer(student, proxy, teacher_logits)``
+        trains the student in place (e.g. the layer-parallel trainer with a KL loss);
+        the better of start and result on validation is kept.
     **fedavg_kwargs
         Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
         ``weighted_by_key``, ``arrayrecord_key``, ...), passed through unchanged.
@@ -103,6 +109,7 @@ class FedEC(FedAvg):
         proxy_batch_size: int = 512,
         device: str = "auto",
         seed: int = 0,
+        student_trainer: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -129,6 +136,7 @@ class FedEC(FedAvg):
         self.proxy_batch_size = proxy_batch_size
         self.device = select_device(device)
         self.seed = seed
+        self.student_trainer = student_trainer
         self.global_arrays: ArrayRecord | None = None
         self.last_client_models: list[ClientModel] = []
         self.round_teacher: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -289,35 +297,17 @@ class FedEC(FedAvg):
                 **weights,
             )
             stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
-            result = distill(
-                student,
-                proxy,
-                teacher.logits,
-                (val_x, val_y),
-                self.distill_settings,
-                self.device,
-                seed=generator_seed,
-            )
-            stats.update(
-                {
-                    "student-start-val-accuracy": result.start_accuracy,
-                    "student-val-accuracy": result.best_accuracy,
-                    "distill-steps": float(result.steps),
-                    "distill-best-step": float(result.best_step),
-                    "distill-seconds": result.seconds,
-                }
-            )
-        else:
-            result = distill(
-                student,
-                proxy,
-                teacher.logits,
-                None,
-                self.distill_settings,
-                self.device,
-                seed=generator_seed,
-            )
-            stats.update({"distill-steps": float(result.steps), "distill-seconds": result.seconds})
+        result = self._distill_student(student, proxy, teacher.logits, generator_seed)
+        stats.update(
+            {
+                "distill-steps": float(result.steps),
+                "distill-best-step": float(result.best_step),
+                "distill-seconds": result.seconds,
+            }
+        )
+        if self.validation is not None:
+            stats["student-start-val-accuracy"] = result.start_accuracy
+            stats["student-val-accuracy"] = result.best_accuracy
         log(
             INFO,
             "round %d: teacher %.2fs (%s), distill %d steps %.2fs; val acc teacher %.4f, "
@@ -332,6 +322,32 @@ class FedEC(FedAvg):
             result.best_accuracy,
         )
         return student.cpu(), stats
+
+    def _distill_student(
+        self, student: nn.Module, proxy: torch.Tensor, teacher: torch.Tensor, seed: int
+    ) -> DistillResult:
+        """Compress the teacher into ``student`` (in place): Adam KD, or ``student_trainer``."""
+        if self.student_trainer is None:
+            return distill(
+                student, proxy, teacher, self.validation, self.distill_settings, self.device, seed
+            )
+        # An external trainer (e.g. layer-parallel) has no early stopping of its own:
+        # keep whichever of start and result scores better on validation.
+        start_time = time.perf_counter()
+        before = copy.deepcopy(student.state_dict())
+        start = self._score(student)
+        self.student_trainer(student, proxy, teacher)
+        end = self._score(student)
+        if end < start:
+            student.load_state_dict(before)
+        return DistillResult(
+            start, max(start, end), 1, int(end >= start), time.perf_counter() - start_time
+        )
+
+    def _score(self, model: nn.Module) -> float:
+        if self.validation is None:
+            return float("nan")
+        return accuracy(model, self.validation[0], self.validation[1], device=self.device)
 
     # -- hooks for subclasses ----------------------------------------------------------
     def _prepare_client_model(self, client_model: ClientModel) -> None:

@@ -7,7 +7,8 @@ whatever the strategy, including ones that send different arrays to each node. I
 also logs failed replies with their node id and reason, and stops the run when *every*
 training reply of a round failed (a misconfiguration, not a flaky node).
 
-:func:`time_aggregation` wraps a strategy instance's ``aggregate_train`` to time it.
+:func:`time_aggregation` wraps a strategy instance's ``aggregate_train`` to time it and to
+record the clients' aggregated train metrics (``client-train-loss``, ...).
 """
 
 from __future__ import annotations
@@ -121,9 +122,14 @@ def time_aggregation(strategy: Strategy, recorder: RunRecorder) -> Strategy:
     def timed_aggregate_train(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
         start = time.perf_counter()
         try:
-            return inner(server_round, replies)
+            arrays, metrics = inner(server_round, replies)
         finally:
             recorder.record_for(server_round).aggregate_seconds += time.perf_counter() - start
+        if metrics is not None:  # the clients' aggregated train metrics, e.g. client-train-loss
+            recorder.record_for(server_round).metrics.update(
+                {f"client-{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            )
+        return arrays, metrics
 
     strategy.aggregate_train = timed_aggregate_train  # type: ignore[method-assign]
     return strategy

@@ -54,3 +54,14 @@ def test_misconfigured_run_fails_with_one_line_and_no_traceback(cli, tmp_path):
     logs = cli.logs(run_id)
     assert "fl-ec error: alpha=0.0 must be > 0" in logs
     assert "Traceback" not in logs
+
+
+def test_a_client_trains_layer_parallel_under_flwr_run(cli, tmp_path):
+    extra = 'model="resnet8" trainer="layer-parallel" lp-stages=2 lp-downsample=2 local-epochs=2'
+    run_id = cli.submit(ROOT, run_config(tmp_path, "lp", extra), num_supernodes=2)
+    outcome = cli.wait(run_id, timeout=600)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+    round_1 = json.loads((tmp_path / "lp" / "metrics.json").read_text())["rounds"][1]
+    # Each client split its ResNet into 2 stages run by 2 gloo worker processes.
+    assert round_1["client-trainer-stages"] == 2
+    assert round_1["train-replies"] == 2 and round_1["test-accuracy"] > 0.2

@@ -53,3 +53,12 @@ def test_node_settings_require_partition_keys():
         NodeSettings.from_node_config({"num-partitions": 2})
     with pytest.raises(ConfigError, match="within"):
         NodeSettings.from_node_config({"partition-id": 2, "num-partitions": 2})
+
+
+def test_layer_parallel_needs_a_resnet_and_says_so():
+    with pytest.raises(ConfigError, match='model="resnet20"'):
+        ExperimentConfig.from_run_config({"trainer": "layer-parallel", "model": "cnn"})
+    config = ExperimentConfig.from_run_config(
+        {"distill-trainer": "layer-parallel", "model": "resnet20", "lp-stages": 4}
+    )
+    assert config.lp_stages == 4

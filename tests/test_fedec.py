@@ -234,3 +234,22 @@ def test_array_payloads_with_unexpected_dtype_are_rejected(task_identity, data):
     )
     arrays, _ = strategy.aggregate_train(1, [_reply(1, _global(1)), _reply(2, _global(2)), broken])
     assert arrays is not None and strategy.server_metrics[1]["invalid-replies"] == 1
+
+
+def test_an_external_student_trainer_replaces_distillation_but_never_hurts(task_identity, data):
+    calls = []
+
+    def ruin(student, proxy, teacher):  # a trainer that makes things worse
+        calls.append((len(proxy), tuple(teacher.shape)))
+        with torch.no_grad():
+            for p in student.parameters():
+                p.zero_()
+
+    strategy = _strategy(data, student_trainer=ruin)
+    _start_round(strategy, _global())
+    arrays, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    assert calls == [(400, (400, 10))]
+    stats = strategy.server_metrics[1]
+    # Validation caught the ruined student: the start (the average) was kept.
+    assert stats["student-val-accuracy"] == stats["student-start-val-accuracy"]
+    assert any(float(v.abs().sum()) > 0 for v in arrays.to_torch_state_dict().values())

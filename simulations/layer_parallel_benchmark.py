@@ -1,0 +1,213 @@
+"""Layer-parallel vs serial training of a ResNet on Fashion-MNIST (one command).
+
+    python simulations/layer_parallel_benchmark.py
+
+Serial training uses both cores for intra-op threads; layer-parallel training runs K=2
+worker processes (one stage each, gloo) with one thread each. Every configuration
+starts from the same initial weights and sees the same fixed training subset, batch
+order seed and optimiser (SGD 0.05 / 0.9, weight decay 5e-4, batch 64). Test accuracy
+(full 10k test set) is measured after every epoch from checkpoints, outside the timed
+region. Writes the ``layer-parallel`` section of BENCHMARKS.md and
+``simulations/plots/layer-parallel.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from standard_benchmark import PLOTS, write_section  # noqa: E402
+
+from fl_ec.data.sources import load_dataset  # noqa: E402
+from fl_ec.layer_parallel import LPSettings, train_layer_parallel  # noqa: E402
+from fl_ec.layer_parallel.trainer import serial_epoch  # noqa: E402
+from fl_ec.models import ArchSpec, build_model  # noqa: E402
+from fl_ec.training import evaluate  # noqa: E402
+
+CONFIGS = {
+    # name: (layer-parallel?, overrides)
+    "serial (2 threads)": (False, {}),
+    "AL, hybrid 3+1": (True, dict(method="al")),
+    "AL, hybrid 3+1, downsample 2x2": (True, dict(method="al", downsample=2)),
+    "penalty, hybrid 3+1": (True, dict(method="penalty")),
+    "penalty, hybrid 3+1, downsample 2x2": (True, dict(method="penalty", downsample=2)),
+    "AL, parallel only, downsample 2x2": (True, dict(method="al", downsample=2, serial_epochs=0)),
+}
+
+
+def run_serial(model, x, y, settings: LPSettings, threads: int):  # noqa: ANN001, ANN201
+    torch.set_num_threads(threads)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    seconds, checkpoints = [], []
+    for epoch in range(settings.epochs):
+        start = time.perf_counter()
+        serial_epoch(model, optimizer, x, y, settings, epoch)
+        seconds.append(time.perf_counter() - start)
+        checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
+    return seconds, checkpoints, [0] * settings.epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--train-size", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--section", default="layer-parallel")
+    args = parser.parse_args()
+    command = "python simulations/layer_parallel_benchmark.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:]
+    )
+    cores = os.cpu_count() or 1
+    train, test = load_dataset("fashion-mnist")
+    subset = np.random.default_rng(0).permutation(len(train))[: args.train_size]
+    train = train.subset(subset)
+    x, y = train.normalize(train.images), train.labels
+    test_x = test
+    spec = ArchSpec(args.model, train.input_shape, 10)
+    torch.manual_seed(0)
+    initial = build_model(spec).state_dict()
+    base = LPSettings(
+        stages=args.stages,
+        epochs=args.epochs,
+        parallel_epochs=3,
+        serial_epochs=1,
+        threads_per_worker=max(1, cores // args.stages),
+        serial_threads=cores,
+        seed=0,
+    )
+    started = dt.datetime.now()
+    rows = {}
+    for name in args.configs:
+        parallel, overrides = CONFIGS[name]
+        settings = LPSettings(**{**base.__dict__, **overrides})
+        model = build_from_initial(spec, initial)
+        start = time.perf_counter()
+        if parallel:
+            result = train_layer_parallel(model, spec, x, y, settings, keep_checkpoints=True)
+            seconds, checkpoints, sent = (
+                result.epoch_seconds,
+                result.checkpoints,
+                result.boundary_bytes,
+            )
+            kinds, stages = result.epoch_kinds, result.stages
+        else:
+            seconds, checkpoints, sent = run_serial(model, x, y, settings, cores)
+            kinds, stages = ["serial"] * settings.epochs, 1
+        total = time.perf_counter() - start
+        torch.set_num_threads(cores)
+        accuracy = [evaluate(build_from_initial(spec, c), test_x).accuracy for c in checkpoints]
+        rows[name] = dict(
+            seconds=seconds, accuracy=accuracy, bytes=sent, kinds=kinds, stages=stages, total=total
+        )
+        print(
+            f"[lp-bench] {name}: acc {[round(100 * a, 2) for a in accuracy]} "
+            f"epoch s {[round(s, 1) for s in seconds]}",
+            flush=True,
+        )
+    minutes = (dt.datetime.now() - started).total_seconds() / 60
+    plot_path = PLOTS / f"{args.section}.png"
+    _plot(rows, plot_path)
+    body = _report(rows, args, command, started, minutes, cores, base, plot_path)
+    write_section(args.section, body)
+    print(body)
+
+
+def build_from_initial(spec: ArchSpec, state: dict) -> torch.nn.Module:
+    model = build_model(spec)
+    model.load_state_dict(state)
+    return model
+
+
+def _report(rows, args, command, started, minutes, cores, base, plot_path) -> str:  # noqa: ANN001
+    serial = rows.get("serial (2 threads)")
+    lines = [
+        f"## {args.section} ({args.model}, Fashion-MNIST subset of {args.train_size:,} training "
+        f"images, {args.epochs} epochs, K={args.stages})",
+        "",
+        f"- Command: `{command.strip()}`",
+        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min",
+        f"- Machine: {platform.platform()}, {cores} cores, torch {torch.__version__}, "
+        + (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"),
+        f"- Setup: SGD lr {base.lr} momentum {base.momentum} wd {base.weight_decay}, batch "
+        f"{base.batch_size}, same initial weights and seeds for every row; augmentation (random "
+        "±2 px shifts + flips) in serial passes only; layer-parallel: gloo, "
+        f"{base.threads_per_worker} thread(s) per worker, beta {base.beta0} x{base.beta_growth}"
+        f"/parallel epoch up to {base.beta_max}, aux RMSprop lr {base.aux_lr}; hybrid 3+1 = 3 "
+        "parallel epochs then 1 serial correction epoch (on rank 0 with all cores). Test "
+        "accuracy on the full 10k test set after each epoch.",
+        "",
+        "| configuration | stages | mean s/epoch | ratio vs serial | final test acc "
+        "| Δ vs serial (pts) "
+        "| acc at serial's wall time | boundary MB/parallel epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        mean_s = sum(row["seconds"]) / len(row["seconds"])
+        ratio = (
+            mean_s / (sum(serial["seconds"]) / len(serial["seconds"])) if serial else float("nan")
+        )
+        final = row["accuracy"][-1]
+        delta = 100 * (final - serial["accuracy"][-1]) if serial else float("nan")
+        at_budget = _accuracy_at(row, sum(serial["seconds"])) if serial else float("nan")
+        parallel_bytes = [
+            b for b, k in zip(row["bytes"], row["kinds"], strict=True) if k == "parallel"
+        ]
+        mb = sum(parallel_bytes) / len(parallel_bytes) / 1e6 if parallel_bytes else 0.0
+        lines.append(
+            f"| {name} | {row['stages']} | {mean_s:.1f} | {ratio:.2f} | {100 * final:.2f} "
+            f"| {delta:+.2f} "
+            f"| {100 * at_budget:.2f} | {mb:.1f} |"
+        )
+    lines += ["", f"![accuracy vs wall time](simulations/plots/{plot_path.name})"]
+    return "\n".join(lines)
+
+
+def _accuracy_at(row: dict, budget: float) -> float:
+    """Test accuracy of the last checkpoint finished within ``budget`` training seconds."""
+    elapsed, best = 0.0, float("nan")
+    for seconds, accuracy in zip(row["seconds"], row["accuracy"], strict=True):
+        elapsed += seconds
+        if elapsed <= budget + 1e-6:
+            best = accuracy
+    return best
+
+
+def _plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in rows.items():
+        times = np.cumsum(row["seconds"])
+        ax.plot(times, [100 * a for a in row["accuracy"]], marker=".", label=name)
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

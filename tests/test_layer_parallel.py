@@ -116,3 +116,40 @@ def test_kl_loss_distills_teacher_logits(tiny):
     result = train_layer_parallel(student, spec, x, target, settings)
     assert result.train_loss[-1] < result.train_loss[0]
     assert isinstance(student, nn.Module)
+
+
+def test_fedec_distillation_switches_to_the_layer_parallel_trainer(tiny):
+    from fl_ec.config import ExperimentConfig
+    from fl_ec.data.federated import ServerData
+    from fl_ec.strategies.factory import build_strategy
+
+    spec, train, test = tiny
+    config = ExperimentConfig.from_run_config(
+        {
+            "strategy": "fedec",
+            "model": "resnet8",
+            "distill-trainer": "layer-parallel",
+            "distill-steps": 24,
+            "distill-batch-size": 64,
+        }
+    )
+    strategy = build_strategy(config, spec, ServerData(proxy=train, validation=test, test=test))
+    assert strategy.student_trainer is not None
+    proxy = train.normalize(train.images)
+    torch.manual_seed(3)
+    teacher = build_model(spec).eval()
+    with torch.no_grad():
+        target = teacher(proxy)
+    torch.manual_seed(0)
+    student = build_model(spec)
+    gap = lambda: nn.functional.kl_div(  # noqa: E731
+        student.eval()(proxy).log_softmax(-1),
+        target.log_softmax(-1),
+        log_target=True,
+        reduction="batchmean",
+    ).item()
+    with torch.no_grad():
+        before = gap()
+    strategy.student_trainer(student, proxy, target)  # 2 stages, KL to the teacher
+    with torch.no_grad():
+        assert gap() < before

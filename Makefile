@@ -9,7 +9,7 @@ STAMP    := $(VENV)/.fl-ec-installed
 FMNIST   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN_CONFIG ?=
 
-.PHONY: run test setup data lint bench deploy-up deploy-run deploy-down clean
+.PHONY: run test setup data lint bench bench-hce bench-lp deploy-up deploy-run deploy-down clean
 
 run: setup
 	$(BIN)/fl-ec-run . --run-config '$(RUN_CONFIG)'
@@ -46,6 +46,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python simulations/standard_benchmark.py
+
+bench-hce: setup
+	$(BIN)/python simulations/hce_benchmark.py
+
+bench-lp: setup
+	$(BIN)/python simulations/layer_parallel_benchmark.py
 
 deploy-up: setup
 	$(BIN)/python -m fl_ec.deploy up --supernodes 2

@@ -5,7 +5,9 @@
 Fashion-MNIST, alpha=0.1, 10 simulated SuperNodes -- 3 report the ``gpu`` tier and 7
 the ``edge`` tier (``simulated-tiers="gpu=3,edge=7"``) -- 20 rounds, the standard
 client training of ``standard_benchmark.py``, all methods in one command with the same
-seeds. Afterwards the FedHCE runs' saved variants are re-loaded and measured on the
+seeds and the same run-config (``HCE_SETTINGS``: a 2k proxy subset per round, HeteroFL
+folding of pruned replies, gpu nodes -> ``int8``, edge nodes -> ``prune-0.5+int4``).
+Afterwards the FedHCE runs' saved variants are re-loaded and measured on the
 test set (accuracy, parameters, wire bytes, CPU latency at batch 1 and 64 in fp32 and
 as an exported int8 model), next to FedEC's fp32 model. The section ``fedhce`` of
 BENCHMARKS.md and ``simulations/plots/fedhce-*.png`` are rewritten.

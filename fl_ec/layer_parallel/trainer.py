@@ -197,6 +197,8 @@ def _worker(
 ):  # noqa: ANN001, PLR0913
     torch.set_num_threads(settings.threads_per_worker)
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -389,7 +391,7 @@ def _sleep_until_rank0_done(rank: int) -> None:
     same cores that made a serial epoch ~10x slower. Polling an async receive with
     short sleeps leaves the cores to rank 0.
     """
-    flag = torch.zeros(1)
+    flag = torch.zeros(1, device=_collective_device())
     work = dist.broadcast(flag, src=0, async_op=True)
     if rank != 0:
         while not work.is_completed():
@@ -460,7 +462,7 @@ def _barrier(world: int) -> None:
 def _sum_over_ranks(value: int, world: int) -> int:
     if world == 1:
         return int(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     return int(tensor.item())
 
@@ -469,6 +471,14 @@ def _from_last(value: float, rank: int, world: int) -> float:
     """The last stage's loss (parallel epochs) or rank 0's (serial), on every rank."""
     if world == 1:
         return value
-    tensor = torch.tensor([value if value == value else 0.0], dtype=torch.float64)
+    finite = value if value == value else 0.0
+    tensor = torch.tensor([finite], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)  # exactly one rank holds a finite loss
     return float(tensor.item())
+
+
+def _collective_device() -> torch.device:
+    """NCCL only reduces CUDA tensors; gloo takes CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

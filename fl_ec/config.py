@@ -17,19 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
-TEACHER_RULES = (
-    "mean-logits",
-    "mean-probs",
-    "weighted",
-    "label-aware",
-    "trimmed-mean",
-    "median",
-    "gated",
-)
+TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -158,8 +151,7 @@ class ExperimentConfig:
         if not 0.0 <= self.diversity_weight <= 1.0:
             raise ConfigError(f"diversity-weight={self.diversity_weight} must be within [0, 1]")
         _choice("prune-importance", self.prune_importance, IMPORTANCES)
-        if self.prune_steps < 1 or self.variant_distill_steps < 0:
-            raise ConfigError("prune-steps must be >= 1 and variant-distill-steps >= 0")
+        _positive("prune-steps", self.prune_steps)
         parse_tier_counts(self.simulated_tiers)
 
     def validate(self) -> None:
@@ -189,6 +181,8 @@ class ExperimentConfig:
             ("distill-steps", self.distill_steps),
             ("augment-copies", self.augment_copies),
             ("proxy-per-round", self.proxy_per_round),
+            ("variant-distill-steps", self.variant_distill_steps),
+            ("lp-serial-epochs", self.lp_serial_epochs),
         ):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")
@@ -202,16 +196,10 @@ class ExperimentConfig:
                 f"layer-parallel training splits a ResNet at block boundaries: set "
                 f'model="resnet20" (or another resnet<6n+2>), not {self.model!r}'
             )
-        for key, value in (
-            ("lp-stages", self.lp_stages),
-            ("lp-downsample", self.lp_downsample),
-            ("lp-parallel-epochs", self.lp_parallel_epochs),
-            ("lp-threads-per-worker", self.lp_threads_per_worker),
-        ):
-            if value < 1:
-                raise ConfigError(f"{key}={value} must be >= 1")
-        if self.lp_serial_epochs < 0:
-            raise ConfigError(f"lp-serial-epochs={self.lp_serial_epochs} must be >= 0")
+        _positive("lp-stages", self.lp_stages)
+        _positive("lp-downsample", self.lp_downsample)
+        _positive("lp-parallel-epochs", self.lp_parallel_epochs)
+        _positive("lp-threads-per-worker", self.lp_threads_per_worker)
         if not self.alpha > 0:
             raise ConfigError(
                 f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "

@@ -88,24 +88,31 @@ def client_weights(
             raise ValueError("rule 'weighted' needs a positive total of num_examples")
         return (w / w.sum()).unsqueeze(1).expand(num_models, num_classes).contiguous()
     if rule == "label-aware":
-        if class_counts is None or len(class_counts) != num_models:
-            raise ValueError("rule 'label-aware' needs class_counts for every model")
-        counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float32)
-        if counts.shape != (num_models, num_classes):
-            raise ValueError(f"class_counts must be {num_models}x{num_classes}, got {counts.shape}")
+        counts = _count_matrix(rule, class_counts, num_models, num_classes)
         totals = counts.sum(0, keepdim=True)
         # A class nobody trained on: fall back to an equal vote rather than 0/0.
         uniform = torch.full_like(counts, 1.0 / num_models)
         return torch.where(totals > 0, counts / totals.clamp_min(1e-12), uniform)
     if rule == "gated":
-        if class_counts is None or len(class_counts) != num_models:
-            raise ValueError("rule 'gated' needs class_counts for every model")
-        counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float32)
-        if counts.shape != (num_models, num_classes):
-            raise ValueError(f"class_counts must be {num_models}x{num_classes}, got {counts.shape}")
+        counts = _count_matrix(rule, class_counts, num_models, num_classes)
         smoothed = counts.clamp_min(0) + 1.0  # Laplace: an unseen class is rare, not impossible
         return (smoothed / smoothed.sum(1, keepdim=True)).log()
     return None
+
+
+def _count_matrix(
+    rule: str,
+    class_counts: Sequence[Sequence[float]] | None,
+    num_models: int,
+    num_classes: int,
+) -> torch.Tensor:
+    """``class_counts`` as a checked ``(K, C)`` float tensor."""
+    if class_counts is None or len(class_counts) != num_models:
+        raise ValueError(f"rule {rule!r} needs class_counts for every model")
+    counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float32)
+    if counts.shape != (num_models, num_classes):
+        raise ValueError(f"class_counts must be {num_models}x{num_classes}, got {counts.shape}")
+    return counts
 
 
 def combine(

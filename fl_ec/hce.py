@@ -54,8 +54,8 @@ def save_variants(
     variants: dict[str, Variant],
     wire_bytes: dict[str, int],
     hce_members: list[str],
-) -> None:
-    """Write every variant (tensors + spec) and the index the evaluator reads."""
+) -> list[dict[str, Any]]:
+    """Write every variant (tensors + spec) and the index the evaluator reads; return it."""
     index = []
     for name, model in models.items():
         recorder.write_model(model.state_dict(), name=f"variants/{_file(name)}")
@@ -71,6 +71,7 @@ def save_variants(
             }
         )
     (recorder.run_dir / INDEX).write_text(json.dumps(index, indent=2))
+    return index
 
 
 def load_variants(run_dir: Path) -> tuple[dict[str, nn.Module], list[dict[str, Any]]]:

@@ -10,7 +10,6 @@ central evaluation on the test set after every round. The run folder
 
 from __future__ import annotations
 
-import json
 import time
 from logging import INFO
 from pathlib import Path
@@ -143,7 +142,7 @@ def save_hce_variants(strategy, server_data: ServerData, recorder: RunRecorder) 
 
     if not strategy.variant_models:
         return
-    save_variants(
+    index = save_variants(
         recorder,
         strategy.variant_models,
         strategy.variants,
@@ -151,7 +150,6 @@ def save_hce_variants(strategy, server_data: ServerData, recorder: RunRecorder) 
         strategy.hce_names,
     )
     test = server_data.test
-    index = json.loads((recorder.run_dir / "variants" / "index.json").read_text())
     reports = evaluate_variants(
         strategy.variant_models,
         index,

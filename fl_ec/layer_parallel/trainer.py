@@ -373,34 +373,33 @@ def _parallel_epoch(
 def _serial_correction(
     rank, world, model, keys, optimizer, inputs, targets, settings, epoch, device
 ):  # noqa: ANN001, PLR0913
-    state = model.state_dict()
-    _broadcast_stages(state, keys, world)  # every rank now holds every stage's weights
-    loss = float("nan")
-    if rank == 0:
-        torch.set_num_threads(settings.serial_threads or settings.threads_per_worker * world)
-        loss = serial_epoch(model, optimizer, inputs, targets, settings, epoch, device)
+    losses = []
+
+    def correct() -> None:
+        losses.append(serial_epoch(model, optimizer, inputs, targets, settings, epoch, device))
         _recalibrate(model, inputs, settings, device)
-        torch.set_num_threads(settings.threads_per_worker)
+
+    _on_rank0_then_share(rank, world, model, keys, settings, correct)
+    return losses[0] if losses else float("nan")
+
+
+def _finalise(rank, world, model, keys, inputs, settings, device) -> None:  # noqa: ANN001
+    """After a parallel last epoch: stitch on rank 0, fix BN statistics, share back."""
+    _on_rank0_then_share(
+        rank, world, model, keys, settings, lambda: _recalibrate(model, inputs, settings, device)
+    )
+
+
+def _on_rank0_then_share(rank, world, model, keys, settings, work) -> None:  # noqa: ANN001
+    """Gather every stage on every rank, run ``work`` on rank 0 with all the workers'
+    threads (the others are idle meanwhile), then give everyone rank 0's weights."""
+    _broadcast_stages(model.state_dict(), keys, world)
+    if rank == 0:
+        with _Threads(settings.serial_threads or settings.threads_per_worker * world):
+            work()
     if world > 1:
-        _sleep_until_rank0_done(rank)
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    return loss
-
-
-def _sleep_until_rank0_done(rank: int) -> None:
-    """Idle ranks wait *sleeping* while rank 0 runs the serial pass.
-
-    A blocking gloo receive busy-polls a core; with rank 0's intra-op threads on the
-    same cores that made a serial epoch ~10x slower. Polling an async receive with
-    short sleeps leaves the cores to rank 0.
-    """
-    flag = torch.zeros(1, device=_collective_device())
-    work = dist.broadcast(flag, src=0, async_op=True)
-    if rank != 0:
-        while not work.is_completed():
-            time.sleep(0.005)
-    work.wait()
 
 
 def _recalibrate(model: nn.Module, inputs: torch.Tensor, settings: LPSettings, device) -> None:  # noqa: ANN001
@@ -414,19 +413,6 @@ def _recalibrate(model: nn.Module, inputs: torch.Tensor, settings: LPSettings, d
     """
     chosen = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(settings.seed))
     recalibrate_batchnorm(model, inputs[chosen[:RECALIBRATION_SAMPLES]], device=device)
-
-
-def _finalise(rank, world, model, keys, inputs, settings, device) -> None:  # noqa: ANN001
-    """After a parallel last epoch: stitch on rank 0, fix BN statistics, share back."""
-    _broadcast_stages(model.state_dict(), keys, world)
-    if rank == 0:
-        torch.set_num_threads(settings.serial_threads or settings.threads_per_worker * world)
-        _recalibrate(model, inputs, settings, device)
-        torch.set_num_threads(settings.threads_per_worker)
-    if world > 1:
-        _sleep_until_rank0_done(rank)
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
 
 
 def _broadcast_stages(state, keys, world) -> None:  # noqa: ANN001

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_ec.config import STRATEGIES, ExperimentConfig
@@ -84,20 +86,14 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
     variants = parse_variants(config.variants)
     default = config.default_variant or variants[-1].name
     hce = [name.strip() for name in config.hce_ensemble.split(",") if name.strip()]
-    base = distill_settings(config)
     return FedHCE(
         variants=variants,
         assignment_policy=parse_tier_policy(config.variant_policy, default),
         default_variant=default,
         hce_ensemble=hce or None,
         diversity_weight=config.diversity_weight,
-        variant_distill=DistillSettings(
-            steps=config.variant_distill_steps,
-            batch_size=base.batch_size,
-            lr=base.lr,
-            temperature=base.temperature,
-            eval_every=base.eval_every,
-            patience=base.patience,
+        variant_distill=dataclasses.replace(
+            distill_settings(config), steps=config.variant_distill_steps
         ),
         fold_pruned=config.fold_pruned,
         prune_importance=config.prune_importance,

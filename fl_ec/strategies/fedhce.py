@@ -28,8 +28,9 @@ from torch import nn
 
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
-from fl_ec.distill import DistillSettings, accuracy, distill
+from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
+from fl_ec.ensemble import logits_accuracy
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_utils import ClientModel
@@ -269,20 +270,16 @@ class FedHCE(FedEC):
     @torch.inference_mode()
     def _validation_metrics(self, stats: dict[str, Any]) -> None:
         val_x, val_y = self.validation  # type: ignore[misc]
-        per_variant = {
-            name: accuracy(model, val_x, val_y, device=self.device)
-            for name, model in self.variant_models.items()
-        }
-        members = [self.variant_models[name].to(self.device) for name in self.hce_names]
-        member_logits = [
-            torch.cat([m(x.to(self.device)).cpu() for x in val_x.split(512)]) for m in members
-        ]
-        hce_logits = torch.stack(member_logits).mean(0)
-        stats["variant-val-accuracy"] = per_variant
-        stats["hce-val-accuracy"] = float((hce_logits.argmax(1) == val_y).float().mean())
-        stats["variant-disagreement"] = prediction_disagreement(member_logits)
-        for model in members:
+        # One pass per variant; its logits serve both its accuracy and the HCE ensemble.
+        logits = {}
+        for name, model in self.variant_models.items():
+            model.to(self.device).eval()
+            logits[name] = torch.cat([model(x.to(self.device)).cpu() for x in val_x.split(512)])
             model.cpu()
+        member_logits = [logits[name] for name in self.hce_names]
+        stats["variant-val-accuracy"] = {n: logits_accuracy(z, val_y) for n, z in logits.items()}
+        stats["hce-val-accuracy"] = logits_accuracy(torch.stack(member_logits).mean(0), val_y)
+        stats["variant-disagreement"] = prediction_disagreement(member_logits)
 
     def hce_members(self) -> list[nn.Module]:
         """The HCE ensemble's variants (eval mode, fake-quant on for quantized ones)."""

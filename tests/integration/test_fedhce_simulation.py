@@ -8,16 +8,9 @@ import pytest
 
 from fl_ec.hce import evaluate_variants, load_variants
 from tests.conftest import ROOT, requires_fashion_mnist
-from tests.integration.helpers import FlowerCli, run_config
+from tests.integration.helpers import run_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cli(tmp_path):
-    cli = FlowerCli(home=tmp_path / "flwr-home", isolated=True)
-    yield cli
-    cli.stop_local_superlink()
 
 
 @requires_fashion_mnist

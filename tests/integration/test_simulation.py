@@ -8,16 +8,9 @@ import pytest
 
 from fl_ec.results import load_saved_model
 from tests.conftest import ROOT, requires_fashion_mnist
-from tests.integration.helpers import FlowerCli, model_bytes, run_config
+from tests.integration.helpers import model_bytes, run_config
 
 pytestmark = [pytest.mark.integration, requires_fashion_mnist]
-
-
-@pytest.fixture
-def cli(tmp_path):
-    cli = FlowerCli(home=tmp_path / "flwr-home", isolated=True)
-    yield cli
-    cli.stop_local_superlink()
 
 
 def test_one_round_simulation_writes_metrics(cli, tmp_path):

@@ -6,7 +6,8 @@ Fashion-MNIST, alpha=0.1, 10 simulated SuperNodes -- 3 report the ``gpu`` tier a
 the ``edge`` tier (``simulated-tiers="gpu=3,edge=7"``) -- 20 rounds, the standard
 client training of ``standard_benchmark.py``, all methods in one command with the same
 seeds and the same run-config (``HCE_SETTINGS``: a 2k proxy subset per round, HeteroFL
-folding of pruned replies, gpu nodes -> ``int8``, edge nodes -> ``prune-0.5+int4``).
+folding of pruned replies, gpu nodes -> ``int8``, edge nodes -> ``int4``: every client trains
+the full-width model, so the global model keeps all clients' data in its average).
 Afterwards the FedHCE runs' saved variants are re-loaded and measured on the
 test set (accuracy, parameters, wire bytes, CPU latency at batch 1 and 64 in fp32 and
 as an exported int8 model), next to FedEC's fp32 model. The section ``fedhce`` of
@@ -48,7 +49,7 @@ from fl_ec.strategies.fedhce_utils import prediction_disagreement  # noqa: E402
 HCE_SETTINGS = (
     'simulated-tiers="gpu=3,edge=7" proxy-per-round=2000 fold-pruned=true '
     'variants="full,int8,int4,prune-0.5+int8,prune-0.5+int4" '
-    'variant-policy="gpu=int8,edge=prune-0.5+int4" '
+    'variant-policy="gpu=int8,edge=int4" '
     'hce-ensemble="prune-0.5+int8,prune-0.5+int4,int4"'
 )
 DEFAULT_METHODS = ["fedavg", "fedec", "fedhce", "fedhce:diversity-weight=0.0"]

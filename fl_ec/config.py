@@ -27,6 +27,7 @@ STUDENT_INITS = ("average", "previous")
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
+LOCAL_LOSSES = ("ce", "logit-adjusted")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ExperimentConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     max_grad_norm: float = 10.0
+    local_loss: str = "ce"
     device: str = "auto"
     client_threads: int = 0
     # FedEC: ensemble teacher on the proxy set, distillation into the student
@@ -190,6 +192,12 @@ class ExperimentConfig:
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         _choice("lp-method", self.lp_method, ("penalty", "al"))
+        _choice("local-loss", self.local_loss, LOCAL_LOSSES)
+        if self.local_loss != "ce" and self.trainer != "sgd":
+            raise ConfigError(
+                f"local-loss={self.local_loss!r} is implemented by the sgd trainer only: "
+                f'set local-loss="ce" or trainer="sgd"'
+            )
         uses_lp = "layer-parallel" in (self.trainer, self.distill_trainer)
         if uses_lp and not self.model.startswith("resnet"):
             raise ConfigError(

@@ -34,6 +34,11 @@ def test_values_are_coerced_to_declared_types():
         ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 is not a valid int"),
         ({"lr": "fast"}, "lr='fast' is not a valid float"),
         ({"proxy-size": -5}, "proxy-size=-5 must be >= 0"),
+        ({"local-loss": "focal"}, "local-loss='focal' is unknown"),
+        (
+            {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
+            "implemented by the sgd trainer only",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):

@@ -32,6 +32,7 @@ from fl_ec.training import (
     TrainResult,
     device_capability,
     evaluate,
+    log_class_prior,
     select_device,
     set_cpu_threads,
     train_supervised,
@@ -105,6 +106,11 @@ def _train(msg: Message, context: Context) -> Message:
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
+        log_prior=(
+            log_class_prior(data.train.class_counts())
+            if config.local_loss == "logit-adjusted"
+            else None
+        ),
         device=device,
         # Different shuffles per node and round, reproducible for a fixed seed.
         seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,

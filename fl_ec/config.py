@@ -91,6 +91,7 @@ class ExperimentConfig:
     diversity_weight: float = 0.5
     variant_distill_steps: int = 100
     fold_pruned: bool = False
+    rebase_updates: bool = True
     prune_importance: str = "magnitude"
     prune_steps: int = 1
     simulated_tiers: str = ""

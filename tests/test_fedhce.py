@@ -143,7 +143,10 @@ def test_a_reply_with_an_unknown_or_misshaped_variant_is_dropped(task_identity, 
 
 
 def test_fold_pruned_updates_into_full_coordinates(task_identity, data):
-    strategy = _strategy(data, fold_pruned=True, distill=DistillSettings(steps=0))
+    # Averages of the returned weights as they are (rebasing is tested below).
+    strategy = _strategy(
+        data, fold_pruned=True, rebase_updates=False, distill=DistillSettings(steps=0)
+    )
     tiers = {1: "gpu", 2: "edge"}
     first = _configure(strategy, tiers)
     strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in tiers.items()])
@@ -163,6 +166,24 @@ def test_fold_pruned_updates_into_full_coordinates(task_identity, data):
     edge = replies[1].content["arrays"].to_torch_state_dict()["conv1.bias"]
     expected = (sent_full["conv1.bias"][kept] + 0.01 + edge) / 2
     assert torch.allclose(folded["conv1.bias"][kept], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rebase", [True, False])
+def test_rebased_updates_keep_the_rounding_of_quantized_copies_out(task_identity, data, rebase):
+    # Round 1: both nodes get the int8 default; each returns what it received + 0.01.
+    strategy = _strategy(data, rebase_updates=rebase, distill=DistillSettings(steps=0))
+    requests = _configure(strategy, {1: "edge", 2: "edge"})
+    torch.manual_seed(0)
+    initial = build_model(SPEC).state_dict()  # what _configure sent, at full precision
+    arrays, _ = strategy.aggregate_train(1, [_client_reply(requests[n], "edge") for n in (1, 2)])
+    start = arrays.to_torch_state_dict()
+    error = max(
+        float((start[k] - (initial[k] + 0.01)).abs().max()) for k in ("conv1.weight", "fc1.weight")
+    )
+    if rebase:  # the clients' change, applied to the server's fp32 weights
+        assert error < 1e-5
+    else:  # the int8 rounding of the copy they started from stays in the average
+        assert error > 1e-4
 
 
 def test_bad_settings_fail_fast(data):

@@ -96,6 +96,7 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
             distill_settings(config), steps=config.variant_distill_steps
         ),
         fold_pruned=config.fold_pruned,
+        rebase_updates=config.rebase_updates,
         prune_importance=config.prune_importance,
         prune_steps=config.prune_steps,
         **fedec_kwargs,

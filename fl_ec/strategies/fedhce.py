@@ -41,6 +41,8 @@ from fl_ec.strategies.fedhce_utils import (
     TierPolicy,
     make_payload,
     prediction_disagreement,
+    rebase_update,
+    sent_state,
 )
 
 FULL = "full"
@@ -79,6 +81,11 @@ class FedHCE(FedEC):
         and replayed by slicing, so it is stable across rounds.
     pack_quantized : bool (default: True)
         Send quantized variants as packed integers plus scales (else fp32 values).
+    rebase_updates : bool (default: True)
+        For the student's starting point, apply each client's change (what it
+        returned minus what it was sent) to the server's full-precision weights,
+        instead of averaging the returned weights, which carry the rounding of the
+        quantized copy they started from.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
     """
@@ -97,6 +104,7 @@ class FedHCE(FedEC):
         prune_steps: int = 1,
         reprune: bool = False,
         pack_quantized: bool = True,
+        rebase_updates: bool = True,
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -120,6 +128,7 @@ class FedHCE(FedEC):
         self.fold_pruned = fold_pruned
         self.reprune = reprune
         self.pack_quantized = pack_quantized
+        self.rebase_updates = rebase_updates
         self.factory = VariantFactory(
             lambda state: build_from_state_dict(self.arch_spec, state),
             self.proxy_inputs[:2],
@@ -128,6 +137,7 @@ class FedHCE(FedEC):
         )
         self.variant_models: dict[str, nn.Module] = {}
         self.payloads: dict[str, Payload] = {}
+        self.sent_states: dict[str, dict[str, torch.Tensor]] = {}
         self.capabilities: dict[int, dict[str, Any]] = {}
         self.assignment: dict[int, str] = {}
 
@@ -201,16 +211,24 @@ class FedHCE(FedEC):
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
     ) -> nn.Module:
+        if self.student_init != "average":
+            return super()._student_start(same_arch, accepted, previous)
         # Without full-size replies (e.g. round 1, when every node got a pruned default)
         # folding is the only way the round's training reaches the student's start.
         fold = self.fold_pruned or not same_arch
-        if not fold or self.student_init != "average":
+        if not fold and not self.rebase_updates:
             return super()._student_start(same_arch, accepted, previous)
-        updates = [
-            (m.state, self.factory.structure(self.variants[m.variant or FULL]), m.num_examples)
-            for m in accepted
-        ]
-        return self._build(self.arch_spec, fold_into_full(previous.state_dict(), updates))
+        base = previous.state_dict()
+        updates = []
+        for model in accepted if fold else same_arch:
+            name = model.variant or FULL
+            structure = self.factory.structure(self.variants[name])
+            state = model.state
+            if self.rebase_updates and name in self.sent_states:
+                sliced = structure.slice(base) if structure is not None else base
+                state = rebase_update(state, self.sent_states[name], sliced)
+            updates.append((state, structure, model.num_examples))
+        return self._build(self.arch_spec, fold_into_full(base, updates))
 
     def _compress(
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, Any]
@@ -263,6 +281,7 @@ class FedHCE(FedEC):
             name: make_payload(model, self.variants[name], self.pack_quantized)
             for name, model in self.variant_models.items()
         }
+        self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
         stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
         if validation is not None and server_round > 0:
             self._validation_metrics(stats)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl_ec.compression import Variant, pack_state_dict, packed_nbytes
+from fl_ec.compression import Variant, pack_state_dict, packed_nbytes, unpack_state_dict
 from fl_ec.compression.quantization import quantized_weight_keys
 
 CAPABILITY_KEY = "capability"  # reply ConfigRecord written by fl-ec's ClientApp
@@ -65,6 +65,35 @@ def make_payload(model: torch.nn.Module, variant: Variant, pack: bool = True) ->
     arrays, manifest = pack_state_dict(state, bits, quantized_weight_keys(model))
     record = ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()})
     return Payload(record, json.dumps(manifest, sort_keys=True), packed_nbytes(arrays))
+
+
+def sent_state(payload: Payload) -> dict[str, torch.Tensor]:
+    """The weights a client rebuilds from ``payload`` (dequantized, as it receives them)."""
+    arrays = {k: a.numpy() for k, a in payload.arrays.items()}
+    return unpack_state_dict(arrays, json.loads(payload.manifest_json))
+
+
+def rebase_update(
+    returned: Mapping[str, torch.Tensor],
+    sent: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``base + (returned - sent)``: a client's own change, applied to the server's copy.
+
+    A quantized variant reaches the client with its weights rounded (and fine-tuned
+    by the variants' distillation); averaging what comes back would write that
+    rounding into the global model every round. Applying only the client's change to
+    the server's full-precision weights keeps it out. Integer buffers are returned
+    as the client sent them.
+    """
+    rebased = {}
+    for key, value in returned.items():
+        if value.is_floating_point():
+            change = value.to(torch.float32) - sent[key].to(torch.float32)
+            rebased[key] = (base[key].to(torch.float32) + change).to(value.dtype)
+        else:
+            rebased[key] = value.clone()
+    return rebased
 
 
 def prediction_disagreement(member_logits: Sequence[torch.Tensor]) -> float:

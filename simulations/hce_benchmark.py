@@ -176,8 +176,8 @@ def main() -> None:
         f"{accelerator}",
         f"- Setup: standard client training (1 local epoch, SGD 0.05/0.9, clipping 10, seed 42) "
         f"for every method; every run gets `{extra}`. FedAvg and FedEC send every node the "
-        "full fp32 model; FedHCE sends gpu nodes `int8` and edge nodes `prune-0.5+int4`, "
-        "packed. Latency: median of 30 forward passes, 1 CPU thread.",
+        "full fp32 model; FedHCE sends each node the variant `variant-policy` names for its "
+        "tier, packed. Latency: median of 30 forward passes, 1 CPU thread.",
         "",
         table(results, args.rounds),
         "",

@@ -97,8 +97,8 @@ def main() -> None:
     extra = f"{HCE_SETTINGS} {args.extra_run_config}".strip()
     started = dt.datetime.now()
     results = {}
-    for method in args.methods:
-        label, strategy, overrides = parse_method(method)
+    # Parse every method first: a malformed override fails before an hour of runs.
+    for label, strategy, overrides in [parse_method(m) for m in args.methods]:
         metrics = run_one(
             label,
             strategy,

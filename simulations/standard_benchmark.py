@@ -277,9 +277,9 @@ def main() -> None:
         rounds, epochs = max(1, args.rounds // 5), 5
     started = dt.datetime.now()
     results = {}
+    methods = [parse_method(m) for m in args.methods]  # a malformed one fails before any run
     for alpha in args.alphas:
-        for method in args.methods:
-            label, strategy, overrides = parse_method(method)
+        for label, strategy, overrides in methods:
             results[(label, alpha)] = run_one(
                 label,
                 strategy,

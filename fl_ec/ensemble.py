@@ -96,10 +96,21 @@ def client_weights(
         uniform = torch.full_like(counts, 1.0 / num_models)
         return torch.where(totals > 0, counts / totals.clamp_min(1e-12), uniform)
     if rule == "gated":
-        counts = _count_matrix(rule, class_counts, num_models, num_classes)
-        smoothed = counts.clamp_min(0) + 1.0  # Laplace: an unseen class is rare, not impossible
-        return (smoothed / smoothed.sum(1, keepdim=True)).log()
+        return log_class_prior(_count_matrix(rule, class_counts, num_models, num_classes))
     return None
+
+
+def log_class_prior(
+    class_counts: Sequence[float] | torch.Tensor, smoothing: float = 1.0
+) -> torch.Tensor:
+    """Laplace-smoothed log label frequencies over the last dim: ``(C,)`` or ``(K, C)``.
+
+    One definition for both places that correct a client's label skew: the client's
+    logit-adjusted loss and the ``gated`` teacher. Smoothing keeps an unseen class
+    rare rather than impossible (no ``log 0``).
+    """
+    counts = torch.as_tensor(class_counts, dtype=torch.float32).clamp_min(0) + smoothing
+    return (counts / counts.sum(-1, keepdim=True)).log()
 
 
 def _count_matrix(

@@ -58,7 +58,7 @@ def train_supervised(
 ) -> TrainResult:
     """SGD with momentum on cross-entropy; returns the mean loss of the last epoch.
 
-    ``log_prior`` (shape ``(C,)``, e.g. :func:`log_class_prior`) switches to the
+    ``log_prior`` (shape ``(C,)``, e.g. :func:`fl_ec.ensemble.log_class_prior`) switches to the
     logit-adjusted loss ``CE(logits + log_prior, y)`` (see :func:`logit_adjusted_loss`).
 
     ``max_grad_norm > 0`` clips the global gradient norm. On strongly non-IID
@@ -95,12 +95,6 @@ def train_supervised(
             loss_sum += loss_value * len(y)
             seen += len(y)
     return TrainResult(loss_sum / seen, epochs * len(data), time.perf_counter() - start)
-
-
-def log_class_prior(class_counts: list[int] | torch.Tensor, smoothing: float = 1.0) -> torch.Tensor:
-    """Laplace-smoothed log label frequencies of one client's data, shape ``(C,)``."""
-    counts = torch.as_tensor(class_counts, dtype=torch.float32) + smoothing
-    return (counts / counts.sum()).log()
 
 
 def logit_adjusted_loss(

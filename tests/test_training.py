@@ -1,11 +1,11 @@
 import torch
 
 from fl_ec.data.sources import make_synthetic
+from fl_ec.ensemble import log_class_prior
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.training import (
     device_capability,
     evaluate,
-    log_class_prior,
     logit_adjusted_loss,
     select_device,
     train_supervised,

@@ -26,13 +26,13 @@ from flwr.clientapp import ClientApp
 from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
+from fl_ec.ensemble import log_class_prior
 from fl_ec.errors import FlEcError, ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.training import (
     TrainResult,
     device_capability,
     evaluate,
-    log_class_prior,
     select_device,
     set_cpu_threads,
     train_supervised,

@@ -281,7 +281,8 @@ class FedHCE(FedEC):
             name: make_payload(model, self.variants[name], self.pack_quantized)
             for name, model in self.variant_models.items()
         }
-        self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
+        if self.rebase_updates:  # what each client will start from, to rebase its reply on
+            self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
         stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
         if validation is not None and server_round > 0:
             self._validation_metrics(stats)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
+from fl_ec.models.layout import channels_last
+
 
 @dataclass(frozen=True)
 class DistillSettings:
@@ -78,8 +80,9 @@ def recalibrate_batchnorm(
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch counts equally
     model.to(device).train()
-    for batch in inputs.split(batch_size):
-        model(batch.to(device))
+    with channels_last(model):
+        for batch in inputs.split(batch_size):
+            model(batch.to(device))
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
 
@@ -95,8 +98,9 @@ def accuracy(
     """Top-1 accuracy of ``model`` (eval mode) on normalised ``inputs``."""
     model.to(device).eval()
     correct = 0
-    for x, y in zip(inputs.split(batch_size), labels.split(batch_size), strict=True):
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    with channels_last(model):
+        for x, y in zip(inputs.split(batch_size), labels.split(batch_size), strict=True):
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     return correct / max(len(labels), 1)
 
 
@@ -148,6 +152,31 @@ def distill(
         raise ValueError("proxy_inputs and teacher_logits must have the same number of rows")
     start_time = time.perf_counter()
     student.to(device)
+    with channels_last(student):
+        return _distill(
+            student,
+            proxy_inputs,
+            teacher_logits,
+            validation,
+            settings,
+            device,
+            seed,
+            loss_fn,
+            start_time,
+        )
+
+
+def _distill(
+    student: nn.Module,
+    proxy_inputs: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
+    settings: DistillSettings,
+    device: torch.device | str,
+    seed: int,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    start_time: float,
+) -> DistillResult:
     if settings.recalibrate_bn:  # a no-op for models without BatchNorm
         recalibrate_batchnorm(student, proxy_inputs, device=device)
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fl_ec.models.layout import channels_last
+
 RULES = (
     "mean-logits",
     "mean-probs",
@@ -193,15 +195,16 @@ def teacher_logits(
     weights: torch.Tensor | None = None
     outputs: list[torch.Tensor] = []
     seen = 0
-    for batch in proxy_batches:
-        batch = batch.to(device, non_blocking=True)
-        stacked = torch.stack([model(batch).float() for model in models])
-        if weights is None and rule in WEIGHTED_RULES:
-            weights = client_weights(
-                rule, len(models), stacked.shape[-1], num_examples, class_counts
-            )
-        outputs.append(combine(stacked, rule, weights, trim_ratio).to("cpu", storage_dtype))
-        seen += batch.shape[0]
+    with channels_last(*models):
+        for batch in proxy_batches:
+            batch = batch.to(device, non_blocking=True)
+            stacked = torch.stack([model(batch).float() for model in models])
+            if weights is None and rule in WEIGHTED_RULES:
+                weights = client_weights(
+                    rule, len(models), stacked.shape[-1], num_examples, class_counts
+                )
+            outputs.append(combine(stacked, rule, weights, trim_ratio).to("cpu", storage_dtype))
+            seen += batch.shape[0]
     seconds = time.perf_counter() - start
     logits = torch.cat(outputs)
     return TeacherOutputs(logits, seconds, seen * len(models) / max(seconds, 1e-9))

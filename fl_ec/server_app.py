@@ -58,12 +58,13 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     recorder = RunRecorder(run_dir, config.to_dict(), spec, config.num_server_rounds)
     log(
         INFO,
-        "[fl-ec] %s on %s (%s, alpha=%g), %d rounds; results -> %s",
+        "[fl-ec] %s on %s (%s, alpha=%g), %d rounds, %d server threads; results -> %s",
         config.strategy,
         config.dataset,
         config.partitioner,
         config.alpha,
         config.num_server_rounds,
+        torch.get_num_threads(),
         run_dir,
     )
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.errors import FlEcError
+from fl_ec.models.layout import channels_last
 
 
 class TrainingDivergedError(FlEcError):
@@ -71,29 +72,30 @@ def train_supervised(
         raise ValueError("cannot train on an empty partition")
     start = time.perf_counter()
     model.to(device).train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
-    prior = None if log_prior is None else log_prior.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    loss_sum, seen = 0.0, 0
-    for _ in range(epochs):
+    with channels_last(model):
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        prior = None if log_prior is None else log_prior.to(device)
+        generator = torch.Generator().manual_seed(seed)
         loss_sum, seen = 0.0, 0
-        for x, y in data.batches(batch_size, shuffle=True, generator=generator, device=device):
-            optimizer.zero_grad(set_to_none=True)
-            loss = logit_adjusted_loss(model(x), y, prior)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDivergedError(
-                    f"local training diverged (loss={loss_value}) after {seen} samples: "
-                    "lower lr or set max-grad-norm (e.g. 10)"
-                )
-            loss.backward()
-            if max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            loss_sum += loss_value * len(y)
-            seen += len(y)
+        for _ in range(epochs):
+            loss_sum, seen = 0.0, 0
+            for x, y in data.batches(batch_size, shuffle=True, generator=generator, device=device):
+                optimizer.zero_grad(set_to_none=True)
+                loss = logit_adjusted_loss(model(x), y, prior)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDivergedError(
+                        f"local training diverged (loss={loss_value}) after {seen} samples: "
+                        "lower lr or set max-grad-norm (e.g. 10)"
+                    )
+                loss.backward()
+                if max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                loss_sum += loss_value * len(y)
+                seen += len(y)
     return TrainResult(loss_sum / seen, epochs * len(data), time.perf_counter() - start)
 
 
@@ -132,10 +134,11 @@ def evaluate(
         return EvalResult(float("nan"), float("nan"), 0)
     model.to(device).eval()
     loss_sum, correct = 0.0, 0
-    for x, y in data.batches(batch_size, device=device):
-        logits = model(x)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+    with channels_last(model):
+        for x, y in data.batches(batch_size, device=device):
+            logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
     return EvalResult(loss_sum / len(data), correct / len(data), len(data))
 
 

@@ -48,10 +48,15 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize-dequantize in the forward pass, identity gradient (straight-through)."""
     qmax = _qmax(bits)
-    flat = weight.reshape(weight.shape[0], -1)
-    scale = (flat.detach().abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
-    quantized = torch.round(flat / scale).clamp(-qmax, qmax) * scale
-    return (flat + (quantized - flat).detach()).reshape(weight.shape)
+    # Reduce over every dim but the output channel without reshaping, so the result
+    # keeps the weight's memory layout (a reshape would copy a channels-last weight
+    # back to NCHW and lose the fast convolution path, see fl_ec.models.layout).
+    magnitude = weight.detach().abs()
+    if weight.dim() > 1:  # amax over an empty dim tuple would reduce everything
+        magnitude = magnitude.amax(tuple(range(1, weight.dim())), keepdim=True)
+    scale = (magnitude / qmax).clamp_min(1e-12)
+    quantized = torch.round(weight / scale).clamp(-qmax, qmax) * scale
+    return weight + (quantized - weight).detach()
 
 
 class QuantConv2d(nn.Conv2d):

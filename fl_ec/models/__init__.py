@@ -1,6 +1,7 @@
 """Models (small CNN, CIFAR ResNets) and their JSON architecture specs."""
 
 from fl_ec.models.cnn import SmallCNN
+from fl_ec.models.layout import channels_last
 from fl_ec.models.resnet import CifarResNet
 from fl_ec.models.spec import (
     ArchSpec,
@@ -16,6 +17,7 @@ __all__ = [
     "SmallCNN",
     "build_from_state_dict",
     "build_model",
+    "channels_last",
     "count_parameters",
     "is_known_model",
 ]

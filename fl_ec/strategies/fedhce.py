@@ -31,6 +31,7 @@ from fl_ec.compression.variants import VariantFactory
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.ensemble import logits_accuracy
+from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_utils import ClientModel
@@ -294,7 +295,9 @@ class FedHCE(FedEC):
         logits = {}
         for name, model in self.variant_models.items():
             model.to(self.device).eval()
-            logits[name] = torch.cat([model(x.to(self.device)).cpu() for x in val_x.split(512)])
+            with channels_last(model):
+                batches = [model(x.to(self.device)).cpu() for x in val_x.split(512)]
+            logits[name] = torch.cat(batches)
             model.cpu()
         member_logits = [logits[name] for name in self.hce_names]
         stats["variant-val-accuracy"] = {n: logits_accuracy(z, val_y) for n, z in logits.items()}

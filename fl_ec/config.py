@@ -101,6 +101,7 @@ class ExperimentConfig:
     lp_stages: int = 2
     lp_method: str = "al"
     lp_downsample: int = 1
+    lp_boundary_bits: int = 32
     lp_parallel_epochs: int = 1
     lp_serial_epochs: int = 1
     lp_threads_per_worker: int = 1
@@ -207,6 +208,11 @@ class ExperimentConfig:
             )
         _positive("lp-stages", self.lp_stages)
         _positive("lp-downsample", self.lp_downsample)
+        if self.lp_boundary_bits not in (32, 8):
+            raise ConfigError(
+                f"lp-boundary-bits={self.lp_boundary_bits}: set 32 (fp32 on the wire) or 8 "
+                "(uint8 codes, ~4x fewer boundary bytes)"
+            )
         _positive("lp-parallel-epochs", self.lp_parallel_epochs)
         _positive("lp-threads-per-worker", self.lp_threads_per_worker)
         if not self.alpha > 0:

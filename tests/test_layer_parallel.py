@@ -63,6 +63,31 @@ def test_downsampling_filter_shrinks_the_boundary_4x():
     assert boundary.up(small, (14, 14)).shape == x.shape
 
 
+def test_eight_bit_boundary_codes_lose_at_most_half_a_step_for_4x_fewer_bytes():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(5, 16, 14, 14)) * torch.tensor([0.1, 1, 3, 10, 100]).view(5, 1, 1, 1)
+    boundary = BoundaryFilter(1, bits=8)
+    sent = boundary.encode(x)
+    received = [buffer.copy_(t) for buffer, t in zip(boundary.buffers_like(x), sent, strict=True)]
+    decoded = boundary.decode(received)
+    half_step = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) / 510
+    error = (decoded - x).abs().flatten(1).amax(1)
+    assert torch.all(error <= half_step * 1.001 + 1e-6)
+    assert torch.all(error > 0)  # it is lossy: the test would notice a silent fp32 path
+    coded_bytes = sum(t.numel() * t.element_size() for t in sent)
+    assert coded_bytes == x.numel() + 8 * len(x)  # a byte per value, 2 floats per sample
+    exact = BoundaryFilter(1).decode(BoundaryFilter(1).encode(x))
+    assert torch.equal(exact, x)
+
+
+def test_cosine_lr_schedule():
+    cosine = LPSettings(lr=0.1, epochs=4, lr_schedule="cosine")
+    assert [round(cosine.lr_at(e), 6) for e in range(4)] == [0.1, 0.085355, 0.05, 0.014645]
+    assert LPSettings(lr=0.1, epochs=4).lr_at(3) == 0.1
+    with pytest.raises(ValueError, match="lr_schedule"):
+        LPSettings(lr_schedule="step")
+
+
 def test_fewer_devices_than_stages_falls_back_and_says_so(caplog):
     settings = LPSettings(stages=64, threads_per_worker=1, backend="gloo")
     stages, backend = usable_stages(64, settings, num_blocks=9)
@@ -77,19 +102,30 @@ def tiny():
     return spec, train, test
 
 
-def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(tiny):
+@pytest.mark.parametrize(("downsample", "bits"), [(2, 32), (1, 8)])
+def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(tiny, downsample, bits):
     spec, train, test = tiny
     x, y = train.normalize(train.images), train.labels
     # Synthetic class patterns are not shift/flip invariant: no augmentation here.
     settings = LPSettings(
-        stages=2, method="al", epochs=4, batch_size=64, downsample=2, augment=False
+        stages=2,
+        method="al",
+        epochs=4,
+        batch_size=64,
+        downsample=downsample,
+        boundary_bits=bits,
+        augment=False,
     )
     torch.manual_seed(0)
     model = build_model(spec)
     before = evaluate(model, test).loss
+    boundary_elements = split_resnet(model, 2)[0](x[:1]).numel() // downsample**2
     result = train_layer_parallel(model, spec, x, y, settings)
     assert result.stages == 2 and result.epoch_kinds == ["parallel", "serial"] * 2
-    assert result.boundary_bytes[0] > 0 and result.boundary_bytes[1] == 0
+    # Both directions, every sample: fp32 values, or uint8 codes + an 8-byte range.
+    per_sample = boundary_elements * 4 if bits == 32 else boundary_elements + 8
+    assert result.boundary_bytes[0] == 2 * len(x) * per_sample
+    assert result.boundary_bytes[1] == 0
     parallel_accuracy = evaluate(model, test).accuracy
     assert evaluate(model, test).loss < before
     # Serial training, same epochs, same data: accuracy agrees within 15 points on this

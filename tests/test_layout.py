@@ -3,7 +3,7 @@ import torch
 from fl_ec.compression import enable_weight_fake_quant, fake_quantize
 from fl_ec.data.sources import make_synthetic
 from fl_ec.models import ArchSpec, build_model, channels_last
-from fl_ec.training import train_supervised
+from fl_ec.training import evaluate, train_supervised
 
 
 def _conv_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -67,3 +67,11 @@ def test_training_under_channels_last_matches_plain_layout():
         optimizer.step()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(trained.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluating_under_inference_mode_leaves_the_model_trainable():
+    train, test = make_synthetic(num_train=64, num_test=32, seed=0)
+    model = build_model(ArchSpec("cnn", train.input_shape, 10))
+    evaluate(model, test)  # inference mode + channels-last conversion inside
+    assert not any(p.is_inference() for p in model.parameters())
+    train_supervised(model, train, epochs=1, batch_size=16, lr=0.05)

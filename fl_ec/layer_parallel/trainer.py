@@ -211,13 +211,16 @@ def _worker(
     sgd = dict(lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     optimizer = torch.optim.SGD(mine.parameters(), **sgd)
     serial_optimizer = torch.optim.SGD(model.parameters(), **sgd) if rank == 0 else None
-    boundary = BoundaryFilter(settings.downsample)
+    boundary = BoundaryFilter(settings.downsample, settings.boundary_bits)
     state = _BoundaryState(rank, world, stages, inputs, settings, boundary, device)
     epoch_seconds, kinds, sent_bytes, losses = [], [], [], []
     parallel_done = 0
     for epoch in range(settings.epochs):
         _barrier(world)
         start = time.perf_counter()
+        for opt in (optimizer, serial_optimizer):
+            for group in opt.param_groups if opt is not None else []:
+                group["lr"] = settings.lr_at(epoch)
         if settings.is_serial(epoch):
             loss = _serial_correction(
                 rank, world, model, keys, serial_optimizer, inputs, targets, settings, epoch, device
@@ -320,25 +323,25 @@ def _parallel_epoch(
             stage_input = state.boundary.up(x_in, state.full_size)
         out = stage(stage_input)
         produced = state.boundary.down(out) if rank < world - 1 else None
-        target_aux = torch.empty_like(produced) if produced is not None else None
-        from_below = torch.empty_like(x_in) if rank > 0 else None
+        # Above: my output goes up, the next stage's auxiliary variable comes back.
+        # Below: my auxiliary variable goes down, the previous stage's output comes up.
+        above_in = state.boundary.buffers_like(produced) if produced is not None else []
+        below_in = state.boundary.buffers_like(x_in) if rank > 0 else []
         ops = []
         if rank < world - 1:
-            payload = produced.detach().contiguous()
-            ops += [
-                dist.P2POp(dist.isend, payload, rank + 1),
-                dist.P2POp(dist.irecv, target_aux, rank + 1),
-            ]
-            sent += payload.numel() * payload.element_size()
+            payload = state.boundary.encode(produced)
+            ops += [dist.P2POp(dist.isend, t, rank + 1) for t in payload]
+            ops += [dist.P2POp(dist.irecv, t, rank + 1) for t in above_in]
+            sent += sum(t.numel() * t.element_size() for t in payload)
         if rank > 0:
-            payload = x_in.detach().contiguous()
-            ops += [
-                dist.P2POp(dist.irecv, from_below, rank - 1),
-                dist.P2POp(dist.isend, payload, rank - 1),
-            ]
-            sent += payload.numel() * payload.element_size()
+            payload = state.boundary.encode(x_in)
+            ops += [dist.P2POp(dist.irecv, t, rank - 1) for t in below_in]
+            ops += [dist.P2POp(dist.isend, t, rank - 1) for t in payload]
+            sent += sum(t.numel() * t.element_size() for t in payload)
         for request in dist.batch_isend_irecv(ops) if ops else []:
             request.wait()
+        target_aux = state.boundary.decode(above_in) if above_in else None
+        from_below = state.boundary.decode(below_in) if below_in else None
         if rank == world - 1:
             loss = task_loss(out, targets[index].to(device), settings)
             total += float(loss.detach()) * len(index)

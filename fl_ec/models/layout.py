@@ -39,13 +39,17 @@ def channels_last(*models: nn.Module) -> Iterator[None]:
     convolutions accept NCHW inputs and pick the weights' layout.
     """
     fresh = [m for m in models if m not in _CONVERTED and has_conv2d(m)]
-    for model in fresh:
-        model.to(memory_format=torch.channels_last)
-        _CONVERTED.update(model.modules())
+    # Converted copies made under an enclosing torch.inference_mode() would be
+    # inference tensors, and the parameters could never be trained again.
+    with torch.inference_mode(False):
+        for model in fresh:
+            model.to(memory_format=torch.channels_last)
+            _CONVERTED.update(model.modules())
     try:
         yield
     finally:
-        for model in fresh:
-            model.to(memory_format=torch.contiguous_format)
-            for module in model.modules():
-                _CONVERTED.discard(module)
+        with torch.inference_mode(False):
+            for model in fresh:
+                model.to(memory_format=torch.contiguous_format)
+                for module in model.modules():
+                    _CONVERTED.discard(module)

@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--section", default="fedhce")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "results" / "benchmark")
     parser.add_argument("--extra-run-config", default="", help="applied to every run")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read finished runs with the same settings"
+    )
     args = parser.parse_args()
     command = "python simulations/hce_benchmark.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
@@ -109,6 +112,7 @@ def main() -> None:
             10,
             args.results_dir.resolve(),
             extra,
+            reuse=args.reuse,
         )
         results[(label, args.alpha)] = metrics
     minutes = (dt.datetime.now() - started).total_seconds() / 60

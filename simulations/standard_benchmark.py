@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from fl_ec.config import ExperimentConfig
 from fl_ec.launch import FlowerCli, format_overrides, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,13 @@ def run_one(
     supernodes: int,
     results_dir: Path,
     extra: str,
+    reuse: bool = False,
 ) -> dict:
+    """One ``flwr run`` of ``label``; its metrics (plus the run's wall seconds).
+
+    ``reuse``: a finished run with the same name in ``results_dir`` (every round
+    recorded) is read instead of run again, e.g. after a session was cut off.
+    """
     run_name = (
         "bench-"
         + "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
@@ -90,9 +97,19 @@ def run_one(
         "local-epochs": local_epochs,
         "run-name": run_name,
         "results-dir": str(results_dir),
-        **method_overrides,
         **parse_overrides(extra),
+        # A method's own overrides are more specific than the settings shared by all.
+        **method_overrides,
     }
+    metrics_path = results_dir / run_name / "metrics.json"
+    if reuse and metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        if metrics.get("config") == {**metrics.get("config", {}), **_as_config(settings)} and (
+            len(metrics.get("rounds", [])) == rounds + 1
+        ):
+            print(f"[bench] {label} alpha={alpha}: reusing {metrics_path}", flush=True)
+            metrics["elapsed-seconds"] = None  # not recorded in metrics.json
+            return metrics
     with tempfile.TemporaryDirectory(prefix="flec-bench-") as home:
         cli = FlowerCli(home=Path(home), isolated=True)
         try:
@@ -103,9 +120,14 @@ def run_one(
             cli.stop_local_superlink()
     if not outcome.completed:
         raise SystemExit(f"[bench] {label} alpha={alpha} ended {outcome.status}: {outcome.details}")
-    metrics = json.loads((results_dir / run_name / "metrics.json").read_text())
+    metrics = json.loads(metrics_path.read_text())
     metrics["elapsed-seconds"] = outcome.info.get("elapsed")
     return metrics
+
+
+def _as_config(settings: dict) -> dict:
+    """``settings`` as a run's recorded config (the typed, validated values)."""
+    return ExperimentConfig.from_run_config(settings).to_dict()
 
 
 def _mean(rounds: list[dict], key: str) -> float:
@@ -282,6 +304,9 @@ def main() -> None:
     parser.add_argument(
         "--extra-run-config", default="", help="applied to every run (same for all methods)"
     )
+    parser.add_argument(
+        "--reuse", action="store_true", help="read finished runs with the same settings"
+    )
     args = parser.parse_args()
     command = "python simulations/standard_benchmark.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
@@ -304,6 +329,7 @@ def main() -> None:
                 args.supernodes,
                 args.results_dir.resolve(),
                 args.extra_run_config,
+                reuse=args.reuse,
             )
     minutes = (dt.datetime.now() - started).total_seconds() / 60
     plot_path = PLOTS / f"{args.section}.png"

@@ -131,7 +131,9 @@ class BoundaryFilter:
     those two floats: ~4x fewer bytes (8 bytes of range per sample). The rounding error
     is at most half a step, (max - min) / 510, far below what pooling loses, and only
     the partner's copy is coded: each rank's own activations and auxiliary variables
-    stay fp32, so the penalty sees the coding error once, as a small residual.
+    stay fp32, so the penalty sees the coding error once, as a small residual. Under AL
+    the two ranks' copies of a multiplier then differ by beta times the coding error
+    per step; they are reset with the auxiliary variables at every serial correction.
     """
 
     def __init__(self, factor: int = 1, bits: int = 32) -> None:

@@ -63,8 +63,22 @@ STANDARD_SETTINGS = {
 def parse_method(text: str) -> tuple[str, str, dict]:
     """``fedec:teacher-rule="label-aware",augment-copies=1`` -> (label, strategy, overrides)."""
     strategy, _, rest = text.partition(":")
-    overrides = parse_overrides(rest.replace(",", " ")) if rest else {}
+    overrides = parse_overrides(_commas_outside_quotes_to_spaces(rest)) if rest else {}
     return text, strategy, overrides
+
+
+def _commas_outside_quotes_to_spaces(text: str) -> str:
+    """Overrides are comma-separated, but a quoted value may hold commas."""
+    out, quote = [], ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == ",":
+            char = " "
+        out.append(char)
+    return "".join(out)
 
 
 def run_one(

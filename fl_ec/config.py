@@ -19,6 +19,7 @@ from typing import Any
 
 from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError
+from fl_ec.layer_parallel.objectives import BOUNDARY_BITS
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
@@ -208,7 +209,7 @@ class ExperimentConfig:
             )
         _positive("lp-stages", self.lp_stages)
         _positive("lp-downsample", self.lp_downsample)
-        if self.lp_boundary_bits not in (32, 8):
+        if self.lp_boundary_bits not in BOUNDARY_BITS:
             raise ConfigError(
                 f"lp-boundary-bits={self.lp_boundary_bits}: set 32 (fp32 on the wire) or 8 "
                 "(uint8 codes, ~4x fewer boundary bytes)"

@@ -57,8 +57,7 @@ def run_serial(model, x, y, settings: LPSettings, threads: int):  # noqa: ANN001
     )
     seconds, checkpoints = [], []
     for epoch in range(settings.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr_at(epoch)
+        settings.apply_lr(optimizer, epoch)
         start = time.perf_counter()
         serial_epoch(model, optimizer, x, y, settings, epoch)
         seconds.append(time.perf_counter() - start)

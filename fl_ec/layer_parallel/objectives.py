@@ -113,6 +113,11 @@ class LPSettings:
             return self.lr
         return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
 
+    def apply_lr(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Set ``optimizer``'s learning rate to :meth:`lr_at` for epoch ``epoch``."""
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr_at(epoch)
+
     def beta(self, parallel_epoch: int) -> float:
         return min(self.beta0 * self.beta_growth**parallel_epoch, self.beta_max)
 

@@ -218,9 +218,9 @@ def _worker(
     for epoch in range(settings.epochs):
         _barrier(world)
         start = time.perf_counter()
-        for opt in (optimizer, serial_optimizer):
-            for group in opt.param_groups if opt is not None else []:
-                group["lr"] = settings.lr_at(epoch)
+        settings.apply_lr(optimizer, epoch)
+        if serial_optimizer is not None:
+            settings.apply_lr(serial_optimizer, epoch)
         if settings.is_serial(epoch):
             loss = _serial_correction(
                 rank, world, model, keys, serial_optimizer, inputs, targets, settings, epoch, device

@@ -92,16 +92,20 @@ def run_one(
     results_dir: Path,
     extra: str,
     reuse: bool = False,
+    seed: int | None = None,
 ) -> dict:
     """One ``flwr run`` of ``label``; its metrics (plus the run's wall seconds).
 
     ``reuse``: a finished run with the same name in ``results_dir`` (every round
     recorded) is read instead of run again, e.g. after a session was cut off.
+    ``seed``: replaces the shared seed (partitions, initial model, client batch
+    order, proxy subsets) and names the run after it.
     """
     run_name = (
         "bench-"
         + "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
         + f"-a{alpha:g}-e{local_epochs}"
+        + (f"-s{seed}" if seed is not None else "")
     )
     settings = {
         **STANDARD_SETTINGS,
@@ -114,6 +118,7 @@ def run_one(
         **parse_overrides(extra),
         # A method's own overrides are more specific than the settings shared by all.
         **method_overrides,
+        **({"seed": seed} if seed is not None else {}),
     }
     metrics_path = results_dir / run_name / "metrics.json"
     if reuse and metrics_path.exists():
@@ -156,7 +161,17 @@ def _first_round_reaching(rounds: list[dict], target: float) -> int | None:
     return None
 
 
-def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
+def _fedavg_of(results: dict[tuple, dict], key: tuple) -> dict | None:
+    """FedAvg's run at the same alpha (and the same seed, for multi-seed results)."""
+    return results.get(("fedavg", *key[1:]))
+
+
+def _row_label(key: tuple) -> str:
+    return key[0] if len(key) < 3 else f"{key[0]} (seed {key[2]})"
+
+
+def table(results: dict[tuple, dict], rounds: int) -> str:
+    """One row per run; ``results`` keys are ``(label, alpha)`` or ``(label, alpha, seed)``."""
     checkpoints = sorted(set(range(5, rounds + 1, 5)) | {rounds})
     head = (
         ["method", "alpha"]
@@ -177,7 +192,8 @@ def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
         ]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (label, alpha), metrics in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for key, metrics in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2:], kv[0][0])):
+        alpha = key[1]
         trained = [r for r in metrics["rounds"] if r["round"] > 0]
         by_round = {r["round"]: r for r in metrics["rounds"]}
         accs = [
@@ -186,7 +202,7 @@ def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
         ]
         summary = metrics["summary"]
         final = summary["final-test-accuracy"]
-        base = results.get(("fedavg", alpha))
+        base = _fedavg_of(results, key)
         delta = 100 * (final - base["summary"]["final-test-accuracy"]) if base else float("nan")
         reach = (
             _first_round_reaching(metrics["rounds"], base["summary"]["final-test-accuracy"])
@@ -199,7 +215,7 @@ def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
         lines.append(
             "| "
             + " | ".join(
-                [label, f"{alpha:g}"]
+                [_row_label(key), f"{alpha:g}"]
                 + [f"{a:.2f}" for a in accs]
                 + [
                     f"{delta:+.2f}",
@@ -226,24 +242,95 @@ def table(results: dict[tuple[str, float], dict], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[tuple[str, float], dict], path: Path) -> None:
+def seed_summary(results: dict[tuple, dict]) -> str:
+    """Across seeds, per method and alpha: final accuracy and the paired Δ vs FedAvg.
+
+    Δ is taken seed by seed (each seed has its own partitions and initial model, shared
+    by every method), so the spread shows whether a lead survives a new federation.
+    """
+    groups: dict[tuple[str, float], list[tuple]] = {}
+    for key in results:
+        groups.setdefault(key[:2], []).append(key)
+    head = [
+        "method",
+        "alpha",
+        "seeds",
+        "final acc mean ± sd",
+        "Δ vs FedAvg mean ± sd (pts)",
+        "Δ per seed",
+        "rounds to FedAvg's final, per seed",
+        "server s / summed client train s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, alpha), keys in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        keys = sorted(keys, key=lambda k: k[2])
+        finals = [100 * results[k]["summary"]["final-test-accuracy"] for k in keys]
+        deltas, reaches, ratios = [], [], []
+        for k in keys:
+            base = _fedavg_of(results, k)
+            if base is None:
+                continue
+            target = base["summary"]["final-test-accuracy"]
+            deltas.append(100 * results[k]["summary"]["final-test-accuracy"] - 100 * target)
+            reach = _first_round_reaching(results[k]["rounds"], target)
+            reaches.append(str(reach) if reach else "-")
+            trained = [r for r in results[k]["rounds"] if r["round"] > 0]
+            client_sum = _mean(trained, "client-train-seconds-sum")
+            if client_sum == client_sum and client_sum:
+                ratios.append(results[k]["summary"]["mean-aggregate-seconds"] / client_sum)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    f"{alpha:g}",
+                    ", ".join(str(k[2]) for k in keys),
+                    _mean_sd(finals, "{:.2f}"),
+                    _mean_sd(deltas, "{:+.2f}") if deltas else "-",
+                    ", ".join(f"{d:+.2f}" for d in deltas) or "-",
+                    ", ".join(reaches) or "-",
+                    f"{sum(ratios) / len(ratios):.2f}" if ratios else "-",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return fmt.format(mean)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt.format(mean)} ± {sd:.2f}"
+
+
+def plot(results: dict[tuple, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = sorted({alpha for _, alpha in results})
+    alphas = sorted({key[1] for key in results})
+    labels = sorted({key[0] for key in results})
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(alphas), figsize=(6 * len(alphas), 4), squeeze=False)
     for ax, alpha in zip(axes[0], alphas, strict=True):
-        for (label, a), metrics in sorted(results.items()):
-            if a != alpha:
+        for key, metrics in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][2:])):
+            if key[1] != alpha:
                 continue
+            # One colour per method; seeds of the same method differ by line style.
+            seeds = sorted({k[2] for k in results if len(k) > 2 and k[0] == key[0]})
+            style = styles[seeds.index(key[2]) % len(styles)] if len(key) > 2 else "-"
             rounds = [r["round"] for r in metrics["rounds"]]
             ax.plot(
                 rounds,
                 [100 * r["test-accuracy"] for r in metrics["rounds"]],
                 marker=".",
-                label=label,
+                linestyle=style,
+                color=colours[key[0]],
+                label=_row_label(key),
             )
         ax.set_title(f"alpha={alpha:g}")
         ax.set_xlabel("round")
@@ -331,27 +418,35 @@ def main() -> None:
     started = dt.datetime.now()
     results = {}
     methods = [parse_method(m) for m in args.methods]  # a malformed one fails before any run
+    if args.seeds and any("seed" in overrides for _, _, overrides in methods):
+        raise SystemExit("[bench] --seeds sets every run's seed: drop seed= from the methods")
     for alpha in args.alphas:
-        for label, strategy, overrides in methods:
-            results[(label, alpha)] = run_one(
-                label,
-                strategy,
-                overrides,
-                alpha,
-                rounds,
-                epochs,
-                args.supernodes,
-                args.results_dir.resolve(),
-                args.extra_run_config,
-                reuse=args.reuse,
-            )
+        for seed in args.seeds or [None]:
+            for label, strategy, overrides in methods:
+                key = (label, alpha) if seed is None else (label, alpha, seed)
+                results[key] = run_one(
+                    label,
+                    strategy,
+                    overrides,
+                    alpha,
+                    rounds,
+                    epochs,
+                    args.supernodes,
+                    args.results_dir.resolve(),
+                    args.extra_run_config,
+                    reuse=args.reuse,
+                    seed=seed,
+                )
     minutes = (dt.datetime.now() - started).total_seconds() / 60
     plot_path = PLOTS / f"{args.section}.png"
     plot(results, plot_path)
     accelerator = (
         f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
     )
-    settings = format_overrides({**STANDARD_SETTINGS, "local-epochs": epochs}).replace('"', "")
+    shared = {**STANDARD_SETTINGS, "local-epochs": epochs}
+    if args.seeds:
+        shared["seed"] = "/".join(map(str, args.seeds))
+    settings = format_overrides(shared).replace('"', "")
     lines = [
         f"## {args.section} ({args.regime} regime: {rounds} rounds x {epochs} local epoch(s); "
         f"Fashion-MNIST, {args.supernodes} clients, Dirichlet partitions)",
@@ -373,9 +468,19 @@ def main() -> None:
         "",
         table(results, rounds),
         "",
+    ]
+    if args.seeds:
+        lines += [
+            f"Across seeds ({', '.join(map(str, args.seeds))}); Δ and rounds are paired "
+            "with FedAvg's run of the same seed:",
+            "",
+            seed_summary(results),
+            "",
+        ]
+    lines += [
         f"![accuracy vs round](simulations/plots/{plot_path.name})",
     ]
-    if any(strategy_of(label) == "fedec" for label, _ in results):
+    if any(strategy_of(key[0]) == "fedec" for key in results):
         lines += ["", "- " + teacher_throughput()]
     write_section(args.section, "\n".join(lines))
     print("\n".join(lines))

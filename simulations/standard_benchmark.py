@@ -408,6 +408,14 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="read finished runs with the same settings"
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="repeat every method with each seed (partitions, init, batch order); "
+        "adds a table of mean ± sd and the Δ vs FedAvg paired by seed",
+    )
     args = parser.parse_args()
     command = "python simulations/standard_benchmark.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]

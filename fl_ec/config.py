@@ -25,6 +25,7 @@ from fl_ec.models.spec import is_known_model
 STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
+CLIENT_STARTS = ("student", "average")  # FedEC's client-start; fedhce needs "student"
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,6 +79,7 @@ class ExperimentConfig:
     proxy_per_round: int = 0
     augment_copies: int = 0
     student_init: str = "average"
+    client_start: str = "student"
     distill_steps: int = 500
     distill_batch_size: int = 128
     distill_lr: float = 1e-3
@@ -172,6 +174,12 @@ class ExperimentConfig:
         _choice("device", self.device, DEVICES)
         _choice("teacher-rule", self.teacher_rule, TEACHER_RULES)
         _choice("student-init", self.student_init, STUDENT_INITS)
+        _choice("client-start", self.client_start, CLIENT_STARTS)
+        if self.strategy == "fedhce" and self.client_start != "student":
+            raise ConfigError(
+                'client-start must be "student" with strategy=fedhce: its clients train '
+                "variants of the distilled model"
+            )
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
         for key, value in (

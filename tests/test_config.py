@@ -35,6 +35,8 @@ def test_values_are_coerced_to_declared_types():
         ({"lr": "fast"}, "lr='fast' is not a valid float"),
         ({"proxy-size": -5}, "proxy-size=-5 must be >= 0"),
         ({"local-loss": "focal"}, "local-loss='focal' is unknown"),
+        ({"client-start": "teacher"}, "client-start='teacher' is unknown"),
+        ({"strategy": "fedhce", "client-start": "average"}, 'client-start must be "student"'),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",

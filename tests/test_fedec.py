@@ -253,3 +253,57 @@ def test_an_external_student_trainer_replaces_distillation_but_never_hurts(task_
     # Validation caught the ruined student: the start (the average) was kept.
     assert stats["student-val-accuracy"] == stats["student-start-val-accuracy"]
     assert any(float(v.abs().sum()) > 0 for v in arrays.to_torch_state_dict().values())
+
+
+def test_client_start_average_trains_the_average_and_serves_the_student(task_identity, data):
+    # No validation data: distillation runs every step and keeps the last student.
+    strategy = FedEC(
+        proxy_data=data[0],
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=5, batch_size=32),
+        client_start="average",
+        teacher_rule="mean-logits",
+        min_train_nodes=2,
+    )
+    _start_round(strategy, _global())
+    a, b = _global(1), _global(2)
+    served, _ = strategy.aggregate_train(
+        1, [_reply(1, a, num_examples=30), _reply(2, b, num_examples=10)]
+    )
+    expected = {
+        k: 0.75 * a.state_dict()[k].double() + 0.25 * b.state_dict()[k].double()
+        for k in ("conv1.weight", "fc1.weight")
+    }
+    sent = strategy.client_start_arrays.to_torch_state_dict()
+    for key, value in expected.items():
+        assert torch.allclose(sent[key].double(), value, atol=1e-6)
+    # The returned (served, evaluated) model is the distilled student, not the average.
+    served_state = served.to_torch_state_dict()
+    assert strategy.server_metrics[1]["distill-steps"] == 5
+    assert not torch.allclose(served_state["fc1.weight"], sent["fc1.weight"])
+    # Next round: the train messages carry the average; the served model stays the
+    # "previous global" the teacher and student-init options refer to.
+    grid = _FakeGrid(nodes=[7, 8])
+    messages = list(strategy.configure_train(2, served, ConfigRecord({"lr": 0.1}), grid))
+    assert len(messages) == 2
+    for message in messages:
+        got = message.content["arrays"].to_torch_state_dict()
+        assert torch.equal(got["fc1.weight"], sent["fc1.weight"])
+    assert torch.equal(
+        strategy.global_arrays.to_torch_state_dict()["fc1.weight"], served_state["fc1.weight"]
+    )
+
+
+def test_client_start_must_be_known(data):
+    with pytest.raises(ValueError, match="client_start"):
+        _strategy(data, client_start="teacher")
+
+
+class _FakeGrid:
+    """The two Grid calls FedAvg.configure_train makes (pure logic: node sampling)."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)

@@ -56,6 +56,7 @@ def build_strategy(
             teacher_rule=config.teacher_rule,
             trim_ratio=config.trim_ratio,
             student_init=config.student_init,
+            client_start=config.client_start,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,
             proxy_per_round=config.proxy_per_round,

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fl_ec.config import CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
@@ -35,8 +36,6 @@ from fl_ec.strategies.fedec_utils import (
     weighted_average,
 )
 from fl_ec.training import select_device
-
-STUDENT_INITS = ("average", "previous")
 
 
 class FedEC(FedAvg):
@@ -65,6 +64,15 @@ class FedEC(FedAvg):
     student_init : str (default: "average")
         ``average``: the example-weighted parameter average of the replies that share
         the global architecture (FedDF); ``previous``: the previous global model.
+    client_start : str (default: "student")
+        What the next round's clients train from. ``student``: the distilled model
+        (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
+        the clients follow FedAvg's trajectory while the distilled student is the
+        global model that is evaluated, served and returned ("train the average, serve
+        the student"). Measured at alpha=0.1, clients that start from a distilled
+        student average to a *worse* model than clients that start from the previous
+        average, so the distilled run tracks its teacher's ceiling instead of FedAvg's
+        climb; ``average`` keeps the climb and still serves the distilled gain.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -102,6 +110,7 @@ class FedEC(FedAvg):
         teacher_rule: str = "mean-logits",
         trim_ratio: float = 0.1,
         student_init: str = "average",
+        client_start: str = "student",
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
         proxy_per_round: int = 0,
@@ -119,6 +128,8 @@ class FedEC(FedAvg):
             raise ValueError(f"teacher_rule={teacher_rule!r}: choose one of {', '.join(RULES)}")
         if student_init not in STUDENT_INITS:
             raise ValueError(f"student_init={student_init!r}: choose average or previous")
+        if client_start not in CLIENT_STARTS:
+            raise ValueError(f"client_start={client_start!r}: choose student or average")
         self.arch_spec = ArchSpec.from_json(arch_spec) if isinstance(arch_spec, str) else arch_spec
         self.model_builder = model_builder
         self.proxy_inputs = _inputs_of(proxy_data)
@@ -127,6 +138,9 @@ class FedEC(FedAvg):
         self.teacher_rule = teacher_rule
         self.trim_ratio = trim_ratio
         self.student_init = student_init
+        self.client_start = client_start
+        # With client_start="average": the model the next round's clients train from.
+        self.client_start_arrays: ArrayRecord | None = None
         self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
         if proxy_per_round < 0:
@@ -148,12 +162,13 @@ class FedEC(FedAvg):
         log(
             INFO,
             "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round, +%d augmented views), "
-            "student init=%s, distill=%s",
+            "student init=%s, clients start from the %s, distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
             self.augment_copies,
             self.student_init,
+            self.client_start,
             self.distill_settings,
         )
 
@@ -162,6 +177,8 @@ class FedEC(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays  # the previous global model, for init / teacher
+        if self.client_start == "average" and self.client_start_arrays is not None:
+            arrays = self.client_start_arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -229,6 +246,11 @@ class FedEC(FedAvg):
             if g[0].spec == global_spec and _shapes(g[0].state) == _shapes(previous.state_dict())
         ]
         student = self._student_start(same_arch[0] if same_arch else [], accepted, previous)
+        if self.client_start == "average":
+            # Without a same-architecture group there is no average: clients get the student.
+            self.client_start_arrays = (
+                ArrayRecord(weighted_average(same_arch[0])) if same_arch else None
+            )
         clients = [m.model for m in accepted]
         members = list(clients)
         if self.teacher_includes_average:

@@ -111,6 +111,8 @@ class FedHCE(FedEC):
         super().__init__(**fedec_kwargs)
         if self.arch_spec is None:
             raise ValueError("FedHCE needs arch_spec: variants are rebuilt from arrays + spec")
+        if self.client_start != "student":
+            raise ValueError("FedHCE needs client_start='student': clients train its variants")
         parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
         if not parsed:
             raise ValueError("FedHCE needs at least one variant")

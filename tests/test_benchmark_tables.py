@@ -1,0 +1,61 @@
+"""The benchmark driver's tables: pure logic over hand-built metrics (no runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+from standard_benchmark import seed_summary, table  # noqa: E402
+
+
+def _metrics(accuracies: list[float], aggregate_seconds: float = 0.0) -> dict:
+    rounds = [{"round": 0, "test-accuracy": 0.1}] + [
+        {"round": i + 1, "test-accuracy": a, "client-train-seconds-sum": 10.0}
+        for i, a in enumerate(accuracies)
+    ]
+    return {
+        "rounds": rounds,
+        "summary": {
+            "final-test-accuracy": accuracies[-1],
+            "mean-aggregate-seconds": aggregate_seconds,
+            "mean-round-seconds": 1.0,
+            "mean-train-seconds": 1.0,
+            "mean-bytes-down": 1e6,
+            "mean-bytes-up": 1e6,
+        },
+    }
+
+
+def _row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_deltas_are_paired_with_fedavg_of_the_same_seed():
+    results = {
+        ("fedavg", 0.1, 1): _metrics([0.70, 0.80]),
+        ("fedavg", 0.1, 2): _metrics([0.85, 0.90]),
+        ("fedec", 0.1, 1): _metrics([0.81, 0.83], aggregate_seconds=5.0),
+        ("fedec", 0.1, 2): _metrics([0.86, 0.88], aggregate_seconds=5.0),
+    }
+    cells = _row(seed_summary(results), "fedec")
+    # seeds, mean ± sd of finals, mean ± sd of paired deltas, deltas, rounds, server ratio
+    assert cells[2] == "1, 2"
+    assert cells[3] == "85.50 ± 3.54"
+    assert cells[4] == "+0.50 ± 3.54"
+    assert cells[5] == "+3.00, -2.00"
+    assert cells[6] == "1, -"  # seed 1 passes FedAvg's 80% in round 1; seed 2 never reaches 90%
+    assert cells[7] == "0.50"
+    seed_two = _row(table(results, 2), "fedec (seed 2)")
+    assert seed_two[3] == "-2.00"  # method, alpha, acc@2, then the delta
+
+
+def test_single_seed_results_keep_the_plain_labels():
+    results = {("fedavg", 0.5): _metrics([0.9]), ("fedec", 0.5): _metrics([0.95])}
+    assert _row(table(results, 1), "fedec")[3] == "+5.00"
+
+
+def test_a_method_without_fedavg_of_its_seed_has_no_delta():
+    results = {("fedec", 0.1, 3): _metrics([0.8])}
+    assert _row(seed_summary(results), "fedec")[4] == "-"

@@ -166,6 +166,25 @@ def _fedavg_of(results: dict[tuple, dict], key: tuple) -> dict | None:
     return results.get(("fedavg", *key[1:]))
 
 
+def _vs_fedavg(results: dict[tuple, dict], key: tuple) -> tuple[float, int | None, float]:
+    """A run's Δ final vs FedAvg (pts), first round at FedAvg's final, server/client time.
+
+    Δ and the round are NaN / None without a FedAvg run of the same alpha (and seed);
+    the time ratio is NaN when the run recorded no client training seconds.
+    """
+    metrics = results[key]
+    trained = [r for r in metrics["rounds"] if r["round"] > 0]
+    client_sum = _mean(trained, "client-train-seconds-sum")
+    agg = metrics["summary"]["mean-aggregate-seconds"]
+    ratio = agg / client_sum if client_sum == client_sum and client_sum else float("nan")
+    base = _fedavg_of(results, key)
+    if base is None:
+        return float("nan"), None, ratio
+    target = base["summary"]["final-test-accuracy"]
+    delta = 100 * (metrics["summary"]["final-test-accuracy"] - target)
+    return delta, _first_round_reaching(metrics["rounds"], target), ratio
+
+
 def _row_label(key: tuple) -> str:
     return key[0] if len(key) < 3 else f"{key[0]} (seed {key[2]})"
 
@@ -201,16 +220,8 @@ def table(results: dict[tuple, dict], rounds: int) -> str:
             for r in checkpoints
         ]
         summary = metrics["summary"]
-        final = summary["final-test-accuracy"]
-        base = _fedavg_of(results, key)
-        delta = 100 * (final - base["summary"]["final-test-accuracy"]) if base else float("nan")
-        reach = (
-            _first_round_reaching(metrics["rounds"], base["summary"]["final-test-accuracy"])
-            if base
-            else None
-        )
+        delta, reach, ratio = _vs_fedavg(results, key)
         agg = summary["mean-aggregate-seconds"]
-        client_sum = _mean(trained, "client-train-seconds-sum")
         ensemble = summary.get("ensemble-test-accuracy")
         lines.append(
             "| "
@@ -224,7 +235,7 @@ def table(results: dict[tuple, dict], rounds: int) -> str:
                     f"{summary['mean-round-seconds']:.1f}",
                     f"{summary['mean-train-seconds']:.1f}",
                     f"{agg:.2f}",
-                    f"{agg / client_sum:.2f}" if client_sum == client_sum and client_sum else "-",
+                    f"{ratio:.2f}" if ratio == ratio else "-",
                     f"{_mean(trained, 'teacher-seconds'):.1f}"
                     if "teacher-seconds" in trained[0]
                     else "-",
@@ -267,17 +278,13 @@ def seed_summary(results: dict[tuple, dict]) -> str:
         finals = [100 * results[k]["summary"]["final-test-accuracy"] for k in keys]
         deltas, reaches, ratios = [], [], []
         for k in keys:
-            base = _fedavg_of(results, k)
-            if base is None:
+            if _fedavg_of(results, k) is None:
                 continue
-            target = base["summary"]["final-test-accuracy"]
-            deltas.append(100 * results[k]["summary"]["final-test-accuracy"] - 100 * target)
-            reach = _first_round_reaching(results[k]["rounds"], target)
+            delta, reach, ratio = _vs_fedavg(results, k)
+            deltas.append(delta)
             reaches.append(str(reach) if reach else "-")
-            trained = [r for r in results[k]["rounds"] if r["round"] > 0]
-            client_sum = _mean(trained, "client-train-seconds-sum")
-            if client_sum == client_sum and client_sum:
-                ratios.append(results[k]["summary"]["mean-aggregate-seconds"] / client_sum)
+            if ratio == ratio:
+                ratios.append(ratio)
         lines.append(
             "| "
             + " | ".join(

@@ -12,6 +12,10 @@ Afterwards the FedHCE runs' saved variants are re-loaded and measured on the
 test set (accuracy, parameters, wire bytes, CPU latency at batch 1 and 64 in fp32 and
 as an exported int8 model), next to FedEC's fp32 model. The section ``fedhce`` of
 BENCHMARKS.md and ``simulations/plots/fedhce-*.png`` are rewritten.
+
+``--seeds 42 1 2`` repeats every method per seed (partitions, initial model, batch
+order) and adds a table of each target's mean ± sd, paired with FedEC's run of the
+same seed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import platform
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +36,10 @@ from standard_benchmark import (  # noqa: E402
     PLOTS,
     ROOT,
     STANDARD_SETTINGS,
+    mean_sd,
     parse_method,
     plot,
+    run_name,
     run_one,
     table,
     write_section,
@@ -82,6 +89,58 @@ def _bytes_plot(points: list[tuple[str, float, float]], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class HceTargets:
+    """One FedHCE run against FedEC and FedAvg of the same seed: the issue's targets."""
+
+    label: str
+    seed: int
+    hce_delta: float  # HCE ensemble minus FedEC's fp32 model, points
+    hce_bytes_ratio: float  # HCE ensemble bytes / FedEC fp32 model bytes
+    global_delta: float  # FedHCE's global model minus FedEC's, points
+    downlink_ratio: float  # FedHCE downlink per round / FedAvg's
+    disagreement: float  # test-set prediction disagreement between the HCE members
+
+
+def seed_summary(targets: list[HceTargets]) -> str:
+    """Mean ± sd over seeds of each FedHCE method's targets (Δs paired by seed)."""
+    head = [
+        "method",
+        "seeds",
+        "HCE ensemble Δ vs FedEC fp32 (pts; target >= +1.0)",
+        "HCE bytes / FedEC fp32 (<= 0.25)",
+        "global Δ vs FedEC (pts; target within 0.5)",
+        "downlink / FedAvg (<= 0.25)",
+        "member disagreement",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = list(dict.fromkeys(t.label for t in targets))
+    for label in labels:
+        rows = sorted((t for t in targets if t.label == label), key=lambda t: t.seed)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    ", ".join(str(t.seed) for t in rows),
+                    mean_sd([t.hce_delta for t in rows], "{:+.2f}")
+                    + " ("
+                    + ", ".join(f"{t.hce_delta:+.2f}" for t in rows)
+                    + ")",
+                    mean_sd([t.hce_bytes_ratio for t in rows], "{:.3f}"),
+                    mean_sd([t.global_delta for t in rows], "{:+.2f}")
+                    + " ("
+                    + ", ".join(f"{t.global_delta:+.2f}" for t in rows)
+                    + ")",
+                    mean_sd([t.downlink_ratio for t in rows], "{:.3f}"),
+                    mean_sd([t.disagreement for t in rows], "{:.3f}"),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
@@ -93,47 +152,122 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="read finished runs with the same settings"
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="repeat every method with each seed; adds a table of the targets' mean ± sd",
+    )
     args = parser.parse_args()
     command = "python simulations/hce_benchmark.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
     )
     extra = f"{HCE_SETTINGS} {args.extra_run_config}".strip()
-    started = dt.datetime.now()
-    results = {}
     # Parse every method first: a malformed override fails before an hour of runs.
-    for label, strategy, overrides in [parse_method(m) for m in args.methods]:
-        metrics = run_one(
-            label,
-            strategy,
-            overrides,
-            args.alpha,
-            args.rounds,
-            1,
-            10,
-            args.results_dir.resolve(),
-            extra,
-            reuse=args.reuse,
-        )
-        results[(label, args.alpha)] = metrics
+    methods = [parse_method(m) for m in args.methods]
+    if args.seeds and any("seed" in overrides for _, _, overrides in methods):
+        raise SystemExit("[bench] --seeds sets every run's seed: drop seed= from the methods")
+    started = dt.datetime.now()
+    results: dict[tuple, dict] = {}
+    for seed in args.seeds or [None]:
+        for label, strategy, overrides in methods:
+            key = (label, args.alpha) if seed is None else (label, args.alpha, seed)
+            results[key] = run_one(
+                label,
+                strategy,
+                overrides,
+                args.alpha,
+                args.rounds,
+                1,
+                10,
+                args.results_dir.resolve(),
+                extra,
+                reuse=args.reuse,
+                seed=seed,
+            )
     minutes = (dt.datetime.now() - started).total_seconds() / 60
 
     torch.set_num_threads(1)  # latency of one inference thread, as on a small edge CPU
     config = ExperimentConfig.from_run_config({**STANDARD_SETTINGS, "alpha": args.alpha})
-    test = load_server_data(config).test
+    test = load_server_data(config).test  # the test set does not depend on the seed
     test_x, test_y = test.normalize(test.images), test.labels
-    down = {label: _mean_bytes_down(m) for (label, _), m in results.items()}
-    final = {label: m["rounds"][-1]["test-accuracy"] for (label, _), m in results.items()}
-    lines_variants, summary, points, fp32_rows = [], [], [], []
+    lines_variants, target_lines, points, targets = [], [], [], []
+    for seed in args.seeds or [None]:
+        seed_results = {k: m for k, m in results.items() if (k[2] if len(k) > 2 else None) == seed}
+        evaluated = _evaluate_seed(seed_results, seed, args, test_x, test_y)
+        lines_variants += evaluated["variant_lines"]
+        target_lines += evaluated["target_lines"]
+        points += evaluated["points"] if seed == (args.seeds or [None])[0] else []
+        targets += evaluated["targets"]
+    plot_rounds = PLOTS / f"{args.section}-rounds.png"
+    plot_bytes = PLOTS / f"{args.section}-accuracy-vs-bytes.png"
+    plot(results, plot_rounds)
+    _bytes_plot(points, plot_bytes)
+
+    accelerator = (
+        f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
+    )
+    seeds_text = ", ".join(map(str, args.seeds)) if args.seeds else str(config.seed)
+    body = [
+        f"## {args.section} (FedAvg vs FedEC vs FedHCE; Fashion-MNIST, alpha={args.alpha:g}, "
+        f"10 clients = 3 gpu + 7 edge, {args.rounds} rounds)",
+        "",
+        f"- Command: `{command.strip()}`",
+        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
+        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{accelerator}",
+        f"- Setup: standard client training (1 local epoch, SGD 0.05/0.9, clipping 10, "
+        f"seed {seeds_text}) for every method; every run gets `{extra}`. FedAvg and FedEC "
+        "send every node the full fp32 model; FedHCE sends each node the variant "
+        "`variant-policy` names for its tier, packed. Latency: median of 30 forward passes, "
+        "1 CPU thread.",
+        "",
+        table(results, args.rounds),
+        "",
+        *target_lines,
+        "",
+    ]
+    if args.seeds:
+        body += [
+            f"Across seeds ({seeds_text}); each Δ is paired with FedEC's run of the same seed:",
+            "",
+            seed_summary(targets),
+            "",
+        ]
+    body += [
+        "Per variant (test set, 10k):",
+        "",
+        *lines_variants,
+        f"![accuracy vs round](simulations/plots/{plot_rounds.name})",
+        f"![accuracy vs bytes](simulations/plots/{plot_bytes.name})"
+        + (f" (seed {args.seeds[0]})" if args.seeds else ""),
+    ]
+    write_section(args.section, "\n".join(body))
+    print("\n".join(body))
+
+
+def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, test_y) -> dict:  # noqa: ANN001
+    """Re-load one seed's final models, measure them, and check the issue's targets."""
+    suffix = f" (seed {seed})" if seed is not None else ""
+    down = {key[0]: _mean_bytes_down(m) for key, m in results.items()}
+    final = {key[0]: m["rounds"][-1]["test-accuracy"] for key, m in results.items()}
+    variant_lines, summary, points, fp32_rows = [], [], [], []
     fedec_label = next((label for label in down if label.startswith("fedec")), None)
     fp32_bytes = 0
     for label in down:
-        run_dir = args.results_dir.resolve() / _run_name(label, args.alpha)
+        run_dir = args.results_dir.resolve() / _run_name(label, args.alpha, seed)
         if label.startswith("fedhce"):
             models, index = load_variants(run_dir)
             reports = evaluate_variants(models, index, test_x, test_y)
             members = [e["name"] for e in index if e["hce"]]
             member_logits = [teacher_logits([models[m]], test_x).logits for m in members]
-            lines_variants += [f"**{label}** (its final variants)", "", markdown_table(reports), ""]
+            variant_lines += [
+                f"**{label}**{suffix} (its final variants)",
+                "",
+                markdown_table(reports),
+                "",
+            ]
             summary.append((label, reports[-1], prediction_disagreement(member_logits)))
             points += [(f"{label}: {r.name}", r.wire_bytes, r.accuracy) for r in reports]
         else:
@@ -147,62 +281,47 @@ def main() -> None:
             if label == fedec_label:
                 fp32_bytes = report.wire_bytes
     if fp32_rows:
-        lines_variants = ["**FedAvg / FedEC**", "", markdown_table(fp32_rows), ""] + lines_variants
-    plot_rounds = PLOTS / f"{args.section}-rounds.png"
-    plot_bytes = PLOTS / f"{args.section}-accuracy-vs-bytes.png"
-    plot(results, plot_rounds)
-    _bytes_plot(points, plot_bytes)
-
-    fedavg_down = down.get("fedavg")
-    target_lines = []
+        variant_lines = [
+            f"**FedAvg / FedEC**{suffix}",
+            "",
+            markdown_table(fp32_rows),
+            "",
+        ] + variant_lines
+    fedavg_down = down.get("fedavg", float("nan"))
+    base = final.get(fedec_label, float("nan")) if fedec_label else float("nan")
+    target_lines, targets = [], []
     for label, hce, disagreement in summary:
-        base = final.get(fedec_label, float("nan")) if fedec_label else float("nan")
+        measured = HceTargets(
+            label=label,
+            seed=seed if seed is not None else -1,
+            hce_delta=100 * (hce.accuracy - base),
+            hce_bytes_ratio=hce.wire_bytes / max(fp32_bytes, 1),
+            global_delta=100 * (final[label] - base),
+            downlink_ratio=down[label] / fedavg_down,
+            disagreement=disagreement,
+        )
+        targets.append(measured)
         target_lines.append(
-            f"- **{label}**: HCE ensemble {100 * hce.accuracy:.2f}% with {hce.wire_bytes:,} "
-            f"bytes = {hce.wire_bytes / max(fp32_bytes, 1):.3f}x FedEC's fp32 model "
-            f"({fp32_bytes:,} B, {100 * base:.2f}%): {100 * (hce.accuracy - base):+.2f} pts "
+            f"- **{label}**{suffix}: HCE ensemble {100 * hce.accuracy:.2f}% with "
+            f"{hce.wire_bytes:,} bytes = {measured.hce_bytes_ratio:.3f}x FedEC's fp32 model "
+            f"({fp32_bytes:,} B, {100 * base:.2f}%): {measured.hce_delta:+.2f} pts "
             f"(target >= +1.0 at <= 0.25x). Global model {100 * final[label]:.2f}% vs FedEC "
-            f"{100 * base:.2f}% ({100 * (final[label] - base):+.2f} pts, target within 0.5). "
+            f"{100 * base:.2f}% ({measured.global_delta:+.2f} pts, target within 0.5). "
             f"Downlink {down[label] / 1e6:.2f} MB/round = "
-            f"{down[label] / fedavg_down:.3f}x FedAvg's (target <= 0.25x). "
+            f"{measured.downlink_ratio:.3f}x FedAvg's (target <= 0.25x). "
             f"Test-set prediction disagreement between HCE members: {disagreement:.3f}."
         )
-    accelerator = (
-        f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
-    )
-    body = [
-        f"## {args.section} (FedAvg vs FedEC vs FedHCE; Fashion-MNIST, alpha={args.alpha:g}, "
-        f"10 clients = 3 gpu + 7 edge, {args.rounds} rounds)",
-        "",
-        f"- Command: `{command.strip()}`",
-        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
-        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{accelerator}",
-        f"- Setup: standard client training (1 local epoch, SGD 0.05/0.9, clipping 10, seed 42) "
-        f"for every method; every run gets `{extra}`. FedAvg and FedEC send every node the "
-        "full fp32 model; FedHCE sends each node the variant `variant-policy` names for its "
-        "tier, packed. Latency: median of 30 forward passes, 1 CPU thread.",
-        "",
-        table(results, args.rounds),
-        "",
-        *target_lines,
-        "",
-        "Per variant (test set, 10k):",
-        "",
-        *lines_variants,
-        f"![accuracy vs round](simulations/plots/{plot_rounds.name})",
-        f"![accuracy vs bytes](simulations/plots/{plot_bytes.name})",
-    ]
-    write_section(args.section, "\n".join(body))
-    print("\n".join(body))
+    return {
+        "variant_lines": variant_lines,
+        "target_lines": target_lines,
+        "points": points,
+        "targets": targets,
+    }
 
 
-def _run_name(label: str, alpha: float) -> str:
-    return (
-        "bench-"
-        + "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
-        + f"-a{alpha:g}-e1"
-    )
+def _run_name(label: str, alpha: float, seed: int | None = None) -> str:
+    """The run folder ``run_one`` named (it is the single source of the scheme)."""
+    return run_name(label, alpha, 1, seed)
 
 
 def _mean_bytes_down(metrics: dict) -> float:

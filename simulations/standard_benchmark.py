@@ -101,26 +101,21 @@ def run_one(
     ``seed``: replaces the shared seed (partitions, initial model, client batch
     order, proxy subsets) and names the run after it.
     """
-    run_name = (
-        "bench-"
-        + "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
-        + f"-a{alpha:g}-e{local_epochs}"
-        + (f"-s{seed}" if seed is not None else "")
-    )
+    name = run_name(label, alpha, local_epochs, seed)
     settings = {
         **STANDARD_SETTINGS,
         "strategy": strategy,
         "alpha": alpha,
         "num-server-rounds": rounds,
         "local-epochs": local_epochs,
-        "run-name": run_name,
+        "run-name": name,
         "results-dir": str(results_dir),
         **parse_overrides(extra),
         # A method's own overrides are more specific than the settings shared by all.
         **method_overrides,
         **({"seed": seed} if seed is not None else {}),
     }
-    metrics_path = results_dir / run_name / "metrics.json"
+    metrics_path = results_dir / name / "metrics.json"
     if reuse and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         if metrics.get("config") == {**metrics.get("config", {}), **_as_config(settings)} and (
@@ -142,6 +137,16 @@ def run_one(
     metrics = json.loads(metrics_path.read_text())
     metrics["elapsed-seconds"] = outcome.info.get("elapsed")
     return metrics
+
+
+def run_name(label: str, alpha: float, local_epochs: int, seed: int | None = None) -> str:
+    """The run folder's name: the method label, alpha, local epochs and the seed, if set."""
+    return (
+        "bench-"
+        + "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
+        + f"-a{alpha:g}-e{local_epochs}"
+        + (f"-s{seed}" if seed is not None else "")
+    )
 
 
 def _as_config(settings: dict) -> dict:
@@ -292,8 +297,8 @@ def seed_summary(results: dict[tuple, dict]) -> str:
                     label,
                     f"{alpha:g}",
                     ", ".join(str(k[2]) for k in keys),
-                    _mean_sd(finals, "{:.2f}"),
-                    _mean_sd(deltas, "{:+.2f}") if deltas else "-",
+                    mean_sd(finals, "{:.2f}"),
+                    mean_sd(deltas, "{:+.2f}") if deltas else "-",
                     ", ".join(f"{d:+.2f}" for d in deltas) or "-",
                     ", ".join(reaches) or "-",
                     f"{sum(ratios) / len(ratios):.2f}" if ratios else "-",
@@ -304,7 +309,7 @@ def seed_summary(results: dict[tuple, dict]) -> str:
     return "\n".join(lines)
 
 
-def _mean_sd(values: list[float], fmt: str) -> str:
+def mean_sd(values: list[float], fmt: str) -> str:
     mean = sum(values) / len(values)
     if len(values) < 2:
         return fmt.format(mean)

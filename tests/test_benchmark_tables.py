@@ -59,3 +59,22 @@ def test_single_seed_results_keep_the_plain_labels():
 def test_a_method_without_fedavg_of_its_seed_has_no_delta():
     results = {("fedec", 0.1, 3): _metrics([0.8])}
     assert _row(seed_summary(results), "fedec")[4] == "-"
+
+
+def test_hce_targets_summarise_per_method_over_seeds():
+    from hce_benchmark import HceTargets
+    from hce_benchmark import seed_summary as hce_seed_summary
+
+    targets = [
+        HceTargets("fedhce", 2, -1.0, 0.221, -0.2, 0.158, 0.07),
+        HceTargets("fedhce", 1, +1.0, 0.221, -0.6, 0.158, 0.09),
+        HceTargets("fedhce:diversity-weight=0.0", 1, 0.5, 0.221, 0.0, 0.158, 0.05),
+    ]
+    text = hce_seed_summary(targets)
+    cells = _row(text, "fedhce")
+    assert cells[1] == "1, 2"  # sorted by seed, and the per-seed values follow that order
+    assert cells[2] == "+0.00 ± 1.41 (+1.00, -1.00)"
+    assert cells[4] == "-0.40 ± 0.28 (-0.60, -0.20)"
+    assert cells[6] == "0.080 ± 0.01"
+    # one seed: no spread to report
+    assert _row(text, "fedhce:diversity-weight=0.0")[2] == "+0.50 (+0.50)"

@@ -80,6 +80,7 @@ class ExperimentConfig:
     augment_copies: int = 0
     student_init: str = "average"
     client_start: str = "student"
+    prior_correction: bool = False
     distill_steps: int = 500
     distill_batch_size: int = 128
     distill_lr: float = 1e-3

@@ -118,7 +118,7 @@ def run_one(
     metrics_path = results_dir / name / "metrics.json"
     if reuse and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
-        if metrics.get("config") == {**metrics.get("config", {}), **_as_config(settings)} and (
+        if _same_config(metrics.get("config", {}), _as_config(settings)) and (
             len(metrics.get("rounds", [])) == rounds + 1
         ):
             print(f"[bench] {label} alpha={alpha}: reusing {metrics_path}", flush=True)
@@ -147,6 +147,12 @@ def run_name(label: str, alpha: float, local_epochs: int, seed: int | None = Non
         + f"-a{alpha:g}-e{local_epochs}"
         + (f"-s{seed}" if seed is not None else "")
     )
+
+
+def _same_config(recorded: dict, expected: dict) -> bool:
+    """A recorded run matches ``expected``; a knob added since it ran counts at its default."""
+    defaults = ExperimentConfig().to_dict()
+    return all(recorded.get(key, defaults.get(key)) == value for key, value in expected.items())
 
 
 def _as_config(settings: dict) -> dict:

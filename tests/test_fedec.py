@@ -307,3 +307,61 @@ class _FakeGrid:
 
     def get_node_ids(self):
         return list(self.nodes)
+
+
+def test_prior_correction_matches_the_served_model_to_the_federations_labels(task_identity, data):
+    # No validation data: the correction is always kept.
+    strategy = FedEC(
+        proxy_data=data[0],
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        prior_correction=True,
+        min_train_nodes=2,
+    )
+    _start_round(strategy, _global())
+    counts_a = [90, 10] + [0] * 8
+    counts_b = [0] * 8 + [50, 50]
+    served, _ = strategy.aggregate_train(
+        1,
+        [
+            _reply(1, _global(1), num_examples=100, class_counts=counts_a),
+            _reply(2, _global(2), num_examples=100, class_counts=counts_b),
+        ],
+    )
+    model = build_model(SPEC)
+    model.load_state_dict(served.to_torch_state_dict())
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.softmax(model(data[0]), 1).mean(0)
+    pooled = torch.tensor([a + b + 1.0 for a, b in zip(counts_a, counts_b, strict=True)])
+    assert torch.allclose(predicted, pooled / pooled.sum(), atol=1e-3)
+    stats = strategy.server_metrics[1]
+    assert stats["prior-correction-applied"] == 1.0
+    assert stats["prior-correction-max-offset"] > 0
+
+
+def test_prior_correction_is_skipped_without_class_counts(task_identity, data, caplog):
+    strategy = _strategy(data, prior_correction=True, teacher_rule="mean-logits")
+    _start_round(strategy, _global())
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    assert strategy.server_metrics[1]["prior-correction-applied"] == 0.0
+    assert "prior correction skipped" in caplog.text
+
+
+def test_prior_correction_never_lowers_validation_accuracy(task_identity, data):
+    from fl_ec.distill import accuracy
+
+    strategy = _strategy(data, prior_correction=True)
+    _start_round(strategy, _global())
+    counts = [[100] + [0] * 9, [0] * 9 + [100]]  # a prior far from the data's
+    served, _ = strategy.aggregate_train(
+        1, [_reply(n, _global(seed=n), class_counts=counts[n - 1]) for n in (1, 2)]
+    )
+    model = build_model(SPEC)
+    model.load_state_dict(served.to_torch_state_dict())
+    stats = strategy.server_metrics[1]
+    served_accuracy = accuracy(model, *data[1])
+    assert served_accuracy == pytest.approx(
+        max(stats["prior-correction-val-before"], stats["prior-correction-val-after"])
+    )

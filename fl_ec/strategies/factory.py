@@ -57,6 +57,7 @@ def build_strategy(
             trim_ratio=config.trim_ratio,
             student_init=config.student_init,
             client_start=config.client_start,
+            prior_correction=config.prior_correction,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,
             proxy_per_round=config.proxy_per_round,

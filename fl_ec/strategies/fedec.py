@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fl_ec.calibration import classifier_of, correct_prior, target_prior
 from fl_ec.config import CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
@@ -73,6 +74,13 @@ class FedEC(FedAvg):
         student average to a *worse* model than clients that start from the previous
         average, so the distilled run tracks its teacher's ceiling instead of FedAvg's
         climb; ``average`` keeps the climb and still serves the distilled gain.
+    prior_correction : bool (default: False)
+        After distillation, shift the served model's classifier bias so that its mean
+        prediction over the round's proxy inputs equals the federation's label
+        distribution (pooled from the clients' reported class counts); see
+        :mod:`fl_ec.calibration`. Uses no labels; with validation data the shift is kept
+        only if it does not lower validation accuracy. Skipped (with a warning) when a
+        reply lacks class counts.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -111,6 +119,7 @@ class FedEC(FedAvg):
         trim_ratio: float = 0.1,
         student_init: str = "average",
         client_start: str = "student",
+        prior_correction: bool = False,
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
         proxy_per_round: int = 0,
@@ -141,6 +150,7 @@ class FedEC(FedAvg):
         self.client_start = client_start
         # With client_start="average": the model the next round's clients train from.
         self.client_start_arrays: ArrayRecord | None = None
+        self.prior_correction = prior_correction
         self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
         if proxy_per_round < 0:
@@ -162,13 +172,14 @@ class FedEC(FedAvg):
         log(
             INFO,
             "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round, +%d augmented views), "
-            "student init=%s, clients start from the %s, distill=%s",
+            "student init=%s, clients start from the %s, prior correction=%s, distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
             self.augment_copies,
             self.student_init,
             self.client_start,
+            self.prior_correction,
             self.distill_settings,
         )
 
@@ -265,6 +276,7 @@ class FedEC(FedAvg):
                 len(proxy), generator=torch.Generator().manual_seed(generator_seed)
             )[: self.proxy_per_round]
             proxy = proxy[chosen]
+        round_proxy = proxy  # without augmented views: the inputs the prior is matched on
         if self.augment_copies > 0:
             proxy = torch.cat([proxy, augmented_views(proxy, self.augment_copies, generator_seed)])
         weights = dict(
@@ -330,6 +342,8 @@ class FedEC(FedAvg):
         if self.validation is not None:
             stats["student-start-val-accuracy"] = result.start_accuracy
             stats["student-val-accuracy"] = result.best_accuracy
+        if self.prior_correction:
+            stats.update(self._correct_prior(student, round_proxy, accepted, server_round))
         log(
             INFO,
             "round %d: teacher %.2fs (%s), distill %d steps %.2fs; val acc teacher %.4f, "
@@ -365,6 +379,49 @@ class FedEC(FedAvg):
         return DistillResult(
             start, max(start, end), 1, int(end >= start), time.perf_counter() - start_time
         )
+
+    def _correct_prior(
+        self,
+        student: nn.Module,
+        proxy: torch.Tensor,
+        accepted: list[ClientModel],
+        server_round: int,
+    ) -> dict[str, float]:
+        """Match the student's proxy predictions to the federation's label prior."""
+        counts = self._class_counts(accepted)
+        if counts is None:
+            log(
+                WARNING,
+                "round %d: some replies lack class-counts; prior correction skipped",
+                server_round,
+            )
+            return {"prior-correction-applied": 0.0}
+        bias = classifier_of(student).bias
+        saved = bias.detach().clone()
+        before = self._score(student)
+        correction = correct_prior(
+            student, proxy, target_prior(counts), self.proxy_batch_size, self.device
+        )
+        after = self._score(student)
+        kept = not after < before  # without validation (NaN) the shift is kept
+        if not kept:
+            with torch.no_grad():
+                bias.copy_(saved)
+        log(
+            INFO,
+            "round %d: prior correction %s (max |offset| %.2f; val acc %.4f -> %.4f)",
+            server_round,
+            "kept" if kept else "reverted",
+            float(correction.offsets.abs().max()),
+            before,
+            after,
+        )
+        return {
+            "prior-correction-applied": float(kept),
+            "prior-correction-max-offset": float(correction.offsets.abs().max()),
+            "prior-correction-val-before": before,
+            "prior-correction-val-after": after,
+        }
 
     def _score(self, model: nn.Module) -> float:
         if self.validation is None:

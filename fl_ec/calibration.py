@@ -2,9 +2,9 @@
 
 Why: at strong label skew (Dirichlet alpha=0.1) the aggregated model -- a parameter
 average or a student distilled from specialist clients -- carries a class bias that
-moves from round to round. On Fashion-MNIST its predictions over a class-balanced test
-set were off by up to 1.7x for some classes and 0.05x for others. Its features are
-better than its decisions.
+moves from round to round. On Fashion-MNIST, final models predicted some classes of the
+balanced test set up to 2.2x as often as they occur and one 20-45x less often (4
+rounds x 5 local epochs). Their features are better than their decisions.
 
 What: find per-class logit offsets ``delta`` so that the model's mean predicted
 distribution over the proxy inputs equals a target prior (the federation's label

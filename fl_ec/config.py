@@ -181,6 +181,12 @@ class ExperimentConfig:
                 'client-start must be "student" with strategy=fedhce: its clients train '
                 "variants of the distilled model"
             )
+        if self.prior_correction and self.strategy == "fedavg":
+            raise ConfigError(
+                "prior-correction needs the server's proxy set, which strategy=fedavg has "
+                'not: for FedAvg + prior correction set strategy="fedec", distill-steps=0, '
+                'client-start="average"'
+            )
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
         for key, value in (

@@ -427,6 +427,12 @@ def main() -> None:
         "--reuse", action="store_true", help="read finished runs with the same settings"
     )
     parser.add_argument(
+        "--posthoc-prior-correction",
+        action="store_true",
+        help="also apply FedEC's prior correction to each finished run's saved final model "
+        "(FedAvg included) and report the accuracies: the fair baseline for prior-correction",
+    )
+    parser.add_argument(
         "--seeds",
         nargs="+",
         type=int,
@@ -501,6 +507,22 @@ def main() -> None:
             "with FedAvg's run of the same seed:",
             "",
             seed_summary(results),
+            "",
+        ]
+    if args.posthoc_prior_correction:
+        from prior_posthoc import posthoc_table
+
+        run_dirs = {
+            key: args.results_dir.resolve()
+            / run_name(key[0], key[1], epochs, key[2] if len(key) > 2 else None)
+            for key in results
+        }
+        lines += [
+            "Post-hoc prior correction of each run's saved final model (the correction "
+            "`prior-correction=true` applies every round, applied once after the run; no "
+            "re-training):",
+            "",
+            posthoc_table(results, run_dirs),
             "",
         ]
     lines += [

@@ -78,3 +78,31 @@ def test_hce_targets_summarise_per_method_over_seeds():
     assert cells[6] == "0.080 ± 0.01"
     # one seed: no spread to report
     assert _row(text, "fedhce:diversity-weight=0.0")[2] == "+0.50 (+0.50)"
+
+
+def test_posthoc_prior_correction_repairs_a_biased_saved_model(tmp_path):
+    import torch
+    from prior_posthoc import posthoc_prior_correction
+
+    from fl_ec.config import ExperimentConfig
+    from fl_ec.data.federated import load_server_data
+    from fl_ec.models import ArchSpec, build_model
+    from fl_ec.results import RunRecorder
+    from fl_ec.training import train_supervised
+
+    config = ExperimentConfig.from_run_config(
+        {"dataset": "synthetic", "proxy-size": 400, "validation-size": 200}
+    )
+    server = load_server_data(config)
+    spec = ArchSpec("cnn", (1, 28, 28), 10)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    train_supervised(model, server.proxy, epochs=2, batch_size=32, lr=0.05)
+    with torch.no_grad():
+        model.classifier.bias[3] += 20.0  # the model now answers "3" for almost everything
+    recorder = RunRecorder(tmp_path / "run", config.to_dict(), spec, 1)
+    assert posthoc_prior_correction(recorder.run_dir, {"config": config.to_dict()}) is None
+    recorder.write_model(model.state_dict())
+    before, after = posthoc_prior_correction(recorder.run_dir, {"config": config.to_dict()})
+    assert before < 0.3
+    assert after > before + 0.5

@@ -365,3 +365,38 @@ def test_prior_correction_never_lowers_validation_accuracy(task_identity, data):
     assert served_accuracy == pytest.approx(
         max(stats["prior-correction-val-before"], stats["prior-correction-val-after"])
     )
+
+
+def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
+    task_identity, data, monkeypatch
+):
+    from fl_ec.distill import DistillResult, accuracy
+    from fl_ec.training import train_supervised
+
+    _, (val_x, val_y) = data
+    train, _ = make_synthetic(num_train=400, num_test=200, seed=2)  # the fixture's proxy
+    clients = []
+    for seed in (1, 2):
+        model = _global(seed)
+        train_supervised(model, train, epochs=2, batch_size=32, lr=0.05, seed=seed)
+        clients.append(model)
+    strategy = _strategy(data, prior_correction=True)
+
+    def ruin(student, *_):  # a distillation that made the student worse (a stand-in)
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        return DistillResult(0.0, 0.0, 1, 1, 0.0)
+
+    monkeypatch.setattr(strategy, "_distill_student", ruin)
+    _start_round(strategy, _global())
+    counts = [[10] * 10, [10] * 10]
+    served, _ = strategy.aggregate_train(
+        1, [_reply(n + 1, m, class_counts=counts[n]) for n, m in enumerate(clients)]
+    )
+    stats = strategy.server_metrics[1]
+    assert stats["prior-correction-served-average"] == 1.0
+    model = build_model(SPEC)
+    model.load_state_dict(served.to_torch_state_dict())
+    assert accuracy(model, val_x, val_y) == pytest.approx(stats["prior-correction-val-after"])
+    assert stats["prior-correction-val-after"] > stats["prior-correction-val-before"]

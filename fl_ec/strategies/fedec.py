@@ -28,7 +28,7 @@ from fl_ec.config import CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
-from fl_ec.models.spec import ArchSpec, build_from_state_dict
+from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
     average_metrics,
@@ -151,6 +151,9 @@ class FedEC(FedAvg):
         # With client_start="average": the model the next round's clients train from.
         self.client_start_arrays: ArrayRecord | None = None
         self.prior_correction = prior_correction
+        if prior_correction:  # fail now, not in round 1, if the model has no biased head
+            spec = self.arch_spec
+            classifier_of(build_model(spec) if spec is not None else model_builder())  # type: ignore[misc]
         self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
         if proxy_per_round < 0:
@@ -331,6 +334,8 @@ class FedEC(FedAvg):
                 **weights,
             )
             stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
+        # The correction can favour the start over the distilled student: keep it.
+        start_state = copy.deepcopy(student.state_dict()) if self.prior_correction else None
         result = self._distill_student(student, proxy, teacher.logits, generator_seed)
         stats.update(
             {
@@ -343,7 +348,9 @@ class FedEC(FedAvg):
             stats["student-start-val-accuracy"] = result.start_accuracy
             stats["student-val-accuracy"] = result.best_accuracy
         if self.prior_correction:
-            stats.update(self._correct_prior(student, round_proxy, accepted, server_round))
+            stats.update(
+                self._correct_prior(student, start_state, round_proxy, accepted, server_round)
+            )
         log(
             INFO,
             "round %d: teacher %.2fs (%s), distill %d steps %.2fs; val acc teacher %.4f, "
@@ -383,11 +390,19 @@ class FedEC(FedAvg):
     def _correct_prior(
         self,
         student: nn.Module,
+        start_state: dict[str, torch.Tensor] | None,
         proxy: torch.Tensor,
         accepted: list[ClientModel],
         server_round: int,
     ) -> dict[str, float]:
-        """Match the student's proxy predictions to the federation's label prior."""
+        """Match the served model's proxy predictions to the federation's label prior.
+
+        With validation data, three candidates compete on it: the corrected student,
+        the corrected start of distillation (the parameter average) and the student as
+        distilled. Early stopping chose the student *before* any correction, and a
+        corrected average can beat a corrected student, so both are corrected and
+        scored. Without validation the student is corrected and served.
+        """
         counts = self._class_counts(accepted)
         if counts is None:
             log(
@@ -396,31 +411,35 @@ class FedEC(FedAvg):
                 server_round,
             )
             return {"prior-correction-applied": 0.0}
-        bias = classifier_of(student).bias
-        saved = bias.detach().clone()
+        prior = target_prior(counts)
+        uncorrected = copy.deepcopy(student.state_dict())
         before = self._score(student)
-        correction = correct_prior(
-            student, proxy, target_prior(counts), self.proxy_batch_size, self.device
-        )
-        after = self._score(student)
-        kept = not after < before  # without validation (NaN) the shift is kept
-        if not kept:
-            with torch.no_grad():
-                bias.copy_(saved)
+        correction = correct_prior(student, proxy, prior, self.proxy_batch_size, self.device)
+        scores = {"student": self._score(student)}
+        corrected = {"student": copy.deepcopy(student.state_dict())}
+        if self.validation is not None and start_state is not None:
+            start = self._build(self._global_spec(), start_state)
+            correct_prior(start, proxy, prior, self.proxy_batch_size, self.device)
+            scores["average"] = self._score(start)
+            corrected["average"] = start.state_dict()
+        best = max(scores, key=lambda name: scores[name])  # ties: the student
+        kept = not scores[best] < before  # without validation (NaN) the correction is kept
+        student.load_state_dict(corrected[best] if kept else uncorrected)
         log(
             INFO,
-            "round %d: prior correction %s (max |offset| %.2f; val acc %.4f -> %.4f)",
+            "round %d: prior correction %s (max |offset| %.2f); val acc %.4f -> %s",
             server_round,
-            "kept" if kept else "reverted",
+            f"kept, serving the corrected {best}" if kept else "reverted",
             float(correction.offsets.abs().max()),
             before,
-            after,
+            ", ".join(f"{name} {score:.4f}" for name, score in scores.items()),
         )
         return {
             "prior-correction-applied": float(kept),
+            "prior-correction-served-average": float(kept and best == "average"),
             "prior-correction-max-offset": float(correction.offsets.abs().max()),
             "prior-correction-val-before": before,
-            "prior-correction-val-after": after,
+            "prior-correction-val-after": scores[best] if kept else before,
         }
 
     def _score(self, model: nn.Module) -> float:

@@ -395,7 +395,7 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
         1, [_reply(n + 1, m, class_counts=counts[n]) for n, m in enumerate(clients)]
     )
     stats = strategy.server_metrics[1]
-    assert stats["prior-correction-served-average"] == 1.0
+    assert stats["prior-correction-served-start"] == 1.0
     model = build_model(SPEC)
     model.load_state_dict(served.to_torch_state_dict())
     assert accuracy(model, val_x, val_y) == pytest.approx(stats["prior-correction-val-after"])

@@ -78,9 +78,10 @@ class FedEC(FedAvg):
         After distillation, shift the served model's classifier bias so that its mean
         prediction over the round's proxy inputs equals the federation's label
         distribution (pooled from the clients' reported class counts); see
-        :mod:`fl_ec.calibration`. Uses no labels; with validation data the shift is kept
-        only if it does not lower validation accuracy. Skipped (with a warning) when a
-        reply lacks class counts.
+        :mod:`fl_ec.calibration`. Uses no labels. With validation data, the corrected
+        student, the corrected start of distillation (the parameter average) and the
+        uncorrected student compete on validation accuracy, and the best is served.
+        Skipped (with a warning) when a reply lacks class counts.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -398,10 +399,11 @@ class FedEC(FedAvg):
         """Match the served model's proxy predictions to the federation's label prior.
 
         With validation data, three candidates compete on it: the corrected student,
-        the corrected start of distillation (the parameter average) and the student as
-        distilled. Early stopping chose the student *before* any correction, and a
-        corrected average can beat a corrected student, so both are corrected and
-        scored. Without validation the student is corrected and served.
+        the corrected start of distillation (the parameter average, or the previous
+        global model with ``student_init="previous"``) and the student as distilled.
+        Early stopping chose the student *before* any correction, and a corrected
+        average can beat a corrected student, so both are corrected and scored. Without
+        validation the student is corrected and served.
         """
         counts = self._class_counts(accepted)
         if counts is None:
@@ -420,8 +422,8 @@ class FedEC(FedAvg):
         if self.validation is not None and start_state is not None:
             start = self._build(self._global_spec(), start_state)
             correct_prior(start, proxy, prior, self.proxy_batch_size, self.device)
-            scores["average"] = self._score(start)
-            corrected["average"] = start.state_dict()
+            scores["start"] = self._score(start)
+            corrected["start"] = start.state_dict()
         best = max(scores, key=lambda name: scores[name])  # ties: the student
         kept = not scores[best] < before  # without validation (NaN) the correction is kept
         student.load_state_dict(corrected[best] if kept else uncorrected)
@@ -436,7 +438,7 @@ class FedEC(FedAvg):
         )
         return {
             "prior-correction-applied": float(kept),
-            "prior-correction-served-average": float(kept and best == "average"),
+            "prior-correction-served-start": float(kept and best == "start"),
             "prior-correction-max-offset": float(correction.offsets.abs().max()),
             "prior-correction-val-before": before,
             "prior-correction-val-after": scores[best] if kept else before,

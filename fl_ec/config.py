@@ -81,6 +81,7 @@ class ExperimentConfig:
     student_init: str = "average"
     client_start: str = "student"
     prior_correction: bool = False
+    prior_aware_distillation: bool = False
     distill_steps: int = 500
     distill_batch_size: int = 128
     distill_lr: float = 1e-3
@@ -187,6 +188,8 @@ class ExperimentConfig:
                 'not: for FedAvg + prior correction set strategy="fedec", distill-steps=0, '
                 'client-start="average"'
             )
+        if self.prior_aware_distillation and not self.prior_correction:
+            raise ConfigError("prior-aware-distillation needs prior-correction=true")
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
         for key, value in (

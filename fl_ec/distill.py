@@ -140,6 +140,7 @@ def distill(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    score_fn: Callable[[nn.Module], float] | None = None,
 ) -> DistillResult:
     """Distil ``teacher_logits`` (aligned with ``proxy_inputs`` rows) into ``student``.
 
@@ -147,6 +148,8 @@ def distill(
     ``validation`` (inputs, labels); without validation it runs every step and keeps
     the last one (accuracies are then NaN). ``loss_fn(student, x, teacher_batch)``
     replaces the KD loss (e.g. the diversity-aware loss of several variants).
+    ``score_fn(student)`` replaces plain validation accuracy as the early-stopping score
+    (e.g. accuracy after a label-prior correction); it is used only with ``validation``.
     """
     if proxy_inputs.shape[0] != teacher_logits.shape[0]:
         raise ValueError("proxy_inputs and teacher_logits must have the same number of rows")
@@ -163,6 +166,7 @@ def distill(
             seed,
             loss_fn,
             start_time,
+            score_fn,
         )
 
 
@@ -176,6 +180,7 @@ def _distill(
     seed: int,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None,
     start_time: float,
+    score_fn: Callable[[nn.Module], float] | None = None,
 ) -> DistillResult:
     if settings.recalibrate_bn:  # a no-op for models without BatchNorm
         recalibrate_batchnorm(student, proxy_inputs, device=device)
@@ -183,6 +188,8 @@ def _distill(
     def score() -> float:
         if validation is None:
             return float("nan")
+        if score_fn is not None:
+            return score_fn(student)
         return accuracy(student, validation[0], validation[1], device=device)
 
     best_accuracy = start_accuracy = score()

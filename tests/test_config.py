@@ -38,6 +38,7 @@ def test_values_are_coerced_to_declared_types():
         ({"client-start": "teacher"}, "client-start='teacher' is unknown"),
         ({"strategy": "fedhce", "client-start": "average"}, 'client-start must be "student"'),
         ({"strategy": "fedavg", "prior-correction": True}, 'strategy="fedec", distill-steps=0'),
+        ({"prior-aware-distillation": True}, "needs prior-correction=true"),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",

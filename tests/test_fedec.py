@@ -400,3 +400,22 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
     model.load_state_dict(served.to_torch_state_dict())
     assert accuracy(model, val_x, val_y) == pytest.approx(stats["prior-correction-val-after"])
     assert stats["prior-correction-val-after"] > stats["prior-correction-val-before"]
+
+
+def test_prior_aware_distillation_balances_the_teacher_and_needs_the_correction(
+    task_identity, data
+):
+    strategy = _strategy(data, prior_correction=True, prior_aware_distillation=True)
+    counts = [[30] * 5 + [0] * 5, [0] * 5 + [10] * 5]
+    accepted = [
+        type("Reply", (), {"class_counts": c})()  # only class_counts is read
+        for c in counts
+    ]
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(256, 10, generator=generator) + torch.linspace(-2, 2, 10)
+    targets, score = strategy._prior_aware_targets(teacher, data[0], accepted)
+    pooled = torch.tensor([31.0] * 5 + [11.0] * 5)
+    assert torch.allclose(torch.softmax(targets, 1).mean(0), pooled / pooled.sum(), atol=1e-3)
+    assert 0.0 <= score(_global()) <= 1.0
+    with pytest.raises(ValueError, match="prior_correction"):
+        _strategy(data, prior_aware_distillation=True)

@@ -23,7 +23,13 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_ec.calibration import classifier_of, correct_prior, target_prior
+from fl_ec.calibration import (
+    classifier_of,
+    correct_prior,
+    corrected_accuracy,
+    prior_offsets,
+    target_prior,
+)
 from fl_ec.config import CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
@@ -82,6 +88,10 @@ class FedEC(FedAvg):
         student, the corrected start of distillation (the parameter average) and the
         uncorrected student compete on validation accuracy, and the best is served.
         Skipped (with a warning) when a reply lacks class counts.
+    prior_aware_distillation : bool (default: False)
+        With ``prior_correction``: also correct the teacher's logits to the federation's
+        label prior before distillation, and early-stop on validation accuracy *after*
+        the correction, so the checkpoint kept is the one that is best once corrected.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -121,6 +131,7 @@ class FedEC(FedAvg):
         student_init: str = "average",
         client_start: str = "student",
         prior_correction: bool = False,
+        prior_aware_distillation: bool = False,
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
         proxy_per_round: int = 0,
@@ -152,6 +163,9 @@ class FedEC(FedAvg):
         # With client_start="average": the model the next round's clients train from.
         self.client_start_arrays: ArrayRecord | None = None
         self.prior_correction = prior_correction
+        if prior_aware_distillation and not prior_correction:
+            raise ValueError("prior_aware_distillation needs prior_correction=True")
+        self.prior_aware_distillation = prior_aware_distillation
         if prior_correction:  # fail now, not in round 1, if the model has no biased head
             spec = self.arch_spec
             classifier_of(build_model(spec) if spec is not None else model_builder())  # type: ignore[misc]
@@ -337,7 +351,8 @@ class FedEC(FedAvg):
             stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
         # The correction can favour the start over the distilled student: keep it.
         start_state = copy.deepcopy(student.state_dict()) if self.prior_correction else None
-        result = self._distill_student(student, proxy, teacher.logits, generator_seed)
+        targets, score_fn = self._prior_aware_targets(teacher.logits, round_proxy, accepted)
+        result = self._distill_student(student, proxy, targets, generator_seed, score_fn)
         stats.update(
             {
                 "distill-steps": float(result.steps),
@@ -367,13 +382,44 @@ class FedEC(FedAvg):
         )
         return student.cpu(), stats
 
+    def _prior_aware_targets(
+        self, teacher: torch.Tensor, proxy: torch.Tensor, accepted: list[ClientModel]
+    ) -> tuple[torch.Tensor, Callable[[nn.Module], float] | None]:
+        """Distillation targets and early-stopping score under ``prior_aware_distillation``."""
+        counts = self._class_counts(accepted)
+        if not self.prior_aware_distillation or counts is None or self.validation is None:
+            return teacher, None
+        prior = target_prior(counts)
+        # The teacher's rows may include augmented views; the offsets are fit on all rows.
+        corrected = teacher + prior_offsets(teacher, prior).offsets
+        val_x, val_y = self.validation
+
+        def score(model: nn.Module) -> float:
+            return corrected_accuracy(
+                model, proxy, prior, val_x, val_y, self.proxy_batch_size, self.device
+            )
+
+        return corrected, score
+
     def _distill_student(
-        self, student: nn.Module, proxy: torch.Tensor, teacher: torch.Tensor, seed: int
+        self,
+        student: nn.Module,
+        proxy: torch.Tensor,
+        teacher: torch.Tensor,
+        seed: int,
+        score_fn: Callable[[nn.Module], float] | None = None,
     ) -> DistillResult:
         """Compress the teacher into ``student`` (in place): Adam KD, or ``student_trainer``."""
         if self.student_trainer is None:
             return distill(
-                student, proxy, teacher, self.validation, self.distill_settings, self.device, seed
+                student,
+                proxy,
+                teacher,
+                self.validation,
+                self.distill_settings,
+                self.device,
+                seed,
+                score_fn=score_fn,
             )
         # An external trainer (e.g. layer-parallel) has no early stopping of its own:
         # keep whichever of start and result scores better on validation.

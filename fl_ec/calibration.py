@@ -61,8 +61,9 @@ def prior_offsets(
     """Offsets ``delta`` with ``softmax(logits + delta).mean(0) ~= prior``.
 
     Fixed-point iteration ``delta -= log(mean_softmax / prior)``: a class predicted more
-    often than its prior loses logit mass, a rarer one gains it. Each step is exact
-    for a single sample and converges quickly in practice (tens of iterations).
+    often than its prior loses logit mass, a rarer one gains it (iterative proportional
+    fitting of one marginal). It stops at ``tolerance`` or after ``max_iterations``;
+    ``max_prior_error`` reports how close it got.
     """
     if logits.ndim != 2 or logits.shape[1] != prior.numel():
         raise ValueError(

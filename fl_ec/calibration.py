@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_ec.models.layout import channels_last
+from fl_ec.ensemble import logits_accuracy, teacher_logits
 
 
 @dataclass(frozen=True)
@@ -96,19 +96,14 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-@torch.inference_mode()
 def model_logits(
     model: nn.Module,
     inputs: torch.Tensor,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits of ``model`` over ``inputs`` in eval mode, on CPU."""
-    model.to(device).eval()
-    with channels_last(model):
-        return torch.cat(
-            [model(batch.to(device)).float().cpu() for batch in inputs.split(batch_size)]
-        )
+    """Logits of ``model`` over ``inputs`` in eval mode, on CPU: a one-member teacher pass."""
+    return teacher_logits([model], inputs, batch_size=batch_size, device=device).logits
 
 
 def correct_prior(
@@ -140,5 +135,4 @@ def corrected_accuracy(
     The model is not modified: the offsets are added to its logits.
     """
     offsets = prior_offsets(model_logits(model, proxy_inputs, batch_size, device), prior).offsets
-    logits = model_logits(model, inputs, batch_size, device) + offsets
-    return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
+    return logits_accuracy(model_logits(model, inputs, batch_size, device) + offsets, labels)

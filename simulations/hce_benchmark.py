@@ -256,7 +256,7 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
     fedec_label = next((label for label in down if label.startswith("fedec")), None)
     fp32_bytes = 0
     for label in down:
-        run_dir = args.results_dir.resolve() / _run_name(label, args.alpha, seed)
+        run_dir = args.results_dir.resolve() / run_name(label, args.alpha, 1, seed)
         if label.startswith("fedhce"):
             models, index = load_variants(run_dir)
             reports = evaluate_variants(models, index, test_x, test_y)
@@ -317,11 +317,6 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
         "points": points,
         "targets": targets,
     }
-
-
-def _run_name(label: str, alpha: float, seed: int | None = None) -> str:
-    """The run folder ``run_one`` named (it is the single source of the scheme)."""
-    return run_name(label, alpha, 1, seed)
 
 
 def _mean_bytes_down(metrics: dict) -> float:

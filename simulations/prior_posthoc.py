@@ -49,30 +49,3 @@ def posthoc_prior_correction(run_dir: Path, metrics: dict) -> tuple[float, float
     if accuracy(model, val_x, server.validation.labels) < before_val:
         return before_test, before_test  # FedEC would have reverted it
     return before_test, accuracy(model, test_x, server.test.labels)
-
-
-def posthoc_table(results: dict[tuple, dict], run_dirs: dict[tuple, Path]) -> str:
-    """Per run without prior-correction: final acc, corrected, and Δ vs FedAvg's plain final."""
-    head = [
-        "run",
-        "final acc",
-        "+ post-hoc prior correction",
-        "gain (pts)",
-        "corrected Δ vs FedAvg's plain final (pts)",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, metrics in sorted(results.items(), key=lambda kv: (kv[0][2:], kv[0][0])):
-        if metrics.get("config", {}).get("prior-correction"):
-            continue
-        measured = posthoc_prior_correction(run_dirs[key], metrics)
-        if measured is None:
-            continue
-        before, after = measured
-        fedavg = results.get(("fedavg", *key[1:]))
-        base = fedavg["summary"]["final-test-accuracy"] if fedavg else float("nan")
-        label = key[0] if len(key) < 3 else f"{key[0]} (seed {key[2]})"
-        lines.append(
-            f"| {label} | {100 * before:.2f} | {100 * after:.2f} | "
-            f"{100 * (after - before):+.2f} | {100 * (after - base):+.2f} |"
-        )
-    return "\n".join(lines)

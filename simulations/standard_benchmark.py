@@ -315,6 +315,34 @@ def seed_summary(results: dict[tuple, dict]) -> str:
     return "\n".join(lines)
 
 
+def posthoc_table(results: dict[tuple, dict], run_dirs: dict[tuple, Path]) -> str:
+    """Per run without prior-correction: final acc, corrected, and Δ vs FedAvg's plain final."""
+    from prior_posthoc import posthoc_prior_correction
+
+    head = [
+        "run",
+        "final acc",
+        "+ post-hoc prior correction",
+        "gain (pts)",
+        "corrected Δ vs FedAvg's plain final (pts)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, metrics in sorted(results.items(), key=lambda kv: (kv[0][2:], kv[0][0])):
+        if metrics.get("config", {}).get("prior-correction"):
+            continue
+        measured = posthoc_prior_correction(run_dirs[key], metrics)
+        if measured is None:
+            continue
+        before, after = measured
+        fedavg = _fedavg_of(results, key)
+        base = fedavg["summary"]["final-test-accuracy"] if fedavg else float("nan")
+        lines.append(
+            f"| {_row_label(key)} | {100 * before:.2f} | {100 * after:.2f} | "
+            f"{100 * (after - before):+.2f} | {100 * (after - base):+.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def mean_sd(values: list[float], fmt: str) -> str:
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -510,8 +538,6 @@ def main() -> None:
             "",
         ]
     if args.posthoc_prior_correction:
-        from prior_posthoc import posthoc_table
-
         run_dirs = {
             key: args.results_dir.resolve()
             / run_name(key[0], key[1], epochs, key[2] if len(key) > 2 else None)

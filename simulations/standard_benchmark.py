@@ -149,10 +149,19 @@ def run_name(label: str, alpha: float, local_epochs: int, seed: int | None = Non
     )
 
 
+# Where a run was written is not part of the experiment: a run moved or copied into
+# another results folder (e.g. to combine seeds from several sessions) is still reusable.
+_OUTPUT_KEYS = frozenset({"results-dir", "run-name"})
+
+
 def _same_config(recorded: dict, expected: dict) -> bool:
     """A recorded run matches ``expected``; a knob added since it ran counts at its default."""
     defaults = ExperimentConfig().to_dict()
-    return all(recorded.get(key, defaults.get(key)) == value for key, value in expected.items())
+    return all(
+        recorded.get(key, defaults.get(key)) == value
+        for key, value in expected.items()
+        if key not in _OUTPUT_KEYS
+    )
 
 
 def _as_config(settings: dict) -> dict:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from standard_benchmark import seed_summary, table  # noqa: E402
+from standard_benchmark import _same_config, seed_summary, table  # noqa: E402
 
 
 def _metrics(accuracies: list[float], aggregate_seconds: float = 0.0) -> dict:
@@ -106,3 +106,13 @@ def test_posthoc_prior_correction_repairs_a_biased_saved_model(tmp_path):
     before, after = posthoc_prior_correction(recorder.run_dir, {"config": config.to_dict()})
     assert before < 0.3
     assert after > before + 0.5
+
+
+def test_reuse_ignores_where_a_run_was_stored_but_not_its_settings():
+    recorded = {"seed": 1, "alpha": 0.1, "results-dir": "/tmp/old", "run-name": "bench-x-s1"}
+    moved = {**recorded, "results-dir": "/tmp/new", "run-name": "bench-x-s1-copy"}
+    assert _same_config(recorded, moved)
+    assert not _same_config(recorded, {**moved, "seed": 2})
+    # A knob added after the run was recorded counts at its default value.
+    assert _same_config(recorded, {**moved, "prior-correction": False})
+    assert not _same_config(recorded, {**moved, "prior-correction": True})

@@ -21,6 +21,7 @@ distillation (``prior-correction``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,3 +137,24 @@ def corrected_accuracy(
     """
     offsets = prior_offsets(model_logits(model, proxy_inputs, batch_size, device), prior).offsets
     return logits_accuracy(model_logits(model, inputs, batch_size, device) + offsets, labels)
+
+
+def paired_z(reference_correct: torch.Tensor, candidate_correct: torch.Tensor) -> float:
+    """McNemar's z for "the reference is more accurate than the candidate".
+
+    Both are per-sample correctness masks over the *same* labelled samples. Only the
+    samples the two disagree on carry information: ``(ref_only - cand_only) /
+    sqrt(ref_only + cand_only)``, ~N(0, 1) when both are equally accurate. Why not the
+    plain accuracy difference: on 1,000 validation samples a correction that flips
+    40 predictions moves accuracy by a few tenths of a point either way by chance alone,
+    and reverting on such noise cost measured runs 1-1.4 test points in their last round.
+    """
+    if reference_correct.shape != candidate_correct.shape:
+        raise ValueError("correctness masks must cover the same samples")
+    reference = reference_correct.bool()
+    candidate = candidate_correct.bool()
+    reference_only = int((reference & ~candidate).sum())
+    candidate_only = int((candidate & ~reference).sum())
+    if reference_only + candidate_only == 0:
+        return 0.0
+    return (reference_only - candidate_only) / math.sqrt(reference_only + candidate_only)

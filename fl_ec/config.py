@@ -81,6 +81,7 @@ class ExperimentConfig:
     student_init: str = "average"
     client_start: str = "student"
     prior_correction: bool = False
+    prior_correction_revert_z: float = 1.96
     prior_aware_distillation: bool = False
     distill_steps: int = 500
     distill_batch_size: int = 128
@@ -190,6 +191,11 @@ class ExperimentConfig:
             )
         if self.prior_aware_distillation and not self.prior_correction:
             raise ConfigError("prior-aware-distillation needs prior-correction=true")
+        if not (self.prior_correction_revert_z >= 0.0):  # also rejects NaN
+            raise ConfigError(
+                f"prior-correction-revert-z={self.prior_correction_revert_z} must be >= 0 "
+                "(0: revert the correction whenever validation accuracy drops)"
+            )
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
         for key, value in (

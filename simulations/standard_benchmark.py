@@ -155,12 +155,12 @@ _OUTPUT_KEYS = frozenset({"results-dir", "run-name"})
 
 
 def _same_config(recorded: dict, expected: dict) -> bool:
-    """A recorded run matches ``expected``; a knob added since it ran counts at its default."""
-    defaults = ExperimentConfig().to_dict()
+    """A recorded run matches ``expected``; a knob added since it ran counts as it behaved."""
+    as_run = {**ExperimentConfig().to_dict(), **recorded}
+    if recorded.get("prior-correction") and "prior-correction-revert-z" not in recorded:
+        as_run["prior-correction-revert-z"] = 0.0  # it reverted on any validation drop
     return all(
-        recorded.get(key, defaults.get(key)) == value
-        for key, value in expected.items()
-        if key not in _OUTPUT_KEYS
+        as_run.get(key) == value for key, value in expected.items() if key not in _OUTPUT_KEYS
     )
 
 

@@ -116,3 +116,11 @@ def test_reuse_ignores_where_a_run_was_stored_but_not_its_settings():
     # A knob added after the run was recorded counts at its default value.
     assert _same_config(recorded, {**moved, "prior-correction": False})
     assert not _same_config(recorded, {**moved, "prior-correction": True})
+
+
+def test_a_run_from_before_the_revert_threshold_matches_only_the_old_rule():
+    recorded = {"seed": 1, "prior-correction": True}
+    assert _same_config(recorded, {"seed": 1, "prior-correction-revert-z": 0.0})
+    assert not _same_config(recorded, {"seed": 1, "prior-correction-revert-z": 1.96})
+    # Without the correction the threshold never acted: the default matches.
+    assert _same_config({"seed": 1}, {"seed": 1, "prior-correction-revert-z": 1.96})

@@ -90,3 +90,16 @@ def test_corrected_accuracy_is_the_accuracy_after_correct_prior():
     correct_prior(model, proxy, prior)
     assert predicted == pytest.approx(accuracy(model, inputs, labels))
     assert not torch.allclose(model_logits(model, inputs), before)  # it did change the model
+
+
+def test_paired_z_counts_only_the_samples_the_two_disagree_on():
+    from fl_ec.calibration import paired_z
+
+    reference = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    candidate = torch.tensor([0, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    # reference alone right on 2 samples, candidate alone on 1: (2 - 1) / sqrt(3)
+    assert paired_z(reference, candidate) == pytest.approx(1 / 3**0.5)
+    assert paired_z(candidate, reference) == pytest.approx(-1 / 3**0.5)
+    assert paired_z(reference, reference) == 0.0
+    with pytest.raises(ValueError, match="same samples"):
+        paired_z(reference, candidate[:4])

@@ -349,21 +349,38 @@ def test_prior_correction_is_skipped_without_class_counts(task_identity, data, c
     assert "prior correction skipped" in caplog.text
 
 
-def test_prior_correction_never_lowers_validation_accuracy(task_identity, data):
+def _trained_clients():
+    from fl_ec.training import train_supervised
+
+    train, _ = make_synthetic(num_train=400, num_test=200, seed=2)  # the fixture's proxy
+    clients = []
+    for seed in (1, 2):
+        model = _global(seed)
+        train_supervised(model, train, epochs=2, batch_size=32, lr=0.05, seed=seed)
+        clients.append(model)
+    return clients
+
+
+@pytest.mark.parametrize("revert_z", [0.0, 1.96, 1e9])
+def test_prior_correction_is_reverted_only_on_significant_validation_evidence(
+    task_identity, data, revert_z
+):
     from fl_ec.distill import accuracy
 
-    strategy = _strategy(data, prior_correction=True)
+    strategy = _strategy(data, prior_correction=True, prior_correction_revert_z=revert_z)
     _start_round(strategy, _global())
-    counts = [[100] + [0] * 9, [0] * 9 + [100]]  # a prior far from the data's
+    counts = [[100] + [0] * 9, [0] * 9 + [100]]  # a prior far from the data's: it hurts
     served, _ = strategy.aggregate_train(
-        1, [_reply(n, _global(seed=n), class_counts=counts[n - 1]) for n in (1, 2)]
+        1, [_reply(n + 1, m, class_counts=counts[n]) for n, m in enumerate(_trained_clients())]
     )
     model = build_model(SPEC)
     model.load_state_dict(served.to_torch_state_dict())
     stats = strategy.server_metrics[1]
-    served_accuracy = accuracy(model, *data[1])
-    assert served_accuracy == pytest.approx(
-        max(stats["prior-correction-val-before"], stats["prior-correction-val-after"])
+    assert stats["prior-correction-val-z"] > 3  # the uncorrected model is clearly better
+    reverted = revert_z < 1e9
+    assert stats["prior-correction-applied"] == float(not reverted)
+    assert accuracy(model, *data[1]) == pytest.approx(
+        stats["prior-correction-val-before" if reverted else "prior-correction-val-after"]
     )
 
 
@@ -371,15 +388,9 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
     task_identity, data, monkeypatch
 ):
     from fl_ec.distill import DistillResult, accuracy
-    from fl_ec.training import train_supervised
 
     _, (val_x, val_y) = data
-    train, _ = make_synthetic(num_train=400, num_test=200, seed=2)  # the fixture's proxy
-    clients = []
-    for seed in (1, 2):
-        model = _global(seed)
-        train_supervised(model, train, epochs=2, batch_size=32, lr=0.05, seed=seed)
-        clients.append(model)
+    clients = _trained_clients()
     strategy = _strategy(data, prior_correction=True)
 
     def ruin(student, *_):  # a distillation that made the student worse (a stand-in)

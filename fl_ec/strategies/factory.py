@@ -58,6 +58,7 @@ def build_strategy(
             student_init=config.student_init,
             client_start=config.client_start,
             prior_correction=config.prior_correction,
+            prior_correction_revert_z=config.prior_correction_revert_z,
             prior_aware_distillation=config.prior_aware_distillation,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,

@@ -107,6 +107,18 @@ def model_logits(
     return teacher_logits([model], inputs, batch_size=batch_size, device=device).logits
 
 
+def prediction_hits(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Per-sample correctness of ``model`` on ``(inputs, labels)``, as :func:`paired_z` takes it."""
+    logits = model_logits(model, inputs, batch_size, device)
+    return logits.argmax(dim=1) == labels.to(logits.device)
+
+
 def correct_prior(
     model: nn.Module,
     proxy_inputs: torch.Tensor,

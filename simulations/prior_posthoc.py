@@ -17,9 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from fl_ec.calibration import correct_prior, model_logits, paired_z, target_prior
+from fl_ec.calibration import correct_prior, paired_z, prediction_hits, target_prior
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import load_server_data
 from fl_ec.data.partition import split_server_holdout
@@ -42,16 +41,12 @@ def posthoc_prior_correction(run_dir: Path, metrics: dict) -> tuple[float, float
     model = load_saved_model(run_dir)
     val_x = server.validation.normalize(server.validation.images)
     test_x = server.test.normalize(server.test.images)
-    before_val = _hits(model, val_x, server.validation.labels)
+    before_val = prediction_hits(model, val_x, server.validation.labels)
     before_test = accuracy(model, test_x, server.test.labels)
     correct_prior(
         model, server.proxy.normalize(server.proxy.images), target_prior([counts.tolist()])
     )
-    after_val = _hits(model, val_x, server.validation.labels)
+    after_val = prediction_hits(model, val_x, server.validation.labels)
     if paired_z(before_val, after_val) > config.prior_correction_revert_z:
         return before_test, before_test  # FedEC would have reverted it
     return before_test, accuracy(model, test_x, server.test.labels)
-
-
-def _hits(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return model_logits(model, inputs).argmax(dim=1) == labels

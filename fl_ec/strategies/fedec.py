@@ -27,8 +27,8 @@ from fl_ec.calibration import (
     classifier_of,
     correct_prior,
     corrected_accuracy,
-    model_logits,
     paired_z,
+    prediction_hits,
     prior_offsets,
     target_prior,
 )
@@ -520,8 +520,7 @@ class FedEC(FedAvg):
         if self.validation is None:
             return None
         inputs, labels = self.validation
-        logits = model_logits(model, inputs, self.proxy_batch_size, self.device)
-        return logits.argmax(dim=1) == labels.to(logits.device)
+        return prediction_hits(model, inputs, labels, self.proxy_batch_size, self.device)
 
     def _score(self, model: nn.Module) -> float:
         if self.validation is None:

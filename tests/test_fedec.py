@@ -188,6 +188,32 @@ def test_student_starts_from_the_weighted_average(task_identity, data):
     assert torch.allclose(arrays.to_torch_state_dict()["fc1.weight"], expected, atol=1e-6)
 
 
+def test_without_distillation_no_client_model_runs_over_the_proxy(task_identity, data, monkeypatch):
+    import fl_ec.strategies.fedec as fedec_module
+
+    passes = []
+    real_teacher_logits = fedec_module.teacher_logits
+
+    def spy(models, inputs, *args, **kwargs):
+        passes.append(len(inputs))
+        return real_teacher_logits(models, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(fedec_module, "teacher_logits", spy)
+    proxy, (val_x, _) = data
+    replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
+    for steps, proxy_passes in ((0, 0), (5, 1)):
+        passes.clear()
+        strategy = _strategy(data, distill=DistillSettings(steps=steps, eval_every=5))
+        _start_round(strategy, _global())
+        strategy.aggregate_train(1, replies)
+        stats = strategy.server_metrics[1]
+        assert passes.count(len(proxy)) == proxy_passes
+        assert passes.count(len(val_x)) == 1  # the teacher's validation accuracy stays
+        assert 0 <= stats["teacher-val-accuracy"] <= 1
+        assert (strategy.round_teacher is None) == (steps == 0)
+        assert (stats["teacher-seconds"] == 0) == (steps == 0)
+
+
 def test_model_builder_replaces_the_spec_for_plain_flower_replies(task_identity, data):
     proxy, validation = data
     strategy = FedEC(

@@ -335,23 +335,30 @@ class FedEC(FedAvg):
                 server_round,
                 rule,
             )
-        teacher = teacher_logits(
-            members,
-            proxy,
-            rule,
-            trim_ratio=self.trim_ratio,
-            batch_size=self.proxy_batch_size,
-            device=self.device,
-            **weights,
-        )
-        stats.update(
-            {
-                "teacher-seconds": teacher.seconds,
-                "teacher-samples-per-second": teacher.samples_per_second,
-            }
-        )
-        # Kept for the round so subclasses (FedHCE) can distil more students from it.
-        self.round_teacher = (proxy, teacher.logits)
+        if self._uses_round_teacher():
+            teacher = teacher_logits(
+                members,
+                proxy,
+                rule,
+                trim_ratio=self.trim_ratio,
+                batch_size=self.proxy_batch_size,
+                device=self.device,
+                **weights,
+            )
+            stats.update(
+                {
+                    "teacher-seconds": teacher.seconds,
+                    "teacher-samples-per-second": teacher.samples_per_second,
+                }
+            )
+            # Kept for the round so subclasses (FedHCE) can distil more students from it.
+            self.round_teacher = (proxy, teacher.logits)
+        else:
+            # Nothing is distilled (distill-steps=0: FedAvg + prior correction): the proxy
+            # pass over every client model would only cost time. The validation pass
+            # below still reports the teacher's accuracy.
+            stats["teacher-seconds"] = 0.0
+            self.round_teacher = None
         if self.validation is not None:
             val_x, val_y = self.validation
             val_teacher = teacher_logits(
@@ -366,8 +373,14 @@ class FedEC(FedAvg):
             stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
         # The correction can favour the start over the distilled student: keep it.
         start_state = copy.deepcopy(student.state_dict()) if self.prior_correction else None
-        targets, score_fn = self._prior_aware_targets(teacher.logits, round_proxy, accepted)
-        result = self._distill_student(student, proxy, targets, generator_seed, score_fn)
+        if self.round_teacher is None:
+            score = self._score(student)
+            result = DistillResult(score, score, 0, 0, 0.0)
+        else:
+            targets, score_fn = self._prior_aware_targets(
+                self.round_teacher[1], round_proxy, accepted
+            )
+            result = self._distill_student(student, proxy, targets, generator_seed, score_fn)
         stats.update(
             {
                 "distill-steps": float(result.steps),
@@ -387,7 +400,7 @@ class FedEC(FedAvg):
             "round %d: teacher %.2fs (%s), distill %d steps %.2fs; val acc teacher %.4f, "
             "average %.4f -> student %.4f",
             server_round,
-            teacher.seconds,
+            stats["teacher-seconds"],
             rule,
             result.steps,
             result.seconds,
@@ -528,6 +541,10 @@ class FedEC(FedAvg):
         return accuracy(model, self.validation[0], self.validation[1], device=self.device)
 
     # -- hooks for subclasses ----------------------------------------------------------
+    def _uses_round_teacher(self) -> bool:
+        """Whether anything trains on this round's proxy teacher (else the pass is skipped)."""
+        return self.distill_settings.steps > 0 or self.student_trainer is not None
+
     def _prepare_client_model(self, client_model: ClientModel) -> None:
         """Check / adapt an accepted reply's model; raise ``ValueError`` to reject it."""
 

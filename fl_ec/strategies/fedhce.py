@@ -233,6 +233,11 @@ class FedHCE(FedEC):
             updates.append((state, structure, model.num_examples))
         return self._build(self.arch_spec, fold_into_full(base, updates))
 
+    def _uses_round_teacher(self) -> bool:
+        # The variants are fine-tuned from the round's teacher even if the student is not.
+        tuned = any(name != FULL for name in self.variants)
+        return super()._uses_round_teacher() or (tuned and self.variant_distill.steps > 0)
+
     def _compress(
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, Any]
     ) -> tuple[nn.Module, dict[str, Any]]:

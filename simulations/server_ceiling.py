@@ -1,0 +1,188 @@
+"""How far could any server-side fix of a finished run's final model go? An oracle bound.
+
+    python simulations/server_ceiling.py --runs RUN_DIR [RUN_DIR ...]
+
+FedEC's server sees unlabelled proxy images and a 1k validation split; its fixes of the
+averaged model (the label-prior correction, distillation from the client ensemble) can
+only re-weigh what the clients' models already know. This command asks what a server
+with *every* label of the clients' data could get by retraining parts of the final model
+with its convolutions frozen:
+
+* ``classifier``: the last linear layer only. No fix of the classifier alone -- the
+  prior correction, classifier calibration with client feature statistics (CCVR), any
+  re-weighting of the output -- can beat this, up to the optimiser's noise;
+* ``dense``: every ``nn.Linear`` layer (for the small CNN: fc1 and the classifier).
+
+Both are oracles -- they use labels no server has -- so they bound what is reachable,
+not what FedEC should do. Next to them: the run's final accuracy and the post-hoc prior
+correction (:mod:`prior_posthoc`), so the share of the classifier-only headroom the
+correction already takes is read off one row. Training: Adam 1e-3, batch 128,
+``--epochs`` passes over the client pool (the rows the clients train on), fixed seed.
+The section ``server-ceiling`` of BENCHMARKS.md is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fl_ec.calibration import classifier_of
+from fl_ec.config import ExperimentConfig
+from fl_ec.data.federated import load_server_data
+from fl_ec.data.partition import split_server_holdout
+from fl_ec.data.sources import load_dataset
+from fl_ec.distill import accuracy
+from fl_ec.results import load_saved_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prior_posthoc import posthoc_prior_correction  # noqa: E402
+from standard_benchmark import mean_sd, write_section  # noqa: E402
+
+PARTS = ("classifier", "dense")
+
+
+def trainable_layers(model: nn.Module, part: str) -> list[nn.Module]:
+    """The layers ``part`` names: the classifier, or every linear layer."""
+    if part == "classifier":
+        return [classifier_of(model)]
+    if part == "dense":
+        return [m for m in model.modules() if isinstance(m, nn.Linear)]
+    raise ValueError(f"part {part!r}: choose one of {', '.join(PARTS)}")
+
+
+def oracle_retrain(
+    model: nn.Module,
+    part: str,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> nn.Module:
+    """Retrain only ``part`` of ``model`` (in place) with cross-entropy on labelled data."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    params = [p for layer in trainable_layers(model, part) for p in layer.parameters()]
+    for parameter in params:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    # eval(): no layer of the frozen feature extractor (BatchNorm, dropout) may change.
+    model.eval()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for batch in order.split(batch_size):
+            loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model
+
+
+def measure(run_dir: Path, epochs: int, seed: int) -> dict[str, float] | None:
+    """Final, post-hoc corrected and oracle accuracies of one run; None without a model."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    corrected = posthoc_prior_correction(run_dir, metrics)
+    if corrected is None:
+        return None
+    config = ExperimentConfig.from_run_config(metrics["config"])
+    server = load_server_data(config)
+    train, _ = load_dataset(config.dataset, config.data_dir, config.download)
+    pool = torch.as_tensor(
+        split_server_holdout(
+            len(train), config.proxy_size, config.validation_size, config.train_subset, config.seed
+        ).client_pool
+    )
+    inputs, labels = server.test.normalize(train.images[pool]), train.labels[pool]
+    test_x, test_y = server.test.normalize(server.test.images), server.test.labels
+    row = {"final": corrected[0], "corrected": corrected[1]}
+    for part in PARTS:
+        torch.manual_seed(seed)
+        model = oracle_retrain(load_saved_model(run_dir), part, inputs, labels, epochs, seed=seed)
+        row[part] = accuracy(model, test_x, test_y)
+    return row
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    head = [
+        "run",
+        "final acc",
+        "+ prior correction (pts)",
+        "oracle: classifier retrained (pts)",
+        "oracle: dense layers retrained (pts)",
+        "correction / classifier headroom",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    gains: dict[str, list[float]] = {"corrected": [], "classifier": [], "dense": [], "share": []}
+    for name, row in rows.items():
+        for key in ("corrected", "classifier", "dense"):
+            gains[key].append(100 * (row[key] - row["final"]))
+        share = (row["corrected"] - row["final"]) / max(row["classifier"] - row["final"], 1e-9)
+        gains["share"].append(share)
+        lines.append(
+            f"| {name} | {100 * row['final']:.2f} | {gains['corrected'][-1]:+.2f} | "
+            f"{gains['classifier'][-1]:+.2f} | {gains['dense'][-1]:+.2f} | {share:.2f} |"
+        )
+    if len(rows) > 1:
+        lines.append(
+            f"| mean ± sd | - | {mean_sd(gains['corrected'], '{:+.2f}')} | "
+            f"{mean_sd(gains['classifier'], '{:+.2f}')} | {mean_sd(gains['dense'], '{:+.2f}')} | "
+            f"{mean_sd(gains['share'], '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--section", default="server-ceiling")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = {}
+    for run_dir in args.runs:
+        row = measure(run_dir, args.epochs, args.seed)
+        if row is None:
+            print(f"{run_dir}: no final_model.pt, skipped", file=sys.stderr)
+            continue
+        rows[run_dir.name] = row
+        print(run_dir.name, {k: round(100 * v, 2) for k, v in row.items()}, flush=True)
+    if not rows:
+        raise SystemExit("none of --runs has a final_model.pt: nothing to measure")
+    command = "python simulations/server_ceiling.py " + shlex.join(sys.argv[1:])
+    body = "\n".join(
+        [
+            "## server-ceiling (oracle bound on server-side fixes of a final model)",
+            "",
+            f"- Command: `{command}`",
+            f"- Date: {dt.datetime.now():%Y-%m-%d %H:%M}; "
+            f"{(time.perf_counter() - started) / 60:.1f} min",
+            f"- Machine: {platform.platform()}, torch {torch.__version__}, CPU only",
+            f"- Oracle training: convolutions frozen, Adam 1e-3, batch 128, {args.epochs} "
+            f"epochs over every labelled row of the clients' pool, seed {args.seed}. Gains "
+            "are test-set points over the run's final model; the last column is the "
+            "correction's gain divided by the classifier oracle's.",
+            "",
+            table(rows),
+        ]
+    )
+    write_section(args.section, body)
+
+
+if __name__ == "__main__":
+    main()

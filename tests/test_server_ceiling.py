@@ -1,0 +1,66 @@
+"""The oracle of ``simulations/server_ceiling.py``: retrains only the layers it names."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+from server_ceiling import oracle_retrain, trainable_layers  # noqa: E402
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    images = torch.randn(300, 1, 6, 6, generator=generator) * 0.3
+    images[:, 0, 0, :] += labels.unsqueeze(1).float()  # a learnable signal per class
+    return images, labels
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).float().mean())
+
+
+@pytest.mark.parametrize("part", ["classifier", "dense"])
+def test_only_the_named_layers_change(part: str) -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    oracle_retrain(model, part, *_data(), epochs=2)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    expected = {"5.weight", "5.bias"} | ({"3.weight", "3.bias"} if part == "dense" else set())
+    assert changed == expected
+    assert all(p.requires_grad for p in model.parameters())  # the model is left trainable
+
+
+def test_retraining_the_classifier_repairs_a_scrambled_one() -> None:
+    images, labels = _data()
+    model = _model()
+    oracle_retrain(model, "dense", images, labels, epochs=20, lr=1e-2)
+    trained = _accuracy(model, images, labels)
+    with torch.no_grad():
+        model[5].weight.copy_(model[5].weight[torch.tensor([2, 0, 1])])  # rotate the classes
+    assert _accuracy(model, images, labels) < trained - 0.3
+    oracle_retrain(model, "classifier", images, labels, epochs=40, lr=1e-2)
+    assert _accuracy(model, images, labels) >= trained - 0.05
+
+
+def test_unknown_part_is_rejected() -> None:
+    with pytest.raises(ValueError, match="choose one of classifier, dense"):
+        trainable_layers(_model(), "everything")

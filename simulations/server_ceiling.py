@@ -91,9 +91,8 @@ def oracle_retrain(
     return model
 
 
-def measure(run_dir: Path, epochs: int, seed: int) -> dict[str, float] | None:
+def measure(run_dir: Path, metrics: dict, epochs: int, seed: int) -> dict[str, float] | None:
     """Final, post-hoc corrected and oracle accuracies of one run; None without a model."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     corrected = posthoc_prior_correction(run_dir, metrics)
     if corrected is None:
         return None
@@ -115,9 +114,17 @@ def measure(run_dir: Path, epochs: int, seed: int) -> dict[str, float] | None:
     return row
 
 
-def table(rows: dict[str, dict[str, float]]) -> str:
+def regime_of(metrics: dict) -> str:
+    """``"20 x 1"``: rounds x local epochs, the grouping of the table's means."""
+    config = metrics["config"]
+    return f"{config['num-server-rounds']} x {config['local-epochs']}"
+
+
+def table(rows: dict[str, dict[str, float]], regimes: dict[str, str]) -> str:
+    """One row per run, then mean ± sd per regime (rounds x local epochs)."""
     head = [
         "run",
+        "rounds x epochs",
         "final acc",
         "+ prior correction (pts)",
         "oracle: classifier retrained (pts)",
@@ -125,22 +132,25 @@ def table(rows: dict[str, dict[str, float]]) -> str:
         "correction / classifier headroom",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    gains: dict[str, list[float]] = {"corrected": [], "classifier": [], "dense": [], "share": []}
+    gains: dict[str, dict[str, list[float]]] = {}
     for name, row in rows.items():
-        for key in ("corrected", "classifier", "dense"):
-            gains[key].append(100 * (row[key] - row["final"]))
+        regime = gains.setdefault(regimes[name], {k: [] for k in ("corrected", *PARTS, "share")})
+        for key in ("corrected", *PARTS):
+            regime[key].append(100 * (row[key] - row["final"]))
         share = (row["corrected"] - row["final"]) / max(row["classifier"] - row["final"], 1e-9)
-        gains["share"].append(share)
+        regime["share"].append(share)
         lines.append(
-            f"| {name} | {100 * row['final']:.2f} | {gains['corrected'][-1]:+.2f} | "
-            f"{gains['classifier'][-1]:+.2f} | {gains['dense'][-1]:+.2f} | {share:.2f} |"
+            f"| {name} | {regimes[name]} | {100 * row['final']:.2f} | "
+            f"{regime['corrected'][-1]:+.2f} | {regime['classifier'][-1]:+.2f} | "
+            f"{regime['dense'][-1]:+.2f} | {share:.2f} |"
         )
-    if len(rows) > 1:
-        lines.append(
-            f"| mean ± sd | - | {mean_sd(gains['corrected'], '{:+.2f}')} | "
-            f"{mean_sd(gains['classifier'], '{:+.2f}')} | {mean_sd(gains['dense'], '{:+.2f}')} | "
-            f"{mean_sd(gains['share'], '{:.2f}')} |"
-        )
+    for name, regime in gains.items():
+        if len(regime["share"]) > 1:
+            lines.append(
+                f"| mean ± sd | {name} | - | {mean_sd(regime['corrected'], '{:+.2f}')} | "
+                f"{mean_sd(regime['classifier'], '{:+.2f}')} | "
+                f"{mean_sd(regime['dense'], '{:+.2f}')} | {mean_sd(regime['share'], '{:.2f}')} |"
+            )
     return "\n".join(lines)
 
 
@@ -154,13 +164,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = {}
+    rows, regimes = {}, {}
     for run_dir in args.runs:
-        row = measure(run_dir, args.epochs, args.seed)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        row = measure(run_dir, metrics, args.epochs, args.seed)
         if row is None:
             print(f"{run_dir}: no final_model.pt, skipped", file=sys.stderr)
             continue
         rows[run_dir.name] = row
+        regimes[run_dir.name] = regime_of(metrics)
         print(run_dir.name, {k: round(100 * v, 2) for k, v in row.items()}, flush=True)
     if not rows:
         raise SystemExit("none of --runs has a final_model.pt: nothing to measure")
@@ -178,7 +190,7 @@ def main() -> None:
             "are test-set points over the run's final model; the last column is the "
             "correction's gain divided by the classifier oracle's.",
             "",
-            table(rows),
+            table(rows, regimes),
         ]
     )
     write_section(args.section, body)

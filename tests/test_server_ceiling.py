@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from server_ceiling import oracle_retrain, trainable_layers  # noqa: E402
+from server_ceiling import oracle_retrain, table, trainable_layers  # noqa: E402
 
 
 def _model() -> nn.Module:
@@ -64,3 +64,16 @@ def test_retraining_the_classifier_repairs_a_scrambled_one() -> None:
 def test_unknown_part_is_rejected() -> None:
     with pytest.raises(ValueError, match="choose one of classifier, dense"):
         trainable_layers(_model(), "everything")
+
+
+def test_table_reports_gains_and_means_per_regime() -> None:
+    rows = {
+        "a": {"final": 0.80, "corrected": 0.82, "classifier": 0.83, "dense": 0.85},
+        "b": {"final": 0.80, "corrected": 0.81, "classifier": 0.83, "dense": 0.86},
+        "c": {"final": 0.70, "corrected": 0.75, "classifier": 0.80, "dense": 0.90},
+    }
+    lines = table(rows, {"a": "20 x 1", "b": "20 x 1", "c": "4 x 5"}).splitlines()
+    assert lines[2].rstrip(" |").split(" | ")[3:7] == ["+2.00", "+3.00", "+5.00", "0.67"]
+    means = [line for line in lines if line.startswith("| mean")]
+    # One mean row per regime with more than one run; never a mean across regimes.
+    assert len(means) == 1 and "| 20 x 1 |" in means[0] and "+1.50 ± 0.71" in means[0]

@@ -134,7 +134,7 @@ def augmented_views(
 def distill(
     student: nn.Module,
     proxy_inputs: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     validation: tuple[torch.Tensor, torch.Tensor] | None,
     settings: DistillSettings,
     device: torch.device | str = "cpu",
@@ -150,8 +150,14 @@ def distill(
     replaces the KD loss (e.g. the diversity-aware loss of several variants).
     ``score_fn(student)`` replaces plain validation accuracy as the early-stopping score
     (e.g. accuracy after a label-prior correction); it is used only with ``validation``.
+
+    With ``settings.steps == 0`` no step is taken, so ``teacher_logits`` may be None:
+    BatchNorm is still re-estimated on the proxy set and the start is scored.
     """
-    if proxy_inputs.shape[0] != teacher_logits.shape[0]:
+    if teacher_logits is None:
+        if settings.steps > 0:
+            raise ValueError("teacher_logits is None: only distill(steps=0) can do without")
+    elif proxy_inputs.shape[0] != teacher_logits.shape[0]:
         raise ValueError("proxy_inputs and teacher_logits must have the same number of rows")
     start_time = time.perf_counter()
     student.to(device)
@@ -173,7 +179,7 @@ def distill(
 def _distill(
     student: nn.Module,
     proxy_inputs: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     validation: tuple[torch.Tensor, torch.Tensor] | None,
     settings: DistillSettings,
     device: torch.device | str,

@@ -112,3 +112,20 @@ def test_a_score_function_replaces_validation_accuracy_for_early_stopping():
     assert result.best_step == 0 and result.start_accuracy == 1.0
     assert result.steps == 20  # stopped by patience on the score, not run to 40
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
+def test_zero_steps_need_no_teacher_but_still_recalibrate_and_score():
+    import pytest
+
+    model = build_model(ArchSpec("resnet8", (1, 28, 28), 10))
+    inputs = torch.randn(64, 1, 28, 28) * 3 + 2
+    validation = (inputs[:16], torch.zeros(16, dtype=torch.long))
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result = distill(model, inputs, None, validation, DistillSettings(steps=0))
+    with torch.no_grad():
+        features = model.stem[0](inputs)
+    assert torch.allclose(model.stem[1].running_mean, features.mean((0, 2, 3)), atol=1e-4)
+    assert result.steps == 0 and result.start_accuracy == accuracy(model, *validation)
+    assert all(torch.equal(p, weights[k]) for k, p in model.named_parameters())  # no step
+    with pytest.raises(ValueError, match="only distill\\(steps=0\\)"):
+        distill(model, inputs, None, validation, DistillSettings(steps=1))

@@ -374,8 +374,10 @@ class FedEC(FedAvg):
         # The correction can favour the start over the distilled student: keep it.
         start_state = copy.deepcopy(student.state_dict()) if self.prior_correction else None
         if self.round_teacher is None:
-            score = self._score(student)
-            result = DistillResult(score, score, 0, 0, 0.0)
+            # No step is taken; BatchNorm is still re-estimated and the start scored.
+            result = distill(
+                student, proxy, None, self.validation, self.distill_settings, self.device
+            )
         else:
             targets, score_fn = self._prior_aware_targets(
                 self.round_teacher[1], round_proxy, accepted

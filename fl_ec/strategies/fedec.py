@@ -10,6 +10,7 @@ size by distillation, starting from the parameter average. The algorithm lives i
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -335,16 +336,17 @@ class FedEC(FedAvg):
                 server_round,
                 rule,
             )
+        combine_members = functools.partial(
+            teacher_logits,
+            members,
+            rule=rule,
+            trim_ratio=self.trim_ratio,
+            batch_size=self.proxy_batch_size,
+            device=self.device,
+            **weights,
+        )
         if self._uses_round_teacher():
-            teacher = teacher_logits(
-                members,
-                proxy,
-                rule,
-                trim_ratio=self.trim_ratio,
-                batch_size=self.proxy_batch_size,
-                device=self.device,
-                **weights,
-            )
+            teacher = combine_members(proxy)
             stats.update(
                 {
                     "teacher-seconds": teacher.seconds,
@@ -361,15 +363,7 @@ class FedEC(FedAvg):
             self.round_teacher = None
         if self.validation is not None:
             val_x, val_y = self.validation
-            val_teacher = teacher_logits(
-                members,
-                val_x,
-                rule,
-                trim_ratio=self.trim_ratio,
-                batch_size=self.proxy_batch_size,
-                device=self.device,
-                **weights,
-            )
+            val_teacher = combine_members(val_x)
             stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
         # The correction can favour the start over the distilled student: keep it.
         start_state = copy.deepcopy(student.state_dict()) if self.prior_correction else None

@@ -20,23 +20,30 @@ import numpy as np
 
 from fl_ec.calibration import correct_prior, paired_z, prediction_hits, target_prior
 from fl_ec.config import ExperimentConfig
-from fl_ec.data.federated import load_server_data
+from fl_ec.data.federated import ServerData, load_server_data
 from fl_ec.data.partition import split_server_holdout
 from fl_ec.data.sources import load_dataset
+from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import accuracy
 from fl_ec.results import load_saved_model
 
 
-def posthoc_prior_correction(run_dir: Path, metrics: dict) -> tuple[float, float] | None:
-    """(final test accuracy, after the correction); None if the run saved no model."""
-    if not (run_dir / "final_model.pt").exists():
-        return None
+def run_data(metrics: dict) -> tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]:
+    """A finished run's config, server data, full train set and the clients' row pool."""
     config = ExperimentConfig.from_run_config(metrics["config"])
     server = load_server_data(config)
     train, _ = load_dataset(config.dataset, config.data_dir, config.download)
     pool = split_server_holdout(
         len(train), config.proxy_size, config.validation_size, config.train_subset, config.seed
     ).client_pool
+    return config, server, train, pool
+
+
+def posthoc_prior_correction(run_dir: Path, metrics: dict) -> tuple[float, float] | None:
+    """(final test accuracy, after the correction); None if the run saved no model."""
+    if not (run_dir / "final_model.pt").exists():
+        return None
+    config, server, train, pool = run_data(metrics)
     counts = np.bincount(train.labels.numpy()[pool], minlength=server.test.num_classes)
     model = load_saved_model(run_dir)
     val_x = server.validation.normalize(server.validation.images)

@@ -36,15 +36,11 @@ import torch
 from torch import nn
 
 from fl_ec.calibration import classifier_of
-from fl_ec.config import ExperimentConfig
-from fl_ec.data.federated import load_server_data
-from fl_ec.data.partition import split_server_holdout
-from fl_ec.data.sources import load_dataset
 from fl_ec.distill import accuracy
 from fl_ec.results import load_saved_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prior_posthoc import posthoc_prior_correction  # noqa: E402
+from prior_posthoc import posthoc_prior_correction, run_data  # noqa: E402
 from standard_benchmark import mean_sd, write_section  # noqa: E402
 
 PARTS = ("classifier", "dense")
@@ -96,14 +92,8 @@ def measure(run_dir: Path, metrics: dict, epochs: int, seed: int) -> dict[str, f
     corrected = posthoc_prior_correction(run_dir, metrics)
     if corrected is None:
         return None
-    config = ExperimentConfig.from_run_config(metrics["config"])
-    server = load_server_data(config)
-    train, _ = load_dataset(config.dataset, config.data_dir, config.download)
-    pool = torch.as_tensor(
-        split_server_holdout(
-            len(train), config.proxy_size, config.validation_size, config.train_subset, config.seed
-        ).client_pool
-    )
+    _, server, train, pool = run_data(metrics)
+    pool = torch.as_tensor(pool)
     inputs, labels = server.test.normalize(train.images[pool]), train.labels[pool]
     test_x, test_y = server.test.normalize(server.test.images), server.test.labels
     row = {"final": corrected[0], "corrected": corrected[1]}

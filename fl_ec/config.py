@@ -235,8 +235,8 @@ class ExperimentConfig:
         _positive("lp-downsample", self.lp_downsample)
         if self.lp_boundary_bits not in BOUNDARY_BITS:
             raise ConfigError(
-                f"lp-boundary-bits={self.lp_boundary_bits}: set 32 (fp32 on the wire) or 8 "
-                "(uint8 codes, ~4x fewer boundary bytes)"
+                f"lp-boundary-bits={self.lp_boundary_bits}: set 32 (fp32 on the wire), 8, 6 "
+                "or 4 (codes per sample's range: ~4x, 5.3x, 8x fewer boundary bytes)"
             )
         _positive("lp-parallel-epochs", self.lp_parallel_epochs)
         _positive("lp-threads-per-worker", self.lp_threads_per_worker)

@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -55,6 +56,16 @@ CONFIGS |= {
         dict(method="penalty", parallel_epochs=1, boundary_bits=8),
     ),
 }
+# Coded boundaries below 8 bits, each paired with the same method at fp32 ("Δ vs fp32").
+CONFIGS |= {
+    f"{method}, hybrid 1+1{suffix}": (
+        True,
+        dict(method=method.lower(), parallel_epochs=1, boundary_bits=bits),
+    )
+    for method in ("penalty", "AL")
+    for bits, suffix in ((32, ""), (6, ", 6-bit boundary"), (4, ", 4-bit boundary"))
+    if f"{method}, hybrid 1+1{suffix}" not in CONFIGS
+}
 
 
 def run_serial(model, x, y, settings: LPSettings, threads: int):  # noqa: ANN001, ANN201
@@ -84,6 +95,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--section", default="layer-parallel")
     parser.add_argument(
+        "--seed", type=int, default=0, help="initial weights and batch order (0: the tables')"
+    )
+    parser.add_argument(
         "--lr-schedule",
         default="cosine",
         choices=["cosine", "constant"],
@@ -100,7 +114,7 @@ def main() -> None:
     x, y = train.normalize(train.images), train.labels
     test_x = test
     spec = ArchSpec(args.model, train.input_shape, 10)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     initial = build_model(spec).state_dict()
     base = LPSettings(
         stages=args.stages,
@@ -110,7 +124,7 @@ def main() -> None:
         threads_per_worker=max(1, cores // args.stages),
         serial_threads=cores,
         lr_schedule=args.lr_schedule,
-        seed=0,
+        seed=args.seed,
     )
     started = dt.datetime.now()
     rows = {}
@@ -171,15 +185,18 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
         "±2 px shifts + flips) in serial passes only; layer-parallel: gloo, "
         f"{base.threads_per_worker} thread(s) per worker, beta {base.beta0} x{base.beta_growth}"
         f"/parallel epoch up to {base.beta_max}, aux RMSprop lr {base.aux_lr}; hybrid 3+1 = 3 "
-        "parallel epochs then 1 serial correction epoch (on rank 0 with all cores); 8-bit "
-        "boundary = uint8 codes over each sample's range (`boundary_bits=8`), downsample 2x2 = "
-        "average pooling + bilinear upsampling. Test accuracy on the full 10k test set after "
-        "each epoch.",
+        "parallel epochs then 1 serial correction epoch (on rank 0 with all cores), 1+1 "
+        "alternates them; N-bit boundary = N-bit codes over each sample's range, packed 8/N "
+        "per byte below 8 (`boundary_bits=N`), downsample 2x2 = average pooling + bilinear "
+        'upsampling. Test accuracy on the full 10k test set after each epoch. "Δ vs fp32 '
+        'boundary" pairs a row with the same method and schedule at fp32 boundaries, when '
+        "that row is in the table.",
         "",
         "| configuration | stages | mean s/epoch | ratio vs serial | final test acc "
         "| Δ vs serial (pts) "
-        "| acc at serial's wall time | boundary MB/parallel epoch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| acc at serial's wall time | boundary MB/parallel epoch | Δ vs fp32 boundary "
+        "(pts) | boundary bytes vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         mean_s = sum(row["seconds"]) / len(row["seconds"])
@@ -193,13 +210,23 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
             b for b, k in zip(row["bytes"], row["kinds"], strict=True) if k == "parallel"
         ]
         mb = sum(parallel_bytes) / len(parallel_bytes) / 1e6 if parallel_bytes else 0.0
+        pair = rows.get(_fp32_twin(name))
+        vs_fp32 = vs_bytes = "–"
+        if pair is not None and pair is not row:
+            vs_fp32 = f"{100 * (final - pair['accuracy'][-1]):+.2f}"
+            vs_bytes = f"{sum(pair['bytes']) / max(1, sum(row['bytes'])):.3f}x fewer"
         lines.append(
             f"| {name} | {row['stages']} | {mean_s:.1f} | {ratio:.2f} | {100 * final:.2f} "
             f"| {delta:+.2f} "
-            f"| {100 * at_budget:.2f} | {mb:.1f} |"
+            f"| {100 * at_budget:.2f} | {mb:.1f} | {vs_fp32} | {vs_bytes} |"
         )
     lines += ["", f"![accuracy vs wall time](simulations/plots/{plot_path.name})"]
     return "\n".join(lines)
+
+
+def _fp32_twin(name: str) -> str:
+    """The row name with the same method and schedule, with fp32 boundaries."""
+    return re.sub(r", \d+-bit boundary$", "", name)
 
 
 def _accuracy_at(row: dict, budget: float) -> float:

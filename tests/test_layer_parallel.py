@@ -15,6 +15,7 @@ from fl_ec.layer_parallel import (
     train_layer_parallel,
     update_multipliers,
 )
+from fl_ec.layer_parallel.objectives import pack_codes, packed_size, unpack_codes
 from fl_ec.layer_parallel.trainer import serial_epoch, usable_stages
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.training import evaluate
@@ -63,21 +64,32 @@ def test_downsampling_filter_shrinks_the_boundary_4x():
     assert boundary.up(small, (14, 14)).shape == x.shape
 
 
-def test_eight_bit_boundary_codes_lose_at_most_half_a_step_for_4x_fewer_bytes():
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_boundary_codes_lose_at_most_half_a_step_for_32_over_bits_fewer_bytes(bits):
     torch.manual_seed(0)
-    x = torch.relu(torch.randn(5, 16, 14, 14)) * torch.tensor([0.1, 1, 3, 10, 100]).view(5, 1, 1, 1)
-    boundary = BoundaryFilter(1, bits=8)
+    scales = torch.tensor([0.1, 1, 3, 10, 100]).view(5, 1, 1, 1)
+    x = torch.relu(torch.randn(5, 16, 7, 9)) * scales  # 1008 values: 126 groups of 8
+    boundary = BoundaryFilter(1, bits=bits)
     sent = boundary.encode(x)
     received = [buffer.copy_(t) for buffer, t in zip(boundary.buffers_like(x), sent, strict=True)]
-    decoded = boundary.decode(received)
-    half_step = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) / 510
+    decoded = boundary.decode(received, x.shape)
+    half_step = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) / (2 * (2**bits - 1))
     error = (decoded - x).abs().flatten(1).amax(1)
     assert torch.all(error <= half_step * 1.001 + 1e-6)
     assert torch.all(error > 0)  # it is lossy: the test would notice a silent fp32 path
     coded_bytes = sum(t.numel() * t.element_size() for t in sent)
-    assert coded_bytes == x.numel() + 8 * len(x)  # a byte per value, 2 floats per sample
-    exact = BoundaryFilter(1).decode(BoundaryFilter(1).encode(x))
+    assert coded_bytes == x.numel() * bits // 8 + 8 * len(x)  # packed codes + 2 floats
+    exact = BoundaryFilter(1).decode(BoundaryFilter(1).encode(x), x.shape)
     assert torch.equal(exact, x)
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_packed_codes_round_trip_including_a_ragged_tail(bits):
+    codes = torch.randint(0, 2**bits, (13,), generator=torch.Generator().manual_seed(bits))
+    codes[0], codes[-1] = 2**bits - 1, 0  # every bit of a field set, and none
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(13, bits)
+    assert torch.equal(unpack_codes(packed, bits, 13), codes)
 
 
 def test_cosine_lr_schedule():
@@ -102,7 +114,7 @@ def tiny():
     return spec, train, test
 
 
-@pytest.mark.parametrize(("downsample", "bits"), [(2, 32), (1, 8)])
+@pytest.mark.parametrize(("downsample", "bits"), [(2, 32), (1, 8), (1, 4)])
 def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(tiny, downsample, bits):
     spec, train, test = tiny
     x, y = train.normalize(train.images), train.labels
@@ -122,8 +134,8 @@ def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(tiny, down
     boundary_elements = split_resnet(model, 2)[0](x[:1]).numel() // downsample**2
     result = train_layer_parallel(model, spec, x, y, settings)
     assert result.stages == 2 and result.epoch_kinds == ["parallel", "serial"] * 2
-    # Both directions, every sample: fp32 values, or uint8 codes + an 8-byte range.
-    per_sample = boundary_elements * 4 if bits == 32 else boundary_elements + 8
+    # Both directions, every sample: fp32 values, or packed codes + an 8-byte range.
+    per_sample = boundary_elements * 4 if bits == 32 else boundary_elements * bits // 8 + 8
     assert result.boundary_bytes[0] == 2 * len(x) * per_sample
     assert result.boundary_bytes[1] == 0
     parallel_accuracy = evaluate(model, test).accuracy

@@ -340,8 +340,8 @@ def _parallel_epoch(
             sent += sum(t.numel() * t.element_size() for t in payload)
         for request in dist.batch_isend_irecv(ops) if ops else []:
             request.wait()
-        target_aux = state.boundary.decode(above_in) if above_in else None
-        from_below = state.boundary.decode(below_in) if below_in else None
+        target_aux = state.boundary.decode(above_in, produced.shape) if above_in else None
+        from_below = state.boundary.decode(below_in, x_in.shape) if below_in else None
         if rank == world - 1:
             loss = task_loss(out, targets[index].to(device), settings)
             total += float(loss.detach()) * len(index)

@@ -105,7 +105,7 @@ class ExperimentConfig:
     trainer: str = "sgd"
     distill_trainer: str = "adam"
     lp_stages: int = 2
-    lp_method: str = "al"
+    lp_method: str = "penalty"
     lp_downsample: int = 1
     lp_boundary_bits: int = 32
     lp_parallel_epochs: int = 1

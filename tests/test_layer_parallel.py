@@ -92,6 +92,15 @@ def test_packed_codes_round_trip_including_a_ragged_tail(bits):
     assert torch.equal(unpack_codes(packed, bits, 13), codes)
 
 
+def test_al_multipliers_act_only_with_two_parallel_epochs_between_corrections():
+    # 1+1: each sample's multiplier is updated once, then reset by the correction.
+    assert not LPSettings(method="al", parallel_epochs=1, serial_epochs=1).multipliers_act
+    assert LPSettings(method="al", parallel_epochs=2, serial_epochs=1).multipliers_act
+    assert LPSettings(method="al", parallel_epochs=1, serial_epochs=0).multipliers_act
+    assert not LPSettings(method="al", epochs=1, serial_epochs=0).multipliers_act
+    assert not LPSettings(method="penalty", parallel_epochs=3).multipliers_act
+
+
 def test_cosine_lr_schedule():
     cosine = LPSettings(lr=0.1, epochs=4, lr_schedule="cosine")
     assert [round(cosine.lr_at(e), 6) for e in range(4)] == [0.1, 0.085355, 0.05, 0.014645]

@@ -49,7 +49,7 @@ class LPSettings:
     """Knobs of layer-parallel training."""
 
     stages: int = 2
-    method: str = "al"
+    method: str = "penalty"  # "al" needs >= 2 parallel epochs per cycle (multipliers_act)
     epochs: int = 4
     parallel_epochs: int = 1  # parallel epochs per cycle, then serial_epochs
     serial_epochs: int = 1  # 0 = never correct serially
@@ -120,6 +120,19 @@ class LPSettings:
 
     def beta(self, parallel_epoch: int) -> float:
         return min(self.beta0 * self.beta_growth**parallel_epoch, self.beta_max)
+
+    @property
+    def multipliers_act(self) -> bool:
+        """Whether AL's multipliers ever reach a step (else AL is the penalty method).
+
+        A sample's multiplier is updated when the sample is visited and first used at
+        its next visit in a parallel epoch. Every serial correction resets the
+        multipliers, so with one parallel epoch between corrections (1+1) each is reset
+        before it is used: AL then takes exactly the penalty method's steps.
+        """
+        if self.method != "al" or self.epochs < 2:
+            return False
+        return self.serial_epochs == 0 or self.parallel_epochs >= 2
 
     def is_serial(self, epoch: int) -> bool:
         """Epoch ``epoch`` (0-based) is a serial correction pass in the schedule."""

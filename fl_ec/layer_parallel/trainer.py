@@ -131,6 +131,13 @@ def train_layer_parallel(
 ) -> LPResult:
     """Train ``model`` (a CIFAR ResNet built from ``spec``) layer-parallel, in place."""
     stages, backend = usable_stages(settings.stages, settings, len(model.blocks))
+    if settings.method == "al" and not settings.multipliers_act and stages > 1:
+        logger.warning(
+            "lp: method=al with %d parallel epoch(s) between serial corrections resets every "
+            "multiplier before it is used, so it takes the penalty method's steps; set "
+            "lp-parallel-epochs >= 2 for AL to act, or lp-method=penalty",
+            settings.parallel_epochs,
+        )
     init_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory(prefix="fl-ec-lp-") as tmp:
         out = Path(tmp)

@@ -27,8 +27,10 @@ from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import accuracy
 from fl_ec.results import load_saved_model
 
+RunData = tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]
 
-def run_data(metrics: dict) -> tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]:
+
+def run_data(metrics: dict) -> RunData:
     """A finished run's config, server data, full train set and the clients' row pool."""
     config = ExperimentConfig.from_run_config(metrics["config"])
     server = load_server_data(config)
@@ -39,11 +41,16 @@ def run_data(metrics: dict) -> tuple[ExperimentConfig, ServerData, TensorData, n
     return config, server, train, pool
 
 
-def posthoc_prior_correction(run_dir: Path, metrics: dict) -> tuple[float, float] | None:
-    """(final test accuracy, after the correction); None if the run saved no model."""
+def posthoc_prior_correction(
+    run_dir: Path, metrics: dict, data: RunData | None = None
+) -> tuple[float, float] | None:
+    """(final test accuracy, after the correction); None if the run saved no model.
+
+    ``data``: the run's :func:`run_data`, when the caller has loaded it already.
+    """
     if not (run_dir / "final_model.pt").exists():
         return None
-    config, server, train, pool = run_data(metrics)
+    config, server, train, pool = data if data is not None else run_data(metrics)
     counts = np.bincount(train.labels.numpy()[pool], minlength=server.test.num_classes)
     model = load_saved_model(run_dir)
     val_x = server.validation.normalize(server.validation.images)

@@ -89,10 +89,11 @@ def oracle_retrain(
 
 def measure(run_dir: Path, metrics: dict, epochs: int, seed: int) -> dict[str, float] | None:
     """Final, post-hoc corrected and oracle accuracies of one run; None without a model."""
-    corrected = posthoc_prior_correction(run_dir, metrics)
-    if corrected is None:
+    if not (run_dir / "final_model.pt").exists():
         return None
-    _, server, train, pool = run_data(metrics)
+    data = run_data(metrics)  # loaded once, for the correction and the oracles
+    corrected = posthoc_prior_correction(run_dir, metrics, data)
+    _, server, train, pool = data
     pool = torch.as_tensor(pool)
     inputs, labels = server.test.normalize(train.images[pool]), train.labels[pool]
     test_x, test_y = server.test.normalize(server.test.images), server.test.labels

@@ -91,8 +91,8 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or linears[-1].bias is None:
         raise ValueError(
-            "prior correction needs a model whose last layer is nn.Linear with a bias; "
-            "set prior-correction=false for this model"
+            "prior correction and feature calibration need a model whose last layer is "
+            "nn.Linear with a bias; set prior-correction=false and feature-calibration=false"
         )
     return linears[-1]
 

@@ -83,6 +83,8 @@ class ExperimentConfig:
     prior_correction: bool = False
     prior_correction_revert_z: float = 1.96
     prior_aware_distillation: bool = False
+    feature_calibration: bool = False
+    calibration_samples: int = 20_000
     distill_steps: int = 500
     distill_batch_size: int = 128
     distill_lr: float = 1e-3
@@ -189,6 +191,18 @@ class ExperimentConfig:
                 'not: for FedAvg + prior correction set strategy="fedec", distill-steps=0, '
                 'client-start="average"'
             )
+        if self.feature_calibration and self.strategy == "fedavg":
+            raise ConfigError(
+                "feature-calibration is a FedEC step: for FedAvg + calibration set "
+                'strategy="fedec", distill-steps=0, client-start="average"'
+            )
+        if self.feature_calibration and self.prior_correction:
+            raise ConfigError(
+                "feature-calibration retrains the classifier that prior-correction only "
+                "shifts: set prior-correction=false"
+            )
+        if self.calibration_samples < 1:
+            raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
         if self.prior_aware_distillation and not self.prior_correction:
             raise ConfigError("prior-aware-distillation needs prior-correction=true")
         if not (self.prior_correction_revert_z >= 0.0):  # also rejects NaN

@@ -33,6 +33,7 @@ class RoundRecord:
     train_seconds: float = 0.0
     aggregate_seconds: float = 0.0
     client_evaluate_seconds: float = 0.0
+    client_query_seconds: float = 0.0
     server_evaluate_seconds: float = 0.0
     wall_seconds: float = 0.0
     train_replies: int = 0
@@ -48,6 +49,7 @@ class RoundRecord:
             "train-seconds": round(self.train_seconds, 4),
             "aggregate-seconds": round(self.aggregate_seconds, 4),
             "client-evaluate-seconds": round(self.client_evaluate_seconds, 4),
+            "client-query-seconds": round(self.client_query_seconds, 4),
             "server-evaluate-seconds": round(self.server_evaluate_seconds, 4),
             "bytes-down": self.bytes_down,
             "bytes-up": self.bytes_up,

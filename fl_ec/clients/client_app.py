@@ -27,7 +27,8 @@ from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.ensemble import log_class_prior
-from fl_ec.errors import FlEcError, ModelSpecError
+from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
+from fl_ec.feature_calibration import class_feature_stats, stats_to_arrays
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.training import (
     TrainResult,
@@ -48,6 +49,19 @@ FL_EC_ERROR_CODE = 100
 def train(msg: Message, context: Context) -> Message:
     try:
         return _train(msg, context)
+    except FlEcError as err:
+        return Message(Error(code=FL_EC_ERROR_CODE, reason=str(err)), reply_to=msg)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Class-conditional feature statistics of the sent model on this node's data.
+
+    FedEC's ``feature-calibration`` asks for them after aggregating a round: one
+    forward pass, no training (:mod:`fl_ec.feature_calibration`).
+    """
+    try:
+        return _feature_stats(msg, context)
     except FlEcError as err:
         return Message(Error(code=FL_EC_ERROR_CODE, reason=str(err)), reply_to=msg)
 
@@ -189,6 +203,26 @@ def _evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _feature_stats(msg: Message, context: Context) -> Message:
+    config, _, data, spec, model = _setup(msg, context)
+    if not bool(msg.content["config"].get("feature-stats", False)):
+        raise ConfigError("query without feature-stats=true: nothing to answer")
+    start = time.perf_counter()
+    stats = class_feature_stats(
+        model,
+        data.train.normalize(data.train.images),
+        data.train.labels,
+        spec.num_classes,
+        config.eval_batch_size,
+        select_device(config.device),
+    )
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in stats_to_arrays(stats).items()})
+    metrics = MetricRecord(
+        {"num-examples": len(data.train), "stats-seconds": time.perf_counter() - start}
+    )
+    return Message(content=RecordDict({"feature-stats": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:

@@ -10,6 +10,7 @@ from fl_ec.config import STRATEGIES, ExperimentConfig
 from fl_ec.data.federated import ServerData
 from fl_ec.distill import DistillSettings
 from fl_ec.errors import ConfigError
+from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models.spec import ArchSpec
 
 
@@ -60,6 +61,8 @@ def build_strategy(
             prior_correction=config.prior_correction,
             prior_correction_revert_z=config.prior_correction_revert_z,
             prior_aware_distillation=config.prior_aware_distillation,
+            feature_calibration=config.feature_calibration,
+            calibration=CalibrationSettings(samples=config.calibration_samples),
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,
             proxy_per_round=config.proxy_per_round,

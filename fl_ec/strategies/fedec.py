@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,12 +37,14 @@ from fl_ec.config import CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
+from fl_ec.feature_calibration import CalibrationSettings, calibrate_classifier, merge_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
     average_metrics,
     group_by_spec,
     parse_reply,
+    parse_stats_reply,
     weighted_average,
 )
 from fl_ec.training import select_device
@@ -104,6 +106,19 @@ class FedEC(FedAvg):
         With ``prior_correction``: also correct the teacher's logits to the federation's
         label prior before distillation, and early-stop on validation accuracy *after*
         the correction, so the checkpoint kept is the one that is best once corrected.
+    feature_calibration : bool (default: False)
+        After each round's aggregation, ask this round's clients for the
+        class-conditional statistics of the served model's classifier inputs on their
+        data (a ``query`` message: one forward pass, no training), pool them, and
+        fine-tune the served model's classifier on virtual features drawn from them
+        (CCVR; see :mod:`fl_ec.feature_calibration`). It replaces ``prior_correction``,
+        which only shifts the bias. With validation data the calibrated classifier is
+        kept unless the uncalibrated one is significantly more accurate (the test of
+        ``prior_correction_revert_z``). Clients without a query handler, or replies
+        that fail the checks, are logged and left out; without any valid statistics
+        the round serves the uncalibrated model.
+    calibration : CalibrationSettings | None
+        Virtual samples, epochs, lr and batch size of the calibration.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -145,6 +160,8 @@ class FedEC(FedAvg):
         prior_correction: bool = False,
         prior_correction_revert_z: float = 1.96,
         prior_aware_distillation: bool = False,
+        feature_calibration: bool = False,
+        calibration: CalibrationSettings | None = None,
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
         proxy_per_round: int = 0,
@@ -182,7 +199,15 @@ class FedEC(FedAvg):
         if prior_aware_distillation and not prior_correction:
             raise ValueError("prior_aware_distillation needs prior_correction=True")
         self.prior_aware_distillation = prior_aware_distillation
-        if prior_correction:  # fail now, not in round 1, if the model has no biased head
+        if feature_calibration and prior_correction:
+            raise ValueError(
+                "feature_calibration retrains the classifier that prior_correction shifts: "
+                "choose one"
+            )
+        self.feature_calibration = feature_calibration
+        self.calibration = calibration or CalibrationSettings()
+        self.grid: Grid | None = None  # kept from configure_train for calibration queries
+        if prior_correction or feature_calibration:  # fail now if the head has no bias
             spec = self.arch_spec
             classifier_of(build_model(spec) if spec is not None else model_builder())  # type: ignore[misc]
         self.teacher_includes_average = teacher_includes_average
@@ -206,7 +231,8 @@ class FedEC(FedAvg):
         log(
             INFO,
             "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round, +%d augmented views), "
-            "student init=%s, clients start from the %s, prior correction=%s, distill=%s",
+            "student init=%s, clients start from the %s, prior correction=%s, "
+            "feature calibration=%s, distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
@@ -214,6 +240,7 @@ class FedEC(FedAvg):
             self.student_init,
             self.client_start,
             self.prior_correction,
+            self.feature_calibration,
             self.distill_settings,
         )
 
@@ -222,6 +249,7 @@ class FedEC(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays  # the previous global model, for init / teacher
+        self.grid = grid
         if self.client_start == "average" and self.client_start_arrays is not None:
             arrays = self.client_start_arrays
         return super().configure_train(server_round, arrays, config, grid)
@@ -242,6 +270,8 @@ class FedEC(FedAvg):
             self.server_metrics[server_round] = stats
             return None, None
         student, stats = self._compress(server_round, accepted, stats)
+        if self.feature_calibration:
+            stats.update(self._calibrate_features(server_round, student, accepted))
         self.server_metrics[server_round] = stats
         self.last_client_models = accepted
         return ArrayRecord(student.state_dict()), MetricRecord(average_metrics(accepted))
@@ -405,6 +435,68 @@ class FedEC(FedAvg):
             result.best_accuracy,
         )
         return student.cpu(), stats
+
+    def _calibrate_features(
+        self, server_round: int, served: nn.Module, accepted: list[ClientModel]
+    ) -> dict[str, float]:
+        """Ask the round's clients for feature statistics of ``served``; calibrate it."""
+        if self.grid is None:
+            raise RuntimeError("feature calibration needs the grid: run through start()")
+        config = ConfigRecord({"server-round": server_round, "feature-stats": True})
+        if self.arch_spec is not None:
+            config["arch-spec"] = self.arch_spec.to_json()
+        record = RecordDict(
+            {
+                self.arrayrecord_key: ArrayRecord(served.state_dict()),
+                self.configrecord_key: config,
+            }
+        )
+        nodes = [m.node_id for m in accepted]
+        start = time.perf_counter()
+        replies = list(
+            self.grid.send_and_receive(self._construct_messages(record, nodes, MessageType.QUERY))
+        )
+        query_seconds = time.perf_counter() - start
+        classifier = classifier_of(served)
+        parts = []
+        for reply in replies:
+            try:
+                parts.append(
+                    parse_stats_reply(reply, classifier.out_features, classifier.in_features)
+                )
+            except ValueError as reason:
+                log(
+                    WARNING,
+                    "round %d: dropped feature statistics from node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reason,
+                )
+        stats = {
+            "calibration-query-seconds": query_seconds,
+            "calibration-valid-replies": float(len(parts)),
+            "calibration-rejected-replies": float(len(replies) - len(parts)),
+            "feature-calibration-applied": 0.0,
+        }
+        if not parts:
+            log(WARNING, "round %d: no valid feature statistics; not calibrated", server_round)
+            return stats
+        before_state = copy.deepcopy(served.state_dict())
+        before_hits = self._hits(served) if self.validation is not None else None
+        stats["calibration-seconds"] = calibrate_classifier(
+            served, merge_stats(parts), self.calibration, seed=self.seed * 10_007 + server_round
+        )
+        if before_hits is not None:
+            after_hits = self._hits(served)
+            stats["calibration-val-gain"] = float(
+                after_hits.float().mean() - before_hits.float().mean()
+            )
+            if paired_z(before_hits, after_hits) > self.prior_correction_revert_z:
+                served.load_state_dict(before_state)
+                log(INFO, "round %d: calibration hurt validation; reverted", server_round)
+                return stats
+        stats["feature-calibration-applied"] = 1.0
+        return stats
 
     def _prior_aware_targets(
         self, teacher: torch.Tensor, proxy: torch.Tensor, accepted: list[ClientModel]

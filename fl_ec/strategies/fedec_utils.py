@@ -14,6 +14,7 @@ import torch
 from flwr.app import Message
 
 from fl_ec.errors import ModelSpecError
+from fl_ec.feature_calibration import ClassFeatureStats, stats_from_arrays
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 
 TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts, variant
@@ -158,3 +159,16 @@ def average_metrics(models: list[ClientModel], exclude: str = "num-examples") ->
 
 def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in arrays.items()}
+
+
+STATS_RECORD_KEY = "feature-stats"  # query reply ArrayRecord (fl_ec.feature_calibration)
+
+
+def parse_stats_reply(message: Message, num_classes: int, dim: int) -> ClassFeatureStats:
+    """A query reply's feature statistics, or ``ValueError`` naming the defect."""
+    if message.has_error():
+        raise ValueError(f"error reply: {message.error.reason}")
+    if STATS_RECORD_KEY not in message.content.array_records:
+        raise ValueError(f"no {STATS_RECORD_KEY!r} ArrayRecord in the reply")
+    record = message.content.array_records[STATS_RECORD_KEY]
+    return stats_from_arrays({k: a.numpy() for k, a in record.items()}, num_classes, dim)

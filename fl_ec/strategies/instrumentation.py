@@ -8,7 +8,8 @@ also logs failed replies with their node id and reason, and stops the run when *
 training reply of a round failed (a misconfiguration, not a flaky node).
 
 :func:`time_aggregation` wraps a strategy instance's ``aggregate_train`` to time it and to
-record the clients' aggregated train metrics (``client-train-loss``, ...).
+record the clients' aggregated train metrics (``client-train-loss``, ...); time spent
+waiting on clients for queries sent from inside it is left out of it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class MeteredGrid(Grid):
                     f"round {server_round}: all {len(replies)} clients failed; first "
                     f"(node {failed[0].metadata.src_node_id}): {failed[0].error.reason}"
                 )
+        elif message_type == MessageType.QUERY:  # e.g. FedEC's feature statistics
+            record.client_query_seconds += elapsed
         else:
             record.client_evaluate_seconds += elapsed
         return replies
@@ -120,11 +123,16 @@ def time_aggregation(strategy: Strategy, recorder: RunRecorder) -> Strategy:
     inner: Callable = strategy.aggregate_train
 
     def timed_aggregate_train(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
+        record = recorder.record_for(server_round)
+        # Queries sent from inside aggregate_train (FedEC's feature statistics) wait on
+        # the clients: their time is the clients', not the server's aggregation.
+        query_seconds_before = record.client_query_seconds
         start = time.perf_counter()
         try:
             arrays, metrics = inner(server_round, replies)
         finally:
-            recorder.record_for(server_round).aggregate_seconds += time.perf_counter() - start
+            waited = record.client_query_seconds - query_seconds_before
+            record.aggregate_seconds += time.perf_counter() - start - waited
         if metrics is not None:  # the clients' aggregated train metrics, e.g. client-train-loss
             recorder.record_for(server_round).metrics.update(
                 {f"client-{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}

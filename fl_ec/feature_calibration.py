@@ -1,0 +1,242 @@
+"""Classifier calibration from the clients' class-conditional feature statistics.
+
+Why: at strong label skew (Dirichlet alpha=0.1) the aggregated model's features are
+better than its classifier. The label-prior correction (:mod:`fl_ec.calibration`) moves
+only the classifier's bias, and it took 59-78% of what retraining the whole classifier
+on every label could give (the ``server-ceiling`` benchmark). Retraining the weights
+needs labelled features, which only the clients have.
+
+What (CCVR, Luo et al. 2021, "No Fear of Heterogeneity"): each client runs the global
+model over its own data and reports, per class it holds, the count, mean and covariance
+of the classifier's *input* features -- one forward pass, no training. The server pools
+them exactly into the federation's class-conditional Gaussians, draws labelled virtual
+features from them, in proportion to the pooled class counts, and fine-tunes the
+classifier on those. Only the last layer changes, so the same feature extractor serves.
+
+Choices, and why:
+
+* **Full covariance at the classifier input** (d = 128 for the small CNN: 64 KB per
+  class in fp32). A probe on three finished FedAvg runs (20 rounds x 1 epoch, seeds
+  42 / 1 / 2) gained +1.42 / +2.23 / +2.47 points with it, against +1.28 / +1.55 /
+  +1.77 for the prior correction. Diagonal covariances fit deeper layers cheaply but
+  lost accuracy there (fc1 + classifier from diagonal Gaussians of the 3136-d conv
+  features: -1.5 points), and full covariances of those features are 39 MB per class.
+* **Proportional sampling**: the virtual set follows the pooled label distribution, so
+  the calibrated classifier targets the same prior as the label-prior correction.
+* **Fine-tuning from the current classifier** (Adam, a few epochs), not a fresh one:
+  it keeps what the weights already encode wherever the virtual features say nothing.
+
+Nothing here knows about Flower; FedEC applies it to the served model each round
+(``feature-calibration``), and the ClientApp computes the statistics on query.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl_ec.calibration import classifier_of
+from fl_ec.models.layout import channels_last
+
+STATS_KEYS = ("classes", "counts", "means", "covariances")
+
+
+@dataclass(frozen=True)
+class ClassFeatureStats:
+    """Per-class count, mean and (population) covariance of the classifier's inputs."""
+
+    counts: torch.Tensor  # (C,) float64; 0 for a class not seen
+    means: torch.Tensor  # (C, d) float64
+    covariances: torch.Tensor  # (C, d, d) float64
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.counts.numel())
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+
+def classifier_inputs(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 512, device: str = "cpu"
+) -> torch.Tensor:
+    """What the model's classifier layer receives for ``inputs`` (eval mode), on CPU."""
+    captured: list[torch.Tensor] = []
+    hook = classifier_of(model).register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0].detach().flatten(1).float().cpu())
+    )
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with channels_last(model), torch.inference_mode():  # channels-last: ~4x on CPU
+            for batch in inputs.split(batch_size):
+                model(batch.to(device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
+def class_feature_stats(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> ClassFeatureStats:
+    """The class-conditional statistics of ``model``'s classifier inputs over a dataset."""
+    features = classifier_inputs(model, inputs, batch_size, device).double()
+    labels = torch.as_tensor(labels).long()
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} inputs but {len(labels)} labels")
+    dim = features.shape[1]
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    means = torch.zeros(num_classes, dim, dtype=torch.float64)
+    covariances = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
+    for label in labels.unique().tolist():
+        rows = features[labels == label]
+        counts[label] = len(rows)
+        means[label] = rows.mean(0)
+        centred = rows - means[label]
+        covariances[label] = centred.T @ centred / len(rows)
+    return ClassFeatureStats(counts, means, covariances)
+
+
+def merge_stats(parts: Sequence[ClassFeatureStats]) -> ClassFeatureStats:
+    """Pool the clients' statistics exactly: as if computed over the union of their data."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    counts = torch.stack([p.counts for p in parts])  # (K, C)
+    total = counts.sum(0)
+    weights = counts / total.clamp_min(1.0)  # (K, C); a class nobody saw stays all-zero
+    means = torch.einsum("kc,kcd->cd", weights, torch.stack([p.means for p in parts]))
+    second_moments = torch.stack(
+        [p.covariances + torch.einsum("cd,ce->cde", p.means, p.means) for p in parts]
+    )
+    covariances = torch.einsum("kc,kcde->cde", weights, second_moments) - torch.einsum(
+        "cd,ce->cde", means, means
+    )
+    return ClassFeatureStats(total, means, covariances)
+
+
+def stats_to_arrays(stats: ClassFeatureStats) -> dict[str, np.ndarray]:
+    """The wire form: only the classes seen, means and covariances in float32."""
+    present = torch.nonzero(stats.counts > 0).flatten()
+    return {
+        "classes": present.numpy().astype(np.int64),
+        "counts": stats.counts[present].numpy().astype(np.int64),
+        "means": stats.means[present].numpy().astype(np.float32),
+        "covariances": stats.covariances[present].numpy().astype(np.float32),
+    }
+
+
+def stats_from_arrays(
+    arrays: Mapping[str, np.ndarray], num_classes: int, dim: int
+) -> ClassFeatureStats:
+    """Check and rebuild a client's statistics; ``ValueError`` says what is wrong."""
+    missing = [key for key in STATS_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"feature statistics lack {missing}")
+    classes = np.asarray(arrays["classes"])
+    counts = np.asarray(arrays["counts"])
+    means = np.asarray(arrays["means"], dtype=np.float64)
+    covariances = np.asarray(arrays["covariances"], dtype=np.float64)
+    k = len(classes)
+    expected = {"classes": (k,), "counts": (k,), "means": (k, dim), "covariances": (k, dim, dim)}
+    for key, shape in expected.items():
+        got = np.asarray(arrays[key]).shape
+        if got != shape:
+            raise ValueError(f"feature statistics {key!r} have shape {got}, expected {shape}")
+    if k == 0:
+        raise ValueError("feature statistics cover no class")
+    if not np.issubdtype(classes.dtype, np.integer) or len(set(classes.tolist())) != k:
+        raise ValueError("feature statistics classes must be distinct integers")
+    if classes.min() < 0 or classes.max() >= num_classes:
+        raise ValueError(f"feature statistics name a class outside [0, {num_classes})")
+    if not (np.isfinite(counts).all() and (counts > 0).all()):
+        raise ValueError("feature statistics counts must be positive")
+    if not (np.isfinite(means).all() and np.isfinite(covariances).all()):
+        raise ValueError("feature statistics contain non-finite values")
+    diagonals = np.diagonal(covariances, axis1=1, axis2=2)
+    if (diagonals < -1e-4 * (1.0 + np.abs(diagonals).max())).any():
+        raise ValueError("feature statistics covariances have negative variances")
+    full_counts = torch.zeros(num_classes, dtype=torch.float64)
+    full_means = torch.zeros(num_classes, dim, dtype=torch.float64)
+    full_covariances = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
+    index = torch.as_tensor(classes, dtype=torch.long)
+    full_counts[index] = torch.as_tensor(counts, dtype=torch.float64)
+    full_means[index] = torch.as_tensor(means)
+    symmetric = (covariances + covariances.transpose(0, 2, 1)) / 2  # float32 rounding
+    full_covariances[index] = torch.as_tensor(symmetric)
+    return ClassFeatureStats(full_counts, full_means, full_covariances)
+
+
+def sample_virtual_features(
+    stats: ClassFeatureStats, num_samples: int, generator: torch.Generator, ridge: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled features drawn from the pooled Gaussians, classes in proportion to counts.
+
+    ``ridge`` (relative to the class's mean variance) keeps a class seen only a few
+    times, whose covariance is singular, from collapsing onto its mean.
+    """
+    if stats.counts.sum() <= 0:
+        raise ValueError("no class has any example")
+    shares = stats.counts / stats.counts.sum()
+    per_class = torch.floor(shares * num_samples).long()
+    features, labels = [], []
+    for label in torch.nonzero(per_class > 0).flatten().tolist():
+        covariance = stats.covariances[label]
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        scale = eigenvalues.clamp_min(0.0) + ridge * covariance.diagonal().mean().clamp_min(1e-12)
+        noise = torch.randn(
+            int(per_class[label]), stats.dim, generator=generator, dtype=torch.float64
+        )
+        features.append(stats.means[label] + (noise * scale.sqrt()) @ eigenvectors.T)
+        labels.append(torch.full((int(per_class[label]),), label, dtype=torch.long))
+    return torch.cat(features).float(), torch.cat(labels)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How the classifier is fine-tuned on virtual features."""
+
+    samples: int = 20_000
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 128
+
+
+def calibrate_classifier(
+    model: nn.Module,
+    stats: ClassFeatureStats,
+    settings: CalibrationSettings = CalibrationSettings(),  # noqa: B008 - frozen
+    seed: int = 0,
+) -> float:
+    """Fine-tune ``model``'s classifier (in place) on virtual features; returns seconds."""
+    start = time.perf_counter()
+    classifier = classifier_of(model)
+    if classifier.in_features != stats.dim:
+        raise ValueError(
+            f"statistics have {stats.dim} features, the classifier takes {classifier.in_features}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    features, labels = sample_virtual_features(stats, settings.samples, generator)
+    device = classifier.weight.device
+    features, labels = features.to(device), labels.to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
+    with torch.enable_grad():
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(labels), generator=generator).to(device)
+            for batch in order.split(settings.batch_size):
+                loss = nn.functional.cross_entropy(classifier(features[batch]), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return time.perf_counter() - start

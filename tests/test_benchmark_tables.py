@@ -124,3 +124,13 @@ def test_a_run_from_before_the_revert_threshold_matches_only_the_old_rule():
     assert not _same_config(recorded, {"seed": 1, "prior-correction-revert-z": 1.96})
     # Without the correction the threshold never acted: the default matches.
     assert _same_config({"seed": 1}, {"seed": 1, "prior-correction-revert-z": 1.96})
+
+
+def test_reuse_ignores_layer_parallel_knobs_unless_a_layer_parallel_trainer_ran():
+    recorded = {"seed": 1, "lp-method": "al"}
+    assert _same_config(recorded, {"seed": 1, "lp-method": "penalty"})
+    recorded_lp = {"seed": 1, "lp-method": "al", "trainer": "layer-parallel"}
+    assert not _same_config(recorded_lp, {"seed": 1, "lp-method": "penalty"})
+    assert not _same_config(
+        recorded, {"seed": 1, "lp-method": "penalty", "trainer": "layer-parallel"}
+    )

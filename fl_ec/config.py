@@ -26,6 +26,7 @@ STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # FedEC's client-start; fedhce needs "student"
+CALIBRATION_ROUNDS = ("all", "last")  # FedEC feature-calibration: every round or the last
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,6 +85,7 @@ class ExperimentConfig:
     prior_correction_revert_z: float = 1.96
     prior_aware_distillation: bool = False
     feature_calibration: bool = False
+    calibration_rounds: str = "all"
     calibration_samples: int = 20_000
     distill_steps: int = 500
     distill_batch_size: int = 128
@@ -201,6 +203,7 @@ class ExperimentConfig:
                 "feature-calibration retrains the classifier that prior-correction only "
                 "shifts: set prior-correction=false"
             )
+        _choice("calibration-rounds", self.calibration_rounds, CALIBRATION_ROUNDS)
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
         if self.prior_aware_distillation and not self.prior_correction:

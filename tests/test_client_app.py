@@ -92,3 +92,24 @@ def test_local_loss_knob_reaches_the_trainer(task_identity):
     assert not torch.equal(
         trained["ce"]["classifier.weight"], trained["logit-adjusted"]["classifier.weight"]
     )
+
+
+def test_query_returns_the_class_feature_statistics_of_the_sent_model(task_identity):
+    from fl_ec.clients.client_app import query_handler
+    from fl_ec.feature_calibration import stats_from_arrays
+
+    model = build_model(SPEC)
+    reply = query_handler(_message("query", model, **{"feature-stats": True}), _context())
+    assert not reply.has_error()
+    arrays = {k: a.numpy() for k, a in reply.content["feature-stats"].items()}
+    stats = stats_from_arrays(arrays, num_classes=10, dim=model.classifier.in_features)
+    assert stats.counts.sum() == reply.content["metrics"]["num-examples"]
+    assert (stats.covariances.diagonal(dim1=1, dim2=2) >= 0).all()
+
+
+def test_query_without_a_known_request_is_a_one_line_error(task_identity):
+    from fl_ec.clients.client_app import query_handler
+
+    reply = query_handler(_message("query", build_model(SPEC)), _context())
+    assert reply.has_error() and reply.error.code == FL_EC_ERROR_CODE
+    assert "feature-stats" in reply.error.reason

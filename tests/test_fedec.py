@@ -456,3 +456,122 @@ def test_prior_aware_distillation_balances_the_teacher_and_needs_the_correction(
     assert 0.0 <= score(_global()) <= 1.0
     with pytest.raises(ValueError, match="prior_correction"):
         _strategy(data, prior_aware_distillation=True)
+
+
+class _StatsGrid:
+    """Answers FedEC's feature-statistics queries the way fl-ec's ClientApp does.
+
+    ``node_data`` maps a node to its labelled data; ``broken`` maps a node to a
+    function that spoils its reply (or to an error reason).
+    """
+
+    def __init__(self, node_data, broken=None):
+        self.node_data, self.broken, self.queries = node_data, broken or {}, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from fl_ec.feature_calibration import class_feature_stats, stats_to_arrays
+
+        replies = []
+        for message in messages:
+            self.queries.append(message)
+            node = message.metadata.dst_node_id
+            spoil = self.broken.get(node)
+            if isinstance(spoil, str):
+                replies.append(Message(Error(code=100, reason=spoil), reply_to=message))
+                continue
+            model = build_model(SPEC)
+            model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+            x, y = self.node_data[node]
+            arrays = stats_to_arrays(class_feature_stats(model, x, y, 10))
+            if spoil is not None:
+                spoil(arrays)
+            record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
+            replies.append(Message(RecordDict({"feature-stats": record}), reply_to=message))
+        return replies
+
+
+def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
+    task_identity, data, caplog
+):
+    proxy, (val_x, val_y) = data
+    node_data = {n: (val_x[n::3], val_y[n::3]) for n in (1, 2, 3)}
+    node_data[4] = node_data[1]
+    replies = [_reply(n, _global(seed=n)) for n in (1, 2, 3, 4)]
+
+    def nan_means(arrays):
+        arrays["means"][0, 0] = np.nan
+
+    outcomes = {}
+    for calibrate in (False, True):
+        strategy = FedEC(
+            proxy_data=proxy,
+            arch_spec=SPEC,
+            distill=DistillSettings(steps=0),
+            feature_calibration=calibrate,
+            min_train_nodes=2,
+        )
+        _start_round(strategy, _global())
+        grid = _StatsGrid(node_data, broken={3: nan_means, 4: "no query handler"})
+        strategy.grid = grid
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            served, _ = strategy.aggregate_train(1, replies)
+        outcomes[calibrate] = (served.to_torch_state_dict(), strategy.server_metrics[1], grid)
+    plain, _, plain_grid = outcomes[False]
+    calibrated, stats, grid = outcomes[True]
+    assert not plain_grid.queries  # off: nothing is asked of the clients
+    assert {m.metadata.dst_node_id for m in grid.queries} == {1, 2, 3, 4}
+    assert all(m.metadata.message_type == MessageType.QUERY for m in grid.queries)
+    assert stats["calibration-valid-replies"] == 2 and stats["calibration-rejected-replies"] == 2
+    assert stats["feature-calibration-applied"] == 1.0  # no validation data: always kept
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "node 3" in text and "non-finite" in text
+    assert "node 4" in text and "no query handler" in text
+    for key, value in plain.items():
+        if key.startswith("classifier."):
+            assert not torch.allclose(value, calibrated[key]), key
+        else:
+            assert torch.equal(value, calibrated[key]), key
+
+
+def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(task_identity, data):
+    strategy = FedEC(
+        proxy_data=data[0],
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        feature_calibration=True,
+        min_train_nodes=2,
+    )
+    _start_round(strategy, _global())
+    strategy.grid = _StatsGrid({}, broken={1: "crashed", 2: "crashed"})
+    served, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    assert served is not None
+    assert strategy.server_metrics[1]["feature-calibration-applied"] == 0.0
+    assert strategy.server_metrics[1]["calibration-valid-replies"] == 0
+
+
+def test_feature_calibration_and_prior_correction_are_exclusive(data):
+    with pytest.raises(ValueError, match="choose one"):
+        FedEC(proxy_data=data[0], arch_spec=SPEC, feature_calibration=True, prior_correction=True)
+
+
+def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, data):
+    proxy, (val_x, val_y) = data
+    strategy = FedEC(
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        feature_calibration=True,
+        calibration_rounds="last",
+        min_train_nodes=2,
+    )
+    strategy.num_rounds = 2  # as start(num_rounds=2) records it
+    strategy.grid = _StatsGrid({n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
+    for server_round in (1, 2):
+        _start_round(strategy, _global())
+        strategy.aggregate_train(server_round, [_reply(n, _global(seed=n)) for n in (0, 1)])
+    assert "feature-calibration-applied" not in strategy.server_metrics[1]
+    assert strategy.server_metrics[2]["feature-calibration-applied"] == 1.0
+    assert len(strategy.grid.queries) == 2  # one per node, in round 2 only
+    with pytest.raises(ValueError, match="all or last"):
+        FedEC(proxy_data=proxy, arch_spec=SPEC, calibration_rounds="first")

@@ -62,6 +62,7 @@ def build_strategy(
             prior_correction_revert_z=config.prior_correction_revert_z,
             prior_aware_distillation=config.prior_aware_distillation,
             feature_calibration=config.feature_calibration,
+            calibration_rounds=config.calibration_rounds,
             calibration=CalibrationSettings(samples=config.calibration_samples),
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,

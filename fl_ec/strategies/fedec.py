@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -20,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,7 +34,7 @@ from fl_ec.calibration import (
     prior_offsets,
     target_prior,
 )
-from fl_ec.config import CLIENT_STARTS, STUDENT_INITS
+from fl_ec.config import CALIBRATION_ROUNDS, CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
@@ -117,6 +118,11 @@ class FedEC(FedAvg):
         ``prior_correction_revert_z``). Clients without a query handler, or replies
         that fail the checks, are logged and left out; without any valid statistics
         the round serves the uncalibrated model.
+    calibration_rounds : str (default: "all")
+        ``all``: calibrate (and query the clients) every round; ``last``: only in the
+        last round of ``start()``, which saves a query per round. With
+        ``client_start="average"`` the served model does not steer training, so both
+        end with the same final model; ``all`` also calibrates every intermediate one.
     calibration : CalibrationSettings | None
         Virtual samples, epochs, lr and batch size of the calibration.
     teacher_includes_average : bool (default: False)
@@ -161,6 +167,7 @@ class FedEC(FedAvg):
         prior_correction_revert_z: float = 1.96,
         prior_aware_distillation: bool = False,
         feature_calibration: bool = False,
+        calibration_rounds: str = "all",
         calibration: CalibrationSettings | None = None,
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
@@ -205,6 +212,10 @@ class FedEC(FedAvg):
                 "choose one"
             )
         self.feature_calibration = feature_calibration
+        if calibration_rounds not in CALIBRATION_ROUNDS:
+            raise ValueError(f"calibration_rounds={calibration_rounds!r}: choose all or last")
+        self.calibration_rounds = calibration_rounds
+        self.num_rounds: int | None = None  # known once start() runs
         self.calibration = calibration or CalibrationSettings()
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if prior_correction or feature_calibration:  # fail now if the head has no bias
@@ -245,6 +256,13 @@ class FedEC(FedAvg):
         )
 
     # -- Flower hooks -------------------------------------------------------------
+    def start(self, *args: Any, **kwargs: Any) -> Result:
+        """FedAvg's ``start``; FedEC notes ``num_rounds`` (``calibration_rounds="last"``)."""
+        call = inspect.signature(FedAvg.start).bind(self, *args, **kwargs)
+        call.apply_defaults()
+        self.num_rounds = call.arguments["num_rounds"]
+        return super().start(*args, **kwargs)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -270,8 +288,6 @@ class FedEC(FedAvg):
             self.server_metrics[server_round] = stats
             return None, None
         student, stats = self._compress(server_round, accepted, stats)
-        if self.feature_calibration:
-            stats.update(self._calibrate_features(server_round, student, accepted))
         self.server_metrics[server_round] = stats
         self.last_client_models = accepted
         return ArrayRecord(student.state_dict()), MetricRecord(average_metrics(accepted))
@@ -421,6 +437,11 @@ class FedEC(FedAvg):
             stats.update(
                 self._correct_prior(student, start_state, round_proxy, accepted, server_round)
             )
+        # Here, so that FedHCE derives its variants from the calibrated model. Outside
+        # start() the last round is unknown: every round is calibrated.
+        last = self.num_rounds is None or server_round >= self.num_rounds
+        if self.feature_calibration and (self.calibration_rounds == "all" or last):
+            stats.update(self._calibrate_features(server_round, student, accepted))
         log(
             INFO,
             "round %d: teacher %.2fs (%s), distill %d steps %.2fs; val acc teacher %.4f, "
@@ -447,7 +468,9 @@ class FedEC(FedAvg):
             config["arch-spec"] = self.arch_spec.to_json()
         record = RecordDict(
             {
-                self.arrayrecord_key: ArrayRecord(served.state_dict()),
+                self.arrayrecord_key: ArrayRecord(
+                    {k: v.detach().cpu() for k, v in served.state_dict().items()}
+                ),
                 self.configrecord_key: config,
             }
         )

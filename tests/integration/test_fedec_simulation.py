@@ -9,7 +9,7 @@ import torch
 
 from fl_ec.results import load_saved_model
 from tests.conftest import ROOT, requires_fashion_mnist
-from tests.integration.helpers import run_config
+from tests.integration.helpers import model_bytes, run_config
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +56,26 @@ def test_quickstart_app_runs_with_fedec_swapped_in(cli, tmp_path):
         assert stats["teacher-seconds"] > 0
     state = torch.load(results_file.with_suffix(".pt"), weights_only=True)
     assert set(state) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
+
+
+@requires_fashion_mnist
+def test_feature_calibration_in_the_last_round_queries_every_client(cli, tmp_path):
+    results = tmp_path / "results"
+    extra = (
+        'strategy="fedec" num-server-rounds=2 distill-steps=0 client-start="average" '
+        'feature-calibration=true calibration-rounds="last" calibration-samples=5000'
+    )
+    run_id = cli.submit(ROOT, run_config(results, "calibrated", extra), num_supernodes=2)
+    outcome = cli.wait(run_id, timeout=600)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+    metrics = json.loads((results / "calibrated" / "metrics.json").read_text())
+    metrics["_run_dir"] = str(results / "calibrated")
+    first, last = metrics["rounds"][1:]
+    # start() told FedEC how many rounds there are: round 1 asks the clients nothing.
+    assert "calibration-valid-replies" not in first and first["client-query-seconds"] == 0
+    # Both clients answered the query through the real engine, and the server used it.
+    assert last["calibration-valid-replies"] == 2 and last["calibration-rejected-replies"] == 0
+    assert last["client-query-seconds"] > 0 and last["calibration-seconds"] > 0
+    assert "calibration-val-gain" in last
+    # The query's arrays (the served model, to both nodes) are metered.
+    assert last["bytes-down"] == first["bytes-down"] + 2 * model_bytes(metrics)

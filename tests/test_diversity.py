@@ -68,7 +68,7 @@ def test_joint_distillation_of_a_variant_ensemble_reduces_the_loss():
     proxy = torch.randn(256, 5)
     teacher = proxy @ torch.randn(5, 4)
     loss_fn = diversity_loss_fn(1.0, 0.5)
-    before = float(loss_fn(ensemble, proxy, teacher))
+    before = loss_fn(ensemble, proxy, teacher).item()
     settings = DistillSettings(steps=150, batch_size=64, lr=0.02, recalibrate_bn=False)
     distill(ensemble, proxy, teacher, None, settings, loss_fn=loss_fn)
-    assert float(loss_fn(ensemble, proxy, teacher)) < 0.5 * before
+    assert loss_fn(ensemble, proxy, teacher).item() < 0.5 * before

@@ -192,3 +192,44 @@ def test_bad_settings_fail_fast(data):
         FedHCE(variants=["full"], hce_ensemble=["int4"], proxy_data=proxy, arch_spec=SPEC)
     with pytest.raises(ValueError, match="diversity_weight"):
         FedHCE(variants=["full"], diversity_weight=2.0, proxy_data=proxy, arch_spec=SPEC)
+
+
+class StatsGrid(FakeGrid):
+    """Also answers FedEC's feature-statistics query, from synthetic labelled data."""
+
+    def __init__(self, nodes, labelled):
+        super().__init__(nodes)
+        self.labelled = labelled
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from fl_ec.feature_calibration import class_feature_stats, stats_to_arrays
+
+        replies = []
+        for message in messages:
+            model = build_model(SPEC)
+            model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+            stats = stats_to_arrays(class_feature_stats(model, *self.labelled, 10))
+            record = ArrayRecord({k: torch.from_numpy(v) for k, v in stats.items()})
+            replies.append(Message(RecordDict({"feature-stats": record}), reply_to=message))
+        return replies
+
+
+def test_variants_derive_from_the_calibrated_model(task_identity, data):
+    tiers = {1: "gpu", 2: "edge"}
+    served = {}
+    for calibrate in (False, True):
+        # A huge revert threshold: the calibration is always kept, whatever validation says.
+        strategy = _strategy(data, feature_calibration=calibrate, prior_correction_revert_z=1e9)
+        torch.manual_seed(0)
+        arrays = ArrayRecord(build_model(SPEC).state_dict())
+        grid = StatsGrid(tiers, data[1])
+        requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
+        replies = [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests]
+        result, _ = strategy.aggregate_train(1, replies)
+        served[calibrate] = result.to_torch_state_dict()
+        full_variant = strategy.variant_models["full"].state_dict()
+        for key, value in served[calibrate].items():
+            assert torch.equal(full_variant[key], value), key  # what was served, calibrated
+    assert strategy.server_metrics[1]["feature-calibration-applied"] == 1.0
+    assert torch.equal(served[False]["conv1.weight"], served[True]["conv1.weight"])
+    assert not torch.equal(served[False]["classifier.weight"], served[True]["classifier.weight"])

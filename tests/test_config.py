@@ -39,6 +39,13 @@ def test_values_are_coerced_to_declared_types():
         ({"strategy": "fedhce", "client-start": "average"}, 'client-start must be "student"'),
         ({"strategy": "fedavg", "prior-correction": True}, 'strategy="fedec", distill-steps=0'),
         ({"prior-aware-distillation": True}, "needs prior-correction=true"),
+        ({"strategy": "fedavg", "feature-calibration": True}, "feature-calibration is a FedEC"),
+        (
+            {"strategy": "fedec", "feature-calibration": True, "prior-correction": True},
+            "set prior-correction=false",
+        ),
+        ({"calibration-rounds": "first"}, "calibration-rounds='first' is unknown"),
+        ({"calibration-samples": 0}, "calibration-samples=0 must be >= 1"),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",

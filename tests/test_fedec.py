@@ -575,3 +575,23 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
     assert len(strategy.grid.queries) == 2  # one per node, in round 2 only
     with pytest.raises(ValueError, match="all or last"):
         FedEC(proxy_data=proxy, arch_spec=SPEC, calibration_rounds="first")
+
+
+def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, data):
+    # Statistics whose labels are shifted by one class teach the classifier the wrong
+    # names: validation drops significantly, and the uncalibrated classifier is served.
+    proxy, (val_x, val_y) = data
+    clients = _trained_clients()
+    replies = [_reply(n + 1, m) for n, m in enumerate(clients)]
+    served = {}
+    for calibrate in (False, True):
+        strategy = _strategy(data, distill=DistillSettings(steps=0), feature_calibration=calibrate)
+        _start_round(strategy, _global())
+        strategy.grid = _StatsGrid({n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
+        result, _ = strategy.aggregate_train(1, replies)
+        served[calibrate] = result.to_torch_state_dict()
+    stats = strategy.server_metrics[1]
+    assert stats["calibration-valid-replies"] == 2 and stats["calibration-val-gain"] < -0.1
+    assert stats["feature-calibration-applied"] == 0.0
+    for key, value in served[False].items():
+        assert torch.equal(value, served[True][key]), key

@@ -206,9 +206,9 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def _feature_stats(msg: Message, context: Context) -> Message:
-    config, _, data, spec, model = _setup(msg, context)
     if not bool(msg.content["config"].get("feature-stats", False)):
         raise ConfigError("query without feature-stats=true: nothing to answer")
+    config, _, data, spec, model = _setup(msg, context)
     start = time.perf_counter()
     stats = class_feature_stats(
         model,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -256,12 +255,21 @@ class FedEC(FedAvg):
         )
 
     # -- Flower hooks -------------------------------------------------------------
-    def start(self, *args: Any, **kwargs: Any) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
         """FedAvg's ``start``; FedEC notes ``num_rounds`` (``calibration_rounds="last"``)."""
-        call = inspect.signature(FedAvg.start).bind(self, *args, **kwargs)
-        call.apply_defaults()
-        self.num_rounds = call.arguments["num_rounds"]
-        return super().start(*args, **kwargs)
+        self.num_rounds = num_rounds
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -504,8 +512,8 @@ class FedEC(FedAvg):
         if not parts:
             log(WARNING, "round %d: no valid feature statistics; not calibrated", server_round)
             return stats
-        before_state = copy.deepcopy(served.state_dict())
-        before_hits = self._hits(served) if self.validation is not None else None
+        before_state = copy.deepcopy(classifier.state_dict())  # the only layer it changes
+        before_hits = self._hits(served)  # None without validation data
         stats["calibration-seconds"] = calibrate_classifier(
             served, merge_stats(parts), self.calibration, seed=self.seed * 10_007 + server_round
         )
@@ -515,7 +523,7 @@ class FedEC(FedAvg):
                 after_hits.float().mean() - before_hits.float().mean()
             )
             if paired_z(before_hits, after_hits) > self.prior_correction_revert_z:
-                served.load_state_dict(before_state)
+                classifier.load_state_dict(before_state)
                 log(INFO, "round %d: calibration hurt validation; reverted", server_round)
                 return stats
         stats["feature-calibration-applied"] = 1.0

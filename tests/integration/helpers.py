@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fl_ec.launch import FlowerCli, merge_overrides
+from tests.conftest import ROOT
 
 # Small but real: Fashion-MNIST, 2 clients, 1 round on a fixed 2k-sample client pool.
 SMALL_RUN = (
@@ -14,6 +16,23 @@ SMALL_RUN = (
 
 def run_config(results_dir: Path, run_name: str, extra: str = "") -> str:
     return merge_overrides(SMALL_RUN, f'results-dir="{results_dir}" run-name="{run_name}"', extra)
+
+
+def completed_run(
+    cli: FlowerCli, results_dir: Path, run_name: str, extra: str = "", num_supernodes: int = 2
+) -> dict:
+    """Run the fl-ec app under `flwr run`; its metrics.json once it finished:completed.
+
+    ``metrics["_run_dir"]`` is the run folder (for :func:`model_bytes` and saved models).
+    """
+    config = run_config(results_dir, run_name, extra)
+    run_id = cli.submit(ROOT, config, num_supernodes=num_supernodes)
+    outcome = cli.wait(run_id, timeout=600)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+    run_dir = results_dir / run_name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["_run_dir"] = str(run_dir)
+    return metrics
 
 
 def model_bytes(metrics: dict) -> int:
@@ -27,4 +46,4 @@ def model_bytes(metrics: dict) -> int:
     return sum(len(Array(np.asarray(t.numpy())).data) for t in state.values())
 
 
-__all__ = ["FlowerCli", "model_bytes", "run_config"]
+__all__ = ["FlowerCli", "completed_run", "model_bytes", "run_config"]

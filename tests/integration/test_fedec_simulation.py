@@ -9,7 +9,7 @@ import torch
 
 from fl_ec.results import load_saved_model
 from tests.conftest import ROOT, requires_fashion_mnist
-from tests.integration.helpers import model_bytes, run_config
+from tests.integration.helpers import completed_run, model_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +21,8 @@ def test_fedec_two_rounds_records_teacher_and_student(cli, tmp_path):
         'strategy="fedec" num-server-rounds=2 distill-steps=40 distill-eval-every=10 '
         "distill-batch-size=64"
     )
-    run_id = cli.submit(ROOT, run_config(results, "fedec", extra), num_supernodes=2)
-    outcome = cli.wait(run_id, timeout=600)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+    metrics = completed_run(cli, results, "fedec", extra)
     run_dir = results / "fedec"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = {r["round"]: r for r in metrics["rounds"]}
     assert set(rounds) == {0, 1, 2}
     for r in (1, 2):
@@ -65,11 +62,7 @@ def test_feature_calibration_in_the_last_round_queries_every_client(cli, tmp_pat
         'strategy="fedec" num-server-rounds=2 distill-steps=0 client-start="average" '
         'feature-calibration=true calibration-rounds="last" calibration-samples=5000'
     )
-    run_id = cli.submit(ROOT, run_config(results, "calibrated", extra), num_supernodes=2)
-    outcome = cli.wait(run_id, timeout=600)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
-    metrics = json.loads((results / "calibrated" / "metrics.json").read_text())
-    metrics["_run_dir"] = str(results / "calibrated")
+    metrics = completed_run(cli, results, "calibrated", extra)
     first, last = metrics["rounds"][1:]
     # start() told FedEC how many rounds there are: round 1 asks the clients nothing.
     assert "calibration-valid-replies" not in first and first["client-query-seconds"] == 0

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from fl_ec.hce import evaluate_variants, load_variants
-from tests.conftest import ROOT, requires_fashion_mnist
-from tests.integration.helpers import run_config
+from tests.conftest import requires_fashion_mnist
+from tests.integration.helpers import completed_run
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +20,9 @@ def test_fedhce_sends_each_node_the_variant_its_policy_names(cli, tmp_path):
         'variants="full,int8,prune-0.5+int4" variant-policy="gpu=full,edge=prune-0.5+int4" '
         'default-variant="int8"'
     )
-    run_id = cli.submit(ROOT, run_config(results, "fedhce", extra), num_supernodes=3)
-    outcome = cli.wait(run_id, timeout=600)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
+    metrics = completed_run(cli, results, "fedhce", extra, num_supernodes=3)
     run_dir = results / "fedhce"
-    rounds = {r["round"]: r for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]}
+    rounds = {r["round"]: r for r in metrics["rounds"]}
     # Round 1: nobody has replied yet, so every node gets the default variant.
     assert set(rounds[1]["variant-by-node"].values()) == {"int8"}
     # Round 2: each node reported its tier; it got, trained and returned its variant.

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from fl_ec.results import load_saved_model
 from tests.conftest import ROOT, requires_fashion_mnist
-from tests.integration.helpers import model_bytes, run_config
+from tests.integration.helpers import completed_run, model_bytes, run_config
 
 pytestmark = [pytest.mark.integration, requires_fashion_mnist]
 
 
 def test_one_round_simulation_writes_metrics(cli, tmp_path):
     results = tmp_path / "results"
-    run_id = cli.submit(ROOT, run_config(results, "sim"), num_supernodes=2)
-    outcome = cli.wait(run_id, timeout=600)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
-
+    metrics = completed_run(cli, results, "sim")
     run_dir = results / "sim"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["_run_dir"] = str(run_dir)
     rounds = {r["round"]: r for r in metrics["rounds"]}
     assert set(rounds) == {0, 1}
     # One round of FedAvg on 2 clients lifts the untrained model well above chance.
@@ -51,10 +44,7 @@ def test_misconfigured_run_fails_with_one_line_and_no_traceback(cli, tmp_path):
 
 def test_a_client_trains_layer_parallel_under_flwr_run(cli, tmp_path):
     extra = 'model="resnet8" trainer="layer-parallel" lp-stages=2 lp-downsample=2 local-epochs=2'
-    run_id = cli.submit(ROOT, run_config(tmp_path, "lp", extra), num_supernodes=2)
-    outcome = cli.wait(run_id, timeout=600)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
-    round_1 = json.loads((tmp_path / "lp" / "metrics.json").read_text())["rounds"][1]
+    round_1 = completed_run(cli, tmp_path, "lp", extra)["rounds"][1]
     # Each client split its ResNet into 2 stages run by 2 gloo worker processes.
     assert round_1["client-trainer-stages"] == 2
     assert round_1["train-replies"] == 2 and round_1["test-accuracy"] > 0.2

@@ -26,9 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.calibration import (
     classifier_of,
-    correct_prior,
     corrected_accuracy,
-    paired_z,
     prediction_hits,
     prior_offsets,
     target_prior,
@@ -37,14 +35,18 @@ from fl_ec.config import CALIBRATION_ROUNDS, CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import CalibrationSettings, calibrate_classifier, merge_stats
+from fl_ec.feature_calibration import CalibrationSettings, merge_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
+from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
     average_metrics,
     group_by_spec,
+    labelled_tensors,
     parse_reply,
     parse_stats_reply,
+    proxy_tensor,
+    state_shapes,
     weighted_average,
 )
 from fl_ec.training import select_device
@@ -189,8 +191,8 @@ class FedEC(FedAvg):
             raise ValueError(f"client_start={client_start!r}: choose student or average")
         self.arch_spec = ArchSpec.from_json(arch_spec) if isinstance(arch_spec, str) else arch_spec
         self.model_builder = model_builder
-        self.proxy_inputs = _inputs_of(proxy_data)
-        self.validation = _labelled(validation_data) if validation_data is not None else None
+        self.proxy_inputs = proxy_tensor(proxy_data)
+        self.validation = labelled_tensors(validation_data) if validation_data is not None else None
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
         self.trim_ratio = trim_ratio
@@ -339,10 +341,11 @@ class FedEC(FedAvg):
         global_spec = self._global_spec()
         groups = group_by_spec(accepted)
         previous = self._previous_global()
+        previous_shapes = state_shapes(previous.state_dict())
         same_arch = [
             g
             for g in groups.values()
-            if g[0].spec == global_spec and _shapes(g[0].state) == _shapes(previous.state_dict())
+            if g[0].spec == global_spec and state_shapes(g[0].state) == previous_shapes
         ]
         student = self._student_start(same_arch[0] if same_arch else [], accepted, previous)
         if self.client_start == "average":
@@ -507,26 +510,21 @@ class FedEC(FedAvg):
             "calibration-query-seconds": query_seconds,
             "calibration-valid-replies": float(len(parts)),
             "calibration-rejected-replies": float(len(replies) - len(parts)),
-            "feature-calibration-applied": 0.0,
         }
         if not parts:
             log(WARNING, "round %d: no valid feature statistics; not calibrated", server_round)
-            return stats
-        before_state = copy.deepcopy(classifier.state_dict())  # the only layer it changes
-        before_hits = self._hits(served)  # None without validation data
-        stats["calibration-seconds"] = calibrate_classifier(
-            served, merge_stats(parts), self.calibration, seed=self.seed * 10_007 + server_round
-        )
-        if before_hits is not None:
-            after_hits = self._hits(served)
-            stats["calibration-val-gain"] = float(
-                after_hits.float().mean() - before_hits.float().mean()
+            return {**stats, "feature-calibration-applied": 0.0}
+        stats.update(
+            serve_feature_calibrated(
+                served,
+                merge_stats(parts),
+                self.calibration,
+                self.seed * 10_007 + server_round,
+                self._hits,
+                self.prior_correction_revert_z,
+                server_round,
             )
-            if paired_z(before_hits, after_hits) > self.prior_correction_revert_z:
-                classifier.load_state_dict(before_state)
-                log(INFO, "round %d: calibration hurt validation; reverted", server_round)
-                return stats
-        stats["feature-calibration-applied"] = 1.0
+        )
         return stats
 
     def _prior_aware_targets(
@@ -591,12 +589,8 @@ class FedEC(FedAvg):
     ) -> dict[str, float]:
         """Match the served model's proxy predictions to the federation's label prior.
 
-        With validation data, three candidates compete on it: the corrected student,
-        the corrected start of distillation (the parameter average, or the previous
-        global model with ``student_init="previous"``) and the student as distilled.
-        Early stopping chose the student *before* any correction, and a corrected
-        average can beat a corrected student, so both are corrected and scored. Without
-        validation the student is corrected and served.
+        The corrected student and the corrected start of distillation compete on
+        validation (:func:`~fl_ec.strategies.fedec_calibration.serve_prior_corrected`).
         """
         counts = self._class_counts(accepted)
         if counts is None:
@@ -606,46 +600,18 @@ class FedEC(FedAvg):
                 server_round,
             )
             return {"prior-correction-applied": 0.0}
-        prior = target_prior(counts)
-        uncorrected = copy.deepcopy(student.state_dict())
-        uncorrected_hits = self._hits(student)
-        correction = correct_prior(student, proxy, prior, self.proxy_batch_size, self.device)
-        hits = {"student": self._hits(student)}
-        corrected = {"student": copy.deepcopy(student.state_dict())}
-        if self.validation is not None and start_state is not None:
-            start = self._build(self._global_spec(), start_state)
-            correct_prior(start, proxy, prior, self.proxy_batch_size, self.device)
-            hits["start"] = self._hits(start)
-            corrected["start"] = start.state_dict()
-        scores = {name: _mean_or_nan(mask) for name, mask in hits.items()}
-        before = _mean_or_nan(uncorrected_hits)
-        best = max(scores, key=lambda name: scores[name])  # ties: the student
-        # Without validation there is no evidence against the correction: keep it.
-        z_uncorrected = (
-            paired_z(uncorrected_hits, hits[best]) if uncorrected_hits is not None else 0.0
-        )
-        kept = not z_uncorrected > self.prior_correction_revert_z
-        student.load_state_dict(corrected[best] if kept else uncorrected)
-        log(
-            INFO,
-            "round %d: prior correction %s (max |offset| %.2f); val acc %.4f -> %s; "
-            "uncorrected better by z=%.2f (revert above %.2f)",
-            server_round,
-            f"kept, serving the corrected {best}" if kept else "reverted",
-            float(correction.offsets.abs().max()),
-            before,
-            ", ".join(f"{name} {score:.4f}" for name, score in scores.items()),
-            z_uncorrected,
+        start = self._build(self._global_spec(), start_state) if start_state is not None else None
+        return serve_prior_corrected(
+            student,
+            start,
+            proxy,
+            target_prior(counts),
+            self._hits,
             self.prior_correction_revert_z,
+            self.proxy_batch_size,
+            self.device,
+            server_round,
         )
-        return {
-            "prior-correction-applied": float(kept),
-            "prior-correction-served-start": float(kept and best == "start"),
-            "prior-correction-max-offset": float(correction.offsets.abs().max()),
-            "prior-correction-val-before": before,
-            "prior-correction-val-after": scores[best] if kept else before,
-            "prior-correction-val-z": z_uncorrected,
-        }
 
     def _hits(self, model: nn.Module) -> torch.Tensor | None:
         """Per-sample correctness on validation (None without validation data)."""
@@ -705,32 +671,3 @@ class FedEC(FedAvg):
         if any(m.class_counts is None for m in models):
             return None
         return [list(m.class_counts) for m in models]  # type: ignore[arg-type]
-
-
-def _shapes(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in state.items()]
-
-
-def _inputs_of(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:
-    """Proxy inputs as one tensor (the proxy set is small enough to hold; it is cached)."""
-    if isinstance(data, torch.Tensor):
-        return data.detach().cpu()
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=512)
-    batches = [batch[0] if isinstance(batch, list | tuple) else batch for batch in loader]
-    if not batches:
-        raise ValueError("proxy_data is empty")
-    return torch.cat(batches).cpu()
-
-
-def _labelled(
-    data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, tuple):
-        return data[0].detach().cpu(), data[1].detach().cpu().long()
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=512)
-    xs, ys = zip(*[(b[0], b[1]) for b in loader], strict=True)
-    return torch.cat(xs).cpu(), torch.cat(ys).cpu().long()
-
-
-def _mean_or_nan(mask: torch.Tensor | None) -> float:
-    return float("nan") if mask is None else int(mask.sum()) / mask.numel()

@@ -600,7 +600,9 @@ class FedEC(FedAvg):
                 server_round,
             )
             return {"prior-correction-applied": 0.0}
-        start = self._build(self._global_spec(), start_state) if start_state is not None else None
+        start = None
+        if self.validation is not None and start_state is not None:  # only scored on it
+            start = self._build(self._global_spec(), start_state)
         return serve_prior_corrected(
             student,
             start,

@@ -51,7 +51,8 @@ def serve_prior_corrected(
     ``start`` of distillation (the parameter average, or the previous global model)
     and the student as distilled. Early stopping chose the student *before* any
     correction, and a corrected average can beat a corrected student, so both are
-    corrected and scored. ``student`` ends holding the winner.
+    corrected and scored. ``student`` ends holding the winner. Without validation data
+    (``hits`` returns None) ``start`` is ignored and the corrected student is served.
     """
     uncorrected = copy.deepcopy(student.state_dict())
     uncorrected_hits = hits(student)

@@ -44,6 +44,8 @@ from fl_ec.calibration import classifier_of
 from fl_ec.models.layout import channels_last
 
 STATS_KEYS = ("classes", "counts", "means", "covariances")
+# The query reply's ArrayRecord holding them, and the query config flag asking for them.
+STATS_RECORD_KEY = "feature-stats"
 
 
 @dataclass(frozen=True)

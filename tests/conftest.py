@@ -26,3 +26,43 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FeatureStatsGrid:
+    """A grid that answers FedEC's feature-statistics queries as fl-ec's ClientApp does.
+
+    ``node_data`` maps a node to its labelled data, ``(inputs, labels)``. ``broken``
+    maps a node to a function that spoils its statistics, or to an error reason.
+    ``queries`` keeps every query message sent.
+    """
+
+    def __init__(self, spec, node_data, broken=None):
+        self.spec, self.node_data, self.broken, self.queries = spec, node_data, broken or {}, []
+
+    def get_node_ids(self):
+        return list(self.node_data)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import torch
+        from flwr.app import ArrayRecord, Error, Message, RecordDict
+
+        from fl_ec.feature_calibration import STATS_RECORD_KEY, class_feature_stats, stats_to_arrays
+        from fl_ec.models import build_model
+
+        replies = []
+        for message in messages:
+            self.queries.append(message)
+            node = message.metadata.dst_node_id
+            spoil = self.broken.get(node)
+            if isinstance(spoil, str):
+                replies.append(Message(Error(code=100, reason=spoil), reply_to=message))
+                continue
+            model = build_model(self.spec)
+            model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+            x, y = self.node_data[node]
+            arrays = stats_to_arrays(class_feature_stats(model, x, y, self.spec.num_classes))
+            if spoil is not None:
+                spoil(arrays)
+            record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
+            replies.append(Message(RecordDict({STATS_RECORD_KEY: record}), reply_to=message))
+        return replies

@@ -24,6 +24,7 @@ from fl_ec.distill import DistillSettings
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
+from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 
@@ -458,38 +459,6 @@ def test_prior_aware_distillation_balances_the_teacher_and_needs_the_correction(
         _strategy(data, prior_aware_distillation=True)
 
 
-class _StatsGrid:
-    """Answers FedEC's feature-statistics queries the way fl-ec's ClientApp does.
-
-    ``node_data`` maps a node to its labelled data; ``broken`` maps a node to a
-    function that spoils its reply (or to an error reason).
-    """
-
-    def __init__(self, node_data, broken=None):
-        self.node_data, self.broken, self.queries = node_data, broken or {}, []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from fl_ec.feature_calibration import class_feature_stats, stats_to_arrays
-
-        replies = []
-        for message in messages:
-            self.queries.append(message)
-            node = message.metadata.dst_node_id
-            spoil = self.broken.get(node)
-            if isinstance(spoil, str):
-                replies.append(Message(Error(code=100, reason=spoil), reply_to=message))
-                continue
-            model = build_model(SPEC)
-            model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-            x, y = self.node_data[node]
-            arrays = stats_to_arrays(class_feature_stats(model, x, y, 10))
-            if spoil is not None:
-                spoil(arrays)
-            record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
-            replies.append(Message(RecordDict({"feature-stats": record}), reply_to=message))
-        return replies
-
-
 def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
     task_identity, data, caplog
 ):
@@ -511,7 +480,7 @@ def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
             min_train_nodes=2,
         )
         _start_round(strategy, _global())
-        grid = _StatsGrid(node_data, broken={3: nan_means, 4: "no query handler"})
+        grid = FeatureStatsGrid(SPEC, node_data, broken={3: nan_means, 4: "no query handler"})
         strategy.grid = grid
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -543,7 +512,7 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
         min_train_nodes=2,
     )
     _start_round(strategy, _global())
-    strategy.grid = _StatsGrid({}, broken={1: "crashed", 2: "crashed"})
+    strategy.grid = FeatureStatsGrid(SPEC, {}, broken={1: "crashed", 2: "crashed"})
     served, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
     assert served is not None
     assert strategy.server_metrics[1]["feature-calibration-applied"] == 0.0
@@ -566,7 +535,7 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
         min_train_nodes=2,
     )
     strategy.num_rounds = 2  # as start(num_rounds=2) records it
-    strategy.grid = _StatsGrid({n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
+    strategy.grid = FeatureStatsGrid(SPEC, {n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
     for server_round in (1, 2):
         _start_round(strategy, _global())
         strategy.aggregate_train(server_round, [_reply(n, _global(seed=n)) for n in (0, 1)])
@@ -587,7 +556,7 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
     for calibrate in (False, True):
         strategy = _strategy(data, distill=DistillSettings(steps=0), feature_calibration=calibrate)
         _start_round(strategy, _global())
-        strategy.grid = _StatsGrid({n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
+        strategy.grid = FeatureStatsGrid(SPEC, {n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
         result, _ = strategy.aggregate_train(1, replies)
         served[calibrate] = result.to_torch_state_dict()
     stats = strategy.server_metrics[1]

@@ -16,6 +16,7 @@ from fl_ec.models import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy
+from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 POLICY = TierPolicy({"gpu": "full", "edge": "prune-0.5+int4"}, default="int8")
@@ -194,26 +195,6 @@ def test_bad_settings_fail_fast(data):
         FedHCE(variants=["full"], diversity_weight=2.0, proxy_data=proxy, arch_spec=SPEC)
 
 
-class StatsGrid(FakeGrid):
-    """Also answers FedEC's feature-statistics query, from synthetic labelled data."""
-
-    def __init__(self, nodes, labelled):
-        super().__init__(nodes)
-        self.labelled = labelled
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from fl_ec.feature_calibration import class_feature_stats, stats_to_arrays
-
-        replies = []
-        for message in messages:
-            model = build_model(SPEC)
-            model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-            stats = stats_to_arrays(class_feature_stats(model, *self.labelled, 10))
-            record = ArrayRecord({k: torch.from_numpy(v) for k, v in stats.items()})
-            replies.append(Message(RecordDict({"feature-stats": record}), reply_to=message))
-        return replies
-
-
 def test_variants_derive_from_the_calibrated_model(task_identity, data):
     tiers = {1: "gpu", 2: "edge"}
     served = {}
@@ -222,7 +203,7 @@ def test_variants_derive_from_the_calibrated_model(task_identity, data):
         strategy = _strategy(data, feature_calibration=calibrate, prior_correction_revert_z=1e9)
         torch.manual_seed(0)
         arrays = ArrayRecord(build_model(SPEC).state_dict())
-        grid = StatsGrid(tiers, data[1])
+        grid = FeatureStatsGrid(SPEC, {node: data[1] for node in tiers})
         requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
         replies = [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests]
         result, _ = strategy.aggregate_train(1, replies)

@@ -28,7 +28,7 @@ from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.ensemble import log_class_prior
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
-from fl_ec.feature_calibration import class_feature_stats, stats_to_arrays
+from fl_ec.feature_calibration import STATS_RECORD_KEY, class_feature_stats, stats_to_arrays
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.training import (
     TrainResult,
@@ -206,7 +206,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def _feature_stats(msg: Message, context: Context) -> Message:
-    if not bool(msg.content["config"].get("feature-stats", False)):
+    if not bool(msg.content["config"].get(STATS_RECORD_KEY, False)):
         raise ConfigError("query without feature-stats=true: nothing to answer")
     config, _, data, spec, model = _setup(msg, context)
     start = time.perf_counter()
@@ -222,7 +222,7 @@ def _feature_stats(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"num-examples": len(data.train), "stats-seconds": time.perf_counter() - start}
     )
-    return Message(content=RecordDict({"feature-stats": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({STATS_RECORD_KEY: arrays, "metrics": metrics}), reply_to=msg)
 
 
 def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:

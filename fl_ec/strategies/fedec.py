@@ -35,7 +35,7 @@ from fl_ec.config import CALIBRATION_ROUNDS, CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import CalibrationSettings, merge_stats
+from fl_ec.feature_calibration import STATS_RECORD_KEY, CalibrationSettings, merge_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
@@ -474,7 +474,7 @@ class FedEC(FedAvg):
         """Ask the round's clients for feature statistics of ``served``; calibrate it."""
         if self.grid is None:
             raise RuntimeError("feature calibration needs the grid: run through start()")
-        config = ConfigRecord({"server-round": server_round, "feature-stats": True})
+        config = ConfigRecord({"server-round": server_round, STATS_RECORD_KEY: True})
         if self.arch_spec is not None:
             config["arch-spec"] = self.arch_spec.to_json()
         record = RecordDict(

@@ -15,7 +15,7 @@ from flwr.app import Message
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import ClassFeatureStats, stats_from_arrays
+from fl_ec.feature_calibration import STATS_RECORD_KEY, ClassFeatureStats, stats_from_arrays
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 
 TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts, variant
@@ -160,9 +160,6 @@ def average_metrics(models: list[ClientModel], exclude: str = "num-examples") ->
 
 def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in arrays.items()}
-
-
-STATS_RECORD_KEY = "feature-stats"  # query reply ArrayRecord (fl_ec.feature_calibration)
 
 
 def parse_stats_reply(message: Message, num_classes: int, dim: int) -> ClassFeatureStats:

@@ -102,6 +102,7 @@ class ExperimentConfig:
     variant_distill_steps: int = 100
     fold_pruned: bool = False
     rebase_updates: bool = True
+    calibrate_variants: bool = True
     prune_importance: str = "magnitude"
     prune_steps: int = 1
     simulated_tiers: str = ""

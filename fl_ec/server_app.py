@@ -163,6 +163,19 @@ def save_hce_variants(strategy, server_data: ServerData, recorder: RunRecorder) 
     recorder.extra_summary["variant-wire-bytes"] = {r.name: r.wire_bytes for r in reports[:-1]}
     recorder.extra_summary["hce-test-accuracy"] = reports[-1].accuracy
     recorder.extra_summary["hce-wire-bytes"] = reports[-1].wire_bytes
+    if strategy.uncalibrated_variant_models:  # what the variants' own calibration gained
+        before = evaluate_variants(
+            {**strategy.variant_models, **strategy.uncalibrated_variant_models},
+            index,
+            test.normalize(test.images),
+            test.labels,
+            strategy.hce_names,
+            latency=False,
+        )
+        recorder.extra_summary["variant-test-accuracy-uncalibrated"] = {
+            r.name: r.accuracy for r in before[:-1]
+        }
+        recorder.extra_summary["hce-test-accuracy-uncalibrated"] = before[-1].accuracy
     log(
         INFO,
         "[fl-ec] HCE ensemble %s: test acc %.2f%%, %d bytes on the wire",

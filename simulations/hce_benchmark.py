@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import shlex
@@ -100,6 +101,9 @@ class HceTargets:
     global_delta: float  # FedHCE's global model minus FedEC's, points
     downlink_ratio: float  # FedHCE downlink per round / FedAvg's
     disagreement: float  # test-set prediction disagreement between the HCE members
+    # The same HCE ensemble before its variants' own calibration (calibrate-variants;
+    # NaN when the run did not calibrate them), points vs FedEC's fp32 model.
+    hce_delta_uncalibrated: float = float("nan")
 
 
 def seed_summary(targets: list[HceTargets]) -> str:
@@ -112,6 +116,7 @@ def seed_summary(targets: list[HceTargets]) -> str:
         "global Δ vs FedEC (pts; target within 0.5)",
         "downlink / FedAvg (<= 0.25)",
         "member disagreement",
+        "HCE Δ before the variants' own calibration (pts)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     labels = list(dict.fromkeys(t.label for t in targets))
@@ -134,11 +139,17 @@ def seed_summary(targets: list[HceTargets]) -> str:
                     + ")",
                     mean_sd([t.downlink_ratio for t in rows], "{:.3f}"),
                     mean_sd([t.disagreement for t in rows], "{:.3f}"),
+                    mean_sd(before, "{:+.2f}") if (before := _measured(rows)) else "-",
                 ]
             )
             + " |"
         )
     return "\n".join(lines)
+
+
+def _measured(rows: list[HceTargets]) -> list[float]:
+    """The runs' HCE Δ before variant calibration, where they calibrated (not NaN)."""
+    return [t.hce_delta_uncalibrated for t in rows if not math.isnan(t.hce_delta_uncalibrated)]
 
 
 def main() -> None:
@@ -291,6 +302,11 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
     base = final.get(fedec_label, float("nan")) if fedec_label else float("nan")
     target_lines, targets = [], []
     for label, hce, disagreement in summary:
+        uncalibrated = next(
+            m["summary"].get("hce-test-accuracy-uncalibrated", float("nan"))
+            for key, m in results.items()
+            if key[0] == label
+        )
         measured = HceTargets(
             label=label,
             seed=seed if seed is not None else -1,
@@ -299,6 +315,7 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
             global_delta=100 * (final[label] - base),
             downlink_ratio=down[label] / fedavg_down,
             disagreement=disagreement,
+            hce_delta_uncalibrated=100 * (uncalibrated - base),
         )
         targets.append(measured)
         target_lines.append(
@@ -310,6 +327,12 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
             f"Downlink {down[label] / 1e6:.2f} MB/round = "
             f"{measured.downlink_ratio:.3f}x FedAvg's (target <= 0.25x). "
             f"Test-set prediction disagreement between HCE members: {disagreement:.3f}."
+            + (
+                f" Before the variants' own calibration the HCE ensemble scored "
+                f"{100 * uncalibrated:.2f}% ({measured.hce_delta_uncalibrated:+.2f} pts)."
+                if not math.isnan(uncalibrated)
+                else ""
+            )
         )
     return {
         "variant_lines": variant_lines,

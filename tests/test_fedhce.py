@@ -214,3 +214,50 @@ def test_variants_derive_from_the_calibrated_model(task_identity, data):
     assert strategy.server_metrics[1]["feature-calibration-applied"] == 1.0
     assert torch.equal(served[False]["conv1.weight"], served[True]["conv1.weight"])
     assert not torch.equal(served[False]["classifier.weight"], served[True]["classifier.weight"])
+
+
+def _calibrated_round(data, tiers, **kwargs):
+    """One round of FedHCE with feature calibration, the calibration always kept."""
+    strategy = _strategy(data, feature_calibration=True, prior_correction_revert_z=1e9, **kwargs)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model(SPEC).state_dict())
+    grid = FeatureStatsGrid(SPEC, {node: data[1] for node in tiers})
+    requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
+    strategy.aggregate_train(1, [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests])
+    return strategy, grid
+
+
+def test_each_variant_is_calibrated_from_statistics_of_its_own_features(task_identity, data):
+    tiers = {1: "gpu", 2: "edge"}
+    inherited, _ = _calibrated_round(data, tiers, calibrate_variants=False)
+    strategy, grid = _calibrated_round(data, tiers)
+    pruned = "prune-0.5+int4"
+    # One query for the global model, then one per compressed variant, to every node.
+    asked = [m.content["config"].get("variant", "full") for m in grid.queries]
+    assert asked == ["full"] * 2 + ["int8"] * 2 + [pruned] * 2
+    # The pruned variant's clients measured its own, narrower classifier inputs.
+    width = strategy.variant_models[pruned].classifier.in_features
+    assert width < strategy.variant_models["full"].classifier.in_features
+    assert {r["means"].shape[1] for r in grid.replies[-2:]} == {width}
+    report = strategy.server_metrics[1]["variant-calibration"]
+    assert set(report) == {"int8", pruned}
+    assert report[pruned]["feature-calibration-applied"] == 1.0
+    assert report[pruned]["calibration-valid-replies"] == 2.0
+    # Before its own calibration the variant is exactly what calibrate_variants=False
+    # serves; the calibration changed its classifier and nothing else.
+    before = strategy.uncalibrated_variant_models[pruned].state_dict()
+    after = strategy.variant_models[pruned].state_dict()
+    for key, value in inherited.variant_models[pruned].state_dict().items():
+        assert torch.equal(before[key], value), key
+        assert torch.equal(after[key], value) != key.startswith("classifier."), key
+    # What the next round's clients would receive is the calibrated variant.
+    sent, sent_inherited = (
+        unpack_state_dict(
+            {k: a.numpy() for k, a in payload.arrays.items()}, json.loads(payload.manifest_json)
+        )
+        for payload in (strategy.payloads[pruned], inherited.payloads[pruned])
+    )
+    assert torch.equal(sent["conv1.weight"], sent_inherited["conv1.weight"])
+    assert not torch.equal(sent["classifier.weight"], sent_inherited["classifier.weight"])
+    assert not inherited.uncalibrated_variant_models
+    assert "variant-calibration" not in inherited.server_metrics[1]

@@ -105,6 +105,7 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
         ),
         fold_pruned=config.fold_pruned,
         rebase_updates=config.rebase_updates,
+        calibrate_variants=config.calibrate_variants,
         prune_importance=config.prune_importance,
         prune_steps=config.prune_steps,
         **fedec_kwargs,

@@ -35,7 +35,12 @@ from fl_ec.config import CALIBRATION_ROUNDS, CLIENT_STARTS, STUDENT_INITS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import STATS_RECORD_KEY, CalibrationSettings, merge_stats
+from fl_ec.feature_calibration import (
+    STATS_RECORD_KEY,
+    CalibrationSettings,
+    ClassFeatureStats,
+    merge_stats,
+)
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
@@ -448,10 +453,8 @@ class FedEC(FedAvg):
             stats.update(
                 self._correct_prior(student, start_state, round_proxy, accepted, server_round)
             )
-        # Here, so that FedHCE derives its variants from the calibrated model. Outside
-        # start() the last round is unknown: every round is calibrated.
-        last = self.num_rounds is None or server_round >= self.num_rounds
-        if self.feature_calibration and (self.calibration_rounds == "all" or last):
+        # Here, so that FedHCE derives its variants from the calibrated model.
+        if self._calibrates(server_round):
             stats.update(self._calibrate_features(server_round, student, accepted))
         log(
             INFO,
@@ -468,30 +471,64 @@ class FedEC(FedAvg):
         )
         return student.cpu(), stats
 
+    def _calibrates(self, server_round: int) -> bool:
+        """Whether this round's served model is feature-calibrated.
+
+        Outside ``start()`` the last round is unknown: every round is calibrated.
+        """
+        last = self.num_rounds is None or server_round >= self.num_rounds
+        return self.feature_calibration and (self.calibration_rounds == "all" or last)
+
     def _calibrate_features(
         self, server_round: int, served: nn.Module, accepted: list[ClientModel]
     ) -> dict[str, float]:
         """Ask the round's clients for feature statistics of ``served``; calibrate it."""
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in served.state_dict().items()})
+        parts, stats = self._query_feature_stats(
+            server_round, arrays, {}, classifier_of(served), [m.node_id for m in accepted]
+        )
+        if not parts:
+            return {**stats, "feature-calibration-applied": 0.0}
+        stats.update(
+            serve_feature_calibrated(
+                served,
+                merge_stats(parts),
+                self.calibration,
+                self.seed * 10_007 + server_round,
+                self._hits,
+                self.prior_correction_revert_z,
+                server_round,
+            )
+        )
+        return stats
+
+    def _query_feature_stats(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        extra_config: dict[str, Any],
+        classifier: nn.Linear,
+        nodes: list[int],
+    ) -> tuple[list[ClassFeatureStats], dict[str, float]]:
+        """Send ``arrays`` to ``nodes`` as a statistics query; the valid replies' stats.
+
+        ``extra_config`` goes into the query's config next to the round and the spec
+        (FedHCE: how to unpack a compressed variant). Invalid replies are logged with
+        the node and the reason, and counted.
+        """
         if self.grid is None:
             raise RuntimeError("feature calibration needs the grid: run through start()")
         config = ConfigRecord({"server-round": server_round, STATS_RECORD_KEY: True})
         if self.arch_spec is not None:
             config["arch-spec"] = self.arch_spec.to_json()
-        record = RecordDict(
-            {
-                self.arrayrecord_key: ArrayRecord(
-                    {k: v.detach().cpu() for k, v in served.state_dict().items()}
-                ),
-                self.configrecord_key: config,
-            }
-        )
-        nodes = [m.node_id for m in accepted]
+        for key, value in extra_config.items():
+            config[key] = value
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         start = time.perf_counter()
         replies = list(
             self.grid.send_and_receive(self._construct_messages(record, nodes, MessageType.QUERY))
         )
         query_seconds = time.perf_counter() - start
-        classifier = classifier_of(served)
         parts = []
         for reply in replies:
             try:
@@ -506,26 +543,14 @@ class FedEC(FedAvg):
                     reply.metadata.src_node_id,
                     reason,
                 )
+        if not parts:
+            log(WARNING, "round %d: no valid feature statistics; not calibrated", server_round)
         stats = {
             "calibration-query-seconds": query_seconds,
             "calibration-valid-replies": float(len(parts)),
             "calibration-rejected-replies": float(len(replies) - len(parts)),
         }
-        if not parts:
-            log(WARNING, "round %d: no valid feature statistics; not calibrated", server_round)
-            return {**stats, "feature-calibration-applied": 0.0}
-        stats.update(
-            serve_feature_calibrated(
-                served,
-                merge_stats(parts),
-                self.calibration,
-                self.seed * 10_007 + server_round,
-                self._hits,
-                self.prior_correction_revert_z,
-                server_round,
-            )
-        )
-        return stats
+        return parts, stats
 
     def _prior_aware_targets(
         self, teacher: torch.Tensor, proxy: torch.Tensor, accepted: list[ClientModel]

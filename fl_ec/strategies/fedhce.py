@@ -16,6 +16,7 @@ is the Flower glue: per-node messages, capability bookkeeping, metrics.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -26,14 +27,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
+from fl_ec.calibration import classifier_of
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.ensemble import logits_accuracy
+from fl_ec.feature_calibration import merge_stats
 from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.strategies.fedec import FedEC
+from fl_ec.strategies.fedec_calibration import serve_feature_calibrated
 from fl_ec.strategies.fedec_utils import ClientModel
 from fl_ec.strategies.fedhce_utils import (
     CAPABILITY_KEY,
@@ -87,6 +91,13 @@ class FedHCE(FedEC):
         returned minus what it was sent) to the server's full-precision weights,
         instead of averaging the returned weights, which carry the rounding of the
         quantized copy they started from.
+    calibrate_variants : bool (default: True)
+        With ``feature_calibration``: in each calibrated round, besides the global
+        model, query the clients once per compressed variant for the statistics of
+        *that variant's* classifier inputs, and recalibrate its classifier from them
+        (the same CCVR and validation guard as the global model). A pruned variant's
+        features differ from the global model's, so the calibrated global classifier
+        does not fit them. Off: variants inherit the global model's classifier.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
     """
@@ -106,6 +117,7 @@ class FedHCE(FedEC):
         reprune: bool = False,
         pack_quantized: bool = True,
         rebase_updates: bool = True,
+        calibrate_variants: bool = True,
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -132,6 +144,7 @@ class FedHCE(FedEC):
         self.reprune = reprune
         self.pack_quantized = pack_quantized
         self.rebase_updates = rebase_updates
+        self.calibrate_variants = calibrate_variants
         self.factory = VariantFactory(
             lambda state: build_from_state_dict(self.arch_spec, state),
             self.proxy_inputs[:2],
@@ -139,6 +152,9 @@ class FedHCE(FedEC):
             prune_steps,
         )
         self.variant_models: dict[str, nn.Module] = {}
+        # The last calibrated round's variants before their own calibration (a copy
+        # each), so the ServerApp can report what that calibration gained on test.
+        self.uncalibrated_variant_models: dict[str, nn.Module] = {}
         self.payloads: dict[str, Payload] = {}
         self.sent_states: dict[str, dict[str, torch.Tensor]] = {}
         self.capabilities: dict[int, dict[str, Any]] = {}
@@ -242,7 +258,7 @@ class FedHCE(FedEC):
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, Any]
     ) -> tuple[nn.Module, dict[str, Any]]:
         student, stats = super()._compress(server_round, accepted, stats)
-        self._derive_variants(student.state_dict(), server_round, stats)
+        self._derive_variants(student.state_dict(), server_round, stats, accepted)
         return student, stats
 
     # -- variants -------------------------------------------------------------------
@@ -260,9 +276,17 @@ class FedHCE(FedEC):
         return name
 
     def _derive_variants(
-        self, full_state: dict[str, torch.Tensor], server_round: int, stats: dict[str, Any]
+        self,
+        full_state: dict[str, torch.Tensor],
+        server_round: int,
+        stats: dict[str, Any],
+        accepted: list[ClientModel] | None = None,
     ) -> None:
-        """Derive every variant from the global student, fine-tune them, pack them."""
+        """Derive every variant from the global student, fine-tune them, pack them.
+
+        ``accepted``: the round's clients, asked for each variant's feature statistics
+        when this round is calibrated (``calibrate_variants``).
+        """
         calibration = self.proxy_inputs[:256]
         models = {
             name: self.factory.derive(variant, full_state, calibration, reprune=self.reprune)
@@ -285,6 +309,8 @@ class FedHCE(FedEC):
             stats["variants-distill-seconds"] = result.seconds
             stats["variants-distill-steps"] = float(result.steps)
         self.variant_models = {name: model.cpu().eval() for name, model in models.items()}
+        if accepted and self.calibrate_variants and self._calibrates(server_round):
+            stats["variant-calibration"] = self._calibrate_variants(server_round, accepted)
         self.payloads = {
             name: make_payload(model, self.variants[name], self.pack_quantized)
             for name, model in self.variant_models.items()
@@ -294,6 +320,47 @@ class FedHCE(FedEC):
         stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
         if validation is not None and server_round > 0:
             self._validation_metrics(stats)
+
+    def _calibrate_variants(
+        self, server_round: int, accepted: list[ClientModel]
+    ) -> dict[str, dict[str, float]]:
+        """CCVR for each compressed variant, from statistics of its own features.
+
+        One query per variant, sent as clients receive it for training (packed
+        integers for quantized ones), so each client measures the features the
+        variant really computes. Returns per-variant query and calibration metrics.
+        """
+        nodes = [m.node_id for m in accepted]
+        outcome = {}
+        self.uncalibrated_variant_models = {}
+        for index, (name, model) in enumerate(self.variant_models.items()):
+            if name == FULL:  # the global student itself, calibrated by FedEC
+                continue
+            self.uncalibrated_variant_models[name] = copy.deepcopy(model)
+            variant = self.variants[name]
+            payload = make_payload(model, variant, self.pack_quantized)
+            extra = {"variant": name, "variant-bits": variant.bits}
+            extra["wire-manifest"] = payload.manifest_json
+            parts, metrics = self._query_feature_stats(
+                server_round, payload.arrays, extra, classifier_of(model), nodes
+            )
+            if parts:
+                metrics.update(
+                    serve_feature_calibrated(
+                        model,
+                        merge_stats(parts),
+                        self.calibration,
+                        self.seed * 10_007 + server_round + 7_919 * (index + 1),
+                        self._hits,
+                        self.prior_correction_revert_z,
+                        server_round,
+                    )
+                )
+            else:
+                metrics["feature-calibration-applied"] = 0.0
+            model.cpu().eval()
+            outcome[name] = metrics
+        return outcome
 
     @torch.inference_mode()
     def _validation_metrics(self, stats: dict[str, Any]) -> None:

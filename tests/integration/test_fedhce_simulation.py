@@ -18,7 +18,8 @@ def test_fedhce_sends_each_node_the_variant_its_policy_names(cli, tmp_path):
         'strategy="fedhce" num-server-rounds=2 distill-steps=20 distill-eval-every=10 '
         'distill-batch-size=64 variant-distill-steps=10 simulated-tiers="gpu=1,edge=2" '
         'variants="full,int8,prune-0.5+int4" variant-policy="gpu=full,edge=prune-0.5+int4" '
-        'default-variant="int8"'
+        'default-variant="int8" feature-calibration=true calibration-rounds="last" '
+        "calibration-samples=2000"
     )
     metrics = completed_run(cli, results, "fedhce", extra, num_supernodes=3)
     run_dir = results / "fedhce"
@@ -36,6 +37,15 @@ def test_fedhce_sends_each_node_the_variant_its_policy_names(cli, tmp_path):
             assert sent[node] < sent[full_node] / 8
     assert rounds[2]["variant-bytes"]["prune-0.5+int4"] < rounds[2]["variant-bytes"]["full"] / 8
     assert 0.3 < rounds[2]["hce-val-accuracy"] <= 1
+    # The last round calibrates the global model, then each compressed variant from
+    # its own features: the real ClientApp unpacked every packed variant and answered.
+    assert "variant-calibration" not in rounds[1]
+    assert rounds[2]["calibration-valid-replies"] == 3
+    for variant in ("int8", "prune-0.5+int4"):
+        assert rounds[2]["variant-calibration"][variant]["calibration-valid-replies"] == 3
+    summary = metrics["summary"]
+    assert set(summary["variant-test-accuracy-uncalibrated"]) == {"full", "int8", "prune-0.5+int4"}
+    assert 0.0 < summary["hce-test-accuracy-uncalibrated"] <= 1.0
     # The saved variants reload (no pickles) and evaluate as an HCE ensemble.
     models, index = load_variants(run_dir)
     assert {e["name"] for e in index} == {"full", "int8", "prune-0.5+int4"}

@@ -101,8 +101,12 @@ def serve_feature_calibrated(
     hits: HitsFn,
     revert_z: float,
     server_round: int,
+    name: str = "served model",
 ) -> dict[str, float]:
-    """Calibrate ``served``'s classifier in place from ``stats`` unless it hurts; metrics."""
+    """Calibrate ``served``'s classifier in place from ``stats`` unless it hurts; metrics.
+
+    ``name`` says which model in the log (FedHCE calibrates each variant too).
+    """
     classifier = classifier_of(served)
     before_state = copy.deepcopy(classifier.state_dict())  # the only layer it changes
     before_hits = hits(served)
@@ -114,7 +118,7 @@ def serve_feature_calibrated(
         )
         if paired_z(before_hits, after_hits) > revert_z:
             classifier.load_state_dict(before_state)
-            log(INFO, "round %d: calibration hurt validation; reverted", server_round)
+            log(INFO, "round %d: calibration hurt the %s; reverted", server_round, name)
             metrics["feature-calibration-applied"] = 0.0
             return metrics
     metrics["feature-calibration-applied"] = 1.0

@@ -354,6 +354,7 @@ class FedHCE(FedEC):
                         self._hits,
                         self.prior_correction_revert_z,
                         server_round,
+                        name=f"variant {name}",
                     )
                 )
             else:

@@ -263,6 +263,11 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
     suffix = f" (seed {seed})" if seed is not None else ""
     down = {key[0]: _mean_bytes_down(m) for key, m in results.items()}
     final = {key[0]: m["rounds"][-1]["test-accuracy"] for key, m in results.items()}
+    # The HCE before its variants' own calibration (calibrate-variants); NaN without it.
+    uncalibrated_hce = {
+        key[0]: m["summary"].get("hce-test-accuracy-uncalibrated", float("nan"))
+        for key, m in results.items()
+    }
     variant_lines, summary, points, fp32_rows = [], [], [], []
     fedec_label = next((label for label in down if label.startswith("fedec")), None)
     fp32_bytes = 0
@@ -302,11 +307,7 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
     base = final.get(fedec_label, float("nan")) if fedec_label else float("nan")
     target_lines, targets = [], []
     for label, hce, disagreement in summary:
-        uncalibrated = next(
-            m["summary"].get("hce-test-accuracy-uncalibrated", float("nan"))
-            for key, m in results.items()
-            if key[0] == label
-        )
+        uncalibrated = uncalibrated_hce[label]
         measured = HceTargets(
             label=label,
             seed=seed if seed is not None else -1,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,13 @@ class FeatureStatsGrid:
 
     ``node_data`` maps a node to its labelled data, ``(inputs, labels)``. ``broken``
     maps a node to a function that spoils its statistics, or to an error reason.
-    ``queries`` keeps every query message sent, ``replies`` the arrays answered. A
-    FedHCE variant's query is unpacked and fake-quantized as the ClientApp does.
+    ``queries`` keeps every query message sent, ``replies`` the arrays answered. The
+    model is rebuilt by the ClientApp's own ``received_model`` (FedHCE variants arrive
+    packed and run fake-quantized).
     """
 
-    def __init__(self, spec, node_data, broken=None):
-        self.spec, self.node_data, self.broken = spec, node_data, broken or {}
+    def __init__(self, node_data, broken=None):
+        self.node_data, self.broken = node_data, broken or {}
         self.queries, self.replies = [], []  # every query sent; every statistics reply's arrays
 
     def get_node_ids(self):
@@ -49,9 +49,8 @@ class FeatureStatsGrid:
         import torch
         from flwr.app import ArrayRecord, Error, Message, RecordDict
 
-        from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
+        from fl_ec.clients.client_app import received_model
         from fl_ec.feature_calibration import STATS_RECORD_KEY, class_feature_stats, stats_to_arrays
-        from fl_ec.models import build_from_state_dict
 
         replies = []
         for message in messages:
@@ -61,15 +60,9 @@ class FeatureStatsGrid:
             if isinstance(spoil, str):
                 replies.append(Message(Error(code=100, reason=spoil), reply_to=message))
                 continue
-            config = message.content["config"]
-            state = message.content["arrays"].to_torch_state_dict()
-            if "wire-manifest" in config:  # a FedHCE variant, packed as clients receive it
-                manifest = json.loads(str(config["wire-manifest"]))
-                state = unpack_state_dict({k: v.numpy() for k, v in state.items()}, manifest)
-            model = build_from_state_dict(self.spec, state)
-            enable_weight_fake_quant(model, int(config.get("variant-bits", 0)))
+            spec, model = received_model(message.content)
             x, y = self.node_data[node]
-            arrays = stats_to_arrays(class_feature_stats(model, x, y, self.spec.num_classes))
+            arrays = stats_to_arrays(class_feature_stats(model, x, y, spec.num_classes))
             if spoil is not None:
                 spoil(arrays)
             self.replies.append(arrays)

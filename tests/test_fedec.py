@@ -480,7 +480,7 @@ def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
             min_train_nodes=2,
         )
         _start_round(strategy, _global())
-        grid = FeatureStatsGrid(SPEC, node_data, broken={3: nan_means, 4: "no query handler"})
+        grid = FeatureStatsGrid(node_data, broken={3: nan_means, 4: "no query handler"})
         strategy.grid = grid
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -512,7 +512,7 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
         min_train_nodes=2,
     )
     _start_round(strategy, _global())
-    strategy.grid = FeatureStatsGrid(SPEC, {}, broken={1: "crashed", 2: "crashed"})
+    strategy.grid = FeatureStatsGrid({}, broken={1: "crashed", 2: "crashed"})
     served, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
     assert served is not None
     assert strategy.server_metrics[1]["feature-calibration-applied"] == 0.0
@@ -535,7 +535,7 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
         min_train_nodes=2,
     )
     strategy.num_rounds = 2  # as start(num_rounds=2) records it
-    strategy.grid = FeatureStatsGrid(SPEC, {n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
+    strategy.grid = FeatureStatsGrid({n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
     for server_round in (1, 2):
         _start_round(strategy, _global())
         strategy.aggregate_train(server_round, [_reply(n, _global(seed=n)) for n in (0, 1)])
@@ -556,7 +556,7 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
     for calibrate in (False, True):
         strategy = _strategy(data, distill=DistillSettings(steps=0), feature_calibration=calibrate)
         _start_round(strategy, _global())
-        strategy.grid = FeatureStatsGrid(SPEC, {n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
+        strategy.grid = FeatureStatsGrid({n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
         result, _ = strategy.aggregate_train(1, replies)
         served[calibrate] = result.to_torch_state_dict()
     stats = strategy.server_metrics[1]

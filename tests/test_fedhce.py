@@ -15,7 +15,7 @@ from fl_ec.distill import DistillSettings
 from fl_ec.models import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
 from fl_ec.strategies.fedhce import FedHCE
-from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy
+from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy, sent_state
 from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
@@ -203,7 +203,7 @@ def test_variants_derive_from_the_calibrated_model(task_identity, data):
         strategy = _strategy(data, feature_calibration=calibrate, prior_correction_revert_z=1e9)
         torch.manual_seed(0)
         arrays = ArrayRecord(build_model(SPEC).state_dict())
-        grid = FeatureStatsGrid(SPEC, {node: data[1] for node in tiers})
+        grid = FeatureStatsGrid({node: data[1] for node in tiers})
         requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
         replies = [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests]
         result, _ = strategy.aggregate_train(1, replies)
@@ -221,7 +221,7 @@ def _calibrated_round(data, tiers, **kwargs):
     strategy = _strategy(data, feature_calibration=True, prior_correction_revert_z=1e9, **kwargs)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model(SPEC).state_dict())
-    grid = FeatureStatsGrid(SPEC, {node: data[1] for node in tiers})
+    grid = FeatureStatsGrid({node: data[1] for node in tiers})
     requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
     strategy.aggregate_train(1, [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests])
     return strategy, grid
@@ -251,12 +251,8 @@ def test_each_variant_is_calibrated_from_statistics_of_its_own_features(task_ide
         assert torch.equal(before[key], value), key
         assert torch.equal(after[key], value) != key.startswith("classifier."), key
     # What the next round's clients would receive is the calibrated variant.
-    sent, sent_inherited = (
-        unpack_state_dict(
-            {k: a.numpy() for k, a in payload.arrays.items()}, json.loads(payload.manifest_json)
-        )
-        for payload in (strategy.payloads[pruned], inherited.payloads[pruned])
-    )
+    sent = sent_state(strategy.payloads[pruned])
+    sent_inherited = sent_state(inherited.payloads[pruned])
     assert torch.equal(sent["conv1.weight"], sent_inherited["conv1.weight"])
     assert not torch.equal(sent["classifier.weight"], sent_inherited["classifier.weight"])
     assert not inherited.uncalibrated_variant_models

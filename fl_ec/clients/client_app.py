@@ -22,6 +22,7 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
@@ -79,17 +80,26 @@ def _setup(msg: Message, context: Context):
     node = NodeSettings.from_node_config(context.node_config)
     set_cpu_threads(config.client_threads)
     data = _client_data(config, node.partition_id, node.num_partitions)
-    round_config = msg.content["config"]
-    spec = ArchSpec.from_json(str(round_config["arch-spec"]))
-    model = build_from_state_dict(spec, _received_state(msg.content["arrays"], round_config))
-    # A quantized variant (FedHCE) trains quantization-aware: fake-quant weights, STE.
-    enable_weight_fake_quant(model, int(round_config.get("variant-bits", 0)))
+    spec, model = received_model(msg.content)
     if not node.device_tier and config.simulated_tiers:
         # Flower's simulation engine only puts partition-id/num-partitions into
         # node_config; the simulated tier of each partition comes from run-config.
         tiers = parse_tier_counts(config.simulated_tiers, node.num_partitions)
         node = dataclasses.replace(node, device_tier=tiers[node.partition_id])
     return config, node, data, spec, model
+
+
+def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
+    """The model a server message carries: its spec, and the model rebuilt from the arrays.
+
+    Quantized variants (FedHCE) arrive packed and run with fake-quant weights, as they
+    train (straight-through estimator) and as the server measures them.
+    """
+    round_config = content["config"]
+    spec = ArchSpec.from_json(str(round_config["arch-spec"]))
+    model = build_from_state_dict(spec, _received_state(content["arrays"], round_config))
+    enable_weight_fake_quant(model, int(round_config.get("variant-bits", 0)))
+    return spec, model
 
 
 def _received_state(arrays: ArrayRecord, round_config: ConfigRecord) -> dict[str, torch.Tensor]:

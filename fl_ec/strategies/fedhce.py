@@ -186,11 +186,8 @@ class FedHCE(FedEC):
             node = message.metadata.dst_node_id
             name = self._assign(node)
             self.assignment[node] = name
-            variant, payload = self.variants[name], self.payloads[name]
-            node_config = ConfigRecord(dict(config))
-            node_config["variant"] = name
-            node_config["variant-bits"] = variant.bits
-            node_config["wire-manifest"] = payload.manifest_json
+            payload = self.payloads[name]
+            node_config = ConfigRecord({**dict(config), **self._variant_config(name, payload)})
             record = RecordDict(
                 {self.arrayrecord_key: payload.arrays, self.configrecord_key: node_config}
             )
@@ -275,6 +272,14 @@ class FedHCE(FedEC):
             name = self.default_variant
         return name
 
+    def _variant_config(self, name: str, payload: Payload) -> dict[str, Any]:
+        """What a client needs, besides the arrays, to rebuild and run variant ``name``."""
+        return {
+            "variant": name,
+            "variant-bits": self.variants[name].bits,
+            "wire-manifest": payload.manifest_json,
+        }
+
     def _derive_variants(
         self,
         full_state: dict[str, torch.Tensor],
@@ -337,12 +342,13 @@ class FedHCE(FedEC):
             if name == FULL:  # the global student itself, calibrated by FedEC
                 continue
             self.uncalibrated_variant_models[name] = copy.deepcopy(model)
-            variant = self.variants[name]
-            payload = make_payload(model, variant, self.pack_quantized)
-            extra = {"variant": name, "variant-bits": variant.bits}
-            extra["wire-manifest"] = payload.manifest_json
+            payload = make_payload(model, self.variants[name], self.pack_quantized)
             parts, metrics = self._query_feature_stats(
-                server_round, payload.arrays, extra, classifier_of(model), nodes
+                server_round,
+                payload.arrays,
+                self._variant_config(name, payload),
+                classifier_of(model),
+                nodes,
             )
             if parts:
                 metrics.update(

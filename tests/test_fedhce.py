@@ -187,6 +187,38 @@ def test_rebased_updates_keep_the_rounding_of_quantized_copies_out(task_identity
         assert error > 1e-4
 
 
+def test_changes_are_rebased_on_the_variant_as_sent_not_on_the_student(task_identity, data):
+    # From round 2 on, the int8 variant a client trains was fine-tuned by distillation
+    # after it was derived from the student. A client's change must be applied where
+    # it was computed: the server's fp32 copy of that variant.
+    proxy, _ = data
+    strategy = FedHCE(
+        variants=["full", "int8"],
+        assignment_policy=TierPolicy({}, default="int8"),
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        validation_data=None,  # no early stopping: the variant's fine-tuning always moves it
+        distill=DistillSettings(steps=0),
+        variant_distill=DistillSettings(steps=10, batch_size=32, lr=1e-2),
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+    nodes = {1: "cpu", 2: "cpu"}
+    first = _configure(strategy, nodes)
+    arrays, _ = strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in nodes.items()])
+    student = arrays.to_torch_state_dict()
+    second = _configure(strategy, nodes, server_round=2)
+    assert all(m.content["config"]["variant"] == "int8" for m in second.values())
+    variant = strategy.variant_models["int8"].state_dict()
+    variant_as_sent = {k: v.detach().clone() for k, v in variant.items()}
+    moved = max(float((variant_as_sent[k] - student[k]).abs().max()) for k in student)
+    assert moved > 1e-3  # the fine-tuning moved the variant away from the student
+    arrays, _ = strategy.aggregate_train(2, [_client_reply(second[n], t) for n, t in nodes.items()])
+    start = arrays.to_torch_state_dict()  # distill steps=0: the rebased average itself
+    for key in ("conv1.weight", "fc1.weight", "classifier.bias"):
+        assert torch.allclose(start[key], variant_as_sent[key] + 0.01, atol=1e-5), key
+
+
 def test_bad_settings_fail_fast(data):
     proxy, _ = data
     with pytest.raises(ValueError, match="not among the variants"):

@@ -88,7 +88,8 @@ class FedHCE(FedEC):
         Send quantized variants as packed integers plus scales (else fp32 values).
     rebase_updates : bool (default: True)
         For the student's starting point, apply each client's change (what it
-        returned minus what it was sent) to the server's full-precision weights,
+        returned minus what it was sent) to the server's full-precision copy of the
+        variant it was sent (after the variants' fine-tuning and calibration),
         instead of averaging the returned weights, which carry the rounding of the
         quantized copy they started from.
     calibrate_variants : bool (default: True)
@@ -157,6 +158,9 @@ class FedHCE(FedEC):
         self.uncalibrated_variant_models: dict[str, nn.Module] = {}
         self.payloads: dict[str, Payload] = {}
         self.sent_states: dict[str, dict[str, torch.Tensor]] = {}
+        # The server's full-precision weights of each variant as last sent: what a
+        # client's change is applied to (rebase_updates).
+        self.rebase_bases: dict[str, dict[str, torch.Tensor]] = {}
         self.capabilities: dict[int, dict[str, Any]] = {}
         self.assignment: dict[int, str] = {}
 
@@ -241,8 +245,11 @@ class FedHCE(FedEC):
             structure = self.factory.structure(self.variants[name])
             state = model.state
             if self.rebase_updates and name in self.sent_states:
-                sliced = structure.slice(base) if structure is not None else base
-                state = rebase_update(state, self.sent_states[name], sliced)
+                # The client's change was computed from the variant it received, which
+                # the variants' fine-tuning moved away from the global student. Applied
+                # to the student instead, it would land where it was not computed, and
+                # the fine-tuning would never reach the global model.
+                state = rebase_update(state, self.sent_states[name], self.rebase_bases[name])
             updates.append((state, structure, model.num_examples))
         return self._build(self.arch_spec, fold_into_full(base, updates))
 
@@ -322,6 +329,10 @@ class FedHCE(FedEC):
         }
         if self.rebase_updates:  # what each client will start from, to rebase its reply on
             self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
+            self.rebase_bases = {
+                name: {k: v.detach().clone() for k, v in model.state_dict().items()}
+                for name, model in self.variant_models.items()
+            }
         stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
         if validation is not None and server_round > 0:
             self._validation_metrics(stats)

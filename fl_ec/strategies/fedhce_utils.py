@@ -80,6 +80,9 @@ def rebase_update(
 ) -> dict[str, torch.Tensor]:
     """``base + (returned - sent)``: a client's own change, applied to the server's copy.
 
+    ``base`` is the server's full-precision weights of what was sent (``sent`` is the
+    same model as the client rebuilt it: dequantized).
+
     A quantized variant reaches the client with its weights rounded (and fine-tuned
     by the variants' distillation); averaging what comes back would write that
     rounding into the global model every round. Applying only the client's change to

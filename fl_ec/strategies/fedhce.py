@@ -158,9 +158,6 @@ class FedHCE(FedEC):
         self.uncalibrated_variant_models: dict[str, nn.Module] = {}
         self.payloads: dict[str, Payload] = {}
         self.sent_states: dict[str, dict[str, torch.Tensor]] = {}
-        # The server's full-precision weights of each variant as last sent: what a
-        # client's change is applied to (rebase_updates).
-        self.rebase_bases: dict[str, dict[str, torch.Tensor]] = {}
         self.capabilities: dict[int, dict[str, Any]] = {}
         self.assignment: dict[int, str] = {}
 
@@ -248,8 +245,10 @@ class FedHCE(FedEC):
                 # The client's change was computed from the variant it received, which
                 # the variants' fine-tuning moved away from the global student. Applied
                 # to the student instead, it would land where it was not computed, and
-                # the fine-tuning would never reach the global model.
-                state = rebase_update(state, self.sent_states[name], self.rebase_bases[name])
+                # the fine-tuning would never reach the global model. variant_models
+                # still hold the variants as sent: they are replaced only by _compress.
+                as_sent = self.variant_models[name].state_dict()
+                state = rebase_update(state, self.sent_states[name], as_sent)
             updates.append((state, structure, model.num_examples))
         return self._build(self.arch_spec, fold_into_full(base, updates))
 
@@ -329,10 +328,6 @@ class FedHCE(FedEC):
         }
         if self.rebase_updates:  # what each client will start from, to rebase its reply on
             self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
-            self.rebase_bases = {
-                name: {k: v.detach().clone() for k, v in model.state_dict().items()}
-                for name, model in self.variant_models.items()
-            }
         stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
         if validation is not None and server_round > 0:
             self._validation_metrics(stats)

@@ -27,6 +27,7 @@ TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # FedEC's client-start; fedhce needs "student"
 CALIBRATION_ROUNDS = ("all", "last")  # FedEC feature-calibration: every round or the last
+VARIANT_CLIENT_STARTS = ("tuned", "derived")  # FedHCE: what clients train
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,6 +104,7 @@ class ExperimentConfig:
     fold_pruned: bool = False
     rebase_updates: bool = True
     calibrate_variants: bool = True
+    variant_client_start: str = "tuned"
     prune_importance: str = "magnitude"
     prune_steps: int = 1
     simulated_tiers: str = ""
@@ -165,6 +167,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{key} names {name!r}, which is not in variants={names}")
         if not 0.0 <= self.diversity_weight <= 1.0:
             raise ConfigError(f"diversity-weight={self.diversity_weight} must be within [0, 1]")
+        _choice("variant-client-start", self.variant_client_start, VARIANT_CLIENT_STARTS)
         _choice("prune-importance", self.prune_importance, IMPORTANCES)
         _positive("prune-steps", self.prune_steps)
         parse_tier_counts(self.simulated_tiers)

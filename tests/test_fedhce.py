@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_ec.compression import unpack_state_dict
+from fl_ec.compression import fake_quantize, unpack_state_dict
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
 from fl_ec.models import ArchSpec, build_from_state_dict, build_model
@@ -187,22 +187,55 @@ def test_rebased_updates_keep_the_rounding_of_quantized_copies_out(task_identity
         assert error > 1e-4
 
 
-def test_changes_are_rebased_on_the_variant_as_sent_not_on_the_student(task_identity, data):
-    # From round 2 on, the int8 variant a client trains was fine-tuned by distillation
-    # after it was derived from the student. A client's change must be applied where
-    # it was computed: the server's fp32 copy of that variant.
+def _fine_tuning_strategy(data, **kwargs):
+    """Variants fine-tuned for 10 steps, no early stopping: the fine-tuning always moves them."""
     proxy, _ = data
-    strategy = FedHCE(
+    return FedHCE(
         variants=["full", "int8"],
         assignment_policy=TierPolicy({}, default="int8"),
         proxy_data=proxy,
         arch_spec=SPEC,
-        validation_data=None,  # no early stopping: the variant's fine-tuning always moves it
+        validation_data=None,
         distill=DistillSettings(steps=0),
         variant_distill=DistillSettings(steps=10, batch_size=32, lr=1e-2),
         min_train_nodes=2,
         min_available_nodes=2,
+        **kwargs,
     )
+
+
+def test_derived_start_trains_untuned_copies_and_keeps_tuned_ones_for_the_hce(task_identity, data):
+    strategy = _fine_tuning_strategy(data, variant_client_start="derived")
+    nodes = {1: "cpu", 2: "cpu"}
+    first = _configure(strategy, nodes)
+    arrays, _ = strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in nodes.items()])
+    student = arrays.to_torch_state_dict()
+    second = _configure(strategy, nodes, server_round=2)
+    tuned = strategy.variant_models["int8"].state_dict()
+    assert max(float((tuned[k] - student[k]).abs().max()) for k in student) > 1e-3
+    # What the clients received is the int8 copy of the student, not the tuned variant.
+    request = second[1]
+    received = unpack_state_dict(
+        {k: a.numpy() for k, a in request.content["arrays"].items()},
+        json.loads(str(request.content["config"]["wire-manifest"])),
+    )
+    for key in ("conv1.weight", "fc1.weight"):
+        assert torch.allclose(received[key], fake_quantize(student[key], 8), atol=1e-6), key
+        assert float((received[key] - tuned[key]).abs().max()) > 1e-3
+    # ... so its change is rebased on the student, and the HCE members stay the tuned ones.
+    arrays, _ = strategy.aggregate_train(2, [_client_reply(second[n], t) for n, t in nodes.items()])
+    start = arrays.to_torch_state_dict()
+    for key in ("conv1.weight", "fc1.weight", "classifier.bias"):
+        assert torch.allclose(start[key], student[key] + 0.01, atol=1e-5), key
+    with pytest.raises(ValueError, match="variant_client_start"):
+        _fine_tuning_strategy(data, variant_client_start="global")
+
+
+def test_changes_are_rebased_on_the_variant_as_sent_not_on_the_student(task_identity, data):
+    # From round 2 on, the int8 variant a client trains was fine-tuned by distillation
+    # after it was derived from the student. A client's change must be applied where
+    # it was computed: the server's fp32 copy of that variant.
+    strategy = _fine_tuning_strategy(data)
     nodes = {1: "cpu", 2: "cpu"}
     first = _configure(strategy, nodes)
     arrays, _ = strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in nodes.items()])

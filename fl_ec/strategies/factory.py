@@ -106,6 +106,7 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
         fold_pruned=config.fold_pruned,
         rebase_updates=config.rebase_updates,
         calibrate_variants=config.calibrate_variants,
+        variant_client_start=config.variant_client_start,
         prune_importance=config.prune_importance,
         prune_steps=config.prune_steps,
         **fedec_kwargs,

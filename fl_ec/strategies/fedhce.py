@@ -30,6 +30,7 @@ from torch import nn
 from fl_ec.calibration import classifier_of
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
+from fl_ec.config import VARIANT_CLIENT_STARTS
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.ensemble import logits_accuracy
@@ -99,6 +100,14 @@ class FedHCE(FedEC):
         (the same CCVR and validation guard as the global model). A pruned variant's
         features differ from the global model's, so the calibrated global classifier
         does not fit them. Off: variants inherit the global model's classifier.
+    variant_client_start : str (default: "tuned")
+        What clients train: ``tuned``, the variants after the diversity-aware
+        fine-tuning (and their own calibration), which are also the HCE ensemble's
+        members; or ``derived``, plain compressed copies of the global student, while
+        the fine-tuned variants serve only the HCE ensemble. A distilled start leaves
+        a client's local epoch on non-IID data further from the average (the FedDF
+        failure at alpha=0.1), so ``derived`` keeps the fine-tuning off the training
+        trajectory; the derived copies inherit the global model's classifier.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
     """
@@ -119,6 +128,7 @@ class FedHCE(FedEC):
         pack_quantized: bool = True,
         rebase_updates: bool = True,
         calibrate_variants: bool = True,
+        variant_client_start: str = "tuned",
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -146,13 +156,23 @@ class FedHCE(FedEC):
         self.pack_quantized = pack_quantized
         self.rebase_updates = rebase_updates
         self.calibrate_variants = calibrate_variants
+        if variant_client_start not in VARIANT_CLIENT_STARTS:
+            raise ValueError(
+                f"variant_client_start={variant_client_start!r}: choose one of "
+                f"{', '.join(VARIANT_CLIENT_STARTS)}"
+            )
+        self.variant_client_start = variant_client_start
         self.factory = VariantFactory(
             lambda state: build_from_state_dict(self.arch_spec, state),
             self.proxy_inputs[:2],
             prune_importance,
             prune_steps,
         )
+        # The variants that serve inference (validation metrics, the HCE ensemble)...
         self.variant_models: dict[str, nn.Module] = {}
+        # ... and those the clients were sent, fp32, to rebase their changes on: the same
+        # models, unless variant_client_start="derived".
+        self.sent_models: dict[str, nn.Module] = {}
         # The last calibrated round's variants before their own calibration (a copy
         # each), so the ServerApp can report what that calibration gained on test.
         self.uncalibrated_variant_models: dict[str, nn.Module] = {}
@@ -245,9 +265,9 @@ class FedHCE(FedEC):
                 # The client's change was computed from the variant it received, which
                 # the variants' fine-tuning moved away from the global student. Applied
                 # to the student instead, it would land where it was not computed, and
-                # the fine-tuning would never reach the global model. variant_models
+                # the fine-tuning would never reach the global model. sent_models
                 # still hold the variants as sent: they are replaced only by _compress.
-                as_sent = self.variant_models[name].state_dict()
+                as_sent = self.sent_models[name].state_dict()
                 state = rebase_update(state, self.sent_states[name], as_sent)
             updates.append((state, structure, model.num_examples))
         return self._build(self.arch_spec, fold_into_full(base, updates))
@@ -305,7 +325,10 @@ class FedHCE(FedEC):
         }
         tuned = [name for name, variant in self.variants.items() if name != FULL]
         validation = self.validation
+        sent = models
         if tuned and self.round_teacher is not None and self.variant_distill.steps > 0:
+            if self.variant_client_start == "derived":  # clients train untouched copies
+                sent = {name: copy.deepcopy(model) for name, model in models.items()}
             proxy, teacher = self.round_teacher
             result = distill(
                 VariantEnsemble([models[name] for name in tuned]),
@@ -320,11 +343,12 @@ class FedHCE(FedEC):
             stats["variants-distill-seconds"] = result.seconds
             stats["variants-distill-steps"] = float(result.steps)
         self.variant_models = {name: model.cpu().eval() for name, model in models.items()}
+        self.sent_models = {name: model.cpu().eval() for name, model in sent.items()}
         if accepted and self.calibrate_variants and self._calibrates(server_round):
             stats["variant-calibration"] = self._calibrate_variants(server_round, accepted)
         self.payloads = {
             name: make_payload(model, self.variants[name], self.pack_quantized)
-            for name, model in self.variant_models.items()
+            for name, model in self.sent_models.items()
         }
         if self.rebase_updates:  # what each client will start from, to rebase its reply on
             self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}

@@ -28,6 +28,7 @@ STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # FedEC's client-start; fedhce needs "student"
 CALIBRATION_ROUNDS = ("all", "last")  # FedEC feature-calibration: every round or the last
 VARIANT_CLIENT_STARTS = ("tuned", "derived")  # FedHCE: what clients train
+DOWNLINK_ROUNDINGS = ("nearest", "stochastic")  # FedHCE: rounding of packed variants
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -105,6 +106,7 @@ class ExperimentConfig:
     rebase_updates: bool = True
     calibrate_variants: bool = True
     variant_client_start: str = "tuned"
+    downlink_rounding: str = "nearest"
     prune_importance: str = "magnitude"
     prune_steps: int = 1
     simulated_tiers: str = ""
@@ -168,6 +170,7 @@ class ExperimentConfig:
         if not 0.0 <= self.diversity_weight <= 1.0:
             raise ConfigError(f"diversity-weight={self.diversity_weight} must be within [0, 1]")
         _choice("variant-client-start", self.variant_client_start, VARIANT_CLIENT_STARTS)
+        _choice("downlink-rounding", self.downlink_rounding, DOWNLINK_ROUNDINGS)
         _choice("prune-importance", self.prune_importance, IMPORTANCES)
         _positive("prune-steps", self.prune_steps)
         parse_tier_counts(self.simulated_tiers)

@@ -112,6 +112,29 @@ def test_pack_unpack_error_within_one_quantization_step(bits):
     assert packed_nbytes(arrays) < fp32 * (bits / 32 + 0.02)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_stochastic_rounding_stays_on_the_grid_and_is_unbiased(bits):
+    torch.manual_seed(1)
+    weight = torch.randn(8, 3, 5, 5)
+    q_nearest, scale = quantize_per_channel(weight, bits)
+    step = scale.reshape(-1, 1, 1, 1)
+    nearest = q_nearest.float() * step
+    copies = []
+    for seed in range(400):
+        q, copy_scale = quantize_per_channel(weight, bits, torch.Generator().manual_seed(seed))
+        assert torch.equal(copy_scale, scale)  # same grid: the largest weight is on it
+        restored = q.float() * step
+        assert ((restored - weight).abs() < step + 1e-6).all()  # one of the two neighbours
+        copies.append(restored)
+    assert not torch.equal(copies[0], copies[1])  # independent copies differ
+    mean_error = (torch.stack(copies).mean(0) - weight).abs() / step
+    nearest_error = (nearest - weight).abs() / step
+    # Nearest rounding errs by up to half a step, the same way every time; the copies'
+    # average converges to the weight (sd of a 400-copy mean <= 0.5 / 20 steps).
+    assert float(nearest_error.mean()) > 0.2
+    assert float(mean_error.mean()) < 0.03
+
+
 def test_unpack_rejects_malformed_entries():
     _, model = _model()
     arrays, manifest = pack_state_dict(model.state_dict(), 4, ["conv1.weight"])

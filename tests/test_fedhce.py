@@ -252,6 +252,47 @@ def test_changes_are_rebased_on_the_variant_as_sent_not_on_the_student(task_iden
         assert torch.allclose(start[key], variant_as_sent[key] + 0.01, atol=1e-5), key
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_stochastic_downlink_sends_each_node_its_own_copy_and_rebases_on_it(
+    task_identity, data, rounding
+):
+    proxy, _ = data
+    strategy = FedHCE(
+        variants=["full", "int4"],
+        assignment_policy=TierPolicy({}, default="int4"),
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        variant_distill=DistillSettings(steps=0),
+        downlink_rounding=rounding,
+        min_train_nodes=3,
+        min_available_nodes=3,
+    )
+    nodes = {1: "edge", 2: "edge", 3: "edge"}
+    first = _configure(strategy, nodes)
+    arrays, _ = strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in nodes.items()])
+    student = arrays.to_torch_state_dict()
+    second = _configure(strategy, nodes, server_round=2)
+    received = {
+        node: unpack_state_dict(
+            {k: a.numpy() for k, a in m.content["arrays"].items()},
+            json.loads(str(m.content["config"]["wire-manifest"])),
+        )
+        for node, m in second.items()
+    }
+    sizes = {sum(len(a.data) for a in m.content["arrays"].values()) for m in second.values()}
+    assert len(sizes) == 1  # same bytes for every node
+    differ = not torch.equal(received[1]["conv1.weight"], received[2]["conv1.weight"])
+    assert differ == (rounding == "stochastic")
+    # Each client's change is applied to the fp32 weights, whatever copy it started from.
+    arrays, _ = strategy.aggregate_train(2, [_client_reply(second[n], t) for n, t in nodes.items()])
+    start = arrays.to_torch_state_dict()
+    for key in ("conv1.weight", "fc1.weight", "classifier.weight"):
+        assert torch.allclose(start[key], student[key] + 0.01, atol=1e-5), key
+    with pytest.raises(ValueError, match="downlink_rounding"):
+        FedHCE(variants=["full"], downlink_rounding="dither", proxy_data=proxy, arch_spec=SPEC)
+
+
 def test_bad_settings_fail_fast(data):
     proxy, _ = data
     with pytest.raises(ValueError, match="not among the variants"):

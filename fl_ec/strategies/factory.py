@@ -107,6 +107,7 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
         rebase_updates=config.rebase_updates,
         calibrate_variants=config.calibrate_variants,
         variant_client_start=config.variant_client_start,
+        downlink_rounding=config.downlink_rounding,
         prune_importance=config.prune_importance,
         prune_steps=config.prune_steps,
         **fedec_kwargs,

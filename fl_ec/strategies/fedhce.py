@@ -30,7 +30,7 @@ from torch import nn
 from fl_ec.calibration import classifier_of
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
-from fl_ec.config import VARIANT_CLIENT_STARTS
+from fl_ec.config import DOWNLINK_ROUNDINGS, VARIANT_CLIENT_STARTS
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.ensemble import logits_accuracy
@@ -108,6 +108,14 @@ class FedHCE(FedEC):
         a client's local epoch on non-IID data further from the average (the FedDF
         failure at alpha=0.1), so ``derived`` keeps the fine-tuning off the training
         trajectory; the derived copies inherit the global model's classifier.
+    downlink_rounding : str (default: "nearest")
+        How packed quantized variants are rounded for training: ``nearest``, one copy
+        per variant; or ``stochastic``, one independently, stochastically rounded copy
+        per node (same bytes). With ``rebase_updates`` a client's change is computed
+        at the rounded weights and applied to the fp32 ones; where its local epoch
+        converges, the change also undoes the rounding error, which nearest rounding
+        makes the same on every node, so it survives the average. Stochastic rounding
+        is unbiased and independent per node, so that error averages out.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
     """
@@ -129,6 +137,7 @@ class FedHCE(FedEC):
         rebase_updates: bool = True,
         calibrate_variants: bool = True,
         variant_client_start: str = "tuned",
+        downlink_rounding: str = "nearest",
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -162,6 +171,12 @@ class FedHCE(FedEC):
                 f"{', '.join(VARIANT_CLIENT_STARTS)}"
             )
         self.variant_client_start = variant_client_start
+        if downlink_rounding not in DOWNLINK_ROUNDINGS:
+            raise ValueError(
+                f"downlink_rounding={downlink_rounding!r}: choose one of "
+                f"{', '.join(DOWNLINK_ROUNDINGS)}"
+            )
+        self.downlink_rounding = downlink_rounding
         self.factory = VariantFactory(
             lambda state: build_from_state_dict(self.arch_spec, state),
             self.proxy_inputs[:2],
@@ -178,6 +193,8 @@ class FedHCE(FedEC):
         self.uncalibrated_variant_models: dict[str, nn.Module] = {}
         self.payloads: dict[str, Payload] = {}
         self.sent_states: dict[str, dict[str, torch.Tensor]] = {}
+        # With stochastic downlink rounding each node's own copy, as it rebuilds it.
+        self.node_sent_states: dict[int, dict[str, torch.Tensor]] = {}
         self.capabilities: dict[int, dict[str, Any]] = {}
         self.assignment: dict[int, str] = {}
 
@@ -202,12 +219,13 @@ class FedHCE(FedEC):
         if not self.payloads:  # first round: variants of the initial model, no teacher yet
             self._derive_variants(arrays.to_torch_state_dict(), 0, {})
         self.assignment = {}
+        self.node_sent_states = {}
         messages = []
         for message in sampled:
             node = message.metadata.dst_node_id
             name = self._assign(node)
             self.assignment[node] = name
-            payload = self.payloads[name]
+            payload = self._node_payload(server_round, node, name)
             node_config = ConfigRecord({**dict(config), **self._variant_config(name, payload)})
             record = RecordDict(
                 {self.arrayrecord_key: payload.arrays, self.configrecord_key: node_config}
@@ -261,14 +279,17 @@ class FedHCE(FedEC):
             name = model.variant or FULL
             structure = self.factory.structure(self.variants[name])
             state = model.state
-            if self.rebase_updates and name in self.sent_states:
+            sent = self.sent_states.get(name)
+            if self.assignment.get(model.node_id) == name:  # its own copy, if it had one
+                sent = self.node_sent_states.get(model.node_id, sent)
+            if self.rebase_updates and sent is not None:
                 # The client's change was computed from the variant it received, which
                 # the variants' fine-tuning moved away from the global student. Applied
                 # to the student instead, it would land where it was not computed, and
                 # the fine-tuning would never reach the global model. sent_models
                 # still hold the variants as sent: they are replaced only by _compress.
                 as_sent = self.sent_models[name].state_dict()
-                state = rebase_update(state, self.sent_states[name], as_sent)
+                state = rebase_update(state, sent, as_sent)
             updates.append((state, structure, model.num_examples))
         return self._build(self.arch_spec, fold_into_full(base, updates))
 
@@ -297,6 +318,19 @@ class FedHCE(FedEC):
             )
             name = self.default_variant
         return name
+
+    def _node_payload(self, server_round: int, node: int, name: str) -> Payload:
+        """Variant ``name`` as node ``node`` receives it this round."""
+        stochastic = self.downlink_rounding == "stochastic" and self.pack_quantized
+        if not stochastic or not self.variants[name].bits:
+            return self.payloads[name]
+        # Python hashes int tuples deterministically: the same copy on every rerun.
+        seed = hash((self.seed, server_round, node)) % 2**63
+        generator = torch.Generator().manual_seed(seed)
+        payload = make_payload(self.sent_models[name], self.variants[name], True, generator)
+        if self.rebase_updates:
+            self.node_sent_states[node] = sent_state(payload)
+        return payload
 
     def _variant_config(self, name: str, payload: Payload) -> dict[str, Any]:
         """What a client needs, besides the arrays, to rebuild and run variant ``name``."""

@@ -89,6 +89,7 @@ class ExperimentConfig:
     feature_calibration: bool = False
     calibration_rounds: str = "all"
     calibration_samples: int = 20_000
+    tail_average_rounds: int = 1
     distill_steps: int = 500
     distill_batch_size: int = 128
     distill_lr: float = 1e-3
@@ -213,6 +214,20 @@ class ExperimentConfig:
         _choice("calibration-rounds", self.calibration_rounds, CALIBRATION_ROUNDS)
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
+        if self.tail_average_rounds < 1:
+            raise ConfigError(
+                f"tail-average-rounds={self.tail_average_rounds} must be >= 1 (1: off)"
+            )
+        if self.tail_average_rounds > 1 and self.student_init != "average":
+            raise ConfigError(
+                "tail-average-rounds > 1 averages the rounds' parameter averages: "
+                'set student-init="average" (or tail-average-rounds=1)'
+            )
+        if self.tail_average_rounds > 1 and self.strategy == "fedavg":
+            raise ConfigError(
+                "tail-average-rounds is a FedEC option: for FedAvg + tail averaging set "
+                'strategy="fedec", distill-steps=0, client-start="average"'
+            )
         if self.prior_aware_distillation and not self.prior_correction:
             raise ConfigError("prior-aware-distillation needs prior-correction=true")
         if not (self.prior_correction_revert_z >= 0.0):  # also rejects NaN

@@ -46,6 +46,12 @@ def test_values_are_coerced_to_declared_types():
         ),
         ({"calibration-rounds": "first"}, "calibration-rounds='first' is unknown"),
         ({"calibration-samples": 0}, "calibration-samples=0 must be >= 1"),
+        ({"tail-average-rounds": 0}, "tail-average-rounds=0 must be >= 1"),
+        (
+            {"strategy": "fedec", "tail-average-rounds": 3, "student-init": "previous"},
+            'set student-init="average"',
+        ),
+        ({"strategy": "fedavg", "tail-average-rounds": 3}, "tail-average-rounds is a FedEC"),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",

@@ -564,3 +564,40 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
     assert stats["feature-calibration-applied"] == 0.0
     for key, value in served[False].items():
         assert torch.equal(value, served[True][key]), key
+
+
+def test_tail_average_serves_the_mean_of_the_last_rounds_averages(task_identity, data):
+    # distill steps=0: the served model is exactly the distillation start.
+    strategy = _strategy(
+        data, distill=DistillSettings(steps=0), client_start="average", tail_average_rounds=2
+    )
+    round_averages = []
+    served = _global()
+    for server_round, seeds in ((1, (1, 2)), (2, (3, 4)), (3, (5, 6))):
+        _start_round(strategy, served)
+        a, b = _global(seeds[0]), _global(seeds[1])
+        arrays, _ = strategy.aggregate_train(
+            server_round, [_reply(1, a, num_examples=30), _reply(2, b, num_examples=10)]
+        )
+        served = build_model(SPEC)
+        served.load_state_dict(arrays.to_torch_state_dict())
+        round_averages.append(
+            0.75 * a.state_dict()["fc1.weight"].double()
+            + 0.25 * b.state_dict()["fc1.weight"].double()
+        )
+        # The clients still train from this round's own average.
+        sent = strategy.client_start_arrays.to_torch_state_dict()["fc1.weight"].double()
+        assert torch.allclose(sent, round_averages[-1], atol=1e-6)
+        assert strategy.server_metrics[server_round]["tail-average-window"] == min(server_round, 2)
+        assert "round-average-val-accuracy" in strategy.server_metrics[server_round]
+    # Round 3 serves the mean of rounds 2 and 3 only.
+    expected = (round_averages[1] + round_averages[2]) / 2
+    assert torch.allclose(served.state_dict()["fc1.weight"].double(), expected, atol=1e-6)
+    assert not torch.allclose(served.state_dict()["fc1.weight"].double(), round_averages[2])
+
+
+def test_tail_average_needs_the_average_as_student_start(data):
+    with pytest.raises(ValueError, match="student_init='average'"):
+        _strategy(data, student_init="previous", tail_average_rounds=3)
+    with pytest.raises(ValueError, match="tail_average_rounds=0"):
+        _strategy(data, tail_average_rounds=0)

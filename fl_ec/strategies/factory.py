@@ -64,6 +64,7 @@ def build_strategy(
             feature_calibration=config.feature_calibration,
             calibration_rounds=config.calibration_rounds,
             calibration=CalibrationSettings(samples=config.calibration_samples),
+            tail_average_rounds=config.tail_average_rounds,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,
             proxy_per_round=config.proxy_per_round,

@@ -54,6 +54,7 @@ from fl_ec.strategies.fedec_utils import (
     state_shapes,
     weighted_average,
 )
+from fl_ec.tail_average import TailAverage
 from fl_ec.training import select_device
 
 
@@ -129,6 +130,14 @@ class FedEC(FedAvg):
         last round of ``start()``, which saves a query per round. With
         ``client_start="average"`` the served model does not steer training, so both
         end with the same final model; ``all`` also calibrates every intermediate one.
+    tail_average_rounds : int (default: 1)
+        Start distillation (and so serve) from the uniform mean of the last this many
+        rounds' parameter averages instead of this round's alone: stochastic weight
+        averaging over rounds (:mod:`fl_ec.tail_average`). ``1`` turns it off. Needs
+        ``student_init="average"``. With ``client_start="average"`` the clients'
+        trajectory is unchanged (they still start from the round's average); with
+        ``student`` they train from the served mean. The teacher's ``average`` member
+        stays the round's own average.
     calibration : CalibrationSettings | None
         Virtual samples, epochs, lr and batch size of the calibration.
     teacher_includes_average : bool (default: False)
@@ -175,6 +184,7 @@ class FedEC(FedAvg):
         feature_calibration: bool = False,
         calibration_rounds: str = "all",
         calibration: CalibrationSettings | None = None,
+        tail_average_rounds: int = 1,
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
         proxy_per_round: int = 0,
@@ -223,6 +233,14 @@ class FedEC(FedAvg):
         self.calibration_rounds = calibration_rounds
         self.num_rounds: int | None = None  # known once start() runs
         self.calibration = calibration or CalibrationSettings()
+        if tail_average_rounds < 1:
+            raise ValueError(f"tail_average_rounds={tail_average_rounds} must be >= 1 (1: off)")
+        if tail_average_rounds > 1 and student_init != "average":
+            raise ValueError(
+                "tail_average_rounds > 1 averages the rounds' parameter averages: "
+                "it needs student_init='average'"
+            )
+        self.tail_average = TailAverage(tail_average_rounds) if tail_average_rounds > 1 else None
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if prior_correction or feature_calibration:  # fail now if the head has no bias
             spec = self.arch_spec
@@ -248,13 +266,14 @@ class FedEC(FedAvg):
         log(
             INFO,
             "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round, +%d augmented views), "
-            "student init=%s, clients start from the %s, prior correction=%s, "
-            "feature calibration=%s, distill=%s",
+            "student init=%s (mean of the last %d rounds), clients start from the %s, "
+            "prior correction=%s, feature calibration=%s, distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
             self.augment_copies,
             self.student_init,
+            self.tail_average.window if self.tail_average is not None else 1,
             self.client_start,
             self.prior_correction,
             self.feature_calibration,
@@ -364,6 +383,13 @@ class FedEC(FedAvg):
             members.append(self._build(global_spec, student.state_dict()))
         if self.teacher_includes_previous:
             members.append(self._previous_global())
+        if self.tail_average is not None and student is not previous:
+            # previous: no average this round (no global-architecture reply), so
+            # nothing new enters the window.
+            if self.validation is not None:
+                stats["round-average-val-accuracy"] = self._score(student)
+            student = self._build(global_spec, self.tail_average.push(student.state_dict()))
+            stats["tail-average-window"] = float(len(self.tail_average))
 
         generator_seed = self.seed * 10_007 + server_round
         proxy = self.proxy_inputs

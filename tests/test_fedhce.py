@@ -363,3 +363,51 @@ def test_each_variant_is_calibrated_from_statistics_of_its_own_features(task_ide
     assert not torch.equal(sent["classifier.weight"], sent_inherited["classifier.weight"])
     assert not inherited.uncalibrated_variant_models
     assert "variant-calibration" not in inherited.server_metrics[1]
+
+
+def test_client_start_average_trains_copies_of_the_average_and_serves_the_tail_mean(
+    task_identity, data
+):
+    proxy, _ = data
+    strategy = FedHCE(
+        variants=["full", "int8"],
+        assignment_policy=TierPolicy({}, default="int8"),
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        variant_distill=DistillSettings(steps=0),
+        client_start="average",
+        tail_average_rounds=2,
+        min_train_nodes=2,
+        min_available_nodes=2,
+    )
+    torch.manual_seed(0)
+    initial = build_model(SPEC).state_dict()  # what _configure sends in round 1
+    nodes = {1: "cpu", 2: "cpu"}
+    served: dict[str, torch.Tensor] = {}  # the previous round's served model ...
+    average: dict[str, torch.Tensor] = {}  # ... and its average, the clients' start
+    for server_round in (1, 2, 3):
+        requests = _configure(strategy, nodes, server_round=server_round)
+        if server_round == 3:
+            # Clients train the int8 copy of round 2's average (initial + 0.02), not of
+            # the served mean of rounds 1 and 2 (initial + 0.015).
+            request = requests[1]
+            received = unpack_state_dict(
+                {k: a.numpy() for k, a in request.content["arrays"].items()},
+                json.loads(str(request.content["config"]["wire-manifest"])),
+            )
+            for key in ("conv1.weight", "fc1.weight"):
+                assert torch.allclose(received[key], fake_quantize(average[key], 8)), key
+                assert not torch.allclose(received[key], fake_quantize(served[key], 8)), key
+        replies = [_client_reply(requests[n], t) for n, t in nodes.items()]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        served = arrays.to_torch_state_dict()
+        average = strategy.client_start_arrays.to_torch_state_dict()
+    # Each round adds 0.01 (rebased on the fp32 copy sent); served = mean of rounds 2, 3.
+    trained = average
+    for key in ("conv1.weight", "fc1.weight", "classifier.bias"):
+        assert torch.allclose(trained[key], initial[key] + 0.03, atol=1e-5), key
+        assert torch.allclose(served[key], initial[key] + 0.025, atol=1e-5), key
+        # Served variants derive from the served model, sent ones from the average.
+        assert torch.allclose(strategy.variant_models["full"].state_dict()[key], served[key])
+        assert torch.allclose(strategy.sent_models["full"].state_dict()[key], trained[key])

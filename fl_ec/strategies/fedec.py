@@ -373,9 +373,8 @@ class FedEC(FedAvg):
         ]
         student = self._student_start(same_arch[0] if same_arch else [], accepted, previous)
         if self.client_start == "average":
-            # Without a same-architecture group there is no average: clients get the student.
-            self.client_start_arrays = (
-                ArrayRecord(weighted_average(same_arch[0])) if same_arch else None
+            self.client_start_arrays = self._client_start_arrays(
+                same_arch[0] if same_arch else [], accepted, student
             )
         clients = [m.model for m in accepted]
         members = list(clients)
@@ -685,6 +684,16 @@ class FedEC(FedAvg):
 
     def _prepare_client_model(self, client_model: ClientModel) -> None:
         """Check / adapt an accepted reply's model; raise ``ValueError`` to reject it."""
+
+    def _client_start_arrays(
+        self, same_arch: list[ClientModel], accepted: list[ClientModel], start: nn.Module
+    ) -> ArrayRecord | None:
+        """What next round's clients train from under ``client_start="average"``.
+
+        ``start`` is this round's student before distillation. Without a
+        same-architecture group there is no average: clients get the student (None).
+        """
+        return ArrayRecord(weighted_average(same_arch)) if same_arch else None
 
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module

@@ -39,7 +39,7 @@ from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated
-from fl_ec.strategies.fedec_utils import ClientModel
+from fl_ec.strategies.fedec_utils import ClientModel, weighted_average
 from fl_ec.strategies.fedhce_utils import (
     CAPABILITY_KEY,
     AssignmentPolicy,
@@ -118,6 +118,12 @@ class FedHCE(FedEC):
         is unbiased and independent per node, so that error averages out.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
+        With ``client_start="average"`` the clients train plain compressed copies of
+        the round's (rebased, folded) parameter average, while the served global
+        model (distilled, tail-averaged, calibrated) and the variants derived from it
+        serve evaluation and the HCE ensemble; clients' changes are rebased on the
+        copies they were sent, so the training trajectory never passes through the
+        served model. ``student`` (FedDF): clients train the served model's variants.
     """
 
     def __init__(
@@ -143,8 +149,6 @@ class FedHCE(FedEC):
         super().__init__(**fedec_kwargs)
         if self.arch_spec is None:
             raise ValueError("FedHCE needs arch_spec: variants are rebuilt from arrays + spec")
-        if self.client_start != "student":
-            raise ValueError("FedHCE needs client_start='student': clients train its variants")
         parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
         if not parsed:
             raise ValueError("FedHCE needs at least one variant")
@@ -268,12 +272,20 @@ class FedHCE(FedEC):
     ) -> nn.Module:
         if self.student_init != "average":
             return super()._student_start(same_arch, accepted, previous)
+        return self._build(self.arch_spec, self._round_average(same_arch, accepted, previous))
+
+    def _round_average(
+        self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
+    ) -> dict[str, torch.Tensor]:
+        """The round's parameter average: rebased on what was sent, pruned ones folded."""
         # Without full-size replies (e.g. round 1, when every node got a pruned default)
         # folding is the only way the round's training reaches the student's start.
         fold = self.fold_pruned or not same_arch
         if not fold and not self.rebase_updates:
-            return super()._student_start(same_arch, accepted, previous)
+            return weighted_average(same_arch)
         base = previous.state_dict()
+        if self.client_start == "average" and self.client_start_arrays is not None:
+            base = self.client_start_arrays.to_torch_state_dict()  # what was sent, fp32
         updates = []
         for model in accepted if fold else same_arch:
             name = model.variant or FULL
@@ -291,7 +303,7 @@ class FedHCE(FedEC):
                 as_sent = self.sent_models[name].state_dict()
                 state = rebase_update(state, sent, as_sent)
             updates.append((state, structure, model.num_examples))
-        return self._build(self.arch_spec, fold_into_full(base, updates))
+        return fold_into_full(base, updates)
 
     def _uses_round_teacher(self) -> bool:
         # The variants are fine-tuned from the round's teacher even if the student is not.
@@ -302,8 +314,20 @@ class FedHCE(FedEC):
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, Any]
     ) -> tuple[nn.Module, dict[str, Any]]:
         student, stats = super()._compress(server_round, accepted, stats)
-        self._derive_variants(student.state_dict(), server_round, stats, accepted)
+        train_state = None
+        if self.client_start == "average" and self.client_start_arrays is not None:
+            train_state = self.client_start_arrays.to_torch_state_dict()
+        self._derive_variants(student.state_dict(), server_round, stats, accepted, train_state)
         return student, stats
+
+    def _client_start_arrays(
+        self, same_arch: list[ClientModel], accepted: list[ClientModel], start: nn.Module
+    ) -> ArrayRecord | None:
+        # The average the clients' changes are rebased and folded into: the student's
+        # start itself under student_init="average" (copied before distillation).
+        if self.student_init == "average":
+            return ArrayRecord(start.state_dict())
+        return ArrayRecord(self._round_average(same_arch, accepted, self._previous_global()))
 
     # -- variants -------------------------------------------------------------------
     def _assign(self, node: int) -> str:
@@ -346,11 +370,14 @@ class FedHCE(FedEC):
         server_round: int,
         stats: dict[str, Any],
         accepted: list[ClientModel] | None = None,
+        train_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Derive every variant from the global student, fine-tune them, pack them.
 
         ``accepted``: the round's clients, asked for each variant's feature statistics
-        when this round is calibrated (``calibrate_variants``).
+        when this round is calibrated (``calibrate_variants``). ``train_state``
+        (``client_start="average"``): the clients get plain compressed copies of it
+        instead of the served variants.
         """
         calibration = self.proxy_inputs[:256]
         models = {
@@ -360,8 +387,13 @@ class FedHCE(FedEC):
         tuned = [name for name, variant in self.variants.items() if name != FULL]
         validation = self.validation
         sent = models
+        if train_state is not None:
+            sent = {
+                name: self.factory.derive(variant, train_state, calibration, reprune=self.reprune)
+                for name, variant in self.variants.items()
+            }
         if tuned and self.round_teacher is not None and self.variant_distill.steps > 0:
-            if self.variant_client_start == "derived":  # clients train untouched copies
+            if self.variant_client_start == "derived" and train_state is None:
                 sent = {name: copy.deepcopy(model) for name, model in models.items()}
             proxy, teacher = self.round_teacher
             result = distill(

@@ -17,6 +17,8 @@ from collections import deque
 
 import torch
 
+from fl_ec.models.spec import state_shapes
+
 State = dict[str, torch.Tensor]
 
 
@@ -42,7 +44,7 @@ class TailAverage:
 
     def push(self, state: State) -> State:
         """Add ``state`` (copied) as the newest; return the mean of the window."""
-        if self.states and _shapes(self.states[-1]) != _shapes(state):
+        if self.states and state_shapes(self.states[-1]) != state_shapes(state):
             self.states.clear()
         self.states.append({k: v.detach().clone() for k, v in state.items()})
         return self.mean()
@@ -61,7 +63,3 @@ class TailAverage:
                 total += state[key].to(torch.float64)
             mean[key] = (total / len(self.states)).to(reference.dtype)
         return mean
-
-
-def _shapes(state: State) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state.items()}

@@ -165,5 +165,10 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def state_shapes(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    """Keys and shapes in order: equal for two states of the same architecture."""
+    return [(k, tuple(v.shape)) for k, v in state.items()]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

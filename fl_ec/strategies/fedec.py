@@ -41,7 +41,7 @@ from fl_ec.feature_calibration import (
     ClassFeatureStats,
     merge_stats,
 )
-from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
+from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
@@ -51,7 +51,6 @@ from fl_ec.strategies.fedec_utils import (
     parse_reply,
     parse_stats_reply,
     proxy_tensor,
-    state_shapes,
     weighted_average,
 )
 from fl_ec.tail_average import TailAverage

@@ -172,11 +172,6 @@ def parse_stats_reply(message: Message, num_classes: int, dim: int) -> ClassFeat
     return stats_from_arrays({k: a.numpy() for k, a in record.items()}, num_classes, dim)
 
 
-def state_shapes(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
-    """Keys and shapes in order: equal for two states of the same architecture."""
-    return [(k, tuple(v.shape)) for k, v in state.items()]
-
-
 def proxy_tensor(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:
     """Proxy inputs as one tensor (the proxy set is small enough to hold; it is cached).
 

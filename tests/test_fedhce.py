@@ -252,22 +252,27 @@ def test_changes_are_rebased_on_the_variant_as_sent_not_on_the_student(task_iden
         assert torch.allclose(start[key], variant_as_sent[key] + 0.01, atol=1e-5), key
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_stochastic_downlink_sends_each_node_its_own_copy_and_rebases_on_it(
-    task_identity, data, rounding
-):
+def _untuned_strategy(data, variant, nodes, **kwargs):
+    """Every node gets ``variant``; nothing is distilled: exact, checkable arithmetic."""
     proxy, _ = data
-    strategy = FedHCE(
-        variants=["full", "int4"],
-        assignment_policy=TierPolicy({}, default="int4"),
+    return FedHCE(
+        variants=["full", variant],
+        assignment_policy=TierPolicy({}, default=variant),
         proxy_data=proxy,
         arch_spec=SPEC,
         distill=DistillSettings(steps=0),
         variant_distill=DistillSettings(steps=0),
-        downlink_rounding=rounding,
-        min_train_nodes=3,
-        min_available_nodes=3,
+        min_train_nodes=nodes,
+        min_available_nodes=nodes,
+        **kwargs,
     )
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_stochastic_downlink_sends_each_node_its_own_copy_and_rebases_on_it(
+    task_identity, data, rounding
+):
+    strategy = _untuned_strategy(data, "int4", nodes=3, downlink_rounding=rounding)
     nodes = {1: "edge", 2: "edge", 3: "edge"}
     first = _configure(strategy, nodes)
     arrays, _ = strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in nodes.items()])
@@ -290,7 +295,7 @@ def test_stochastic_downlink_sends_each_node_its_own_copy_and_rebases_on_it(
     for key in ("conv1.weight", "fc1.weight", "classifier.weight"):
         assert torch.allclose(start[key], student[key] + 0.01, atol=1e-5), key
     with pytest.raises(ValueError, match="downlink_rounding"):
-        FedHCE(variants=["full"], downlink_rounding="dither", proxy_data=proxy, arch_spec=SPEC)
+        FedHCE(variants=["full"], downlink_rounding="dither", proxy_data=data[0], arch_spec=SPEC)
 
 
 def test_bad_settings_fail_fast(data):
@@ -368,18 +373,8 @@ def test_each_variant_is_calibrated_from_statistics_of_its_own_features(task_ide
 def test_client_start_average_trains_copies_of_the_average_and_serves_the_tail_mean(
     task_identity, data
 ):
-    proxy, _ = data
-    strategy = FedHCE(
-        variants=["full", "int8"],
-        assignment_policy=TierPolicy({}, default="int8"),
-        proxy_data=proxy,
-        arch_spec=SPEC,
-        distill=DistillSettings(steps=0),
-        variant_distill=DistillSettings(steps=0),
-        client_start="average",
-        tail_average_rounds=2,
-        min_train_nodes=2,
-        min_available_nodes=2,
+    strategy = _untuned_strategy(
+        data, "int8", nodes=2, client_start="average", tail_average_rounds=2
     )
     torch.manual_seed(0)
     initial = build_model(SPEC).state_dict()  # what _configure sends in round 1

@@ -27,6 +27,8 @@ TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
 CALIBRATION_ROUNDS = ("all", "last")  # FedEC feature-calibration: every round or the last
+# Which layers feature-calibration retrains (fl_ec.feature_calibration.CalibrationSettings).
+CALIBRATION_LAYERS = ("classifier", "dense")
 VARIANT_CLIENT_STARTS = ("tuned", "derived")  # FedHCE: what clients train
 DOWNLINK_ROUNDINGS = ("nearest", "stochastic")  # FedHCE: rounding of packed variants
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
@@ -89,6 +91,8 @@ class ExperimentConfig:
     feature_calibration: bool = False
     calibration_rounds: str = "all"
     calibration_samples: int = 20_000
+    calibration_layers: str = "classifier"
+    calibration_rank: int = 64
     tail_average_rounds: int = 1
     distill_steps: int = 500
     distill_batch_size: int = 128
@@ -209,6 +213,9 @@ class ExperimentConfig:
         _choice("calibration-rounds", self.calibration_rounds, CALIBRATION_ROUNDS)
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
+        _choice("calibration-layers", self.calibration_layers, CALIBRATION_LAYERS)
+        if self.calibration_rank < 1:
+            raise ConfigError(f"calibration-rank={self.calibration_rank} must be >= 1")
         if self.tail_average_rounds < 1:
             raise ConfigError(
                 f"tail-average-rounds={self.tail_average_rounds} must be >= 1 (1: off)"

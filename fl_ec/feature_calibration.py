@@ -41,11 +41,15 @@ import torch
 from torch import nn
 
 from fl_ec.calibration import classifier_of
+from fl_ec.config import CALIBRATION_LAYERS
 from fl_ec.models.layout import channels_last
 
 STATS_KEYS = ("classes", "counts", "means", "covariances")
 # The query reply's ArrayRecord holding them, and the query config flag asking for them.
 STATS_RECORD_KEY = "feature-stats"
+# The query config's choice of statistics: which layers they serve, and their rank.
+STATS_LAYERS_KEY = "feature-stats-layers"
+STATS_RANK_KEY = "feature-stats-rank"
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,19 @@ def classifier_inputs(
     model: nn.Module, inputs: torch.Tensor, batch_size: int = 512, device: str = "cpu"
 ) -> torch.Tensor:
     """What the model's classifier layer receives for ``inputs`` (eval mode), on CPU."""
+    return layer_inputs(model, classifier_of(model), inputs, batch_size, device)
+
+
+def layer_inputs(
+    model: nn.Module,
+    layer: nn.Module,
+    inputs: torch.Tensor,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """What ``layer`` (a module of ``model``) receives for ``inputs``, flattened, on CPU."""
     captured: list[torch.Tensor] = []
-    hook = classifier_of(model).register_forward_pre_hook(
+    hook = layer.register_forward_pre_hook(
         lambda _module, args: captured.append(args[0].detach().flatten(1).float().cpu())
     )
     was_training = model.training
@@ -207,12 +222,27 @@ def sample_virtual_features(
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How the classifier is fine-tuned on virtual features."""
+    """Which layers are fine-tuned on virtual features, and how.
+
+    ``layers``: ``classifier`` (CCVR, full covariances of the classifier's inputs) or
+    ``dense`` (every dense layer, from rank-``rank`` statistics of the first dense
+    layer's inputs; :mod:`fl_ec.head_calibration`).
+    """
 
     samples: int = 20_000
     epochs: int = 5
     lr: float = 1e-3
     batch_size: int = 128
+    layers: str = "classifier"
+    rank: int = 64
+
+    def __post_init__(self) -> None:
+        if self.layers not in CALIBRATION_LAYERS:  # the run-config's choices
+            raise ValueError(
+                f"calibration layers {self.layers!r}: choose one of {', '.join(CALIBRATION_LAYERS)}"
+            )
+        if self.rank < 1:
+            raise ValueError(f"calibration rank {self.rank} must be >= 1")
 
 
 def calibrate_classifier(
@@ -230,15 +260,26 @@ def calibrate_classifier(
         )
     generator = torch.Generator().manual_seed(seed)
     features, labels = sample_virtual_features(stats, settings.samples, generator)
-    device = classifier.weight.device
+    fit_on_virtual_features(classifier, features, labels, settings, generator)
+    return time.perf_counter() - start
+
+
+def fit_on_virtual_features(
+    layers: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    settings: CalibrationSettings,
+    generator: torch.Generator,
+) -> None:
+    """Fine-tune ``layers`` (features -> logits) in place: cross-entropy, Adam."""
+    device = next(layers.parameters()).device
     features, labels = features.to(device), labels.to(device)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
+    optimizer = torch.optim.Adam(layers.parameters(), lr=settings.lr)
     with torch.enable_grad():
         for _ in range(settings.epochs):
             order = torch.randperm(len(labels), generator=generator).to(device)
             for batch in order.split(settings.batch_size):
-                loss = nn.functional.cross_entropy(classifier(features[batch]), labels[batch])
+                loss = nn.functional.cross_entropy(layers(features[batch]), labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    return time.perf_counter() - start

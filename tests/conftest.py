@@ -49,8 +49,9 @@ class FeatureStatsGrid:
         import torch
         from flwr.app import ArrayRecord, Error, Message, RecordDict
 
-        from fl_ec.clients.client_app import received_model
-        from fl_ec.feature_calibration import STATS_RECORD_KEY, class_feature_stats, stats_to_arrays
+        from fl_ec.clients.client_app import _stats_settings, received_model
+        from fl_ec.feature_calibration import STATS_RECORD_KEY
+        from fl_ec.head_calibration import measure_stats
 
         replies = []
         for message in messages:
@@ -62,7 +63,8 @@ class FeatureStatsGrid:
                 continue
             spec, model = received_model(message.content)
             x, y = self.node_data[node]
-            arrays = stats_to_arrays(class_feature_stats(model, x, y, spec.num_classes))
+            settings = _stats_settings(message.content["config"])  # what the query asks
+            arrays = measure_stats(model, x, y, spec.num_classes, settings)
             if spoil is not None:
                 spoil(arrays)
             self.replies.append(arrays)

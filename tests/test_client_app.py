@@ -107,6 +107,23 @@ def test_query_returns_the_class_feature_statistics_of_the_sent_model(task_ident
     assert (stats.covariances.diagonal(dim1=1, dim2=2) >= 0).all()
 
 
+def test_query_for_dense_statistics_returns_low_rank_ones_of_the_dense_head(task_identity):
+    from fl_ec.clients.client_app import query_handler
+    from fl_ec.head_calibration import low_rank_from_arrays
+
+    model = build_model(SPEC)
+    ask = {"feature-stats": True, "feature-stats-layers": "dense", "feature-stats-rank": 3}
+    reply = query_handler(_message("query", model, **ask), _context())
+    assert not reply.has_error()
+    arrays = {k: a.numpy() for k, a in reply.content["feature-stats"].items()}
+    stats = low_rank_from_arrays(arrays, num_classes=10, dim=model.fc1.in_features, rank=3)
+    assert stats.counts.sum() == reply.content["metrics"]["num-examples"]
+    wrong = query_handler(
+        _message("query", model, **{**ask, "feature-stats-layers": "conv"}), _context()
+    )
+    assert wrong.has_error() and "calibration layers 'conv'" in wrong.error.reason
+
+
 def test_query_without_a_known_request_is_a_one_line_error(task_identity):
     from fl_ec.clients.client_app import query_handler
 

@@ -21,6 +21,7 @@ from flwr.app import (
 
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
+from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
@@ -501,6 +502,35 @@ def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
             assert not torch.allclose(value, calibrated[key]), key
         else:
             assert torch.equal(value, calibrated[key]), key
+
+
+def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_identity, data):
+    proxy, (val_x, val_y) = data
+    node_data = {n: (val_x[n::2], val_y[n::2]) for n in (1, 2)}
+    replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
+    served = {}
+    for layers in ("classifier", "dense"):
+        strategy = FedEC(
+            proxy_data=proxy,
+            arch_spec=SPEC,
+            distill=DistillSettings(steps=0),
+            feature_calibration=True,
+            calibration=CalibrationSettings(samples=500, layers=layers, rank=4),
+            min_train_nodes=2,
+        )
+        _start_round(strategy, _global())
+        grid = FeatureStatsGrid(node_data)
+        strategy.grid = grid
+        arrays, _ = strategy.aggregate_train(1, replies)
+        served[layers] = arrays.to_torch_state_dict()
+        assert {m.content["config"]["feature-stats-layers"] for m in grid.queries} == {layers}
+    dim = build_model(SPEC).fc1.in_features
+    assert all(r["factors"].shape[1:] == (dim, 4) for r in grid.replies)  # the dense ones
+    for key, value in served["classifier"].items():
+        if key.startswith("fc1."):  # classifier CCVR leaves fc1 alone, the dense one not
+            assert not torch.allclose(value, served["dense"][key]), key
+        elif key.startswith("conv"):
+            assert torch.equal(value, served["dense"][key]), key
 
 
 def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(task_identity, data):

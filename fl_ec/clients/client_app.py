@@ -29,7 +29,13 @@ from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.ensemble import log_class_prior
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
-from fl_ec.feature_calibration import STATS_RECORD_KEY, class_feature_stats, stats_to_arrays
+from fl_ec.feature_calibration import (
+    STATS_LAYERS_KEY,
+    STATS_RANK_KEY,
+    STATS_RECORD_KEY,
+    CalibrationSettings,
+)
+from fl_ec.head_calibration import measure_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.training import (
     TrainResult,
@@ -220,19 +226,31 @@ def _feature_stats(msg: Message, context: Context) -> Message:
         raise ConfigError("query without feature-stats=true: nothing to answer")
     config, _, data, spec, model = _setup(msg, context)
     start = time.perf_counter()
-    stats = class_feature_stats(
+    wire = measure_stats(
         model,
         data.train.normalize(data.train.images),
         data.train.labels,
         spec.num_classes,
+        _stats_settings(msg.content["config"]),
         config.eval_batch_size,
         select_device(config.device),
     )
-    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in stats_to_arrays(stats).items()})
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in wire.items()})
     metrics = MetricRecord(
         {"num-examples": len(data.train), "stats-seconds": time.perf_counter() - start}
     )
     return Message(content=RecordDict({STATS_RECORD_KEY: arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _stats_settings(query_config: ConfigRecord) -> CalibrationSettings:
+    """Which statistics the server asked for (classifier inputs when it does not say)."""
+    try:
+        return CalibrationSettings(
+            layers=str(query_config.get(STATS_LAYERS_KEY, "classifier")),
+            rank=int(query_config.get(STATS_RANK_KEY, CalibrationSettings.rank)),
+        )
+    except ValueError as reason:
+        raise ConfigError(f"feature-stats query: {reason}") from reason
 
 
 def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:

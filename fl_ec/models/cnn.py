@@ -26,6 +26,14 @@ class SmallCNN(nn.Module):
         self.fc1 = nn.Linear(w1 * spatial * spatial, w2)
         self.classifier = nn.Linear(w2, num_classes)
 
+    def dense_head(self) -> nn.Module:
+        """fc1 -> ReLU -> classifier: the flattened conv features to the logits.
+
+        It shares this model's layers, so training it trains them
+        (:mod:`fl_ec.head_calibration`).
+        """
+        return nn.Sequential(self.fc1, nn.ReLU(), self.classifier)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.relu(self.conv1(x)))
         x = self.pool(self.relu(self.conv2(x)))

@@ -61,6 +61,10 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_planes, num_classes)
 
+    def dense_head(self) -> nn.Module:
+        """The pooled features to the logits: the classifier is the only dense layer."""
+        return nn.Sequential(self.classifier)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
         return self.classifier(torch.flatten(self.pool(x), 1))

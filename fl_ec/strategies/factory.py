@@ -63,7 +63,11 @@ def build_strategy(
             prior_aware_distillation=config.prior_aware_distillation,
             feature_calibration=config.feature_calibration,
             calibration_rounds=config.calibration_rounds,
-            calibration=CalibrationSettings(samples=config.calibration_samples),
+            calibration=CalibrationSettings(
+                samples=config.calibration_samples,
+                layers=config.calibration_layers,
+                rank=config.calibration_rank,
+            ),
             tail_average_rounds=config.tail_average_rounds,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,

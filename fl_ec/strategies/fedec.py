@@ -36,11 +36,12 @@ from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_vi
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.feature_calibration import (
+    STATS_LAYERS_KEY,
+    STATS_RANK_KEY,
     STATS_RECORD_KEY,
     CalibrationSettings,
-    ClassFeatureStats,
-    merge_stats,
 )
+from fl_ec.head_calibration import FeatureStats, calibrated_layers, merge, stats_dims
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
@@ -118,7 +119,10 @@ class FedEC(FedAvg):
         class-conditional statistics of the served model's classifier inputs on their
         data (a ``query`` message: one forward pass, no training), pool them, and
         fine-tune the served model's classifier on virtual features drawn from them
-        (CCVR; see :mod:`fl_ec.feature_calibration`). It replaces ``prior_correction``,
+        (CCVR; see :mod:`fl_ec.feature_calibration`), or, with
+        ``calibration.layers="dense"``, every dense layer on virtual inputs of the first
+        one, from low-rank statistics (:mod:`fl_ec.head_calibration`). It replaces
+        ``prior_correction``,
         which only shifts the bias. With validation data the calibrated classifier is
         kept unless the uncalibrated one is significantly more accurate (the test of
         ``prior_correction_revert_z``). Clients without a query handler, or replies
@@ -138,7 +142,8 @@ class FedEC(FedAvg):
         ``student`` they train from the served mean. The teacher's ``average`` member
         stays the round's own average.
     calibration : CalibrationSettings | None
-        Virtual samples, epochs, lr and batch size of the calibration.
+        Which layers are calibrated (``classifier`` or ``dense``; the rank of the
+        ``dense`` statistics) and the virtual samples, epochs, lr and batch size.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -243,7 +248,10 @@ class FedEC(FedAvg):
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if prior_correction or feature_calibration:  # fail now if the head has no bias
             spec = self.arch_spec
-            classifier_of(build_model(spec) if spec is not None else model_builder())  # type: ignore[misc]
+            probe = build_model(spec) if spec is not None else model_builder()  # type: ignore[misc]
+            classifier_of(probe)
+            if feature_calibration:  # and without a dense head to calibrate
+                calibrated_layers(probe, self.calibration)
         self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
         if proxy_per_round < 0:
@@ -509,14 +517,14 @@ class FedEC(FedAvg):
         """Ask the round's clients for feature statistics of ``served``; calibrate it."""
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in served.state_dict().items()})
         parts, stats = self._query_feature_stats(
-            server_round, arrays, {}, classifier_of(served), [m.node_id for m in accepted]
+            server_round, arrays, {}, served, [m.node_id for m in accepted]
         )
         if not parts:
             return {**stats, "feature-calibration-applied": 0.0}
         stats.update(
             serve_feature_calibrated(
                 served,
-                merge_stats(parts),
+                merge(parts, self.calibration),
                 self.calibration,
                 self.seed * 10_007 + server_round,
                 self._hits,
@@ -531,18 +539,25 @@ class FedEC(FedAvg):
         server_round: int,
         arrays: ArrayRecord,
         extra_config: dict[str, Any],
-        classifier: nn.Linear,
+        model: nn.Module,
         nodes: list[int],
-    ) -> tuple[list[ClassFeatureStats], dict[str, float]]:
-        """Send ``arrays`` to ``nodes`` as a statistics query; the valid replies' stats.
+    ) -> tuple[list[FeatureStats], dict[str, float]]:
+        """Send ``arrays`` (``model``'s) to ``nodes`` as a statistics query; valid stats.
 
-        ``extra_config`` goes into the query's config next to the round and the spec
-        (FedHCE: how to unpack a compressed variant). Invalid replies are logged with
-        the node and the reason, and counted.
+        ``extra_config`` goes into the query's config next to the round, the spec and
+        which statistics to measure (FedHCE: how to unpack a compressed variant).
+        Invalid replies are logged with the node and the reason, and counted.
         """
         if self.grid is None:
             raise RuntimeError("feature calibration needs the grid: run through start()")
-        config = ConfigRecord({"server-round": server_round, STATS_RECORD_KEY: True})
+        config = ConfigRecord(
+            {
+                "server-round": server_round,
+                STATS_RECORD_KEY: True,
+                STATS_LAYERS_KEY: self.calibration.layers,
+                STATS_RANK_KEY: self.calibration.rank,
+            }
+        )
         if self.arch_spec is not None:
             config["arch-spec"] = self.arch_spec.to_json()
         for key, value in extra_config.items():
@@ -554,11 +569,10 @@ class FedEC(FedAvg):
         )
         query_seconds = time.perf_counter() - start
         parts = []
+        num_classes, dim = stats_dims(model, self.calibration)
         for reply in replies:
             try:
-                parts.append(
-                    parse_stats_reply(reply, classifier.out_features, classifier.in_features)
-                )
+                parts.append(parse_stats_reply(reply, num_classes, dim, self.calibration))
             except ValueError as reason:
                 log(
                     WARNING,

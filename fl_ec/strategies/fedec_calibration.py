@@ -1,10 +1,12 @@
 """FedEC's served-model fixes after distillation, each guarded by the same validation test.
 
-Two fixes act on the served model's classifier only:
+Two fixes act on the served model's last layers only:
 
-* the label-prior correction (:mod:`fl_ec.calibration`), which shifts its bias;
-* CCVR (:mod:`fl_ec.feature_calibration`), which retrains it on virtual features drawn
-  from the clients' pooled statistics.
+* the label-prior correction (:mod:`fl_ec.calibration`), which shifts the classifier's
+  bias;
+* CCVR (:mod:`fl_ec.feature_calibration`), which retrains the classifier -- or every
+  dense layer (:mod:`fl_ec.head_calibration`) -- on virtual features drawn from the
+  clients' pooled statistics.
 
 Both are applied, and then kept unless the unfixed model is *significantly* more
 accurate on the server's validation split. Significance is McNemar's paired z (over the
@@ -27,8 +29,9 @@ import torch
 from flwr.common.logger import log
 from torch import nn
 
-from fl_ec.calibration import classifier_of, correct_prior, paired_z
-from fl_ec.feature_calibration import CalibrationSettings, ClassFeatureStats, calibrate_classifier
+from fl_ec.calibration import correct_prior, paired_z
+from fl_ec.feature_calibration import CalibrationSettings
+from fl_ec.head_calibration import FeatureStats, calibrate, calibrated_layers
 
 # Per-sample correctness of a model on the validation split; None without one.
 HitsFn = Callable[[nn.Module], torch.Tensor | None]
@@ -95,7 +98,7 @@ def serve_prior_corrected(
 
 def serve_feature_calibrated(
     served: nn.Module,
-    stats: ClassFeatureStats,
+    stats: FeatureStats,
     settings: CalibrationSettings,
     seed: int,
     hits: HitsFn,
@@ -103,21 +106,22 @@ def serve_feature_calibrated(
     server_round: int,
     name: str = "served model",
 ) -> dict[str, float]:
-    """Calibrate ``served``'s classifier in place from ``stats`` unless it hurts; metrics.
+    """Calibrate ``served`` in place from ``stats`` unless it hurts; metrics.
 
+    ``settings.layers`` says which layers change (the classifier, or the dense head).
     ``name`` says which model in the log (FedHCE calibrates each variant too).
     """
-    classifier = classifier_of(served)
-    before_state = copy.deepcopy(classifier.state_dict())  # the only layer it changes
+    layers = calibrated_layers(served, settings)
+    before_state = copy.deepcopy(layers.state_dict())  # the only layers it changes
     before_hits = hits(served)
-    metrics = {"calibration-seconds": calibrate_classifier(served, stats, settings, seed=seed)}
+    metrics = {"calibration-seconds": calibrate(served, stats, settings, seed=seed)}
     if before_hits is not None:
         after_hits = hits(served)
         metrics["calibration-val-gain"] = float(
             after_hits.float().mean() - before_hits.float().mean()
         )
         if paired_z(before_hits, after_hits) > revert_z:
-            classifier.load_state_dict(before_state)
+            layers.load_state_dict(before_state)
             log(INFO, "round %d: calibration hurt the %s; reverted", server_round, name)
             metrics["feature-calibration-applied"] = 0.0
             return metrics

@@ -15,7 +15,8 @@ from flwr.app import Message
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import STATS_RECORD_KEY, ClassFeatureStats, stats_from_arrays
+from fl_ec.feature_calibration import STATS_RECORD_KEY, CalibrationSettings
+from fl_ec.head_calibration import FeatureStats, parse_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 
 TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts, variant
@@ -162,14 +163,16 @@ def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in arrays.items()}
 
 
-def parse_stats_reply(message: Message, num_classes: int, dim: int) -> ClassFeatureStats:
+def parse_stats_reply(
+    message: Message, num_classes: int, dim: int, settings: CalibrationSettings
+) -> FeatureStats:
     """A query reply's feature statistics, or ``ValueError`` naming the defect."""
     if message.has_error():
         raise ValueError(f"error reply: {message.error.reason}")
     if STATS_RECORD_KEY not in message.content.array_records:
         raise ValueError(f"no {STATS_RECORD_KEY!r} ArrayRecord in the reply")
     record = message.content.array_records[STATS_RECORD_KEY]
-    return stats_from_arrays({k: a.numpy() for k, a in record.items()}, num_classes, dim)
+    return parse_stats({k: a.numpy() for k, a in record.items()}, num_classes, dim, settings)
 
 
 def proxy_tensor(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:

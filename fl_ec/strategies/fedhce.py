@@ -27,14 +27,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
-from fl_ec.calibration import classifier_of
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
 from fl_ec.config import DOWNLINK_ROUNDINGS, VARIANT_CLIENT_STARTS
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.ensemble import logits_accuracy
-from fl_ec.feature_calibration import merge_stats
+from fl_ec.head_calibration import merge
 from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.strategies.fedec import FedEC
@@ -443,14 +442,14 @@ class FedHCE(FedEC):
                 server_round,
                 payload.arrays,
                 self._variant_config(name, payload),
-                classifier_of(model),
+                model,
                 nodes,
             )
             if parts:
                 metrics.update(
                     serve_feature_calibrated(
                         model,
-                        merge_stats(parts),
+                        merge(parts, self.calibration),
                         self.calibration,
                         self.seed * 10_007 + server_round + 7_919 * (index + 1),
                         self._hits,

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fl_ec.compression import fake_quantize, unpack_state_dict
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
+from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
 from fl_ec.strategies.fedhce import FedHCE
@@ -368,6 +369,21 @@ def test_each_variant_is_calibrated_from_statistics_of_its_own_features(task_ide
     assert not torch.equal(sent["classifier.weight"], sent_inherited["classifier.weight"])
     assert not inherited.uncalibrated_variant_models
     assert "variant-calibration" not in inherited.server_metrics[1]
+
+
+def test_dense_calibration_of_a_pruned_variant_uses_its_own_conv_width(task_identity, data):
+    tiers = {1: "gpu", 2: "edge"}
+    settings = CalibrationSettings(samples=500, layers="dense", rank=4)
+    inherited, _ = _calibrated_round(data, tiers, calibrate_variants=False, calibration=settings)
+    strategy, grid = _calibrated_round(data, tiers, calibration=settings)
+    pruned = "prune-0.5+int4"
+    width = strategy.variant_models[pruned].fc1.in_features
+    assert width < strategy.variant_models["full"].fc1.in_features
+    assert {r["factors"].shape[1:] for r in grid.replies[-2:]} == {(width, 4)}
+    after = strategy.variant_models[pruned].state_dict()
+    for key, value in inherited.variant_models[pruned].state_dict().items():
+        dense = key.startswith(("fc1.", "classifier."))
+        assert torch.equal(after[key], value) != dense, key  # dense layers only
 
 
 def test_client_start_average_trains_copies_of_the_average_and_serves_the_tail_mean(

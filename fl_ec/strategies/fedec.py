@@ -119,15 +119,14 @@ class FedEC(FedAvg):
         class-conditional statistics of the served model's classifier inputs on their
         data (a ``query`` message: one forward pass, no training), pool them, and
         fine-tune the served model's classifier on virtual features drawn from them
-        (CCVR; see :mod:`fl_ec.feature_calibration`), or, with
+        (CCVR; see :mod:`fl_ec.feature_calibration`) -- or, with
         ``calibration.layers="dense"``, every dense layer on virtual inputs of the first
         one, from low-rank statistics (:mod:`fl_ec.head_calibration`). It replaces
-        ``prior_correction``,
-        which only shifts the bias. With validation data the calibrated classifier is
-        kept unless the uncalibrated one is significantly more accurate (the test of
-        ``prior_correction_revert_z``). Clients without a query handler, or replies
-        that fail the checks, are logged and left out; without any valid statistics
-        the round serves the uncalibrated model.
+        ``prior_correction``, which only shifts the bias. With validation data the
+        calibrated layers are kept unless the uncalibrated ones are significantly more
+        accurate (the test of ``prior_correction_revert_z``). Clients without a query
+        handler, or replies that fail the checks, are logged and left out; without any
+        valid statistics the round serves the uncalibrated model.
     calibration_rounds : str (default: "all")
         ``all``: calibrate (and query the clients) every round; ``last``: only in the
         last round of ``start()``, which saves a query per round. With

@@ -44,7 +44,6 @@ from fl_ec.calibration import classifier_of
 from fl_ec.config import CALIBRATION_LAYERS
 from fl_ec.models.layout import channels_last
 
-STATS_KEYS = ("classes", "counts", "means", "covariances")
 # The query reply's ArrayRecord holding them, and the query config flag asking for them.
 STATS_RECORD_KEY = "feature-stats"
 # The query config's choice of statistics: which layers they serve, and their rank.
@@ -158,15 +157,38 @@ def stats_from_arrays(
     arrays: Mapping[str, np.ndarray], num_classes: int, dim: int
 ) -> ClassFeatureStats:
     """Check and rebuild a client's statistics; ``ValueError`` says what is wrong."""
-    missing = [key for key in STATS_KEYS if key not in arrays]
+    index, counts, floats = check_class_arrays(
+        arrays, {"means": (dim,), "covariances": (dim, dim)}, num_classes
+    )
+    covariances = floats["covariances"]
+    diagonals = np.diagonal(covariances, axis1=1, axis2=2)
+    if (diagonals < -1e-4 * (1.0 + np.abs(diagonals).max())).any():
+        raise ValueError("feature statistics covariances have negative variances")
+    symmetric = (covariances + covariances.transpose(0, 2, 1)) / 2  # float32 rounding
+    return ClassFeatureStats(
+        scatter_classes(index, counts, num_classes),
+        scatter_classes(index, floats["means"], num_classes),
+        scatter_classes(index, symmetric, num_classes),
+    )
+
+
+def check_class_arrays(
+    arrays: Mapping[str, np.ndarray],
+    per_class_shapes: Mapping[str, tuple[int, ...]],
+    num_classes: int,
+) -> tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray]]:
+    """The checks every per-class wire format shares; (class index, counts, float64 arrays).
+
+    ``arrays`` holds ``classes`` and ``counts`` (one row per class sent) and the float
+    arrays named in ``per_class_shapes``, each of shape ``(classes,) + shape``.
+    """
+    missing = [key for key in ("classes", "counts", *per_class_shapes) if key not in arrays]
     if missing:
         raise ValueError(f"feature statistics lack {missing}")
     classes = np.asarray(arrays["classes"])
-    counts = np.asarray(arrays["counts"])
-    means = np.asarray(arrays["means"], dtype=np.float64)
-    covariances = np.asarray(arrays["covariances"], dtype=np.float64)
     k = len(classes)
-    expected = {"classes": (k,), "counts": (k,), "means": (k, dim), "covariances": (k, dim, dim)}
+    expected = {"classes": (k,), "counts": (k,)}
+    expected.update({key: (k, *shape) for key, shape in per_class_shapes.items()})
     for key, shape in expected.items():
         got = np.asarray(arrays[key]).shape
         if got != shape:
@@ -177,22 +199,20 @@ def stats_from_arrays(
         raise ValueError("feature statistics classes must be distinct integers")
     if classes.min() < 0 or classes.max() >= num_classes:
         raise ValueError(f"feature statistics name a class outside [0, {num_classes})")
+    counts = np.asarray(arrays["counts"])
     if not (np.isfinite(counts).all() and (counts > 0).all()):
         raise ValueError("feature statistics counts must be positive")
-    if not (np.isfinite(means).all() and np.isfinite(covariances).all()):
+    floats = {key: np.asarray(arrays[key], dtype=np.float64) for key in per_class_shapes}
+    if not all(np.isfinite(value).all() for value in floats.values()):
         raise ValueError("feature statistics contain non-finite values")
-    diagonals = np.diagonal(covariances, axis1=1, axis2=2)
-    if (diagonals < -1e-4 * (1.0 + np.abs(diagonals).max())).any():
-        raise ValueError("feature statistics covariances have negative variances")
-    full_counts = torch.zeros(num_classes, dtype=torch.float64)
-    full_means = torch.zeros(num_classes, dim, dtype=torch.float64)
-    full_covariances = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
-    index = torch.as_tensor(classes, dtype=torch.long)
-    full_counts[index] = torch.as_tensor(counts, dtype=torch.float64)
-    full_means[index] = torch.as_tensor(means)
-    symmetric = (covariances + covariances.transpose(0, 2, 1)) / 2  # float32 rounding
-    full_covariances[index] = torch.as_tensor(symmetric)
-    return ClassFeatureStats(full_counts, full_means, full_covariances)
+    return torch.as_tensor(classes, dtype=torch.long), counts, floats
+
+
+def scatter_classes(index: torch.Tensor, rows: np.ndarray, num_classes: int) -> torch.Tensor:
+    """float64 ``(num_classes, ...)``: ``rows`` at the classes sent, zeros elsewhere."""
+    full = torch.zeros(num_classes, *rows.shape[1:], dtype=torch.float64)
+    full[index] = torch.as_tensor(rows, dtype=torch.float64)
+    return full
 
 
 def sample_virtual_features(

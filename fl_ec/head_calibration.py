@@ -47,15 +47,15 @@ from fl_ec.feature_calibration import (
     CalibrationSettings,
     ClassFeatureStats,
     calibrate_classifier,
+    check_class_arrays,
     class_feature_stats,
     fit_on_virtual_features,
     layer_inputs,
     merge_stats,
+    scatter_classes,
     stats_from_arrays,
     stats_to_arrays,
 )
-
-LOW_RANK_KEYS = ("classes", "counts", "means", "factors", "residuals")
 
 
 @dataclass(frozen=True)
@@ -201,46 +201,17 @@ def low_rank_from_arrays(
     arrays: Mapping[str, np.ndarray], num_classes: int, dim: int, rank: int
 ) -> LowRankClassStats:
     """Check and rebuild a client's statistics; ``ValueError`` says what is wrong."""
-    missing = [key for key in LOW_RANK_KEYS if key not in arrays]
-    if missing:
-        raise ValueError(f"low-rank feature statistics lack {missing}")
-    classes = np.asarray(arrays["classes"])
-    k = len(classes)
-    expected = {
-        "classes": (k,),
-        "counts": (k,),
-        "means": (k, dim),
-        "factors": (k, dim, rank),
-        "residuals": (k, dim),
-    }
-    for key, shape in expected.items():
-        got = np.asarray(arrays[key]).shape
-        if got != shape:
-            raise ValueError(f"feature statistics {key!r} have shape {got}, expected {shape}")
-    if k == 0:
-        raise ValueError("feature statistics cover no class")
-    if not np.issubdtype(classes.dtype, np.integer) or len(set(classes.tolist())) != k:
-        raise ValueError("feature statistics classes must be distinct integers")
-    if classes.min() < 0 or classes.max() >= num_classes:
-        raise ValueError(f"feature statistics name a class outside [0, {num_classes})")
-    counts = np.asarray(arrays["counts"])
-    if not (np.isfinite(counts).all() and (counts > 0).all()):
-        raise ValueError("feature statistics counts must be positive")
-    floats = {key: np.asarray(arrays[key], dtype=np.float64) for key in LOW_RANK_KEYS[2:]}
-    if not all(np.isfinite(value).all() for value in floats.values()):
-        raise ValueError("feature statistics contain non-finite values")
+    index, counts, floats = check_class_arrays(
+        arrays, {"means": (dim,), "factors": (dim, rank), "residuals": (dim,)}, num_classes
+    )
     if (floats["residuals"] < 0).any():
         raise ValueError("feature statistics residual variances are negative")
-    index = torch.as_tensor(classes, dtype=torch.long)
-    full_counts = torch.zeros(num_classes, dtype=torch.float64)
-    full_counts[index] = torch.as_tensor(counts, dtype=torch.float64)
-    full_means = torch.zeros(num_classes, dim, dtype=torch.float64)
-    full_means[index] = torch.as_tensor(floats["means"])
-    full_factors = torch.zeros(num_classes, dim, rank, dtype=torch.float64)
-    full_factors[index] = torch.as_tensor(floats["factors"])
-    full_residuals = torch.zeros(num_classes, dim, dtype=torch.float64)
-    full_residuals[index] = torch.as_tensor(floats["residuals"])
-    return LowRankClassStats(full_counts, full_means, full_factors, full_residuals)
+    return LowRankClassStats(
+        scatter_classes(index, counts, num_classes),
+        scatter_classes(index, floats["means"], num_classes),
+        scatter_classes(index, floats["factors"], num_classes),
+        scatter_classes(index, floats["residuals"], num_classes),
+    )
 
 
 def sample_low_rank(

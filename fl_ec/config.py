@@ -93,6 +93,7 @@ class ExperimentConfig:
     calibration_samples: int = 20_000
     calibration_layers: str = "classifier"
     calibration_rank: int = 64
+    calibration_components: int = 1
     tail_average_rounds: int = 1
     distill_steps: int = 500
     distill_batch_size: int = 128
@@ -216,6 +217,13 @@ class ExperimentConfig:
         _choice("calibration-layers", self.calibration_layers, CALIBRATION_LAYERS)
         if self.calibration_rank < 1:
             raise ConfigError(f"calibration-rank={self.calibration_rank} must be >= 1")
+        if self.calibration_components < 1:
+            raise ConfigError(f"calibration-components={self.calibration_components} must be >= 1")
+        if self.calibration_components > 1 and self.calibration_layers != "dense":
+            raise ConfigError(
+                f"calibration-components={self.calibration_components} needs "
+                'calibration-layers="dense": set it, or calibration-components=1'
+            )
         if self.tail_average_rounds < 1:
             raise ConfigError(
                 f"tail-average-rounds={self.tail_average_rounds} must be >= 1 (1: off)"

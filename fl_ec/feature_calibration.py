@@ -46,9 +46,11 @@ from fl_ec.models.layout import channels_last
 
 # The query reply's ArrayRecord holding them, and the query config flag asking for them.
 STATS_RECORD_KEY = "feature-stats"
-# The query config's choice of statistics: which layers they serve, and their rank.
+# The query config's choice of statistics: which layers they serve, their rank, and
+# how many Gaussian components each client fits per class.
 STATS_LAYERS_KEY = "feature-stats-layers"
 STATS_RANK_KEY = "feature-stats-rank"
+STATS_COMPONENTS_KEY = "feature-stats-components"
 
 
 @dataclass(frozen=True)
@@ -176,11 +178,13 @@ def check_class_arrays(
     arrays: Mapping[str, np.ndarray],
     per_class_shapes: Mapping[str, tuple[int, ...]],
     num_classes: int,
+    rows_per_class: int = 1,
 ) -> tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray]]:
     """The checks every per-class wire format shares; (class index, counts, float64 arrays).
 
-    ``arrays`` holds ``classes`` and ``counts`` (one row per class sent) and the float
-    arrays named in ``per_class_shapes``, each of shape ``(classes,) + shape``.
+    ``arrays`` holds ``classes`` and ``counts`` (one row per class sent, or per mixture
+    component: then a class may have up to ``rows_per_class`` rows) and the float
+    arrays named in ``per_class_shapes``, each of shape ``(rows,) + shape``.
     """
     missing = [key for key in ("classes", "counts", *per_class_shapes) if key not in arrays]
     if missing:
@@ -195,10 +199,18 @@ def check_class_arrays(
             raise ValueError(f"feature statistics {key!r} have shape {got}, expected {shape}")
     if k == 0:
         raise ValueError("feature statistics cover no class")
-    if not np.issubdtype(classes.dtype, np.integer) or len(set(classes.tolist())) != k:
-        raise ValueError("feature statistics classes must be distinct integers")
+    if not np.issubdtype(classes.dtype, np.integer):
+        raise ValueError("feature statistics classes must be integers")
     if classes.min() < 0 or classes.max() >= num_classes:
         raise ValueError(f"feature statistics name a class outside [0, {num_classes})")
+    most = int(np.bincount(classes).max())
+    if most > rows_per_class:
+        raise ValueError(
+            "feature statistics classes must be distinct"
+            if rows_per_class == 1
+            else f"feature statistics send {most} components of one class, "
+            f"at most {rows_per_class} were asked for"
+        )
     counts = np.asarray(arrays["counts"])
     if not (np.isfinite(counts).all() and (counts > 0).all()):
         raise ValueError("feature statistics counts must be positive")
@@ -246,7 +258,9 @@ class CalibrationSettings:
 
     ``layers``: ``classifier`` (CCVR, full covariances of the classifier's inputs) or
     ``dense`` (every dense layer, from rank-``rank`` statistics of the first dense
-    layer's inputs; :mod:`fl_ec.head_calibration`).
+    layer's inputs; :mod:`fl_ec.head_calibration`). ``components`` > 1 (``dense``
+    only): each client splits each class it holds into that many k-means clusters and
+    sends one rank-``rank`` Gaussian per cluster; the server samples their mixture.
     """
 
     samples: int = 20_000
@@ -255,6 +269,7 @@ class CalibrationSettings:
     batch_size: int = 128
     layers: str = "classifier"
     rank: int = 64
+    components: int = 1
 
     def __post_init__(self) -> None:
         if self.layers not in CALIBRATION_LAYERS:  # the run-config's choices
@@ -263,6 +278,13 @@ class CalibrationSettings:
             )
         if self.rank < 1:
             raise ValueError(f"calibration rank {self.rank} must be >= 1")
+        if self.components < 1:
+            raise ValueError(f"calibration components {self.components} must be >= 1")
+        if self.components > 1 and self.layers != "dense":
+            raise ValueError(
+                f"calibration components {self.components} need the dense calibration: "
+                'set calibration-layers="dense" or calibration-components=1'
+            )
 
 
 def calibrate_classifier(

@@ -80,6 +80,41 @@ class LowRankClassStats:
         return int(self.factors.shape[2])
 
 
+@dataclass(frozen=True)
+class LowRankMixture:
+    """Gaussian components, each of one class: count, mean, ``F @ F.T + diag(residual)``.
+
+    A class may have several components (the clusters of :func:`low_rank_mixture`);
+    :class:`LowRankClassStats` is the one-component-per-class case (:func:`as_mixture`).
+    """
+
+    labels: torch.Tensor  # (M,) long: each component's class
+    counts: torch.Tensor  # (M,) float64, > 0
+    means: torch.Tensor  # (M, d) float64
+    factors: torch.Tensor  # (M, d, r) float64
+    residuals: torch.Tensor  # (M, d) float64, >= 0
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.factors.shape[2])
+
+
+def as_mixture(stats: LowRankClassStats) -> LowRankMixture:
+    """One component per class seen, in class order."""
+    present = torch.nonzero(stats.counts > 0).flatten()
+    return LowRankMixture(
+        present,
+        stats.counts[present],
+        stats.means[present],
+        stats.factors[present],
+        stats.residuals[present],
+    )
+
+
 def dense_head(model: nn.Module) -> nn.Module:
     """The model's dense layers as one module: first dense layer's input -> logits."""
     builder = getattr(model, "dense_head", None)
@@ -185,15 +220,104 @@ def merge_low_rank(parts: Sequence[LowRankClassStats], rank: int) -> LowRankClas
     return LowRankClassStats(total, means, factors, residuals)
 
 
-def low_rank_to_arrays(stats: LowRankClassStats) -> dict[str, np.ndarray]:
-    """The wire form: only the classes seen; floats in float32."""
-    present = torch.nonzero(stats.counts > 0).flatten()
+# A cluster smaller than this joins its nearest neighbour: its covariance would be
+# noise, and its mean close to single examples' features.
+MIN_CLUSTER_ROWS = 16
+
+
+def kmeans_clusters(
+    rows: torch.Tensor, clusters: int, seed: int = 0, iterations: int = 25
+) -> torch.Tensor:
+    """Cluster index (0..k-1) of each row: seeded k-means++ then Lloyd iterations.
+
+    At most ``clusters`` clusters and at most one per ``MIN_CLUSTER_ROWS`` rows; a
+    cluster left smaller than that is folded into the nearest other one.
+    """
+    clusters = max(1, min(clusters, len(rows) // MIN_CLUSTER_ROWS))
+    if clusters == 1:
+        return torch.zeros(len(rows), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    centres = rows[torch.randint(len(rows), (1,), generator=generator)]
+    nearest = torch.cdist(rows, centres).squeeze(1).pow(2)
+    while len(centres) < clusters and nearest.sum() > 0:  # k-means++ seeding
+        pick = torch.multinomial(nearest / nearest.sum(), 1, generator=generator)
+        centres = torch.cat([centres, rows[pick]])
+        nearest = torch.minimum(nearest, torch.cdist(rows, rows[pick]).squeeze(1).pow(2))
+    assignment = torch.cdist(rows, centres).argmin(1)
+    for _ in range(iterations):
+        sizes = torch.bincount(assignment, minlength=len(centres))
+        sums = torch.zeros_like(centres).index_add_(0, assignment, rows)
+        centres = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centres)
+        updated = torch.cdist(rows, centres).argmin(1)
+        if torch.equal(updated, assignment):
+            break
+        assignment = updated
+    # Each row's centre is its nearest, so folding the small clusters only grows the
+    # others; one at least holds MIN_CLUSTER_ROWS, as clusters <= rows // that.
+    large = torch.bincount(assignment, minlength=len(centres)) >= MIN_CLUSTER_ROWS
+    assignment = torch.cdist(rows, centres[large]).argmin(1)
+    return torch.unique(assignment, return_inverse=True)[1]
+
+
+def low_rank_mixture(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    rank: int,
+    components: int,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> LowRankMixture:
+    """Up to ``components`` rank-``rank`` Gaussians per class of the dense head's inputs.
+
+    Each class's rows are split by :func:`kmeans_clusters` and each cluster gets its
+    own count, mean, factor and residual (:func:`low_rank_factor`).
+    """
+    entry = head_entry(dense_head(model))
+    features = layer_inputs(model, entry, inputs, batch_size, device).double()
+    labels = torch.as_tensor(labels).long()
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} inputs but {len(labels)} labels")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels outside [0, {num_classes})")
+    parts: list[tuple[int, torch.Tensor]] = []
+    for label in labels.unique().tolist():
+        rows = features[labels == label]
+        assignment = kmeans_clusters(rows, components)
+        parts += [(label, rows[assignment == cluster]) for cluster in assignment.unique()]
+    factored = [low_rank_factor(rows - rows.mean(0), rank) for _, rows in parts]
+    return LowRankMixture(
+        torch.tensor([label for label, _ in parts], dtype=torch.long),
+        torch.tensor([float(len(rows)) for _, rows in parts], dtype=torch.float64),
+        torch.stack([rows.mean(0) for _, rows in parts]),
+        torch.stack([factor for factor, _ in factored]),
+        torch.stack([residual for _, residual in factored]),
+    )
+
+
+def concat_mixtures(parts: Sequence[LowRankMixture]) -> LowRankMixture:
+    """The federation's mixture: every client's components side by side.
+
+    Not pooled per class as :func:`merge_low_rank` does: pooling would average the
+    clusters back into one Gaussian, the shape the mixture exists to avoid.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    return LowRankMixture(
+        *(torch.cat([getattr(p, key) for p in parts]) for key in LowRankMixture.__annotations__)
+    )
+
+
+def low_rank_to_arrays(stats: LowRankClassStats | LowRankMixture) -> dict[str, np.ndarray]:
+    """The wire form: one row per component (per class seen); floats in float32."""
+    mixture = as_mixture(stats) if isinstance(stats, LowRankClassStats) else stats
     return {
-        "classes": present.numpy().astype(np.int64),
-        "counts": stats.counts[present].numpy().astype(np.int64),
-        "means": stats.means[present].numpy().astype(np.float32),
-        "factors": stats.factors[present].numpy().astype(np.float32),
-        "residuals": stats.residuals[present].numpy().astype(np.float32),
+        "classes": mixture.labels.numpy().astype(np.int64),
+        "counts": mixture.counts.numpy().astype(np.int64),
+        "means": mixture.means.numpy().astype(np.float32),
+        "factors": mixture.factors.numpy().astype(np.float32),
+        "residuals": mixture.residuals.numpy().astype(np.float32),
     }
 
 
@@ -214,33 +338,56 @@ def low_rank_from_arrays(
     )
 
 
-def sample_low_rank(
-    stats: LowRankClassStats, num_samples: int, generator: torch.Generator, ridge: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labelled draws ``mean + F z + sqrt(residual) e``, classes in proportion to counts.
+def mixture_from_arrays(
+    arrays: Mapping[str, np.ndarray], num_classes: int, dim: int, rank: int, components: int
+) -> LowRankMixture:
+    """Check and rebuild a client's mixture (up to ``components`` rows per class)."""
+    index, counts, floats = check_class_arrays(
+        arrays,
+        {"means": (dim,), "factors": (dim, rank), "residuals": (dim,)},
+        num_classes,
+        rows_per_class=components,
+    )
+    if (floats["residuals"] < 0).any():
+        raise ValueError("feature statistics residual variances are negative")
+    return LowRankMixture(
+        index,
+        torch.as_tensor(counts, dtype=torch.float64),
+        *(torch.as_tensor(floats[key]) for key in ("means", "factors", "residuals")),
+    )
 
-    ``ridge`` (relative to the class's mean variance) keeps a class seen once from
+
+def sample_low_rank(
+    stats: LowRankClassStats | LowRankMixture,
+    num_samples: int,
+    generator: torch.Generator,
+    ridge: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled draws ``mean + F z + sqrt(residual) e``, components in proportion to counts.
+
+    ``ridge`` (relative to the component's mean variance) keeps a class seen once from
     collapsing onto its mean.
     """
-    if stats.counts.sum() <= 0:
+    mixture = as_mixture(stats) if isinstance(stats, LowRankClassStats) else stats
+    if mixture.counts.sum() <= 0:
         raise ValueError("no class has any example")
-    per_class = torch.floor(stats.counts / stats.counts.sum() * num_samples).long()
+    shares = torch.floor(mixture.counts / mixture.counts.sum() * num_samples).long()
     features, labels = [], []
-    for label in torch.nonzero(per_class > 0).flatten().tolist():
-        count = int(per_class[label])
-        factor, residual = stats.factors[label], stats.residuals[label]
-        mean_variance = (residual.sum() + factor.pow(2).sum()) / stats.dim
+    for component in torch.nonzero(shares > 0).flatten().tolist():
+        count = int(shares[component])
+        factor, residual = mixture.factors[component], mixture.residuals[component]
+        mean_variance = (residual.sum() + factor.pow(2).sum()) / mixture.dim
         scale = (residual + ridge * mean_variance.clamp_min(1e-12)).sqrt()
-        low_rank = torch.randn(count, stats.rank, generator=generator, dtype=torch.float64)
-        diagonal = torch.randn(count, stats.dim, generator=generator, dtype=torch.float64)
-        features.append(stats.means[label] + low_rank @ factor.T + diagonal * scale)
-        labels.append(torch.full((count,), label, dtype=torch.long))
+        low_rank = torch.randn(count, mixture.rank, generator=generator, dtype=torch.float64)
+        diagonal = torch.randn(count, mixture.dim, generator=generator, dtype=torch.float64)
+        features.append(mixture.means[component] + low_rank @ factor.T + diagonal * scale)
+        labels.append(torch.full((count,), int(mixture.labels[component]), dtype=torch.long))
     return torch.cat(features).float(), torch.cat(labels)
 
 
 def calibrate_dense_head(
     model: nn.Module,
-    stats: LowRankClassStats,
+    stats: LowRankClassStats | LowRankMixture,
     settings: CalibrationSettings,
     seed: int = 0,
 ) -> float:
@@ -260,7 +407,7 @@ def calibrate_dense_head(
 
 # --- Dispatch on CalibrationSettings.layers, for the strategy and the ClientApp ---
 
-FeatureStats = ClassFeatureStats | LowRankClassStats
+FeatureStats = ClassFeatureStats | LowRankClassStats | LowRankMixture
 
 
 def calibrated_layers(model: nn.Module, settings: CalibrationSettings) -> nn.Module:
@@ -284,6 +431,19 @@ def measure_stats(
     device: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """A client's statistics of ``model`` over its data, in wire form."""
+    if settings.layers == "dense" and settings.components > 1:
+        return low_rank_to_arrays(
+            low_rank_mixture(
+                model,
+                inputs,
+                labels,
+                num_classes,
+                settings.rank,
+                settings.components,
+                batch_size,
+                device,
+            )
+        )
     if settings.layers == "dense":
         return low_rank_to_arrays(
             low_rank_class_stats(
@@ -298,6 +458,8 @@ def parse_stats(
     arrays: Mapping[str, np.ndarray], num_classes: int, dim: int, settings: CalibrationSettings
 ) -> FeatureStats:
     """A client's wire statistics, checked; ``ValueError`` says what is wrong."""
+    if settings.layers == "dense" and settings.components > 1:
+        return mixture_from_arrays(arrays, num_classes, dim, settings.rank, settings.components)
     if settings.layers == "dense":
         return low_rank_from_arrays(arrays, num_classes, dim, settings.rank)
     return stats_from_arrays(arrays, num_classes, dim)
@@ -305,6 +467,8 @@ def parse_stats(
 
 def merge(parts: Sequence[FeatureStats], settings: CalibrationSettings) -> FeatureStats:
     """Pool the clients' statistics as the calibration needs them."""
+    if settings.layers == "dense" and settings.components > 1:
+        return concat_mixtures(parts)  # type: ignore[arg-type]
     if settings.layers == "dense":
         return merge_low_rank(parts, settings.rank)  # type: ignore[arg-type]
     return merge_stats(parts)  # type: ignore[arg-type]

@@ -109,7 +109,7 @@ def test_query_returns_the_class_feature_statistics_of_the_sent_model(task_ident
 
 def test_query_for_dense_statistics_returns_low_rank_ones_of_the_dense_head(task_identity):
     from fl_ec.clients.client_app import query_handler
-    from fl_ec.head_calibration import low_rank_from_arrays
+    from fl_ec.head_calibration import low_rank_from_arrays, mixture_from_arrays
 
     model = build_model(SPEC)
     ask = {"feature-stats": True, "feature-stats-layers": "dense", "feature-stats-rank": 3}
@@ -118,6 +118,13 @@ def test_query_for_dense_statistics_returns_low_rank_ones_of_the_dense_head(task
     arrays = {k: a.numpy() for k, a in reply.content["feature-stats"].items()}
     stats = low_rank_from_arrays(arrays, num_classes=10, dim=model.fc1.in_features, rank=3)
     assert stats.counts.sum() == reply.content["metrics"]["num-examples"]
+    mixed = query_handler(
+        _message("query", model, **{**ask, "feature-stats-components": 3}), _context()
+    )
+    arrays = {k: a.numpy() for k, a in mixed.content["feature-stats"].items()}
+    mixture = mixture_from_arrays(arrays, 10, model.fc1.in_features, rank=3, components=3)
+    assert mixture.counts.sum() == stats.counts.sum()
+    assert len(mixture.labels) > int((stats.counts > 0).sum())  # some class was split
     wrong = query_handler(
         _message("query", model, **{**ask, "feature-stats-layers": "conv"}), _context()
     )

@@ -46,6 +46,8 @@ def test_values_are_coerced_to_declared_types():
         ({"calibration-rounds": "first"}, "calibration-rounds='first' is unknown"),
         ({"calibration-layers": "conv"}, "calibration-layers='conv' is unknown"),
         ({"calibration-rank": 0}, "calibration-rank=0 must be >= 1"),
+        ({"calibration-components": 0}, "calibration-components=0 must be >= 1"),
+        ({"calibration-components": 4}, 'needs calibration-layers="dense"'),
         ({"calibration-samples": 0}, "calibration-samples=0 must be >= 1"),
         ({"tail-average-rounds": 0}, "tail-average-rounds=0 must be >= 1"),
         (

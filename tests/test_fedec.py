@@ -508,29 +508,38 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
     proxy, (val_x, val_y) = data
     node_data = {n: (val_x[n::2], val_y[n::2]) for n in (1, 2)}
     replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
-    served = {}
-    for layers in ("classifier", "dense"):
+    served, replied = {}, {}
+    for layers, components in (("classifier", 1), ("dense", 1), ("dense", 3)):
         strategy = FedEC(
             proxy_data=proxy,
             arch_spec=SPEC,
             distill=DistillSettings(steps=0),
             feature_calibration=True,
-            calibration=CalibrationSettings(samples=500, layers=layers, rank=4),
+            calibration=CalibrationSettings(
+                samples=500, layers=layers, rank=4, components=components
+            ),
             min_train_nodes=2,
         )
         _start_round(strategy, _global())
         grid = FeatureStatsGrid(node_data)
         strategy.grid = grid
         arrays, _ = strategy.aggregate_train(1, replies)
-        served[layers] = arrays.to_torch_state_dict()
-        assert {m.content["config"]["feature-stats-layers"] for m in grid.queries} == {layers}
+        served[layers, components] = arrays.to_torch_state_dict()
+        replied[layers, components] = grid.replies
+        asked = {
+            (query["feature-stats-layers"], query["feature-stats-components"])
+            for query in (m.content["config"] for m in grid.queries)
+        }
+        assert asked == {(layers, components)}
+        assert strategy.server_metrics[1]["calibration-rejected-replies"] == 0
     dim = build_model(SPEC).fc1.in_features
-    assert all(r["factors"].shape[1:] == (dim, 4) for r in grid.replies)  # the dense ones
-    for key, value in served["classifier"].items():
-        if key.startswith("fc1."):  # classifier CCVR leaves fc1 alone, the dense one not
-            assert not torch.allclose(value, served["dense"][key]), key
-        elif key.startswith("conv"):
-            assert torch.equal(value, served["dense"][key]), key
+    for dense in [("dense", 1), ("dense", 3)]:
+        assert all(r["factors"].shape[1:] == (dim, 4) for r in replied[dense])
+        for key, value in served["classifier", 1].items():
+            if key.startswith("fc1."):  # classifier CCVR leaves fc1 alone, the dense one not
+                assert not torch.allclose(value, served[dense][key]), key
+            elif key.startswith("conv"):
+                assert torch.equal(value, served[dense][key]), key
 
 
 def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(task_identity, data):

@@ -9,14 +9,21 @@ from torch import nn
 
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import (
+    MIN_CLUSTER_ROWS,
+    LowRankMixture,
     calibrate,
     calibrate_dense_head,
     calibrated_layers,
+    kmeans_clusters,
     low_rank_class_stats,
     low_rank_factor,
     low_rank_from_arrays,
+    low_rank_mixture,
     low_rank_to_arrays,
+    measure_stats,
+    merge,
     merge_low_rank,
+    parse_stats,
     sample_low_rank,
 )
 
@@ -168,3 +175,96 @@ def test_dispatch_follows_the_settings_and_names_the_fix_for_a_model_without_a_h
     stats = low_rank_class_stats(model, x, y, 3, rank=2)
     with pytest.raises(ValueError, match="head takes 3"):  # stats of another width
         calibrate(Body(dim=3), stats, CalibrationSettings(layers="dense", rank=2))
+
+
+# --- Mixtures: several Gaussians per class (calibration-components > 1) ---
+
+
+def _blobs(sizes, dim=5, seed=0):
+    """Rows of well-separated blobs (distance ~20, spread 1) and each row's blob."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = 20 * torch.randn(len(sizes), dim, generator=generator, dtype=torch.float64)
+    blob = torch.cat([torch.full((n,), b) for b, n in enumerate(sizes)])
+    rows = centres[blob] + torch.randn(len(blob), dim, generator=generator, dtype=torch.float64)
+    return rows, blob
+
+
+def test_kmeans_finds_separated_blobs_and_never_leaves_a_cluster_below_the_minimum():
+    rows, blob = _blobs([40, 60, 50])
+    clusters = kmeans_clusters(rows, 3, seed=0)
+    pairs = set(zip(blob.tolist(), clusters.tolist(), strict=True))
+    assert len(pairs) == 3 and len({c for _, c in pairs}) == 3  # one cluster per blob
+    assert torch.equal(clusters, kmeans_clusters(rows, 3, seed=0))  # seeded
+    # A blob smaller than the minimum joins its nearest neighbour instead of standing alone.
+    rows, blob = _blobs([40, 60, MIN_CLUSTER_ROWS - 5])
+    clusters = kmeans_clusters(rows, 3, seed=0)
+    assert clusters.max() == 1
+    assert torch.bincount(clusters).min() >= MIN_CLUSTER_ROWS
+    # Never more clusters than rows // MIN_CLUSTER_ROWS.
+    assert kmeans_clusters(rows[: 2 * MIN_CLUSTER_ROWS - 1], 8).max() == 0
+
+
+def test_a_class_mixture_keeps_the_class_moments_exactly_at_full_rank():
+    model = Body()
+    x, y = _classes(n=900)
+    mixture = low_rank_mixture(model, x, y, 3, rank=8, components=3)
+    union = low_rank_class_stats(model, x, y, 3, rank=8)
+    assert len(mixture.labels) > 3  # some class was split
+    assert torch.bincount(mixture.labels, minlength=3).max() <= 3
+    for label in range(3):
+        mine = mixture.labels == label
+        weights = mixture.counts[mine] / mixture.counts[mine].sum()
+        assert mixture.counts[mine].sum() == union.counts[label]
+        mean = (weights[:, None] * mixture.means[mine]).sum(0)
+        assert torch.allclose(mean, union.means[label], atol=1e-10)
+        spread = mixture.means[mine] - mean
+        covariance = sum(
+            w * (f @ f.T + torch.diag(r) + torch.outer(s, s))
+            for w, f, r, s in zip(
+                weights, mixture.factors[mine], mixture.residuals[mine], spread, strict=True
+            )
+        )
+        assert torch.allclose(covariance, _model_covariance(union, label), atol=1e-8)
+
+
+def test_mixtures_travel_merge_by_concatenation_and_draw_per_component():
+    model = Body()
+    x, y = _classes(n=900)
+    settings = CalibrationSettings(layers="dense", rank=4, components=2)
+    wires = [measure_stats(model, x[i::2], y[i::2], 3, settings) for i in range(2)]
+    assert any(len(set(w["classes"].tolist())) < len(w["classes"]) for w in wires)
+    parts = [parse_stats(w, 3, 8, settings) for w in wires]
+    merged = merge(parts, settings)
+    assert isinstance(merged, LowRankMixture)
+    assert len(merged.labels) == sum(len(w["classes"]) for w in wires)
+    assert torch.allclose(merged.factors[: len(parts[0].labels)], parts[0].factors)
+    features, labels = sample_low_rank(merged, 20_000, torch.Generator().manual_seed(0))
+    shares = torch.bincount(labels, minlength=3).double() / len(labels)
+    counts = torch.zeros(3, dtype=torch.float64).index_add_(0, merged.labels, merged.counts)
+    assert torch.allclose(shares, counts / counts.sum(), atol=1e-3)
+    # Draws of one class follow its components' mixture mean.
+    for label in range(3):
+        mine = merged.labels == label
+        mean = (merged.counts[mine, None] * merged.means[mine]).sum(0) / merged.counts[mine].sum()
+        assert torch.allclose(features[labels == label].double().mean(0), mean, atol=0.1)
+    # More components of one class than the query asked for is a malformed reply.
+    with pytest.raises(ValueError, match="distinct"):  # the one-Gaussian format
+        parse_stats(wires[0], 3, 8, CalibrationSettings(layers="dense", rank=4, components=1))
+    with pytest.raises(ValueError, match="at most 2 were asked"):
+        tripled = {k: np.concatenate([v, v[:1], v[:1]]) for k, v in wires[0].items()}
+        parse_stats(tripled, 3, 8, settings)
+    # The mixture calibrates the head like the pooled statistics do.
+    broken = Body()
+    with torch.no_grad():
+        broken.load_state_dict(model.state_dict())
+        broken.classifier.weight.zero_()
+        broken.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    calibrate(broken, merged, CalibrationSettings(samples=3000, lr=1e-2, layers="dense", rank=4))
+    assert (broken(x).argmax(1) == y).float().mean() > 0.95
+
+
+def test_components_need_the_dense_calibration():
+    with pytest.raises(ValueError, match='set calibration-layers="dense"'):
+        CalibrationSettings(components=2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        CalibrationSettings(layers="dense", components=0)

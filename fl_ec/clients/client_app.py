@@ -30,6 +30,7 @@ from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.ensemble import log_class_prior
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
 from fl_ec.feature_calibration import (
+    STATS_COMPONENTS_KEY,
     STATS_LAYERS_KEY,
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
@@ -248,6 +249,7 @@ def _stats_settings(query_config: ConfigRecord) -> CalibrationSettings:
         return CalibrationSettings(
             layers=str(query_config.get(STATS_LAYERS_KEY, "classifier")),
             rank=int(query_config.get(STATS_RANK_KEY, CalibrationSettings.rank)),
+            components=int(query_config.get(STATS_COMPONENTS_KEY, CalibrationSettings.components)),
         )
     except ValueError as reason:
         raise ConfigError(f"feature-stats query: {reason}") from reason

@@ -67,6 +67,7 @@ def build_strategy(
                 samples=config.calibration_samples,
                 layers=config.calibration_layers,
                 rank=config.calibration_rank,
+                components=config.calibration_components,
             ),
             tail_average_rounds=config.tail_average_rounds,
             teacher_includes_average=config.teacher_includes_average,

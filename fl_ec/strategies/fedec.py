@@ -36,6 +36,7 @@ from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_vi
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.feature_calibration import (
+    STATS_COMPONENTS_KEY,
     STATS_LAYERS_KEY,
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
@@ -141,8 +142,9 @@ class FedEC(FedAvg):
         ``student`` they train from the served mean. The teacher's ``average`` member
         stays the round's own average.
     calibration : CalibrationSettings | None
-        Which layers are calibrated (``classifier`` or ``dense``; the rank of the
-        ``dense`` statistics) and the virtual samples, epochs, lr and batch size.
+        Which layers are calibrated (``classifier`` or ``dense``; the rank and the
+        per-class mixture components of the ``dense`` statistics) and the virtual
+        samples, epochs, lr and batch size.
     teacher_includes_average : bool (default: False)
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
@@ -555,6 +557,7 @@ class FedEC(FedAvg):
                 STATS_RECORD_KEY: True,
                 STATS_LAYERS_KEY: self.calibration.layers,
                 STATS_RANK_KEY: self.calibration.rank,
+                STATS_COMPONENTS_KEY: self.calibration.components,
             }
         )
         if self.arch_spec is not None:

@@ -26,7 +26,7 @@ STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
-CALIBRATION_ROUNDS = ("all", "last")  # FedEC feature-calibration: every round or the last
+CALIBRATION_ROUNDS = ("all", "last", "every-N")  # FedEC feature-calibration: which rounds
 # Which layers feature-calibration retrains (fl_ec.feature_calibration.CalibrationSettings).
 CALIBRATION_LAYERS = ("classifier", "dense")
 VARIANT_CLIENT_STARTS = ("tuned", "derived")  # FedHCE: what clients train
@@ -211,7 +211,10 @@ class ExperimentConfig:
                 "feature-calibration retrains the classifier that prior-correction only "
                 "shifts: set prior-correction=false"
             )
-        _choice("calibration-rounds", self.calibration_rounds, CALIBRATION_ROUNDS)
+        try:
+            calibration_every(self.calibration_rounds)
+        except ValueError as reason:
+            raise ConfigError(str(reason)) from None
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
         _choice("calibration-layers", self.calibration_layers, CALIBRATION_LAYERS)
@@ -425,6 +428,25 @@ def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]
             f"{num_partitions}: make the counts add up to the number of SuperNodes"
         )
     return tiers
+
+
+def calibration_every(rounds: str) -> int:
+    """Calibrate every this many rounds, plus the last (0: the last only).
+
+    ``rounds`` is a ``calibration-rounds`` value: ``all`` (1), ``last`` (0) or
+    ``every-N`` (N >= 1), which buys a calibrated model at rounds N, 2N, ... for a
+    query each, without paying one every round.
+    """
+    if rounds == "all":
+        return 1
+    if rounds == "last":
+        return 0
+    count = rounds.removeprefix("every-")
+    if count != rounds and count.isdigit() and int(count) >= 1:
+        return int(count)
+    raise ValueError(
+        f"calibration-rounds={rounds!r} is unknown: choose one of all, last, every-N (N >= 1)"
+    )
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

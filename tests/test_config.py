@@ -44,6 +44,7 @@ def test_values_are_coerced_to_declared_types():
             "set prior-correction=false",
         ),
         ({"calibration-rounds": "first"}, "calibration-rounds='first' is unknown"),
+        ({"calibration-rounds": "every-0"}, "choose one of all, last, every-N"),
         ({"calibration-layers": "conv"}, "calibration-layers='conv' is unknown"),
         ({"calibration-rank": 0}, "calibration-rank=0 must be >= 1"),
         ({"calibration-components": 0}, "calibration-components=0 must be >= 1"),

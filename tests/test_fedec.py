@@ -581,8 +581,15 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
     assert "feature-calibration-applied" not in strategy.server_metrics[1]
     assert strategy.server_metrics[2]["feature-calibration-applied"] == 1.0
     assert len(strategy.grid.queries) == 2  # one per node, in round 2 only
-    with pytest.raises(ValueError, match="all or last"):
-        FedEC(proxy_data=proxy, arch_spec=SPEC, calibration_rounds="first")
+    for wrong in ("first", "every-0", "every-x", "every"):
+        with pytest.raises(ValueError, match="choose one of all, last, every-N"):
+            FedEC(proxy_data=proxy, arch_spec=SPEC, calibration_rounds=wrong)
+    for rounds, calibrated in [("every-5", [5, 10, 12]), ("all", list(range(1, 13)))]:
+        every = FedEC(
+            proxy_data=proxy, arch_spec=SPEC, feature_calibration=True, calibration_rounds=rounds
+        )
+        every.num_rounds = 12  # as start(num_rounds=12) records it
+        assert [r for r in range(1, 13) if every._calibrates(r)] == calibrated
 
 
 def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, data):

@@ -31,7 +31,7 @@ from fl_ec.calibration import (
     prior_offsets,
     target_prior,
 )
-from fl_ec.config import CALIBRATION_ROUNDS, CLIENT_STARTS, STUDENT_INITS
+from fl_ec.config import CLIENT_STARTS, STUDENT_INITS, calibration_every
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
@@ -130,7 +130,8 @@ class FedEC(FedAvg):
         valid statistics the round serves the uncalibrated model.
     calibration_rounds : str (default: "all")
         ``all``: calibrate (and query the clients) every round; ``last``: only in the
-        last round of ``start()``, which saves a query per round. With
+        last round of ``start()``, which saves a query per round; ``every-N``: rounds
+        N, 2N, ... and the last. With
         ``client_start="average"`` the served model does not steer training, so both
         end with the same final model; ``all`` also calibrates every intermediate one.
     tail_average_rounds : int (default: 1)
@@ -233,8 +234,7 @@ class FedEC(FedAvg):
                 "choose one"
             )
         self.feature_calibration = feature_calibration
-        if calibration_rounds not in CALIBRATION_ROUNDS:
-            raise ValueError(f"calibration_rounds={calibration_rounds!r}: choose all or last")
+        self.calibration_every = calibration_every(calibration_rounds)  # checks it
         self.calibration_rounds = calibration_rounds
         self.num_rounds: int | None = None  # known once start() runs
         self.calibration = calibration or CalibrationSettings()
@@ -510,7 +510,8 @@ class FedEC(FedAvg):
         Outside ``start()`` the last round is unknown: every round is calibrated.
         """
         last = self.num_rounds is None or server_round >= self.num_rounds
-        return self.feature_calibration and (self.calibration_rounds == "all" or last)
+        every = self.calibration_every
+        return self.feature_calibration and (last or (every > 0 and server_round % every == 0))
 
     def _calibrate_features(
         self, server_round: int, served: nn.Module, accepted: list[ClientModel]

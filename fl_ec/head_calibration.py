@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -319,7 +319,7 @@ def concat_mixtures(parts: Sequence[LowRankMixture]) -> LowRankMixture:
     if not parts:
         raise ValueError("nothing to merge")
     return LowRankMixture(
-        *(torch.cat([getattr(p, key) for p in parts]) for key in LowRankMixture.__annotations__)
+        *(torch.cat([getattr(p, field.name) for p in parts]) for field in fields(LowRankMixture))
     )
 
 

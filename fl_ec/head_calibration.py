@@ -339,16 +339,12 @@ def low_rank_from_arrays(
     arrays: Mapping[str, np.ndarray], num_classes: int, dim: int, rank: int
 ) -> LowRankClassStats:
     """Check and rebuild a client's statistics; ``ValueError`` says what is wrong."""
-    index, counts, floats = check_class_arrays(
-        arrays, {"means": (dim,), "factors": (dim, rank), "residuals": (dim,)}, num_classes
-    )
-    if (floats["residuals"] < 0).any():
-        raise ValueError("feature statistics residual variances are negative")
-    return LowRankClassStats(
-        scatter_classes(index, counts, num_classes),
-        scatter_classes(index, floats["means"], num_classes),
-        scatter_classes(index, floats["factors"], num_classes),
-        scatter_classes(index, floats["residuals"], num_classes),
+    mixture = mixture_from_arrays(arrays, num_classes, dim, rank, components=1)
+    return LowRankClassStats(  # one row per class: scatter them to their classes
+        *(
+            scatter_classes(mixture.labels, getattr(mixture, key).numpy(), num_classes)
+            for key in ("counts", "means", "factors", "residuals")
+        )
     )
 
 

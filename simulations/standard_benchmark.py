@@ -28,6 +28,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -373,7 +374,9 @@ def plot(results: dict[tuple, dict], path: Path) -> None:
     labels = sorted({key[0] for key in results})
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, len(alphas), figsize=(6 * len(alphas), 4), squeeze=False)
+    # Method labels are whole run-configs: the legend goes below the axes, wrapped,
+    # and the saved image grows to hold it (bbox "tight") instead of covering curves.
+    fig, axes = plt.subplots(1, len(alphas), figsize=(7 * len(alphas), 4.5), squeeze=False)
     for ax, alpha in zip(axes[0], alphas, strict=True):
         for key, metrics in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][2:])):
             if key[1] != alpha:
@@ -388,17 +391,18 @@ def plot(results: dict[tuple, dict], path: Path) -> None:
                 marker=".",
                 linestyle=style,
                 color=colours[key[0]],
-                label=_row_label(key),
+                label="\n".join(textwrap.wrap(_row_label(key), 90)),
             )
         ax.set_title(f"alpha={alpha:g}")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout()  # before the legends: they hang below, outside the layout
+    for ax in axes[0]:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 

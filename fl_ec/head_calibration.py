@@ -300,6 +300,16 @@ def low_rank_mixture(
         rows = features[labels == label]
         assignment = kmeans_clusters(rows, components)
         parts += [(label, rows[assignment == cluster]) for cluster in assignment.unique()]
+    if not parts:  # no data: an empty mixture, which the server rejects as covering no class
+        dim = features.shape[1]
+        empty = torch.zeros(0, dim, dtype=torch.float64)
+        return LowRankMixture(
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.float64),
+            empty,
+            torch.zeros(0, dim, rank, dtype=torch.float64),
+            empty,
+        )
     factored = [low_rank_factor(rows - rows.mean(0), rank) for _, rows in parts]
     return LowRankMixture(
         torch.tensor([label for label, _ in parts], dtype=torch.long),

@@ -247,6 +247,10 @@ def test_mixtures_travel_merge_by_concatenation_and_draw_per_component():
         mine = merged.labels == label
         mean = (merged.counts[mine, None] * merged.means[mine]).sum(0) / merged.counts[mine].sum()
         assert torch.allclose(features[labels == label].double().mean(0), mean, atol=0.1)
+    # A client without data sends an empty mixture, rejected as covering no class.
+    empty = measure_stats(model, x[:0], y[:0], 3, settings)
+    with pytest.raises(ValueError, match="cover no class"):
+        parse_stats(empty, 3, 8, settings)
     # More components of one class than the query asked for is a malformed reply.
     with pytest.raises(ValueError, match="distinct"):  # the one-Gaussian format
         parse_stats(wires[0], 3, 8, CalibrationSettings(layers="dense", rank=4, components=1))

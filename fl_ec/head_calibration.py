@@ -72,18 +72,11 @@ from fl_ec.feature_calibration import (
 )
 
 
-@dataclass(frozen=True)
-class LowRankClassStats:
-    """Per-class count, mean, and covariance ``factors @ factors.T + diag(residuals)``."""
+class _LowRankShape:
+    """``dim`` and ``rank`` of any statistics holding ``means`` (n, d), ``factors`` (n, d, r)."""
 
-    counts: torch.Tensor  # (C,) float64; 0 for a class not seen
-    means: torch.Tensor  # (C, d) float64
-    factors: torch.Tensor  # (C, d, r) float64; zero columns where a class has fewer
-    residuals: torch.Tensor  # (C, d) float64, >= 0: the covariance's diagonal rest
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.counts.numel())
+    means: torch.Tensor
+    factors: torch.Tensor
 
     @property
     def dim(self) -> int:
@@ -95,7 +88,21 @@ class LowRankClassStats:
 
 
 @dataclass(frozen=True)
-class LowRankMixture:
+class LowRankClassStats(_LowRankShape):
+    """Per-class count, mean, and covariance ``factors @ factors.T + diag(residuals)``."""
+
+    counts: torch.Tensor  # (C,) float64; 0 for a class not seen
+    means: torch.Tensor  # (C, d) float64
+    factors: torch.Tensor  # (C, d, r) float64; zero columns where a class has fewer
+    residuals: torch.Tensor  # (C, d) float64, >= 0: the covariance's diagonal rest
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.counts.numel())
+
+
+@dataclass(frozen=True)
+class LowRankMixture(_LowRankShape):
     """Gaussian components, each of one class: count, mean, ``F @ F.T + diag(residual)``.
 
     A class may have several components (the clusters of :func:`low_rank_mixture`);
@@ -108,17 +115,11 @@ class LowRankMixture:
     factors: torch.Tensor  # (M, d, r) float64
     residuals: torch.Tensor  # (M, d) float64, >= 0
 
-    @property
-    def dim(self) -> int:
-        return int(self.means.shape[1])
 
-    @property
-    def rank(self) -> int:
-        return int(self.factors.shape[2])
-
-
-def as_mixture(stats: LowRankClassStats) -> LowRankMixture:
-    """One component per class seen, in class order."""
+def as_mixture(stats: LowRankClassStats | LowRankMixture) -> LowRankMixture:
+    """A mixture as it is; per-class statistics as one component per class seen."""
+    if isinstance(stats, LowRankMixture):
+        return stats
     present = torch.nonzero(stats.counts > 0).flatten()
     return LowRankMixture(
         present,
@@ -335,7 +336,7 @@ def concat_mixtures(parts: Sequence[LowRankMixture]) -> LowRankMixture:
 
 def low_rank_to_arrays(stats: LowRankClassStats | LowRankMixture) -> dict[str, np.ndarray]:
     """The wire form: one row per component (per class seen); floats in float32."""
-    mixture = as_mixture(stats) if isinstance(stats, LowRankClassStats) else stats
+    mixture = as_mixture(stats)
     return {
         "classes": mixture.labels.numpy().astype(np.int64),
         "counts": mixture.counts.numpy().astype(np.int64),
@@ -388,7 +389,7 @@ def sample_low_rank(
     ``ridge`` (relative to the component's mean variance) keeps a class seen once from
     collapsing onto its mean.
     """
-    mixture = as_mixture(stats) if isinstance(stats, LowRankClassStats) else stats
+    mixture = as_mixture(stats)
     if mixture.counts.sum() <= 0:
         raise ValueError("no class has any example")
     shares = torch.floor(mixture.counts / mixture.counts.sum() * num_samples).long()

@@ -27,6 +27,7 @@ import os
 import platform
 import shlex
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,30 +64,44 @@ HCE_SETTINGS = (
 DEFAULT_METHODS = ["fedavg", "fedec", "fedhce", "fedhce:diversity-weight=0.0"]
 
 
-def _bytes_plot(points: list[tuple[str, float, float]], path: Path) -> None:
+def _bytes_plot(points: list[tuple[str, str, float, float]], path: Path) -> None:
+    """Accuracy vs wire bytes; ``points`` are (method, variant, bytes, accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = list(dict.fromkeys(method for method, *_ in points))
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, nbytes, accuracy in points:
-        marker = "*" if label.startswith("HCE") else "o"
-        ax.scatter(nbytes / 1e6, 100 * accuracy, marker=marker, s=80 if marker == "*" else 30)
+    for method, variant, nbytes, accuracy in points:
+        hce = variant.startswith("HCE")
+        ax.scatter(
+            nbytes / 1e6,
+            100 * accuracy,
+            marker="*" if hce else "o",
+            s=80 if hce else 30,
+            color=colours[method],
+        )
+        # Only the variant by the point: method labels are whole run-configs, which
+        # overprint each other; they go in the legend below the axes.
         ax.annotate(
-            label,
+            variant,
             (nbytes / 1e6, 100 * accuracy),
             fontsize=6,
             xytext=(3, 3),
             textcoords="offset points",
         )
+    for method in methods:
+        ax.scatter([], [], color=colours[method], label="\n".join(textwrap.wrap(method, 90)))
     ax.set_xscale("log")
-    ax.set_xlabel("model bytes on the wire (MB, log scale)")
+    ax.set_xlabel("model bytes on the wire (MB, log scale; * = HCE ensemble)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -285,7 +300,7 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
                 "",
             ]
             summary.append((label, reports[-1], prediction_disagreement(member_logits)))
-            points += [(f"{label}: {r.name}", r.wire_bytes, r.accuracy) for r in reports]
+            points += [(label, r.name, r.wire_bytes, r.accuracy) for r in reports]
         else:
             model = load_saved_model(run_dir).eval()
             params = count_parameters(model)
@@ -293,7 +308,7 @@ def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, t
                 f"{label}: fp32 global model", model, test_x, test_y, 4 * params
             )
             fp32_rows.append(report)
-            points.append((f"{label} fp32", report.wire_bytes, report.accuracy))
+            points.append((label, "fp32", report.wire_bytes, report.accuracy))
             if label == fedec_label:
                 fp32_bytes = report.wire_bytes
     if fp32_rows:

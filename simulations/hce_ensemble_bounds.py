@@ -40,6 +40,7 @@ from torch import nn
 
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ClientData, load_client_data
+from fl_ec.ensemble import log_class_prior
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import calibrate, measure_stats, merge, parse_stats, stats_dims
 from fl_ec.results import load_saved_model
@@ -100,6 +101,11 @@ def local_epoch(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
+        log_prior=(
+            log_class_prior(client.train.class_counts())
+            if config.local_loss == "logit-adjusted"
+            else None
+        ),
         seed=config.seed * 1_000_003 + node * 1_009 + server_round,
     )
     return local.state_dict()
@@ -108,6 +114,7 @@ def local_epoch(
 def weighted_average(
     template: nn.Module, states: Sequence[dict], sizes: Sequence[int]
 ) -> nn.Module:
+    """A copy of ``template`` holding the example-weighted mean of ``states`` (FedAvg)."""
     total = sum(sizes)
     averaged = copy.deepcopy(template)
     averaged.load_state_dict(

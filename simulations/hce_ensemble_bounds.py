@@ -38,14 +38,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fl_ec.clients.client_app import train_locally
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.ensemble import log_class_prior
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import calibrate, measure_stats, merge, parse_stats, stats_dims
 from fl_ec.results import load_saved_model
 from fl_ec.strategies.fedhce_utils import prediction_disagreement
-from fl_ec.training import train_supervised
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prior_posthoc import run_data  # noqa: E402
@@ -92,22 +91,7 @@ def local_epoch(
 ) -> dict[str, torch.Tensor]:
     """One client's local training, as the ClientApp does it; returns its state."""
     local = copy.deepcopy(model)
-    train_supervised(
-        local,
-        client.train,
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        log_prior=(
-            log_class_prior(client.train.class_counts())
-            if config.local_loss == "logit-adjusted"
-            else None
-        ),
-        seed=config.seed * 1_000_003 + node * 1_009 + server_round,
-    )
+    train_locally(local, client, config, node, server_round)
     return local.state_dict()
 
 

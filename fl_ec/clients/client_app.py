@@ -128,12 +128,41 @@ def _train(msg: Message, context: Context) -> Message:
     if config.trainer == "layer-parallel":
         result = _train_layer_parallel(model, spec, data, config, round_config, node, server_round)
         return _reply(msg, model, spec, data, node, device, result)
-    result = train_supervised(
+    result = train_locally(
+        model,
+        data,
+        config,
+        node.partition_id,
+        server_round,
+        epochs=int(round_config.get("local-epochs", config.local_epochs)),
+        lr=float(round_config.get("lr", config.lr)),
+        device=device,
+    )
+    return _reply(msg, model, spec, data, node, device, result)
+
+
+def local_seed(config: ExperimentConfig, partition_id: int, server_round: int) -> int:
+    """Different shuffles per node and round, reproducible for a fixed seed."""
+    return config.seed * 1_000_003 + partition_id * 1_009 + server_round
+
+
+def train_locally(
+    model: nn.Module,
+    data: ClientData,
+    config: ExperimentConfig,
+    partition_id: int,
+    server_round: int,
+    epochs: int | None = None,
+    lr: float | None = None,
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """A node's local supervised training (in place), as the ClientApp runs it."""
+    return train_supervised(
         model,
         data.train,
-        epochs=int(round_config.get("local-epochs", config.local_epochs)),
+        epochs=config.local_epochs if epochs is None else epochs,
         batch_size=config.batch_size,
-        lr=float(round_config.get("lr", config.lr)),
+        lr=config.lr if lr is None else lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
@@ -143,10 +172,8 @@ def _train(msg: Message, context: Context) -> Message:
             else None
         ),
         device=device,
-        # Different shuffles per node and round, reproducible for a fixed seed.
-        seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,
+        seed=local_seed(config, partition_id, server_round),
     )
-    return _reply(msg, model, spec, data, node, device, result)
 
 
 def _train_layer_parallel(model, spec, data, config, round_config, node, server_round):  # noqa: ANN001, ANN202
@@ -161,7 +188,7 @@ def _train_layer_parallel(model, spec, data, config, round_config, node, server_
         config,
         epochs=int(round_config.get("local-epochs", config.local_epochs)),
         lr=float(round_config.get("lr", config.lr)),
-        seed=config.seed * 1_000_003 + node.partition_id * 1_009 + server_round,
+        seed=local_seed(config, node.partition_id, server_round),
     )
     result = train_layer_parallel(
         model, spec, data.train.normalize(data.train.images), data.train.labels, settings

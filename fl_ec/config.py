@@ -122,6 +122,7 @@ class ExperimentConfig:
     lp_stages: int = 2
     lp_method: str = "penalty"
     lp_downsample: int = 1
+    lp_aux_resolution: str = "full"
     lp_boundary_bits: int = 32
     lp_parallel_epochs: int = 1
     lp_serial_epochs: int = 1
@@ -271,6 +272,7 @@ class ExperimentConfig:
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         _choice("lp-method", self.lp_method, ("penalty", "al"))
+        _choice("lp-aux-resolution", self.lp_aux_resolution, ("full", "pooled"))
         _choice("local-loss", self.local_loss, LOCAL_LOSSES)
         if self.local_loss != "ce" and self.trainer != "sgd":
             raise ConfigError(

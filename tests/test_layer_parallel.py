@@ -16,7 +16,7 @@ from fl_ec.layer_parallel import (
     update_multipliers,
 )
 from fl_ec.layer_parallel.objectives import pack_codes, packed_size, unpack_codes
-from fl_ec.layer_parallel.trainer import serial_epoch, usable_stages
+from fl_ec.layer_parallel.trainer import _BoundaryState, serial_epoch, usable_stages
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.training import evaluate
 
@@ -123,8 +123,43 @@ def tiny():
     return spec, train, test
 
 
-@pytest.mark.parametrize(("downsample", "bits"), [(2, 32), (1, 8), (1, 4)])
-def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(tiny, downsample, bits):
+def test_full_resolution_aux_is_constrained_only_at_the_pooled_resolution(tiny):
+    spec, train, _ = tiny
+    torch.manual_seed(0)
+    stages = split_resnet(build_model(spec), 2)
+    x = train.normalize(train.images[:8])
+    with torch.no_grad():
+        real = stages[0].train()(x)  # what reinitialise stores: batch statistics
+    boundary = BoundaryFilter(2)
+    full = _BoundaryState(1, 2, stages, x, LPSettings(downsample=2), boundary, "cpu")
+    # Full: the next stage trains on the real, sharp activations; only the pooled view
+    # crosses the wire and enters the residual.
+    assert torch.allclose(full.aux, real, atol=1e-5)
+    assert full.stage_input(full.aux) is full.aux
+    assert torch.allclose(full.on_wire(full.aux), boundary.down(real), atol=1e-5)
+    # A zero-mean pattern inside every 2x2 cell changes the stage input but not what
+    # the penalty sees: the high frequencies are left to the task loss.
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(
+        real.shape[-2] // 2, real.shape[-1] // 2
+    )
+    assert torch.allclose(full.on_wire(full.aux + checker), full.on_wire(full.aux), atol=1e-5)
+    pooled = _BoundaryState(
+        1, 2, stages, x, LPSettings(downsample=2, aux_resolution="pooled"), boundary, "cpu"
+    )
+    # Pooled: a quarter of the memory, and the next stage sees the upsampled blur.
+    assert pooled.aux.numel() * 4 == real.numel()
+    assert pooled.on_wire(pooled.aux) is pooled.aux
+    assert pooled.stage_input(pooled.aux).shape == real.shape
+    assert not torch.allclose(pooled.stage_input(pooled.aux), real, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("downsample", "bits", "aux_resolution"),
+    [(2, 32, "full"), (2, 32, "pooled"), (1, 8, "full"), (1, 4, "full")],
+)
+def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(
+    tiny, downsample, bits, aux_resolution
+):
     spec, train, test = tiny
     x, y = train.normalize(train.images), train.labels
     # Synthetic class patterns are not shift/flip invariant: no augmentation here.
@@ -134,6 +169,7 @@ def test_two_process_gloo_run_lowers_loss_and_matches_serial_accuracy(tiny, down
         epochs=4,
         batch_size=64,
         downsample=downsample,
+        aux_resolution=aux_resolution,
         boundary_bits=bits,
         augment=False,
     )

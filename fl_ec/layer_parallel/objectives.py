@@ -25,8 +25,17 @@ Choices (the paper leaves them open or tunes per dataset):
   gradient's size depends on beta and on the boundary's size, a plain SGD step size
   would have to be retuned for each;
 * a **downsampling filter** (average pooling by ``factor``) is applied before a
-  boundary tensor is sent, and the receiver upsamples bilinearly; the auxiliary
-  variable itself lives at the low resolution, so memory and bytes shrink by factor^2.
+  boundary tensor is sent, so the bytes shrink by factor^2. Where the auxiliary
+  variable lives is a choice (``aux_resolution``):
+
+  - ``"full"`` (default): at the stage input's full resolution, initialised from the
+    real forward activations. Both sides pool their own copy and the residual is taken
+    between pooled tensors, so the penalty constrains the low frequencies and the next
+    stage trains on sharp inputs;
+  - ``"pooled"``: at the low resolution (factor^2 less memory), upsampled bilinearly
+    as the next stage's input, which then trains on blurred inputs in the parallel
+    epochs but sees sharp ones after stitching. Measured: ~3 points below full-res
+    boundaries under 3+1 (BENCHMARKS.md, ``layer-parallel``).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ METHODS = ("penalty", "al")
 LOSSES = ("ce", "kl")
 BOUNDARY_BITS = (32, 8, 6, 4)  # 32 = fp32; else unsigned codes, packed below 8 bits
 LR_SCHEDULES = ("constant", "cosine")
+AUX_RESOLUTIONS = ("full", "pooled")  # where the auxiliary variables live, with a filter
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class LPSettings:
     beta_growth: float = 2.0
     beta_max: float = 16.0
     downsample: int = 1  # 1 = off; 2 = 2x2 average pooling on the wire
+    aux_resolution: str = "full"  # with downsample > 1: "full" or "pooled" auxiliary variables
     boundary_bits: int = 32  # 32 = fp32 on the wire; 8/6/4 = codes + per-sample range
     lr_schedule: str = "constant"  # or "cosine": per-epoch cosine decay of the weights' lr
     augment: bool = True  # random shifts (+ flips) in serial passes only
@@ -84,6 +95,8 @@ class LPSettings:
             raise ValueError("lp serial_epochs must be >= 0 and downsample >= 1")
         if self.boundary_bits not in BOUNDARY_BITS:
             raise ValueError(f"lp boundary_bits {self.boundary_bits}: choose {_bits_choices()}")
+        if self.aux_resolution not in AUX_RESOLUTIONS:
+            raise ValueError(f"lp aux_resolution {self.aux_resolution!r}: choose full or pooled")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lp lr_schedule {self.lr_schedule!r}: choose constant or cosine")
 
@@ -94,6 +107,7 @@ class LPSettings:
             stages=config.lp_stages,
             method=config.lp_method,
             downsample=config.lp_downsample,
+            aux_resolution=config.lp_aux_resolution,
             boundary_bits=config.lp_boundary_bits,
             parallel_epochs=config.lp_parallel_epochs,
             serial_epochs=config.lp_serial_epochs,
@@ -178,8 +192,9 @@ def packed_size(count: int, bits: int) -> int:
 class BoundaryFilter:
     """What crosses a stage boundary: pooled and/or coded activations.
 
-    ``factor > 1`` average-pools before sending and upsamples (bilinear) on receipt:
-    ``factor^2`` fewer bytes, but the next stage trains on blurred inputs.
+    ``factor > 1`` average-pools before sending (:meth:`down`): ``factor^2`` fewer
+    bytes. :meth:`up` (bilinear) turns a pooled auxiliary variable back into a stage
+    input, when the auxiliary variables live at the low resolution.
     ``bits`` in (8, 6, 4) sends each sample as unsigned codes over its own [min, max]
     range, packed ``8 / bits`` per byte (:func:`pack_codes`), plus those two floats:
     32 / bits times fewer bytes, less 8 bytes of range per sample. So 8 bits stop just

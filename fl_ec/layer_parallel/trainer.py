@@ -2,10 +2,10 @@
 
 Per mini-batch of a *parallel* epoch every worker, at the same time:
 
-1. runs its stage on its input -- the data (stage 0) or its auxiliary variable, up-
-   sampled when a boundary filter is on;
+1. runs its stage on its input -- the data (stage 0) or its auxiliary variable
+   (upsampled, when the auxiliary variables live at a filter's low resolution);
 2. exchanges boundary tensors with its neighbours (``batch_isend_irecv``): it sends
-   its (downsampled) output forward and its auxiliary variable backward;
+   its (downsampled) output forward and its (downsampled) auxiliary variable backward;
 3. takes one SGD step on its stage's weights and one RMSprop step on the rows of its
    auxiliary variable, on the penalty / AL objective (:mod:`.objectives`); the last
    stage's objective starts with the task loss (cross-entropy, or KL to teacher logits);
@@ -284,11 +284,22 @@ class _BoundaryState:
         self.settings, self.boundary, self.device = settings, boundary, device
         self.aux = self.aux_sq = self.lam_in = self.lam_out = None
         self.full_size = None
+        self.pooled_aux = settings.aux_resolution == "pooled"
         self.reinitialise(inputs)
+
+    def stage_input(self, aux: torch.Tensor) -> torch.Tensor:
+        """This rank's stage input made of rows of its auxiliary variable."""
+        return self.boundary.up(aux, self.full_size) if self.pooled_aux else aux
+
+    def on_wire(self, aux: torch.Tensor) -> torch.Tensor:
+        """The view of the auxiliary variable that is sent and enters the residual:
+        the same resolution as the previous stage's pooled output."""
+        return aux if self.pooled_aux else self.boundary.down(aux)
 
     @torch.no_grad()
     def reinitialise(self, inputs: torch.Tensor) -> None:
-        """Aux = the (filtered) forward activations at this rank's input; lambda = 0."""
+        """Aux = the forward activations at this rank's input (pooled, when the
+        auxiliary variables live at the low resolution); lambda = 0."""
         if self.rank > 0:
             prefix = self.stages[: self.rank]
             saved = _bn_buffers(prefix)
@@ -299,12 +310,12 @@ class _BoundaryState:
                     stage.train()  # batch statistics, as the parallel steps will see
                     h = stage(h)
                 self.full_size = tuple(h.shape[-2:])
-                chunks.append(self.boundary.down(h).cpu())
+                chunks.append((self.boundary.down(h) if self.pooled_aux else h).cpu())
             _restore_bn(prefix, saved)
             self.aux = torch.cat(chunks)
             self.aux_sq = torch.zeros_like(self.aux)
             if self.settings.method == "al":
-                self.lam_in = torch.zeros_like(self.aux)
+                self.lam_in = torch.zeros((len(self.aux), *self.on_wire(self.aux[:1]).shape[1:]))
         if self.rank < self.world - 1 and self.settings.method == "al":
             with torch.no_grad():
                 h = inputs[:2].to(self.device)
@@ -327,13 +338,14 @@ def _parallel_epoch(
             stage_input = x_in
         else:
             x_in = state.aux[index].to(device).requires_grad_(True)
-            stage_input = state.boundary.up(x_in, state.full_size)
+            stage_input = state.stage_input(x_in)
+            aux_sent = state.on_wire(x_in)
         out = stage(stage_input)
         produced = state.boundary.down(out) if rank < world - 1 else None
         # Above: my output goes up, the next stage's auxiliary variable comes back.
         # Below: my auxiliary variable goes down, the previous stage's output comes up.
         above_in = state.boundary.buffers_like(produced) if produced is not None else []
-        below_in = state.boundary.buffers_like(x_in) if rank > 0 else []
+        below_in = state.boundary.buffers_like(aux_sent) if rank > 0 else []
         ops = []
         if rank < world - 1:
             payload = state.boundary.encode(produced)
@@ -341,14 +353,14 @@ def _parallel_epoch(
             ops += [dist.P2POp(dist.irecv, t, rank + 1) for t in above_in]
             sent += sum(t.numel() * t.element_size() for t in payload)
         if rank > 0:
-            payload = state.boundary.encode(x_in)
+            payload = state.boundary.encode(aux_sent)
             ops += [dist.P2POp(dist.irecv, t, rank - 1) for t in below_in]
             ops += [dist.P2POp(dist.isend, t, rank - 1) for t in payload]
             sent += sum(t.numel() * t.element_size() for t in payload)
         for request in dist.batch_isend_irecv(ops) if ops else []:
             request.wait()
         target_aux = state.boundary.decode(above_in, produced.shape) if above_in else None
-        from_below = state.boundary.decode(below_in, x_in.shape) if below_in else None
+        from_below = state.boundary.decode(below_in, aux_sent.shape) if below_in else None
         if rank == world - 1:
             loss = task_loss(out, targets[index].to(device), settings)
             total += float(loss.detach()) * len(index)
@@ -358,7 +370,7 @@ def _parallel_epoch(
             loss = boundary_objective(target_aux, produced, beta, lam)
         if rank > 0:
             lam = state.lam_in[index].to(device) if state.lam_in is not None else None
-            loss = loss + boundary_objective(x_in, from_below, beta, lam)
+            loss = loss + boundary_objective(aux_sent, from_below, beta, lam)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -375,7 +387,7 @@ def _parallel_epoch(
                     state.lam_out[index] = lam
                 if rank > 0:
                     lam = state.lam_in[index]
-                    update_multipliers(lam, x_in.detach().cpu(), from_below.cpu(), beta)
+                    update_multipliers(lam, aux_sent.detach().cpu(), from_below.cpu(), beta)
                     state.lam_in[index] = lam
     return (total / seen if seen else float("nan")), sent
 
@@ -415,8 +427,8 @@ def _on_rank0_then_share(rank, world, model, keys, settings, work) -> None:  # n
 def _recalibrate(model: nn.Module, inputs: torch.Tensor, settings: LPSettings, device) -> None:  # noqa: ANN001
     """Re-estimate every BatchNorm's statistics on un-augmented training inputs.
 
-    In parallel epochs stage k > 0 sees its auxiliary variables (upsampled, when a
-    boundary filter is on), not the previous stage's real outputs, so its running
+    In parallel epochs stage k > 0 sees its auxiliary variables (upsampled, when they
+    live at a filter's low resolution), not the previous stage's real outputs, so its running
     statistics describe the wrong inputs for the stitched network; a serial epoch
     only half-repairs them (an EMA). Measured on Fashion-MNIST (ResNet-8, K=2): 11% test
     accuracy after a serial epoch without this, 67% with it.

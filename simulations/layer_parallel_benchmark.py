@@ -66,6 +66,16 @@ CONFIGS |= {
     for bits, suffix in ((32, ""), (6, ", 6-bit boundary"), (4, ", 4-bit boundary"))
     if f"{method}, hybrid 1+1{suffix}" not in CONFIGS
 }
+# Spatial downsampling under 1+1, with the auxiliary variables at full resolution (the
+# default) or pooled (the only mode until session 20: ~3 points lost under 3+1), paired
+# with the same method at full-resolution fp32 boundaries.
+CONFIGS |= {
+    f"penalty, hybrid 1+1, downsample 2x2{suffix}": (
+        True,
+        dict(method="penalty", parallel_epochs=1, downsample=2, aux_resolution=resolution),
+    )
+    for resolution, suffix in (("full", ""), ("pooled", " (pooled aux)"))
+}
 
 
 def run_serial(model, x, y, settings: LPSettings, threads: int):  # noqa: ANN001, ANN201
@@ -187,10 +197,12 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
         f"/parallel epoch up to {base.beta_max}, aux RMSprop lr {base.aux_lr}; hybrid 3+1 = 3 "
         "parallel epochs then 1 serial correction epoch (on rank 0 with all cores), 1+1 "
         "alternates them; N-bit boundary = N-bit codes over each sample's range, packed 8/N "
-        "per byte below 8 (`boundary_bits=N`), downsample 2x2 = average pooling + bilinear "
-        'upsampling. Test accuracy on the full 10k test set after each epoch. "Δ vs fp32 '
-        'boundary" pairs a row with the same method and schedule at fp32 boundaries, when '
-        "that row is in the table.",
+        "per byte below 8 (`boundary_bits=N`), downsample 2x2 = average pooling on the wire, "
+        "the residual taken between pooled tensors and the auxiliary variables at full "
+        "resolution, or with (pooled aux) at the low resolution and upsampled bilinearly as "
+        "the next stage's input. Test accuracy on the full 10k test set after each epoch. \"Δ "
+        'vs fp32 boundary" pairs a row with the same method and schedule at full-resolution '
+        "fp32 boundaries, when that row is in the table.",
         "",
         "| configuration | stages | mean s/epoch | ratio vs serial | final test acc "
         "| Δ vs serial (pts) "
@@ -200,12 +212,13 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
     ]
     for name, row in rows.items():
         mean_s = sum(row["seconds"]) / len(row["seconds"])
-        ratio = (
-            mean_s / (sum(serial["seconds"]) / len(serial["seconds"])) if serial else float("nan")
-        )
         final = row["accuracy"][-1]
-        delta = 100 * (final - serial["accuracy"][-1]) if serial else float("nan")
-        at_budget = _accuracy_at(row, sum(serial["seconds"])) if serial else float("nan")
+        # Without a serial row in the run, its columns say so ("–") instead of nan.
+        ratio = delta = at_budget = "–"
+        if serial:
+            ratio = f"{mean_s / (sum(serial['seconds']) / len(serial['seconds'])):.2f}"
+            delta = f"{100 * (final - serial['accuracy'][-1]):+.2f}"
+            at_budget = f"{100 * _accuracy_at(row, sum(serial['seconds'])):.2f}"
         parallel_bytes = [
             b for b, k in zip(row["bytes"], row["kinds"], strict=True) if k == "parallel"
         ]
@@ -216,17 +229,16 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
             vs_fp32 = f"{100 * (final - pair['accuracy'][-1]):+.2f}"
             vs_bytes = f"{sum(pair['bytes']) / max(1, sum(row['bytes'])):.3f}x fewer"
         lines.append(
-            f"| {name} | {row['stages']} | {mean_s:.1f} | {ratio:.2f} | {100 * final:.2f} "
-            f"| {delta:+.2f} "
-            f"| {100 * at_budget:.2f} | {mb:.1f} | {vs_fp32} | {vs_bytes} |"
+            f"| {name} | {row['stages']} | {mean_s:.1f} | {ratio} | {100 * final:.2f} "
+            f"| {delta} | {at_budget} | {mb:.1f} | {vs_fp32} | {vs_bytes} |"
         )
     lines += ["", f"![accuracy vs wall time](simulations/plots/{plot_path.name})"]
     return "\n".join(lines)
 
 
 def _fp32_twin(name: str) -> str:
-    """The row name with the same method and schedule, with fp32 boundaries."""
-    return re.sub(r", \d+-bit boundary$", "", name)
+    """The row name with the same method and schedule, with full-resolution fp32 boundaries."""
+    return re.sub(r", (\d+-bit boundary|downsample \dx\d( \(pooled aux\))?)$", "", name)
 
 
 def _accuracy_at(row: dict, budget: float) -> float:

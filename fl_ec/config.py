@@ -19,7 +19,7 @@ from typing import Any
 
 from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError
-from fl_ec.layer_parallel.objectives import BOUNDARY_BITS
+from fl_ec.layer_parallel.objectives import AUX_RESOLUTIONS, BOUNDARY_BITS, METHODS
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
@@ -271,8 +271,8 @@ class ExperimentConfig:
         self._validate_fedhce()
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
-        _choice("lp-method", self.lp_method, ("penalty", "al"))
-        _choice("lp-aux-resolution", self.lp_aux_resolution, ("full", "pooled"))
+        _choice("lp-method", self.lp_method, METHODS)
+        _choice("lp-aux-resolution", self.lp_aux_resolution, AUX_RESOLUTIONS)
         _choice("local-loss", self.local_loss, LOCAL_LOSSES)
         if self.local_loss != "ce" and self.trainer != "sgd":
             raise ConfigError(

@@ -27,6 +27,7 @@ from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.instrumentation import MeteredGrid, time_aggregation
+from fl_ec.strategies.sampling import NodeInfo, SeededSampler, seeded_sampling
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -76,6 +77,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
             "local-epochs": config.local_epochs,
         }
     )
+    sampler = SeededSampler(config.seed)
+    strategy = seeded_sampling(strategy, sampler, record_sample(recorder))
     result = time_aggregation(strategy, recorder).start(
         grid=MeteredGrid(grid, recorder),
         initial_arrays=ArrayRecord(initial_model.state_dict()),
@@ -105,6 +108,20 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         run_dir,
     )
     return run_dir
+
+
+def record_sample(recorder: RunRecorder):  # noqa: ANN201
+    """Record each training round's sampled partitions and their pooled class counts."""
+
+    def on_sample(server_round: int, nodes: list[int], info: dict[int, NodeInfo]) -> None:
+        known = [info[n] for n in nodes if n in info]
+        metrics = recorder.record_for(server_round).metrics
+        metrics["sampled-partitions"] = sorted(i.partition_id for i in known)
+        if known and all(len(i.class_counts) == len(known[0].class_counts) for i in known):
+            columns = zip(*(i.class_counts for i in known), strict=True)
+            metrics["sampled-class-counts"] = [sum(column) for column in columns]
+
+    return on_sample
 
 
 def save_global_ensemble(

@@ -15,7 +15,12 @@ plot replace the section ``--section`` of BENCHMARKS.md, with machine, date and 
 
 Regimes: ``standard`` (1 local epoch, ``--rounds`` rounds) and ``comm-limited``
 (5x the local epochs, a fifth of the rounds: the same client compute, 5x less
-communication -- where edge federations live).
+communication -- where edge federations live), both with 10 clients all training every
+round; and ``partial`` (client drift: 20 clients, 4 sampled per round, 5 local epochs,
+15 rounds by default), where the accuracy oscillates from round to round, so its tables
+add the mean and sd of the last 5 rounds, how often the teacher beat the parameter
+average on validation, and a check that every method of a seed trained the same
+sampled partitions in every round.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +65,26 @@ STANDARD_SETTINGS = {
     "fraction-evaluate": 0.0,
     "seed": 42,
 }
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A benchmark regime: local epochs, default rounds and the federation's shape."""
+
+    local_epochs: int
+    rounds: int
+    supernodes: int
+    fraction_train: float
+
+
+REGIMES = {
+    "standard": Regime(local_epochs=1, rounds=20, supernodes=10, fraction_train=1.0),
+    "comm-limited": Regime(local_epochs=5, rounds=4, supernodes=10, fraction_train=1.0),
+    # 4 of 20 clients x 5 epochs is one pass over the 54k client samples per round, as in
+    # the other regimes; 15 rounds keep a distilling method within ~15 min on 2 cores.
+    "partial": Regime(local_epochs=5, rounds=15, supernodes=20, fraction_train=0.2),
+}
+TAIL = 5  # the partial regime's targets use the mean of the last this many rounds
 
 
 def parse_method(text: str) -> tuple[str, str, dict]:
@@ -356,6 +382,183 @@ def posthoc_table(results: dict[tuple, dict], run_dirs: dict[tuple, Path]) -> st
     return "\n".join(lines)
 
 
+def tail_stats(metrics: dict, tail: int = TAIL) -> tuple[float, float, float]:
+    """Final accuracy, and mean and sd of the last ``tail`` rounds' accuracy, in %."""
+    accs = [100 * r["test-accuracy"] for r in metrics["rounds"] if r["round"] > 0][-tail:]
+    mean = sum(accs) / len(accs)
+    sd = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
+    return accs[-1], mean, sd
+
+
+def teacher_wins(metrics: dict) -> tuple[int, int]:
+    """Rounds where the teacher beat the parameter average on validation, of those measured."""
+    measured = [
+        r
+        for r in metrics["rounds"]
+        if "teacher-val-accuracy" in r and "student-start-val-accuracy" in r
+    ]
+    wins = sum(r["teacher-val-accuracy"] > r["student-start-val-accuracy"] for r in measured)
+    return wins, len(measured)
+
+
+def drift_table(results: dict[tuple, dict]) -> str:
+    """Per method and alpha, over seeds: final, mean / sd of the last rounds, Δs paired."""
+    groups: dict[tuple[str, float], list[tuple]] = {}
+    for key in results:
+        groups.setdefault(key[:2], []).append(key)
+    head = [
+        "method",
+        "alpha",
+        "seeds",
+        "final acc",
+        f"mean of last {TAIL}",
+        f"sd of last {TAIL}",
+        f"Δ mean-of-last-{TAIL} vs FedAvg, per seed",
+        "Δ mean ± sd",
+        "teacher > average (rounds)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, alpha), keys in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        keys = sorted(keys, key=lambda k: k[2:])
+        stats = [tail_stats(results[k]) for k in keys]
+        deltas = []
+        for k, (_, mean, _) in zip(keys, stats, strict=True):
+            base = _fedavg_of(results, k)
+            if base is not None:
+                deltas.append(mean - tail_stats(base)[1])
+        wins = [teacher_wins(results[k]) for k in keys]
+        won, measured = sum(w for w, _ in wins), sum(n for _, n in wins)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    f"{alpha:g}",
+                    ", ".join(str(k[2]) for k in keys if len(k) > 2) or "-",
+                    " / ".join(f"{s[0]:.2f}" for s in stats),
+                    " / ".join(f"{s[1]:.2f}" for s in stats),
+                    " / ".join(f"{s[2]:.2f}" for s in stats),
+                    ", ".join(f"{d:+.2f}" for d in deltas) or "-",
+                    mean_sd(deltas, "{:+.2f}") if deltas else "-",
+                    f"{won}/{measured} ({100 * won / measured:.0f}%)" if measured else "-",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def sampled_partitions(metrics: dict) -> list[list[int] | None]:
+    return [r.get("sampled-partitions") for r in metrics["rounds"] if r["round"] > 0]
+
+
+def sampling_check(results: dict[tuple, dict]) -> str:
+    """One line per (alpha, seed): do all methods' runs record the same sampled partitions?"""
+    groups: dict[tuple, list[tuple]] = {}
+    for key in results:
+        groups.setdefault(key[1:], []).append(key)
+    lines = []
+    for rest, keys in sorted(groups.items()):
+        samples = {k[0]: sampled_partitions(results[k]) for k in keys}
+        first = next(iter(samples.values()))
+        recorded = all(None not in s for s in samples.values())
+        same = recorded and all(s == first for s in samples.values())
+        verdict = (
+            "the same partitions in every round"
+            if same
+            else "DIFFERENT partitions: "
+            + "; ".join(f"{label}: {s}" for label, s in samples.items())
+            if recorded
+            else "not recorded by every run"
+        )
+        where = f"alpha={rest[0]:g}" + (f", seed {rest[1]}" if len(rest) > 1 else "")
+        lines.append(f"- Sampling, {where}, {len(keys)} methods: {verdict}.")
+    return "\n".join(lines)
+
+
+def round_table(results: dict[tuple, dict]) -> str:
+    """Per round of the first (alpha, seed): sampled partitions, their classes, val accs."""
+    first = sorted({k[1:] for k in results})[0]
+    keys = sorted(k for k in results if k[1:] == first)
+    distilling = [k for k in keys if "teacher-val-accuracy" in results[k]["rounds"][-1]]
+    reference = results[keys[0]]
+    head = ["round", "sampled partitions", "classes held"] + [
+        f"{k[0]}: teacher / avg / student val, test" for k in distilling
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_round = {k: {r["round"]: r for r in results[k]["rounds"]} for k in distilling}
+    for r in reference["rounds"]:
+        if r["round"] == 0:
+            continue
+        counts = r.get("sampled-class-counts") or []
+        total = sum(counts) or 1
+        held = [str(c) for c, n in enumerate(counts) if n >= 0.01 * total]
+        cells = [
+            str(r["round"]),
+            " ".join(map(str, r.get("sampled-partitions", []))) or "-",
+            " ".join(held) or "-",
+        ]
+        for k in distilling:
+            row = by_round[k].get(r["round"], {})
+            cells.append(
+                " / ".join(
+                    f"{100 * row[name]:.1f}" if name in row else "-"
+                    for name in (
+                        "teacher-val-accuracy",
+                        "student-start-val-accuracy",
+                        "student-val-accuracy",
+                    )
+                )
+                + (f", {100 * row['test-accuracy']:.1f}" if "test-accuracy" in row else "")
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_teacher_vs_average(results: dict[tuple, dict], path: Path) -> None:
+    """Teacher vs parameter-average validation accuracy per round, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in results if "teacher-val-accuracy" in results[k]["rounds"][-1])
+    labels = sorted({k[0] for k in keys})
+    if not labels:
+        return
+    fig, axes = plt.subplots(
+        1, len(labels), figsize=(5 * len(labels), 4), squeeze=False, sharey=True
+    )
+    for ax, label in zip(axes[0], labels, strict=True):
+        for i, key in enumerate(k for k in keys if k[0] == label):
+            rounds = [r for r in results[key]["rounds"] if "teacher-val-accuracy" in r]
+            x = [r["round"] for r in rounds]
+            tag = f"alpha={key[1]:g}" + (f" s{key[2]}" if len(key) > 2 else "")
+            ax.plot(
+                x,
+                [100 * r["teacher-val-accuracy"] for r in rounds],
+                color=f"C{i}",
+                marker=".",
+                label=f"teacher {tag}",
+            )
+            ax.plot(
+                x,
+                [100 * r["student-start-val-accuracy"] for r in rounds],
+                color=f"C{i}",
+                linestyle="--",
+                label=f"average {tag}",
+            )
+        ax.set_title("\n".join(textwrap.wrap(label, 50)), fontsize=8)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
 def mean_sd(values: list[float], fmt: str) -> str:
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -459,9 +662,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["fedavg"])
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--regime", choices=["standard", "comm-limited"], default="standard")
-    parser.add_argument("--supernodes", type=int, default=10)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="default: the regime's (20, 4 or 15)"
+    )
+    parser.add_argument("--regime", choices=list(REGIMES), default="standard")
+    parser.add_argument("--supernodes", type=int, default=None, help="default: the regime's")
     parser.add_argument("--section", default="standard-benchmark")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "results" / "benchmark")
     parser.add_argument(
@@ -488,9 +693,11 @@ def main() -> None:
     command = "python simulations/standard_benchmark.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
     )
-    rounds, epochs = args.rounds, 1
-    if args.regime == "comm-limited":
-        rounds, epochs = max(1, args.rounds // 5), 5
+    regime = REGIMES[args.regime]
+    rounds = args.rounds if args.rounds is not None else regime.rounds
+    epochs = regime.local_epochs
+    supernodes = args.supernodes if args.supernodes is not None else regime.supernodes
+    extra = f"fraction-train={regime.fraction_train:g} {args.extra_run_config}".strip()
     started = dt.datetime.now()
     results = {}
     methods = [parse_method(m) for m in args.methods]  # a malformed one fails before any run
@@ -507,9 +714,9 @@ def main() -> None:
                     alpha,
                     rounds,
                     epochs,
-                    args.supernodes,
+                    supernodes,
                     args.results_dir.resolve(),
-                    args.extra_run_config,
+                    extra,
                     reuse=args.reuse,
                     seed=seed,
                 )
@@ -519,20 +726,30 @@ def main() -> None:
     accelerator = (
         f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
     )
-    shared = {**STANDARD_SETTINGS, "local-epochs": epochs}
+    shared = {
+        **STANDARD_SETTINGS,
+        "local-epochs": epochs,
+        "fraction-train": regime.fraction_train,
+    }
     if args.seeds:
         shared["seed"] = "/".join(map(str, args.seeds))
     settings = format_overrides(shared).replace('"', "")
     lines = [
         f"## {args.section} ({args.regime} regime: {rounds} rounds x {epochs} local epoch(s); "
-        f"Fashion-MNIST, {args.supernodes} clients, Dirichlet partitions)",
+        f"Fashion-MNIST, {supernodes} clients, Dirichlet partitions)",
         "",
         f"- Command: `{command.strip()}`",
         f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
         f"- Machine: {platform.platform()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {accelerator}",
-        f"- Setup: {args.supernodes} simulated SuperNodes (`flwr run`, Ray backend), all "
-        f"training every round; {settings}"
+        f"- Setup: {supernodes} simulated SuperNodes (`flwr run`, Ray backend), "
+        + (
+            "all training every round"
+            if regime.fraction_train == 1.0
+            else f"{max(2, int(supernodes * regime.fraction_train))} sampled per round "
+            "(seeded, the same for every method of a seed)"
+        )
+        + f"; {settings}"
         + (f"; {args.extra_run_config}" if args.extra_run_config else ""),
         "- Accuracy: central test set (10k) after the round. Δ: final accuracy minus "
         "FedAvg's at the same alpha, in points. Rounds to FedAvg's final: first round at "
@@ -551,6 +768,28 @@ def main() -> None:
             "with FedAvg's run of the same seed:",
             "",
             seed_summary(results),
+            "",
+        ]
+    if regime.fraction_train < 1.0:
+        teacher_plot = PLOTS / f"{args.section}-teacher.png"
+        plot_teacher_vs_average(results, teacher_plot)
+        lines += [
+            f"Client drift (last {TAIL} rounds; teacher > average: rounds where the "
+            "teacher's validation accuracy beat the parameter average's, the start of "
+            "distillation; sampling: whether every method of the seed trained the same "
+            "partitions in every round):",
+            "",
+            drift_table(results),
+            "",
+            sampling_check(results),
+            "",
+            "Per round, first seed: the sampled partitions, the classes they hold "
+            "(>= 1% of their samples), and each distilling method's validation accuracy "
+            "of teacher / parameter average / served student:",
+            "",
+            round_table(results),
+            "",
+            f"![teacher vs average](simulations/plots/{teacher_plot.name})",
             "",
         ]
     if args.posthoc_prior_correction:

@@ -38,6 +38,7 @@ from fl_ec.feature_calibration import (
 )
 from fl_ec.head_calibration import measure_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
+from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
 from fl_ec.training import (
     TrainResult,
     device_capability,
@@ -63,12 +64,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query_handler(msg: Message, context: Context) -> Message:
-    """Class-conditional feature statistics of the sent model on this node's data.
+    """Who this node is, or class-conditional feature statistics of the sent model.
 
-    FedEC's ``feature-calibration`` asks for them after aggregating a round: one
-    forward pass, no training (:mod:`fl_ec.feature_calibration`).
+    ``describe=true``: the partition id and its class counts (seeded client sampling,
+    :mod:`fl_ec.strategies.sampling`). ``feature-stats=true``: FedEC's
+    ``feature-calibration`` asks for them after aggregating a round: one forward pass,
+    no training (:mod:`fl_ec.feature_calibration`).
     """
     try:
+        if bool(msg.content["config"].get(DESCRIBE_KEY, False)):
+            return _describe(msg, context)
         return _feature_stats(msg, context)
     except FlEcError as err:
         return Message(Error(code=FL_EC_ERROR_CODE, reason=str(err)), reply_to=msg)
@@ -247,6 +252,16 @@ def _evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _describe(msg: Message, context: Context) -> Message:
+    config = ExperimentConfig.from_run_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    data = _client_data(config, node.partition_id, node.num_partitions)
+    info = ConfigRecord(
+        {PARTITION_ID_KEY: node.partition_id, CLASS_COUNTS_KEY: data.train.class_counts()}
+    )
+    return Message(content=RecordDict({NODE_INFO_KEY: info}), reply_to=msg)
 
 
 def _feature_stats(msg: Message, context: Context) -> Message:

@@ -34,14 +34,12 @@ def payload_bytes(content: RecordDict) -> int:
     )
 
 
-class MeteredGrid(Grid):
-    """A ``Grid`` that forwards everything to ``inner`` and records traffic and timing."""
+class DelegatingGrid(Grid):
+    """A ``Grid`` that forwards everything to ``inner``; subclasses override what they change."""
 
-    def __init__(self, inner: Grid, recorder: RunRecorder) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.recorder = recorder
 
-    # -- plain delegation -------------------------------------------------------
     def set_run(self, run):  # noqa: ANN001, ANN201 - signature fixed by Flower
         self.inner.set_run(run)
 
@@ -63,6 +61,19 @@ class MeteredGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(DelegatingGrid):
+    """A ``Grid`` that forwards everything to ``inner`` and records traffic and timing."""
+
+    def __init__(self, inner: Grid, recorder: RunRecorder) -> None:
+        super().__init__(inner)
+        self.recorder = recorder
 
     # -- the metered path ------------------------------------------------------
     def send_and_receive(

@@ -1,0 +1,165 @@
+"""Seeded client sampling: with one seed, every strategy trains the same clients each round.
+
+Flower's strategies sample nodes with ``random.sample`` on the process-wide random state,
+which anything else in the ServerApp can advance, over node ids that are random per run.
+So two methods run with the same seed train different clients, and with a few of many
+clients per round *which* clients were sampled moves accuracy by several points.
+
+:func:`seeded_sampling` fixes both, around any Flower strategy and without changing its
+code: before its first round it asks every node which partition it holds (a ``query``
+message the fl-ec ClientApp answers with its ``partition-id`` and class counts), lists
+the nodes in partition order, and runs each ``configure_train`` / ``configure_evaluate``
+on a random state seeded by (seed, round, phase) that it restores afterwards. The sample
+is then a function of the seed, the round and the number of nodes only. Nodes that do
+not answer (a stock ClientApp) are listed after the others by node id, with a warning.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
+from fl_ec.strategies.instrumentation import DelegatingGrid
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node said about itself: its data partition and that partition's labels."""
+
+    partition_id: int
+    class_counts: tuple[float, ...]
+
+
+def parse_node_info(reply: Message) -> NodeInfo:
+    """A describe reply's :class:`NodeInfo`; ``ValueError`` with the reason otherwise."""
+    if reply.has_error():
+        raise ValueError(f"error reply: {reply.error.reason}")
+    if NODE_INFO_KEY not in reply.content.config_records:
+        raise ValueError(f"no {NODE_INFO_KEY!r} record")
+    record = reply.content.config_records[NODE_INFO_KEY]
+    partition = record.get(PARTITION_ID_KEY)
+    if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
+        raise ValueError(f"{PARTITION_ID_KEY}={partition!r} is not a non-negative integer")
+    counts = record.get(CLASS_COUNTS_KEY, [])
+    if not isinstance(counts, list) or not all(
+        isinstance(c, int | float) and 0 <= c < float("inf") for c in counts
+    ):
+        raise ValueError(f"{CLASS_COUNTS_KEY} is not a list of finite non-negative numbers")
+    return NodeInfo(partition, tuple(float(c) for c in counts))
+
+
+class SeededSampler:
+    """Canonical node order (by partition) and a per-round seeded random state."""
+
+    def __init__(self, seed: int, timeout: float = 600.0) -> None:
+        self.seed = seed
+        self.timeout = timeout
+        self.info: dict[int, NodeInfo] = {}
+        self._asked: set[int] = set()
+
+    def ordered_nodes(self, grid: Grid) -> list[int]:
+        """The grid's nodes, described ones by partition id first, then the rest by id."""
+        nodes = sorted(grid.get_node_ids())
+        new = [node for node in nodes if node not in self._asked]
+        if new:
+            self._describe(grid, new)
+        described = sorted(
+            (n for n in nodes if n in self.info), key=lambda n: (self.info[n].partition_id, n)
+        )
+        return described + [n for n in nodes if n not in self.info]
+
+    @contextmanager
+    def random_state(self, server_round: int, phase: str) -> Iterator[None]:
+        """Run the body on ``random`` seeded by (seed, round, phase); restore it after."""
+        saved = random.getstate()
+        random.seed(f"fl-ec-sampling:{self.seed}:{server_round}:{phase}")
+        try:
+            yield
+        finally:
+            random.setstate(saved)
+
+    def _describe(self, grid: Grid, nodes: list[int]) -> None:
+        self._asked.update(nodes)
+        config = ConfigRecord({DESCRIBE_KEY: True})
+        messages = [
+            Message(RecordDict({"config": config}), dst_node_id=node, message_type=QUERY)
+            for node in nodes
+        ]
+        start = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            try:
+                self.info[node] = parse_node_info(reply)
+            except ValueError as reason:
+                log(WARNING, "sampling: node %d did not describe itself: %s", node, reason)
+        silent = [n for n in nodes if n not in answered]
+        if silent:
+            log(WARNING, "sampling: no describe reply from nodes %s", silent)
+        log(
+            WARNING if len(self.info) < len(self._asked) else INFO,
+            "sampling: %d of %d nodes described their partition in %.1fs",
+            sum(n in self.info for n in nodes),
+            len(nodes),
+            time.perf_counter() - start,
+        )
+
+
+class OrderedGrid(DelegatingGrid):
+    """``inner`` whose ``get_node_ids`` lists the nodes in a fixed order."""
+
+    def __init__(self, inner: Grid, order: list[int]) -> None:
+        super().__init__(inner)
+        self.order = order
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.order)
+
+
+QUERY = MessageType.QUERY
+SampleCallback = Callable[[int, list[int], dict[int, NodeInfo]], None]
+
+
+def seeded_sampling(
+    strategy: Strategy, sampler: SeededSampler, on_sample: SampleCallback | None = None
+) -> Strategy:
+    """Make ``strategy``'s node sampling seeded and strategy-independent (this instance).
+
+    ``on_sample(server_round, sampled_node_ids, node_info)`` is called after each
+    training round's sample is drawn, e.g. to record which partitions trained.
+    """
+    configure_train = strategy.configure_train
+    configure_evaluate = strategy.configure_evaluate
+
+    def seeded_configure_train(
+        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        view = OrderedGrid(grid, sampler.ordered_nodes(grid))
+        with sampler.random_state(server_round, "train"):
+            messages = list(configure_train(server_round, arrays, config, view))
+        if on_sample is not None:
+            on_sample(server_round, [m.metadata.dst_node_id for m in messages], sampler.info)
+        return messages
+
+    def seeded_configure_evaluate(
+        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        view = OrderedGrid(grid, sampler.ordered_nodes(grid))
+        with sampler.random_state(server_round, "evaluate"):
+            return list(configure_evaluate(server_round, arrays, config, view))
+
+    strategy.configure_train = seeded_configure_train  # type: ignore[method-assign]
+    strategy.configure_evaluate = seeded_configure_evaluate  # type: ignore[method-assign]
+    return strategy

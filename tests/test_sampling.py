@@ -1,0 +1,114 @@
+"""Seeded client sampling: the same partitions per round whatever the strategy or node ids."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fl_ec.models.spec import ArchSpec, build_model
+from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
+from fl_ec.strategies.fedec import FedEC
+from fl_ec.strategies.sampling import SeededSampler, parse_node_info, seeded_sampling
+
+SPEC = ArchSpec("cnn", (1, 28, 28), 10)
+
+
+class DescribingGrid:
+    """Nodes with random ids answering describe queries as fl-ec's ClientApp does.
+
+    ``silent`` nodes answer with an error (a stock ClientApp without the handler).
+    """
+
+    def __init__(self, partitions: int, id_seed: int, silent: frozenset[int] = frozenset()):
+        ids = random.Random(id_seed).sample(range(1, 10**9), partitions)
+        self.partition_of = dict(zip(ids, range(partitions), strict=True))
+        self.silent = silent
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.partition_of)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            assert message.content["config"][DESCRIBE_KEY] is True
+            self.queries += 1
+            partition = self.partition_of[message.metadata.dst_node_id]
+            if partition in self.silent:
+                replies.append(Message(Error(code=0, reason="no query handler"), reply_to=message))
+                continue
+            info = ConfigRecord({PARTITION_ID_KEY: partition, CLASS_COUNTS_KEY: [partition, 1]})
+            replies.append(Message(RecordDict({NODE_INFO_KEY: info}), reply_to=message))
+        return replies
+
+
+def sampled_partitions(strategy, grid, rounds=4, seed=7):
+    seeded_sampling(strategy, SeededSampler(seed))
+    arrays = ArrayRecord(build_model(SPEC).state_dict())
+    out = []
+    for server_round in range(1, rounds + 1):
+        random.random()  # anything else in the ServerApp may advance the global state
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        out.append(sorted(grid.partition_of[m.metadata.dst_node_id] for m in messages))
+    return out
+
+
+def test_strategies_with_one_seed_train_the_same_partitions_every_round(task_identity):
+    fedavg = sampled_partitions(FedAvg(fraction_train=0.2), DescribingGrid(20, id_seed=1))
+    random.seed(123)  # a different global state, different node ids, another strategy
+    grid = DescribingGrid(20, id_seed=2)
+    fedec = sampled_partitions(
+        FedEC(proxy_data=torch.zeros(4, 1, 28, 28), arch_spec=SPEC, fraction_train=0.2), grid
+    )
+    assert fedavg == fedec
+    assert all(len(sample) == 4 for sample in fedavg)
+    assert len({tuple(s) for s in fedavg}) == 4  # rounds differ
+    assert grid.queries == 20  # each node is described once, not every round
+    other_seed = sampled_partitions(FedAvg(fraction_train=0.2), DescribingGrid(20, 1), seed=8)
+    assert other_seed != fedavg
+
+
+def test_sampling_restores_the_global_random_state(task_identity):
+    strategy = seeded_sampling(FedAvg(fraction_train=0.5), SeededSampler(0))
+    random.seed(5)
+    expected = [random.random() for _ in range(3)]
+    random.seed(5)
+    strategy.configure_train(
+        1, ArrayRecord(build_model(SPEC).state_dict()), ConfigRecord(), DescribingGrid(6, 0)
+    )
+    assert [random.random() for _ in range(3)] == expected
+
+
+def test_nodes_that_do_not_describe_themselves_come_last_by_node_id(task_identity):
+    grid = DescribingGrid(5, id_seed=3, silent=frozenset({0, 3}))
+    order = SeededSampler(0).ordered_nodes(grid)
+    partitions = [grid.partition_of[n] for n in order]
+    assert partitions[:3] == [1, 2, 4]
+    silent_ids = sorted(n for n, p in grid.partition_of.items() if p in (0, 3))
+    assert order[3:] == silent_ids
+
+
+def test_describe_replies_are_validated(task_identity):
+    query = Message(RecordDict({"config": ConfigRecord({DESCRIBE_KEY: True})}), 5, "query")
+
+    def reply(**fields):
+        return Message(RecordDict({NODE_INFO_KEY: ConfigRecord(fields)}), reply_to=query)
+
+    info = parse_node_info(reply(**{PARTITION_ID_KEY: 3, CLASS_COUNTS_KEY: [2, 0, 5]}))
+    assert info.partition_id == 3 and info.class_counts == (2.0, 0.0, 5.0)
+    for bad in (
+        {PARTITION_ID_KEY: -1},
+        {PARTITION_ID_KEY: 1.5},
+        {PARTITION_ID_KEY: True},
+        {PARTITION_ID_KEY: 1, CLASS_COUNTS_KEY: [1.0, float("inf")]},
+        {PARTITION_ID_KEY: 1, CLASS_COUNTS_KEY: [-1]},
+        {CLASS_COUNTS_KEY: [1]},
+    ):
+        try:
+            parse_node_info(reply(**bad))
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad}")

@@ -693,3 +693,16 @@ def test_previous_model_votes_with_the_earlier_rounds_labels_under_class_memory(
 def test_class_memory_votes_need_the_previous_model(data):
     with pytest.raises(ValueError, match="previous_votes"):
         _strategy(data, previous_votes="latest")
+
+
+def test_without_distillation_fedec_serves_fedavgs_average_bit_for_bit(task_identity, data):
+    from flwr.serverapp.strategy import FedAvg
+
+    replies = [_reply(n, _global(seed=n), num_examples=97 + 31 * n) for n in (1, 2, 3, 4)]
+    expected, _ = FedAvg().aggregate_train(1, replies)
+    strategy = _strategy(data, distill=DistillSettings(steps=0), client_start="average")
+    _start_round(strategy, _global())
+    served, _ = strategy.aggregate_train(1, replies)
+    for key, array in expected.to_torch_state_dict().items():
+        assert torch.equal(served.to_torch_state_dict()[key], array), key
+        assert torch.equal(strategy.client_start_arrays.to_torch_state_dict()[key], array), key

@@ -112,3 +112,22 @@ def test_describe_replies_are_validated(task_identity):
         except ValueError:
             continue
         raise AssertionError(f"accepted {bad}")
+
+
+def test_aggregation_sees_the_replies_in_node_order_not_arrival_order(task_identity):
+    grid = DescribingGrid(6, id_seed=4)
+    seen = []
+
+    class Recording(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            seen.append([grid.partition_of[r.metadata.src_node_id] for r in replies])
+            return None, None
+
+    strategy = seeded_sampling(Recording(), SeededSampler(0))
+    messages = strategy.configure_train(
+        1, ArrayRecord(build_model(SPEC).state_dict()), ConfigRecord(), grid
+    )
+    replies = [Message(RecordDict(), reply_to=m) for m in messages]
+    strategy.aggregate_train(1, list(reversed(replies)))
+    strategy.aggregate_train(1, replies[1:] + replies[:1])
+    assert seen[0] == seen[1] == sorted(seen[0]) and len(seen[0]) == 6

@@ -133,20 +133,25 @@ def group_by_spec(models: Iterable[ClientModel]) -> dict[str, list[ClientModel]]
 def weighted_average(models: list[ClientModel]) -> dict[str, torch.Tensor]:
     """Parameter average weighted by num-examples (all models must share shapes).
 
-    Integer buffers (BatchNorm's ``num_batches_tracked``) are averaged then rounded
-    back to their dtype, so the result loads into the same architecture.
+    The arithmetic is Flower's ``FedAvg``'s, step for step: each model's arrays times
+    its weight, summed in reply order in the arrays' own dtype. So FedEC without
+    distillation serves FedAvg's model bit for bit, and a run's difference from FedAvg
+    is the distillation's alone; a last-bit difference would otherwise grow, through
+    the clients' local epochs, into a different trajectory. Integer buffers
+    (BatchNorm's ``num_batches_tracked``) are averaged in float64 and rounded back to
+    their dtype, so the result loads into the same architecture.
     """
     total = sum(m.num_examples for m in models)
     average: dict[str, torch.Tensor] = {}
     for key, reference in models[0].state.items():
-        acc = torch.zeros(reference.shape, dtype=torch.float64)
-        for m in models:
-            acc += m.state[key].to(torch.float64) * (m.num_examples / total)
-        average[key] = (
-            acc.round().to(reference.dtype)
-            if not reference.is_floating_point()
-            else acc.to(reference.dtype)
-        )
+        if not reference.is_floating_point():
+            acc = sum(m.state[key].to(torch.float64) * (m.num_examples / total) for m in models)
+            average[key] = acc.round().to(reference.dtype)
+            continue
+        acc = models[0].state[key] * (models[0].num_examples / total)
+        for m in models[1:]:
+            acc += m.state[key].to(reference.dtype) * (m.num_examples / total)
+        average[key] = acc
     return average
 
 

@@ -12,6 +12,12 @@ the nodes in partition order, and runs each ``configure_train`` / ``configure_ev
 on a random state seeded by (seed, round, phase) that it restores afterwards. The sample
 is then a function of the seed, the round and the number of nodes only. Nodes that do
 not answer (a stock ClientApp) are listed after the others by node id, with a warning.
+
+It also hands ``aggregate_train`` / ``aggregate_evaluate`` the replies in that node
+order instead of their arrival order: float sums depend on the order of their terms,
+and in a federation of several local epochs a last-bit difference in one round's
+average grows into a different trajectory. With both fixed, FedAvg's run is
+reproducible, and a FedEC run without distillation serves exactly FedAvg's models.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class SeededSampler:
         self.timeout = timeout
         self.info: dict[int, NodeInfo] = {}
         self._asked: set[int] = set()
+        self._position: dict[int, int] = {}  # node -> place in the last ordered_nodes()
 
     def ordered_nodes(self, grid: Grid) -> list[int]:
         """The grid's nodes, described ones by partition id first, then the rest by id."""
@@ -76,7 +83,20 @@ class SeededSampler:
         described = sorted(
             (n for n in nodes if n in self.info), key=lambda n: (self.info[n].partition_id, n)
         )
-        return described + [n for n in nodes if n not in self.info]
+        order = described + [n for n in nodes if n not in self.info]
+        self._position = {node: i for i, node in enumerate(order)}
+        return order
+
+    def in_node_order(self, replies: Iterable[Message]) -> list[Message]:
+        """``replies`` sorted by their sender's place in the node order (unknown: last)."""
+        last = len(self._position)
+        return sorted(
+            replies,
+            key=lambda r: (
+                self._position.get(r.metadata.src_node_id, last),
+                r.metadata.src_node_id,
+            ),
+        )
 
     @contextmanager
     def random_state(self, server_round: int, phase: str) -> Iterator[None]:
@@ -135,13 +155,16 @@ SampleCallback = Callable[[int, list[int], dict[int, NodeInfo]], None]
 def seeded_sampling(
     strategy: Strategy, sampler: SeededSampler, on_sample: SampleCallback | None = None
 ) -> Strategy:
-    """Make ``strategy``'s node sampling seeded and strategy-independent (this instance).
+    """Make ``strategy``'s node sampling seeded and strategy-independent (this instance),
+    and its aggregation see the replies in node order.
 
     ``on_sample(server_round, sampled_node_ids, node_info)`` is called after each
     training round's sample is drawn, e.g. to record which partitions trained.
     """
     configure_train = strategy.configure_train
     configure_evaluate = strategy.configure_evaluate
+    aggregate_train = strategy.aggregate_train
+    aggregate_evaluate = strategy.aggregate_evaluate
 
     def seeded_configure_train(
         server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -160,6 +183,14 @@ def seeded_sampling(
         with sampler.random_state(server_round, "evaluate"):
             return list(configure_evaluate(server_round, arrays, config, view))
 
+    def ordered_aggregate_train(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
+        return aggregate_train(server_round, sampler.in_node_order(replies))
+
+    def ordered_aggregate_evaluate(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
+        return aggregate_evaluate(server_round, sampler.in_node_order(replies))
+
     strategy.configure_train = seeded_configure_train  # type: ignore[method-assign]
+    strategy.aggregate_train = ordered_aggregate_train  # type: ignore[method-assign]
+    strategy.aggregate_evaluate = ordered_aggregate_evaluate  # type: ignore[method-assign]
     strategy.configure_evaluate = seeded_configure_evaluate  # type: ignore[method-assign]
     return strategy

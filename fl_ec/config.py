@@ -26,7 +26,6 @@ STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
-PREVIOUS_VOTES = ("mean-client", "class-memory")  # the previous model as a teacher member
 CALIBRATION_ROUNDS = ("all", "last", "every-N")  # FedEC feature-calibration: which rounds
 # Which layers feature-calibration retrains (fl_ec.feature_calibration.CalibrationSettings).
 CALIBRATION_LAYERS = ("classifier", "dense")
@@ -82,7 +81,6 @@ class ExperimentConfig:
     trim_ratio: float = 0.1
     teacher_includes_average: bool = False
     teacher_includes_previous: bool = False
-    previous_votes: str = "mean-client"
     proxy_per_round: int = 0
     augment_copies: int = 0
     student_init: str = "average"
@@ -198,12 +196,6 @@ class ExperimentConfig:
         _choice("teacher-rule", self.teacher_rule, TEACHER_RULES)
         _choice("student-init", self.student_init, STUDENT_INITS)
         _choice("client-start", self.client_start, CLIENT_STARTS)
-        _choice("previous-votes", self.previous_votes, PREVIOUS_VOTES)
-        if self.previous_votes != "mean-client" and not self.teacher_includes_previous:
-            raise ConfigError(
-                f"previous-votes={self.previous_votes!r} weighs the previous global model "
-                "in the teacher: set teacher-includes-previous=true"
-            )
         if self.prior_correction and self.strategy == "fedavg":
             raise ConfigError(
                 "prior-correction needs the server's proxy set, which strategy=fedavg has "

@@ -58,33 +58,6 @@ RULES = (
 WEIGHTED_RULES = ("weighted", "label-aware", "gated")
 
 
-class ClassMemory:
-    """The labels the federation trained on in earlier rounds: mean class counts per reply.
-
-    Under partial participation a round's few clients miss whole classes, and the
-    label-aware teacher has nobody to ask about them. The previous global model learnt
-    them from earlier rounds' clients; as a teacher member it votes with
-    :meth:`counts`, the class counts of one average past client. So on a class this
-    round's clients lack it decides alone, and on the others it is one more voter.
-    """
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.replies = 0
-
-    def counts(self, num_classes: int) -> list[float]:
-        """One average past reply's class counts (zeros before the first update)."""
-        if self.total is None:
-            return [0.0] * num_classes
-        return (self.total / self.replies).tolist()
-
-    def update(self, class_counts: Sequence[Sequence[float]]) -> None:
-        """Add this round's replies' class counts (after the round's teacher used it)."""
-        counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float64)
-        self.total = counts.sum(0) if self.total is None else self.total + counts.sum(0)
-        self.replies += counts.shape[0]
-
-
 @dataclass
 class TeacherOutputs:
     """Combined teacher logits over the proxy set, plus how long the pass took."""

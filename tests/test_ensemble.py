@@ -112,14 +112,3 @@ def test_gated_corrects_each_clients_prior_and_lets_the_confident_client_win():
     assert torch.allclose(combined.sum(-1), torch.ones(1))
     assert combined[0, 1] > 0.75  # plain mean-probs would say ~0.98 / 0.02 -> 0.5 / 0.5
     assert combine(stacked, "mean-probs").exp()[0, 1] < combined[0, 1]
-
-
-def test_class_memory_is_the_mean_class_counts_of_every_earlier_reply():
-    from fl_ec.ensemble import ClassMemory
-
-    memory = ClassMemory()
-    assert memory.counts(3) == [0.0, 0.0, 0.0]
-    memory.update([[2, 0, 0], [4, 2, 0]])
-    assert memory.counts(3) == pytest.approx([3.0, 1.0, 0.0])
-    memory.update([[0, 0, 9]])
-    assert memory.counts(3) == pytest.approx([2.0, 2 / 3, 3.0])

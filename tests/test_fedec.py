@@ -649,52 +649,6 @@ def test_tail_average_needs_the_average_as_student_start(data):
         _strategy(data, tail_average_rounds=0)
 
 
-def test_previous_model_votes_with_the_earlier_rounds_labels_under_class_memory(
-    task_identity, data, monkeypatch
-):
-    import fl_ec.strategies.fedec as fedec_module
-
-    counts_seen = []
-    real_teacher_logits = fedec_module.teacher_logits
-
-    def spy(models, inputs, *args, **kwargs):
-        counts_seen.append(kwargs["class_counts"])
-        return real_teacher_logits(models, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(fedec_module, "teacher_logits", spy)
-    strategy = _strategy(
-        data,
-        teacher_rule="label-aware",
-        teacher_includes_previous=True,
-        previous_votes="class-memory",
-    )
-    round_1 = [[10.0] * 5 + [0.0] * 5, [30.0] * 5 + [0.0] * 5]  # classes 5-9 absent
-    round_2 = [[0.0] * 5 + [8.0] * 5, [0.0] * 5 + [8.0] * 5]  # classes 0-4 absent
-    for server_round, counts in ((1, round_1), (2, round_2)):
-        _start_round(strategy, _global())
-        replies = [_reply(n, _global(seed=n), class_counts=c) for n, c in enumerate(counts, 1)]
-        counts_seen.clear()
-        strategy.aggregate_train(server_round, replies)
-        previous_votes = counts_seen[-1][-1]
-        if server_round == 1:  # nothing learnt yet: the initial model has no say
-            assert previous_votes == [0.0] * 10
-        else:  # one average round-1 client: it alone speaks for classes 0-4
-            assert previous_votes == pytest.approx([20.0] * 5 + [0.0] * 5)
-        assert counts_seen[-1][:2] == counts
-    plain = _strategy(data, teacher_rule="label-aware", teacher_includes_previous=True)
-    _start_round(plain, _global())
-    counts_seen.clear()
-    plain.aggregate_train(
-        1, [_reply(n, _global(seed=n), class_counts=c) for n, c in enumerate(round_1, 1)]
-    )
-    assert counts_seen[-1][-1] == pytest.approx([20.0] * 5 + [0.0] * 5)  # the round's mean client
-
-
-def test_class_memory_votes_need_the_previous_model(data):
-    with pytest.raises(ValueError, match="previous_votes"):
-        _strategy(data, previous_votes="latest")
-
-
 def test_without_distillation_fedec_serves_fedavgs_average_bit_for_bit(task_identity, data):
     from flwr.serverapp.strategy import FedAvg
 

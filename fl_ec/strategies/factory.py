@@ -72,7 +72,6 @@ def build_strategy(
             tail_average_rounds=config.tail_average_rounds,
             teacher_includes_average=config.teacher_includes_average,
             teacher_includes_previous=config.teacher_includes_previous,
-            previous_votes=config.previous_votes,
             proxy_per_round=config.proxy_per_round,
             augment_copies=config.augment_copies,
             proxy_batch_size=config.eval_batch_size,

@@ -31,15 +31,9 @@ from fl_ec.calibration import (
     prior_offsets,
     target_prior,
 )
-from fl_ec.config import CLIENT_STARTS, PREVIOUS_VOTES, STUDENT_INITS, calibration_every
+from fl_ec.config import CLIENT_STARTS, STUDENT_INITS, calibration_every
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
-from fl_ec.ensemble import (
-    RULES,
-    WEIGHTED_RULES,
-    ClassMemory,
-    logits_accuracy,
-    teacher_logits,
-)
+from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.feature_calibration import (
     STATS_COMPONENTS_KEY,
@@ -156,12 +150,6 @@ class FedEC(FedAvg):
         Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
         Add the previous global model as one more teacher member.
-    previous_votes : str (default: "mean-client")
-        How the previous global model votes in a class-weighted teacher rule.
-        ``mean-client``: with the mean class counts of this round's replies, like one
-        more client of this round. ``class-memory``: with the mean class counts of all
-        earlier rounds' replies (:class:`fl_ec.ensemble.ClassMemory`), so on the
-        classes this round's sampled clients lack it decides alone.
     proxy_per_round : int (default: 0)
         Use a fresh seeded random subset of this many proxy samples each round for the
         teacher and distillation (0: the whole proxy set). Bounds server time per round
@@ -205,7 +193,6 @@ class FedEC(FedAvg):
         tail_average_rounds: int = 1,
         teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
-        previous_votes: str = "mean-client",
         proxy_per_round: int = 0,
         augment_copies: int = 0,
         proxy_batch_size: int = 512,
@@ -268,12 +255,6 @@ class FedEC(FedAvg):
                 calibrated_layers(probe, self.calibration)
         self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
-        if previous_votes not in PREVIOUS_VOTES:
-            raise ValueError(
-                f"previous_votes={previous_votes!r}: choose one of {', '.join(PREVIOUS_VOTES)}"
-            )
-        self.previous_votes = previous_votes
-        self.class_memory = ClassMemory()
         if proxy_per_round < 0:
             raise ValueError(f"proxy_per_round={proxy_per_round} must be >= 0 (0: all)")
         self.proxy_per_round = proxy_per_round
@@ -439,13 +420,6 @@ class FedEC(FedAvg):
             if weights["class_counts"] is not None:
                 mean_c = torch.tensor(weights["class_counts"]).mean(0).tolist()
                 weights["class_counts"] += [mean_c] * extra
-                if self.teacher_includes_previous and self.previous_votes == "class-memory":
-                    # The previous model is the last member: it votes with the labels
-                    # of the earlier rounds' clients, so it alone speaks for the
-                    # classes this round's clients lack.
-                    weights["class_counts"][-1] = self.class_memory.counts(len(mean_c))
-        if weights["class_counts"] is not None:  # after this round's teacher used it
-            self.class_memory.update(weights["class_counts"][: len(accepted)])
         rule = self.teacher_rule
         if rule in ("label-aware", "gated") and weights["class_counts"] is None:
             # Replies from clients that do not report class counts (e.g. a stock

@@ -29,6 +29,8 @@ CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
 CALIBRATION_ROUNDS = ("all", "last", "every-N")  # FedEC feature-calibration: which rounds
 # Which layers feature-calibration retrains (fl_ec.feature_calibration.CalibrationSettings).
 CALIBRATION_LAYERS = ("classifier", "dense")
+# Which nodes feature-calibration queries: the round's sampled clients, or every node.
+CALIBRATION_NODES = ("sampled", "all")
 VARIANT_CLIENT_STARTS = ("tuned", "derived")  # FedHCE: what clients train
 DOWNLINK_ROUNDINGS = ("nearest", "stochastic")  # FedHCE: rounding of packed variants
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
@@ -94,6 +96,7 @@ class ExperimentConfig:
     calibration_layers: str = "classifier"
     calibration_rank: int = 64
     calibration_components: int = 1
+    calibration_nodes: str = "sampled"
     tail_average_rounds: int = 1
     distill_steps: int = 500
     distill_batch_size: int = 128
@@ -219,6 +222,7 @@ class ExperimentConfig:
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
         _choice("calibration-layers", self.calibration_layers, CALIBRATION_LAYERS)
+        _choice("calibration-nodes", self.calibration_nodes, CALIBRATION_NODES)
         if self.calibration_rank < 1:
             raise ConfigError(f"calibration-rank={self.calibration_rank} must be >= 1")
         if self.calibration_components < 1:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fl_ec.calibration import classifier_of
-from fl_ec.config import CALIBRATION_LAYERS
+from fl_ec.config import CALIBRATION_LAYERS, CALIBRATION_NODES
 from fl_ec.models.layout import channels_last
 
 # The query reply's ArrayRecord holding them, and the query config flag asking for them.
@@ -261,6 +261,10 @@ class CalibrationSettings:
     layer's inputs; :mod:`fl_ec.head_calibration`). ``components`` > 1 (``dense``
     only): each client splits each class it holds into that many k-means clusters and
     sends one rank-``rank`` Gaussian per cluster; the server samples their mixture.
+    ``nodes``: who is asked for statistics, the round's ``sampled`` clients or ``all``
+    connected nodes. Under partial participation a round's few clients hold a few
+    classes, and a head calibrated on their statistics forgets the others; a query is
+    one forward pass, far cheaper than the training round that sampled them.
     """
 
     samples: int = 20_000
@@ -270,8 +274,13 @@ class CalibrationSettings:
     layers: str = "classifier"
     rank: int = 64
     components: int = 1
+    nodes: str = "sampled"
 
     def __post_init__(self) -> None:
+        if self.nodes not in CALIBRATION_NODES:
+            raise ValueError(
+                f"calibration nodes {self.nodes!r}: choose one of {', '.join(CALIBRATION_NODES)}"
+            )
         if self.layers not in CALIBRATION_LAYERS:  # the run-config's choices
             raise ValueError(
                 f"calibration layers {self.layers!r}: choose one of {', '.join(CALIBRATION_LAYERS)}"

@@ -660,3 +660,27 @@ def test_without_distillation_fedec_serves_fedavgs_average_bit_for_bit(task_iden
     for key, array in expected.to_torch_state_dict().items():
         assert torch.equal(served.to_torch_state_dict()[key], array), key
         assert torch.equal(strategy.client_start_arrays.to_torch_state_dict()[key], array), key
+
+
+def test_calibration_nodes_all_queries_every_node_not_only_the_sampled(task_identity, data):
+    proxy, (val_x, val_y) = data
+    node_data = {n: (val_x[n::5], val_y[n::5]) for n in range(1, 6)}
+    replies = [_reply(n, _global(seed=n)) for n in (1, 2)]  # 2 of 5 nodes trained
+    queried = {}
+    for nodes in ("sampled", "all"):
+        strategy = FedEC(
+            proxy_data=proxy,
+            arch_spec=SPEC,
+            distill=DistillSettings(steps=0),
+            feature_calibration=True,
+            calibration=CalibrationSettings(nodes=nodes),
+            min_train_nodes=2,
+        )
+        _start_round(strategy, _global())
+        strategy.grid = FeatureStatsGrid(node_data)
+        strategy.aggregate_train(1, replies)
+        queried[nodes] = sorted(m.metadata.dst_node_id for m in strategy.grid.queries)
+        assert strategy.server_metrics[1]["calibration-valid-replies"] == len(queried[nodes])
+    assert queried == {"sampled": [1, 2], "all": [1, 2, 3, 4, 5]}
+    with pytest.raises(ValueError, match="calibration nodes"):
+        CalibrationSettings(nodes="some")

@@ -68,6 +68,7 @@ def build_strategy(
                 layers=config.calibration_layers,
                 rank=config.calibration_rank,
                 components=config.calibration_components,
+                nodes=config.calibration_nodes,
             ),
             tail_average_rounds=config.tail_average_rounds,
             teacher_includes_average=config.teacher_includes_average,

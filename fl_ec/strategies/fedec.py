@@ -518,9 +518,10 @@ class FedEC(FedAvg):
     ) -> dict[str, float]:
         """Ask the round's clients for feature statistics of ``served``; calibrate it."""
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in served.state_dict().items()})
-        parts, stats = self._query_feature_stats(
-            server_round, arrays, {}, served, [m.node_id for m in accepted]
-        )
+        nodes = [m.node_id for m in accepted]
+        if self.calibration.nodes == "all" and self.grid is not None:
+            nodes = sorted(self.grid.get_node_ids())
+        parts, stats = self._query_feature_stats(server_round, arrays, {}, served, nodes)
         if not parts:
             return {**stats, "feature-calibration-applied": 0.0}
         stats.update(

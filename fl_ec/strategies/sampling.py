@@ -37,6 +37,8 @@ from flwr.serverapp.strategy import Strategy
 from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
 from fl_ec.strategies.instrumentation import DelegatingGrid
 
+QUERY = MessageType.QUERY
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -65,9 +67,14 @@ def parse_node_info(reply: Message) -> NodeInfo:
 
 
 class SeededSampler:
-    """Canonical node order (by partition) and a per-round seeded random state."""
+    """Canonical node order (by partition) and a per-round seeded random state.
 
-    def __init__(self, seed: int, timeout: float = 600.0) -> None:
+    ``timeout``: how long the describe query waits for the nodes (each loads its
+    partition to count its labels); a node that does not answer in time is listed
+    after the described ones.
+    """
+
+    def __init__(self, seed: int, timeout: float = 120.0) -> None:
         self.seed = seed
         self.timeout = timeout
         self.info: dict[int, NodeInfo] = {}
@@ -148,7 +155,6 @@ class OrderedGrid(DelegatingGrid):
         return list(self.order)
 
 
-QUERY = MessageType.QUERY
 SampleCallback = Callable[[int, list[int], dict[int, NodeInfo]], None]
 
 

@@ -102,6 +102,27 @@ def client_weights(
     return None
 
 
+def with_extra_members(
+    num_examples: Sequence[float],
+    class_counts: Sequence[Sequence[float]] | None,
+    extra: int,
+) -> tuple[list[float], list[list[float]] | None]:
+    """The clients' teacher weights plus ``extra`` members that vote like an average client.
+
+    Members that are not clients (the parameter average, the previous global model)
+    trained on no data of their own: each gets the mean ``num_examples`` and the mean
+    class counts of the clients.
+    """
+    examples = list(num_examples)
+    counts = [list(c) for c in class_counts] if class_counts is not None else None
+    if extra:
+        examples += [sum(examples) / len(examples)] * extra
+        if counts is not None:
+            mean = torch.tensor(counts, dtype=torch.float32).mean(0).tolist()
+            counts += [mean] * extra
+    return examples, counts
+
+
 def log_class_prior(
     class_counts: Sequence[float] | torch.Tensor, smoothing: float = 1.0
 ) -> torch.Tensor:

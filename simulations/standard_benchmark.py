@@ -72,14 +72,21 @@ class Regime:
     """A benchmark regime: local epochs, default rounds and the federation's shape."""
 
     local_epochs: int
-    rounds: int
+    rounds: int  # the default of --rounds
     supernodes: int
     fraction_train: float
+    round_divisor: int = 1  # runs --rounds // this many rounds
+
+    def num_rounds(self, rounds: int | None) -> int:
+        return max(1, (self.rounds if rounds is None else rounds) // self.round_divisor)
 
 
 REGIMES = {
     "standard": Regime(local_epochs=1, rounds=20, supernodes=10, fraction_train=1.0),
-    "comm-limited": Regime(local_epochs=5, rounds=4, supernodes=10, fraction_train=1.0),
+    # The standard client compute: 5x the local epochs, a fifth of the rounds.
+    "comm-limited": Regime(
+        local_epochs=5, rounds=20, supernodes=10, fraction_train=1.0, round_divisor=5
+    ),
     # 4 of 20 clients x 5 epochs is one pass over the 54k client samples per round, as in
     # the other regimes; 15 rounds keep a distilling method within ~15 min on 2 cores.
     "partial": Regime(local_epochs=5, rounds=15, supernodes=20, fraction_train=0.2),
@@ -211,6 +218,14 @@ def _first_round_reaching(rounds: list[dict], target: float) -> int | None:
     return None
 
 
+def _grouped(results: dict[tuple, dict], part: slice) -> dict[tuple, list[tuple]]:
+    """``results``' keys grouped by ``key[part]``: (method, alpha) or (alpha, seed)."""
+    groups: dict[tuple, list[tuple]] = {}
+    for key in results:
+        groups.setdefault(key[part], []).append(key)
+    return groups
+
+
 def _fedavg_of(results: dict[tuple, dict], key: tuple) -> dict | None:
     """FedAvg's run at the same alpha (and the same seed, for multi-seed results)."""
     return results.get(("fedavg", *key[1:]))
@@ -309,9 +324,7 @@ def seed_summary(results: dict[tuple, dict]) -> str:
     Δ is taken seed by seed (each seed has its own partitions and initial model, shared
     by every method), so the spread shows whether a lead survives a new federation.
     """
-    groups: dict[tuple[str, float], list[tuple]] = {}
-    for key in results:
-        groups.setdefault(key[:2], []).append(key)
+    groups = _grouped(results, slice(0, 2))
     head = [
         "method",
         "alpha",
@@ -385,9 +398,7 @@ def posthoc_table(results: dict[tuple, dict], run_dirs: dict[tuple, Path]) -> st
 def tail_stats(metrics: dict, tail: int = TAIL) -> tuple[float, float, float]:
     """Final accuracy, and mean and sd of the last ``tail`` rounds' accuracy, in %."""
     accs = [100 * r["test-accuracy"] for r in metrics["rounds"] if r["round"] > 0][-tail:]
-    mean = sum(accs) / len(accs)
-    sd = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
-    return accs[-1], mean, sd
+    return accs[-1], sum(accs) / len(accs), _sd(accs)
 
 
 def teacher_wins(metrics: dict) -> tuple[int, int]:
@@ -403,9 +414,7 @@ def teacher_wins(metrics: dict) -> tuple[int, int]:
 
 def drift_table(results: dict[tuple, dict]) -> str:
     """Per method and alpha, over seeds: final, mean / sd of the last rounds, Δs paired."""
-    groups: dict[tuple[str, float], list[tuple]] = {}
-    for key in results:
-        groups.setdefault(key[:2], []).append(key)
+    groups = _grouped(results, slice(0, 2))
     head = [
         "method",
         "alpha",
@@ -454,9 +463,7 @@ def sampled_partitions(metrics: dict) -> list[list[int] | None]:
 
 def sampling_check(results: dict[tuple, dict]) -> str:
     """One line per (alpha, seed): do all methods' runs record the same sampled partitions?"""
-    groups: dict[tuple, list[tuple]] = {}
-    for key in results:
-        groups.setdefault(key[1:], []).append(key)
+    groups = _grouped(results, slice(1, None))
     lines = []
     for rest, keys in sorted(groups.items()):
         samples = {k[0]: sampled_partitions(results[k]) for k in keys}
@@ -559,12 +566,17 @@ def plot_teacher_vs_average(results: dict[tuple, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _sd(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
 def mean_sd(values: list[float], fmt: str) -> str:
     mean = sum(values) / len(values)
     if len(values) < 2:
         return fmt.format(mean)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{fmt.format(mean)} ± {sd:.2f}"
+    return f"{fmt.format(mean)} ± {_sd(values):.2f}"
 
 
 def plot(results: dict[tuple, dict], path: Path) -> None:
@@ -663,7 +675,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fedavg"])
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5])
     parser.add_argument(
-        "--rounds", type=int, default=None, help="default: the regime's (20, 4 or 15)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="default 20 (partial: 15); comm-limited runs a fifth of them",
     )
     parser.add_argument("--regime", choices=list(REGIMES), default="standard")
     parser.add_argument("--supernodes", type=int, default=None, help="default: the regime's")
@@ -694,7 +709,7 @@ def main() -> None:
         shlex.quote(a) for a in sys.argv[1:]
     )
     regime = REGIMES[args.regime]
-    rounds = args.rounds if args.rounds is not None else regime.rounds
+    rounds = regime.num_rounds(args.rounds)
     epochs = regime.local_epochs
     supernodes = args.supernodes if args.supernodes is not None else regime.supernodes
     extra = f"fraction-train={regime.fraction_train:g} {args.extra_run_config}".strip()

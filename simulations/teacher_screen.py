@@ -36,7 +36,7 @@ from torch import nn
 from fl_ec.clients.client_app import train_locally
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import load_client_data, load_server_data
-from fl_ec.ensemble import logits_accuracy, teacher_logits
+from fl_ec.ensemble import logits_accuracy, teacher_logits, with_extra_members
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.fedec_utils import ClientModel, weighted_average
 
@@ -61,13 +61,12 @@ def teacher_accuracy(
     val_y: torch.Tensor,
 ) -> float:
     """Validation accuracy of one candidate teacher, with FedEC's member weights."""
-    members = [c.model for c in clients]
-    counts = [list(c.class_counts) for c in clients]
-    examples = [float(c.num_examples) for c in clients]
-    if with_previous:  # it votes like an average client of the round, as in FedEC
-        members.append(previous)
-        counts.append(torch.tensor(counts, dtype=torch.float64).mean(0).tolist())
-        examples.append(sum(examples) / len(examples))
+    members = [c.model for c in clients] + ([previous] if with_previous else [])
+    examples, counts = with_extra_members(
+        [float(c.num_examples) for c in clients],
+        [c.class_counts for c in clients],
+        extra=int(with_previous),  # it votes like an average client, as in FedEC
+    )
     out = teacher_logits(members, val_x, rule, num_examples=examples, class_counts=counts)
     return logits_accuracy(out.logits, val_y)
 

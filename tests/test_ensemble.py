@@ -112,3 +112,13 @@ def test_gated_corrects_each_clients_prior_and_lets_the_confident_client_win():
     assert torch.allclose(combined.sum(-1), torch.ones(1))
     assert combined[0, 1] > 0.75  # plain mean-probs would say ~0.98 / 0.02 -> 0.5 / 0.5
     assert combine(stacked, "mean-probs").exp()[0, 1] < combined[0, 1]
+
+
+def test_extra_members_vote_like_an_average_client():
+    from fl_ec.ensemble import with_extra_members
+
+    examples, counts = with_extra_members([10, 30], [[1, 3], [5, 1]], extra=2)
+    assert examples == [10, 30, 20.0, 20.0]
+    assert counts == [[1, 3], [5, 1], [3.0, 2.0], [3.0, 2.0]]
+    assert with_extra_members([10], None, extra=1) == ([10, 10.0], None)
+    assert with_extra_members([10], [[1, 2]], extra=0) == ([10], [[1, 2]])

@@ -33,7 +33,13 @@ from fl_ec.calibration import (
 )
 from fl_ec.config import CLIENT_STARTS, STUDENT_INITS, calibration_every
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
-from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
+from fl_ec.ensemble import (
+    RULES,
+    WEIGHTED_RULES,
+    logits_accuracy,
+    teacher_logits,
+    with_extra_members,
+)
 from fl_ec.errors import ModelSpecError
 from fl_ec.feature_calibration import (
     STATS_COMPONENTS_KEY,
@@ -408,18 +414,11 @@ class FedEC(FedAvg):
         round_proxy = proxy  # without augmented views: the inputs the prior is matched on
         if self.augment_copies > 0:
             proxy = torch.cat([proxy, augmented_views(proxy, self.augment_copies, generator_seed)])
-        weights = dict(
-            num_examples=[m.num_examples for m in accepted],
-            class_counts=self._class_counts(accepted),
+        extra = len(members) - len(clients) if self.teacher_rule in WEIGHTED_RULES else 0
+        num_examples, class_counts = with_extra_members(
+            [m.num_examples for m in accepted], self._class_counts(accepted), extra
         )
-        extra = len(members) - len(clients)
-        if extra and self.teacher_rule in WEIGHTED_RULES:
-            # Extra members (average / previous) vote like an average client.
-            mean_w = sum(weights["num_examples"]) / len(accepted)
-            weights["num_examples"] += [mean_w] * extra
-            if weights["class_counts"] is not None:
-                mean_c = torch.tensor(weights["class_counts"]).mean(0).tolist()
-                weights["class_counts"] += [mean_c] * extra
+        weights = dict(num_examples=num_examples, class_counts=class_counts)
         rule = self.teacher_rule
         if rule in ("label-aware", "gated") and weights["class_counts"] is None:
             # Replies from clients that do not report class counts (e.g. a stock

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fl_ec.ensemble import logits_accuracy, teacher_logits
+from fl_ec.ensemble import teacher_logits
 
 
 @dataclass(frozen=True)
@@ -132,23 +132,6 @@ def correct_prior(
     with torch.no_grad():
         classifier.bias += correction.offsets.to(classifier.bias.device, classifier.bias.dtype)
     return correction
-
-
-def corrected_accuracy(
-    model: nn.Module,
-    proxy_inputs: torch.Tensor,
-    prior: torch.Tensor,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Accuracy on ``(inputs, labels)`` the model would have after :func:`correct_prior`.
-
-    The model is not modified: the offsets are added to its logits.
-    """
-    offsets = prior_offsets(model_logits(model, proxy_inputs, batch_size, device), prior).offsets
-    return logits_accuracy(model_logits(model, inputs, batch_size, device) + offsets, labels)
 
 
 def paired_z(reference_correct: torch.Tensor, candidate_correct: torch.Tensor) -> float:

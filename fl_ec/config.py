@@ -19,20 +19,17 @@ from typing import Any
 
 from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError
-from fl_ec.layer_parallel.objectives import AUX_RESOLUTIONS, BOUNDARY_BITS, METHODS
+from fl_ec.layer_parallel.objectives import BOUNDARY_BITS, METHODS
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
-STUDENT_INITS = ("average", "previous")
 CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
 CALIBRATION_ROUNDS = ("all", "last", "every-N")  # FedEC feature-calibration: which rounds
 # Which layers feature-calibration retrains (fl_ec.feature_calibration.CalibrationSettings).
 CALIBRATION_LAYERS = ("classifier", "dense")
 # Which nodes feature-calibration queries: the round's sampled clients, or every node.
 CALIBRATION_NODES = ("sampled", "all")
-VARIANT_CLIENT_STARTS = ("tuned", "derived")  # FedHCE: what clients train
-DOWNLINK_ROUNDINGS = ("nearest", "stochastic")  # FedHCE: rounding of packed variants
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -81,15 +78,10 @@ class ExperimentConfig:
     # FedEC: ensemble teacher on the proxy set, distillation into the student
     teacher_rule: str = "label-aware"
     trim_ratio: float = 0.1
-    teacher_includes_average: bool = False
     teacher_includes_previous: bool = False
     proxy_per_round: int = 0
-    augment_copies: int = 0
-    student_init: str = "average"
     client_start: str = "student"
     prior_correction: bool = False
-    prior_correction_revert_z: float = 1.96
-    prior_aware_distillation: bool = False
     feature_calibration: bool = False
     calibration_rounds: str = "all"
     calibration_samples: int = 20_000
@@ -97,7 +89,6 @@ class ExperimentConfig:
     calibration_rank: int = 64
     calibration_components: int = 1
     calibration_nodes: str = "sampled"
-    tail_average_rounds: int = 1
     distill_steps: int = 500
     distill_batch_size: int = 128
     distill_lr: float = 1e-3
@@ -114,10 +105,6 @@ class ExperimentConfig:
     fold_pruned: bool = False
     rebase_updates: bool = True
     calibrate_variants: bool = True
-    variant_client_start: str = "tuned"
-    downlink_rounding: str = "nearest"
-    prune_importance: str = "magnitude"
-    prune_steps: int = 1
     simulated_tiers: str = ""
     # Layer-parallel training (ResNets): for clients and/or the server's distillation
     trainer: str = "sgd"
@@ -125,7 +112,6 @@ class ExperimentConfig:
     lp_stages: int = 2
     lp_method: str = "penalty"
     lp_downsample: int = 1
-    lp_aux_resolution: str = "full"
     lp_boundary_bits: int = 32
     lp_parallel_epochs: int = 1
     lp_serial_epochs: int = 1
@@ -158,7 +144,6 @@ class ExperimentConfig:
         return config
 
     def _validate_fedhce(self) -> None:
-        from fl_ec.compression.pruning import IMPORTANCES
         from fl_ec.compression.variants import parse_variants
 
         try:
@@ -179,10 +164,6 @@ class ExperimentConfig:
                 raise ConfigError(f"{key} names {name!r}, which is not in variants={names}")
         if not 0.0 <= self.diversity_weight <= 1.0:
             raise ConfigError(f"diversity-weight={self.diversity_weight} must be within [0, 1]")
-        _choice("variant-client-start", self.variant_client_start, VARIANT_CLIENT_STARTS)
-        _choice("downlink-rounding", self.downlink_rounding, DOWNLINK_ROUNDINGS)
-        _choice("prune-importance", self.prune_importance, IMPORTANCES)
-        _positive("prune-steps", self.prune_steps)
         parse_tier_counts(self.simulated_tiers)
 
     def validate(self) -> None:
@@ -197,7 +178,6 @@ class ExperimentConfig:
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("device", self.device, DEVICES)
         _choice("teacher-rule", self.teacher_rule, TEACHER_RULES)
-        _choice("student-init", self.student_init, STUDENT_INITS)
         _choice("client-start", self.client_start, CLIENT_STARTS)
         if self.prior_correction and self.strategy == "fedavg":
             raise ConfigError(
@@ -232,27 +212,6 @@ class ExperimentConfig:
                 f"calibration-components={self.calibration_components} needs "
                 'calibration-layers="dense": set it, or calibration-components=1'
             )
-        if self.tail_average_rounds < 1:
-            raise ConfigError(
-                f"tail-average-rounds={self.tail_average_rounds} must be >= 1 (1: off)"
-            )
-        if self.tail_average_rounds > 1 and self.student_init != "average":
-            raise ConfigError(
-                "tail-average-rounds > 1 averages the rounds' parameter averages: "
-                'set student-init="average" (or tail-average-rounds=1)'
-            )
-        if self.tail_average_rounds > 1 and self.strategy == "fedavg":
-            raise ConfigError(
-                "tail-average-rounds is a FedEC option: for FedAvg + tail averaging set "
-                'strategy="fedec", distill-steps=0, client-start="average"'
-            )
-        if self.prior_aware_distillation and not self.prior_correction:
-            raise ConfigError("prior-aware-distillation needs prior-correction=true")
-        if not (self.prior_correction_revert_z >= 0.0):  # also rejects NaN
-            raise ConfigError(
-                f"prior-correction-revert-z={self.prior_correction_revert_z} must be >= 0 "
-                "(0: revert the correction whenever validation accuracy drops)"
-            )
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
         for key, value in (
@@ -265,7 +224,6 @@ class ExperimentConfig:
             _positive(key, value)
         for key, value in (
             ("distill-steps", self.distill_steps),
-            ("augment-copies", self.augment_copies),
             ("proxy-per-round", self.proxy_per_round),
             ("variant-distill-steps", self.variant_distill_steps),
             ("lp-serial-epochs", self.lp_serial_epochs),
@@ -276,7 +234,6 @@ class ExperimentConfig:
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         _choice("lp-method", self.lp_method, METHODS)
-        _choice("lp-aux-resolution", self.lp_aux_resolution, AUX_RESOLUTIONS)
         _choice("local-loss", self.local_loss, LOCAL_LOSSES)
         if self.local_loss != "ce" and self.trainer != "sgd":
             raise ConfigError(

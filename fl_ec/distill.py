@@ -140,7 +140,6 @@ def distill(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    score_fn: Callable[[nn.Module], float] | None = None,
 ) -> DistillResult:
     """Distil ``teacher_logits`` (aligned with ``proxy_inputs`` rows) into ``student``.
 
@@ -148,8 +147,6 @@ def distill(
     ``validation`` (inputs, labels); without validation it runs every step and keeps
     the last one (accuracies are then NaN). ``loss_fn(student, x, teacher_batch)``
     replaces the KD loss (e.g. the diversity-aware loss of several variants).
-    ``score_fn(student)`` replaces plain validation accuracy as the early-stopping score
-    (e.g. accuracy after a label-prior correction); it is used only with ``validation``.
 
     With ``settings.steps == 0`` no step is taken, so ``teacher_logits`` may be None:
     BatchNorm is still re-estimated on the proxy set and the start is scored.
@@ -172,7 +169,6 @@ def distill(
             seed,
             loss_fn,
             start_time,
-            score_fn,
         )
 
 
@@ -186,7 +182,6 @@ def _distill(
     seed: int,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None,
     start_time: float,
-    score_fn: Callable[[nn.Module], float] | None = None,
 ) -> DistillResult:
     if settings.recalibrate_bn:  # a no-op for models without BatchNorm
         recalibrate_batchnorm(student, proxy_inputs, device=device)
@@ -194,8 +189,6 @@ def _distill(
     def score() -> float:
         if validation is None:
             return float("nan")
-        if score_fn is not None:
-            return score_fn(student)
         return accuracy(student, validation[0], validation[1], device=device)
 
     best_accuracy = start_accuracy = score()

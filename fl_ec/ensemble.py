@@ -4,9 +4,6 @@ EC-DNN aggregates by *averaging outputs* rather than parameters. Here the server
 every client model over its unlabeled proxy set and combines their logits with a rule:
 
 * ``mean-logits`` -- the plain average (FedDF's teacher; the default);
-* ``mean-probs`` -- average of softmax probabilities, returned as log-probabilities so
-  the result can be used like logits (softmax(log p) = p);
-* ``weighted`` -- average weighted by each client's ``num-examples``;
 * ``label-aware`` -- per class c, client k's vote is weighted by how many examples of c
   it trained on (``class_counts[k][c]``); a client that never saw class c has no say
   on it. This targets the non-IID failure of the plain mean, where clients that never
@@ -45,17 +42,9 @@ from torch import nn
 
 from fl_ec.models.layout import channels_last
 
-RULES = (
-    "mean-logits",
-    "mean-probs",
-    "weighted",
-    "label-aware",
-    "trimmed-mean",
-    "median",
-    "gated",
-)
-# Rules whose per-model weights come from num_examples or class_counts.
-WEIGHTED_RULES = ("weighted", "label-aware", "gated")
+RULES = ("mean-logits", "label-aware", "trimmed-mean", "median", "gated")
+# Rules whose per-model weights come from class_counts.
+WEIGHTED_RULES = ("label-aware", "gated")
 
 
 @dataclass
@@ -76,21 +65,13 @@ def client_weights(
     rule: str,
     num_models: int,
     num_classes: int,
-    num_examples: Sequence[float] | None = None,
     class_counts: Sequence[Sequence[float]] | None = None,
 ) -> torch.Tensor | None:
     """Per-(model, class) weights ``(K, C)``, or None (unweighted).
 
-    For ``weighted``/``label-aware`` they sum to 1 over models; for ``gated`` they are
-    each model's smoothed log class prior ``log p_k(c)``, subtracted from its logits.
+    For ``label-aware`` they sum to 1 over models; for ``gated`` they are each model's
+    smoothed log class prior ``log p_k(c)``, subtracted from its logits.
     """
-    if rule == "weighted":
-        if num_examples is None or len(num_examples) != num_models:
-            raise ValueError("rule 'weighted' needs num_examples for every model")
-        w = torch.as_tensor(num_examples, dtype=torch.float32).clamp_min(0)
-        if float(w.sum()) <= 0:
-            raise ValueError("rule 'weighted' needs a positive total of num_examples")
-        return (w / w.sum()).unsqueeze(1).expand(num_models, num_classes).contiguous()
     if rule == "label-aware":
         counts = _count_matrix(rule, class_counts, num_models, num_classes)
         totals = counts.sum(0, keepdim=True)
@@ -103,24 +84,20 @@ def client_weights(
 
 
 def with_extra_members(
-    num_examples: Sequence[float],
-    class_counts: Sequence[Sequence[float]] | None,
-    extra: int,
-) -> tuple[list[float], list[list[float]] | None]:
-    """The clients' teacher weights plus ``extra`` members that vote like an average client.
+    class_counts: Sequence[Sequence[float]] | None, extra: int
+) -> list[list[float]] | None:
+    """The clients' class counts plus ``extra`` members that vote like an average client.
 
-    Members that are not clients (the parameter average, the previous global model)
-    trained on no data of their own: each gets the mean ``num_examples`` and the mean
-    class counts of the clients.
+    Members that are not clients (the previous global model) trained on no data of
+    their own: each gets the mean class counts of the clients.
     """
-    examples = list(num_examples)
-    counts = [list(c) for c in class_counts] if class_counts is not None else None
+    if class_counts is None:
+        return None
+    counts = [list(c) for c in class_counts]
     if extra:
-        examples += [sum(examples) / len(examples)] * extra
-        if counts is not None:
-            mean = torch.tensor(counts, dtype=torch.float32).mean(0).tolist()
-            counts += [mean] * extra
-    return examples, counts
+        mean = torch.tensor(counts, dtype=torch.float32).mean(0).tolist()
+        counts += [mean] * extra
+    return counts
 
 
 def log_class_prior(
@@ -157,9 +134,7 @@ def combine(
     """Apply ``rule`` over dim 0 of ``stacked`` logits ``(K, B, C)`` -> ``(B, C)``."""
     if rule == "mean-logits":
         return stacked.mean(0)
-    if rule == "mean-probs":
-        return stacked.softmax(-1).mean(0).clamp_min(1e-12).log()
-    if rule in ("weighted", "label-aware"):
+    if rule == "label-aware":
         if weights is None:
             raise ValueError(f"rule {rule!r} needs weights")
         return (stacked * weights.to(stacked).unsqueeze(1)).sum(0)
@@ -191,7 +166,6 @@ def teacher_logits(
     proxy_batches: Sequence[torch.Tensor] | torch.Tensor,
     rule: str = "mean-logits",
     *,
-    num_examples: Sequence[float] | None = None,
     class_counts: Sequence[Sequence[float]] | None = None,
     trim_ratio: float = 0.1,
     batch_size: int = 512,
@@ -221,9 +195,7 @@ def teacher_logits(
             batch = batch.to(device, non_blocking=True)
             stacked = torch.stack([model(batch).float() for model in models])
             if weights is None and rule in WEIGHTED_RULES:
-                weights = client_weights(
-                    rule, len(models), stacked.shape[-1], num_examples, class_counts
-                )
+                weights = client_weights(rule, len(models), stacked.shape[-1], class_counts)
             outputs.append(combine(stacked, rule, weights, trim_ratio).to("cpu", storage_dtype))
             seen += batch.shape[0]
     seconds = time.perf_counter() - start

@@ -66,16 +66,12 @@ CONFIGS |= {
     for bits, suffix in ((32, ""), (6, ", 6-bit boundary"), (4, ", 4-bit boundary"))
     if f"{method}, hybrid 1+1{suffix}" not in CONFIGS
 }
-# Spatial downsampling under 1+1, with the auxiliary variables at full resolution (the
-# default) or pooled (the only mode until session 20: ~3 points lost under 3+1), paired
-# with the same method at full-resolution fp32 boundaries.
-CONFIGS |= {
-    f"penalty, hybrid 1+1, downsample 2x2{suffix}": (
-        True,
-        dict(method="penalty", parallel_epochs=1, downsample=2, aux_resolution=resolution),
-    )
-    for resolution, suffix in (("full", ""), ("pooled", " (pooled aux)"))
-}
+# Spatial downsampling under 1+1 (auxiliary variables at full resolution), paired with
+# the same method at full-resolution fp32 boundaries.
+CONFIGS["penalty, hybrid 1+1, downsample 2x2"] = (
+    True,
+    dict(method="penalty", parallel_epochs=1, downsample=2),
+)
 
 
 def run_serial(model, x, y, settings: LPSettings, threads: int):  # noqa: ANN001, ANN201
@@ -199,8 +195,7 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
         "alternates them; N-bit boundary = N-bit codes over each sample's range, packed 8/N "
         "per byte below 8 (`boundary_bits=N`), downsample 2x2 = average pooling on the wire, "
         "the residual taken between pooled tensors and the auxiliary variables at full "
-        "resolution, or with (pooled aux) at the low resolution and upsampled bilinearly as "
-        "the next stage's input. Test accuracy on the full 10k test set after each epoch. \"Δ "
+        'resolution. Test accuracy on the full 10k test set after each epoch. "Δ '
         'vs fp32 boundary" pairs a row with the same method and schedule at full-resolution '
         "fp32 boundaries, when that row is in the table.",
         "",
@@ -238,7 +233,7 @@ def _report(rows, args, command, started, minutes, cores, base, plot_path) -> st
 
 def _fp32_twin(name: str) -> str:
     """The row name with the same method and schedule, with full-resolution fp32 boundaries."""
-    return re.sub(r", (\d+-bit boundary|downsample \dx\d( \(pooled aux\))?)$", "", name)
+    return re.sub(r", (\d+-bit boundary|downsample \dx\d)$", "", name)
 
 
 def _accuracy_at(row: dict, budget: float) -> float:

@@ -9,7 +9,8 @@ needs, at the cost of a forward pass instead of another run.
 The correction is the one FedEC applies (:func:`fl_ec.calibration.correct_prior`), on
 the run's own proxy set (all of it, where FedEC uses each round's subset), towards the
 pooled label distribution of the clients' data, reverted only where FedEC would revert
-it (the uncorrected model significantly better on validation, ``prior-correction-revert-z``).
+it (the uncorrected model significantly better on validation: McNemar's paired z above
+:data:`fl_ec.strategies.fedec_calibration.REVERT_Z`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fl_ec.data.sources import load_dataset
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import accuracy
 from fl_ec.results import load_saved_model
+from fl_ec.strategies.fedec_calibration import REVERT_Z
 
 RunData = tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]
 
@@ -50,7 +52,7 @@ def posthoc_prior_correction(
     """
     if not (run_dir / "final_model.pt").exists():
         return None
-    config, server, train, pool = data if data is not None else run_data(metrics)
+    _, server, train, pool = data if data is not None else run_data(metrics)
     counts = np.bincount(train.labels.numpy()[pool], minlength=server.test.num_classes)
     model = load_saved_model(run_dir)
     val_x = server.validation.normalize(server.validation.images)
@@ -61,6 +63,6 @@ def posthoc_prior_correction(
         model, server.proxy.normalize(server.proxy.images), target_prior([counts.tolist()])
     )
     after_val = prediction_hits(model, val_x, server.validation.labels)
-    if paired_z(before_val, after_val) > config.prior_correction_revert_z:
+    if paired_z(before_val, after_val) > REVERT_Z:
         return before_test, before_test  # FedEC would have reverted it
     return before_test, accuracy(model, test_x, server.test.labels)

@@ -6,7 +6,7 @@
         --methods fedavg fedec "fedec:teacher-rule=label-aware"
 
 A method is a strategy name, optionally with run-config overrides of its own:
-``fedec:teacher-rule="label-aware",augment-copies=1``. Every run is a real local Flower
+``fedec:teacher-rule="label-aware",proxy-per-round=2000``. Every run is a real local Flower
 simulation (10 SuperNodes by default) with its own FLWR_HOME and ports; the numbers
 come from each run's ``metrics.json``. The table (test accuracy every 5 rounds, rounds
 to reach FedAvg's final accuracy, seconds per round split into client training and
@@ -95,7 +95,7 @@ TAIL = 5  # the partial regime's targets use the mean of the last this many roun
 
 
 def parse_method(text: str) -> tuple[str, str, dict]:
-    """``fedec:teacher-rule="label-aware",augment-copies=1`` -> (label, strategy, overrides)."""
+    """``fedec:teacher-rule="label-aware",proxy-per-round=2000`` -> (label, strategy, overrides)."""
     strategy, _, rest = text.partition(":")
     overrides = parse_overrides(_commas_outside_quotes_to_spaces(rest)) if rest else {}
     return text, strategy, overrides
@@ -186,6 +186,21 @@ def run_name(label: str, alpha: float, local_epochs: int, seed: int | None = Non
 # Where a run was written is not part of the experiment: a run moved or copied into
 # another results folder (e.g. to combine seeds from several sessions) is still reusable.
 _OUTPUT_KEYS = frozenset({"results-dir", "run-name"})
+# Knobs that runs may have recorded but the code no longer has, each with the value
+# whose behaviour the code kept: a run recorded with another value cannot be repeated.
+_RETIRED_KNOBS = {
+    "teacher-includes-average": False,
+    "augment-copies": 0,
+    "student-init": "average",
+    "prior-correction-revert-z": 1.96,
+    "prior-aware-distillation": False,
+    "tail-average-rounds": 1,
+    "variant-client-start": "tuned",
+    "downlink-rounding": "nearest",
+    "prune-importance": "magnitude",
+    "prune-steps": 1,
+    "lp-aux-resolution": "full",
+}
 
 
 def _same_config(recorded: dict, expected: dict) -> bool:
@@ -198,6 +213,12 @@ def _same_config(recorded: dict, expected: dict) -> bool:
         # The layer-parallel knobs act only through those trainers (lp-method's default
         # changed in session 9; runs without the trainer are unaffected).
         ignored |= {key for key in as_run if key.startswith("lp-")}
+    if any(
+        as_run.get(key, kept) != kept
+        for key, kept in _RETIRED_KNOBS.items()
+        if key not in ignored and key not in expected
+    ):
+        return False
     return all(as_run.get(key) == value for key, value in expected.items() if key not in ignored)
 
 

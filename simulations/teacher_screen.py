@@ -62,12 +62,11 @@ def teacher_accuracy(
 ) -> float:
     """Validation accuracy of one candidate teacher, with FedEC's member weights."""
     members = [c.model for c in clients] + ([previous] if with_previous else [])
-    examples, counts = with_extra_members(
-        [float(c.num_examples) for c in clients],
+    counts = with_extra_members(
         [c.class_counts for c in clients],
         extra=int(with_previous),  # it votes like an average client, as in FedEC
     )
-    out = teacher_logits(members, val_x, rule, num_examples=examples, class_counts=counts)
+    out = teacher_logits(members, val_x, rule, class_counts=counts)
     return logits_accuracy(out.logits, val_y)
 
 

@@ -118,12 +118,18 @@ def test_reuse_ignores_where_a_run_was_stored_but_not_its_settings():
     assert not _same_config(recorded, {**moved, "prior-correction": True})
 
 
-def test_a_run_from_before_the_revert_threshold_matches_only_the_old_rule():
-    recorded = {"seed": 1, "prior-correction": True}
-    assert _same_config(recorded, {"seed": 1, "prior-correction-revert-z": 0.0})
-    assert not _same_config(recorded, {"seed": 1, "prior-correction-revert-z": 1.96})
-    # Without the correction the threshold never acted: the default matches.
-    assert _same_config({"seed": 1}, {"seed": 1, "prior-correction-revert-z": 1.96})
+def test_a_run_recorded_with_a_retired_knob_matches_only_the_behaviour_kept():
+    # Before the revert threshold existed, the correction reverted on any drop.
+    assert not _same_config({"seed": 1, "prior-correction": True}, {"seed": 1})
+    assert _same_config(
+        {"seed": 1, "prior-correction": True, "prior-correction-revert-z": 1.96}, {"seed": 1}
+    )
+    # Without the correction the threshold never acted.
+    assert _same_config({"seed": 1}, {"seed": 1})
+    assert _same_config({"seed": 1, "tail-average-rounds": 1}, {"seed": 1})
+    assert not _same_config({"seed": 1, "tail-average-rounds": 3}, {"seed": 1})
+    # The layer-parallel knobs count only where a layer-parallel trainer ran.
+    assert _same_config({"seed": 1, "lp-aux-resolution": "pooled"}, {"seed": 1})
 
 
 def test_reuse_ignores_layer_parallel_knobs_unless_a_layer_parallel_trainer_ran():

@@ -76,22 +76,6 @@ def test_models_without_a_biased_linear_head_get_a_clear_error():
         prior_offsets(torch.zeros(3, 4), torch.full((3,), 1 / 3))
 
 
-def test_corrected_accuracy_is_the_accuracy_after_correct_prior():
-    from fl_ec.calibration import corrected_accuracy
-    from fl_ec.distill import accuracy
-
-    torch.manual_seed(0)
-    model = build_model(ArchSpec("cnn", (1, 28, 28), 10))
-    proxy, inputs = torch.randn(128, 1, 28, 28), torch.randn(64, 1, 28, 28)
-    labels = torch.randint(0, 10, (64,))
-    prior = torch.full((10,), 0.1)
-    predicted = corrected_accuracy(model, proxy, prior, inputs, labels)
-    before = model_logits(model, inputs)
-    correct_prior(model, proxy, prior)
-    assert predicted == pytest.approx(accuracy(model, inputs, labels))
-    assert not torch.allclose(model_logits(model, inputs), before)  # it did change the model
-
-
 def test_paired_z_counts_only_the_samples_the_two_disagree_on():
     from fl_ec.calibration import paired_z
 

@@ -30,14 +30,11 @@ def _model(name: str = "cnn"):
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet8"])
-@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
-def test_prune_send_as_arrays_rebuild_gives_identical_outputs(name, importance):
+def test_prune_send_as_arrays_rebuild_gives_identical_outputs(name):
     spec, model = _model(name)
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(8, 1, 28, 28)
-    structure = prune_structured(
-        model, x[:2], 0.5, importance, iterative_steps=2, calibration_inputs=x
-    )
+    structure = prune_structured(model, x[:2], 0.5)
     model.eval()
     assert count_parameters(model) < 0.5 * sum(v.numel() for v in full_state.values())
     assert model.classifier.out_features == 10  # the classifier keeps its outputs
@@ -110,29 +107,6 @@ def test_pack_unpack_error_within_one_quantization_step(bits):
     fp32 = packed_nbytes({k: v.numpy() for k, v in state.items()})
     # int8 ~ 1/4, int4 ~ 1/8, int2 ~ 1/16 of the weights' fp32 bytes (+ scales, biases).
     assert packed_nbytes(arrays) < fp32 * (bits / 32 + 0.02)
-
-
-@pytest.mark.parametrize("bits", [8, 4, 2])
-def test_stochastic_rounding_stays_on_the_grid_and_is_unbiased(bits):
-    torch.manual_seed(1)
-    weight = torch.randn(8, 3, 5, 5)
-    q_nearest, scale = quantize_per_channel(weight, bits)
-    step = scale.reshape(-1, 1, 1, 1)
-    nearest = q_nearest.float() * step
-    copies = []
-    for seed in range(400):
-        q, copy_scale = quantize_per_channel(weight, bits, torch.Generator().manual_seed(seed))
-        assert torch.equal(copy_scale, scale)  # same grid: the largest weight is on it
-        restored = q.float() * step
-        assert ((restored - weight).abs() < step + 1e-6).all()  # one of the two neighbours
-        copies.append(restored)
-    assert not torch.equal(copies[0], copies[1])  # independent copies differ
-    mean_error = (torch.stack(copies).mean(0) - weight).abs() / step
-    nearest_error = (nearest - weight).abs() / step
-    # Nearest rounding errs by up to half a step, the same way every time; the copies'
-    # average converges to the weight (sd of a 400-copy mean <= 0.5 / 20 steps).
-    assert float(nearest_error.mean()) > 0.2
-    assert float(mean_error.mean()) < 0.03
 
 
 def test_unpack_rejects_malformed_entries():

@@ -37,7 +37,6 @@ def test_values_are_coerced_to_declared_types():
         ({"local-loss": "focal"}, "local-loss='focal' is unknown"),
         ({"client-start": "teacher"}, "client-start='teacher' is unknown"),
         ({"strategy": "fedavg", "prior-correction": True}, 'strategy="fedec", distill-steps=0'),
-        ({"prior-aware-distillation": True}, "needs prior-correction=true"),
         ({"strategy": "fedavg", "feature-calibration": True}, "feature-calibration is a FedEC"),
         (
             {"strategy": "fedec", "feature-calibration": True, "prior-correction": True},
@@ -50,12 +49,6 @@ def test_values_are_coerced_to_declared_types():
         ({"calibration-components": 0}, "calibration-components=0 must be >= 1"),
         ({"calibration-components": 4}, 'needs calibration-layers="dense"'),
         ({"calibration-samples": 0}, "calibration-samples=0 must be >= 1"),
-        ({"tail-average-rounds": 0}, "tail-average-rounds=0 must be >= 1"),
-        (
-            {"strategy": "fedec", "tail-average-rounds": 3, "student-init": "previous"},
-            'set student-init="average"',
-        ),
-        ({"strategy": "fedavg", "tail-average-rounds": 3}, "tail-average-rounds is a FedEC"),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",

@@ -23,6 +23,7 @@ from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_model
+from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
 from tests.conftest import FeatureStatsGrid
@@ -310,7 +311,7 @@ def test_client_start_average_trains_the_average_and_serves_the_student(task_ide
     assert strategy.server_metrics[1]["distill-steps"] == 5
     assert not torch.allclose(served_state["fc1.weight"], sent["fc1.weight"])
     # Next round: the train messages carry the average; the served model stays the
-    # "previous global" the teacher and student-init options refer to.
+    # "previous global" the teacher-includes-previous option refers to.
     grid = _FakeGrid(nodes=[7, 8])
     messages = list(strategy.configure_train(2, served, ConfigRecord({"lr": 0.1}), grid))
     assert len(messages) == 2
@@ -377,6 +378,18 @@ def test_prior_correction_is_skipped_without_class_counts(task_identity, data, c
     assert "prior correction skipped" in caplog.text
 
 
+@pytest.mark.parametrize("rule", ["label-aware", "gated"])
+def test_count_weighted_rules_fall_back_to_the_mean_without_class_counts(
+    task_identity, data, caplog, rule
+):
+    strategy = _strategy(data, teacher_rule=rule)
+    _start_round(strategy, _global())
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    assert arrays is not None
+    assert "teacher rule falls back to 'mean-logits'" in caplog.text
+
+
 def _trained_clients():
     from fl_ec.training import train_supervised
 
@@ -389,13 +402,14 @@ def _trained_clients():
     return clients
 
 
-@pytest.mark.parametrize("revert_z", [0.0, 1.96, 1e9])
+@pytest.mark.parametrize("revert_z", [0.0, fedec_calibration.REVERT_Z, 1e9])
 def test_prior_correction_is_reverted_only_on_significant_validation_evidence(
-    task_identity, data, revert_z
+    task_identity, data, revert_z, monkeypatch
 ):
     from fl_ec.distill import accuracy
 
-    strategy = _strategy(data, prior_correction=True, prior_correction_revert_z=revert_z)
+    monkeypatch.setattr(fedec_calibration, "REVERT_Z", revert_z)
+    strategy = _strategy(data, prior_correction=True)
     _start_round(strategy, _global())
     counts = [[100] + [0] * 9, [0] * 9 + [100]]  # a prior far from the data's: it hurts
     served, _ = strategy.aggregate_train(
@@ -439,25 +453,6 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
     model.load_state_dict(served.to_torch_state_dict())
     assert accuracy(model, val_x, val_y) == pytest.approx(stats["prior-correction-val-after"])
     assert stats["prior-correction-val-after"] > stats["prior-correction-val-before"]
-
-
-def test_prior_aware_distillation_balances_the_teacher_and_needs_the_correction(
-    task_identity, data
-):
-    strategy = _strategy(data, prior_correction=True, prior_aware_distillation=True)
-    counts = [[30] * 5 + [0] * 5, [0] * 5 + [10] * 5]
-    accepted = [
-        type("Reply", (), {"class_counts": c})()  # only class_counts is read
-        for c in counts
-    ]
-    generator = torch.Generator().manual_seed(0)
-    teacher = torch.randn(256, 10, generator=generator) + torch.linspace(-2, 2, 10)
-    targets, score = strategy._prior_aware_targets(teacher, data[0], accepted)
-    pooled = torch.tensor([31.0] * 5 + [11.0] * 5)
-    assert torch.allclose(torch.softmax(targets, 1).mean(0), pooled / pooled.sum(), atol=1e-3)
-    assert 0.0 <= score(_global()) <= 1.0
-    with pytest.raises(ValueError, match="prior_correction"):
-        _strategy(data, prior_aware_distillation=True)
 
 
 def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
@@ -610,43 +605,6 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
     assert stats["feature-calibration-applied"] == 0.0
     for key, value in served[False].items():
         assert torch.equal(value, served[True][key]), key
-
-
-def test_tail_average_serves_the_mean_of_the_last_rounds_averages(task_identity, data):
-    # distill steps=0: the served model is exactly the distillation start.
-    strategy = _strategy(
-        data, distill=DistillSettings(steps=0), client_start="average", tail_average_rounds=2
-    )
-    round_averages = []
-    served = _global()
-    for server_round, seeds in ((1, (1, 2)), (2, (3, 4)), (3, (5, 6))):
-        _start_round(strategy, served)
-        a, b = _global(seeds[0]), _global(seeds[1])
-        arrays, _ = strategy.aggregate_train(
-            server_round, [_reply(1, a, num_examples=30), _reply(2, b, num_examples=10)]
-        )
-        served = build_model(SPEC)
-        served.load_state_dict(arrays.to_torch_state_dict())
-        round_averages.append(
-            0.75 * a.state_dict()["fc1.weight"].double()
-            + 0.25 * b.state_dict()["fc1.weight"].double()
-        )
-        # The clients still train from this round's own average.
-        sent = strategy.client_start_arrays.to_torch_state_dict()["fc1.weight"].double()
-        assert torch.allclose(sent, round_averages[-1], atol=1e-6)
-        assert strategy.server_metrics[server_round]["tail-average-window"] == min(server_round, 2)
-        assert "round-average-val-accuracy" in strategy.server_metrics[server_round]
-    # Round 3 serves the mean of rounds 2 and 3 only.
-    expected = (round_averages[1] + round_averages[2]) / 2
-    assert torch.allclose(served.state_dict()["fc1.weight"].double(), expected, atol=1e-6)
-    assert not torch.allclose(served.state_dict()["fc1.weight"].double(), round_averages[2])
-
-
-def test_tail_average_needs_the_average_as_student_start(data):
-    with pytest.raises(ValueError, match="student_init='average'"):
-        _strategy(data, student_init="previous", tail_average_rounds=3)
-    with pytest.raises(ValueError, match="tail_average_rounds=0"):
-        _strategy(data, tail_average_rounds=0)
 
 
 def test_without_distillation_fedec_serves_fedavgs_average_bit_for_bit(task_identity, data):

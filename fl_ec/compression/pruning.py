@@ -1,7 +1,7 @@
 """Structured pruning with torch-pruning, recorded as index maps so it can be replayed.
 
 torch-pruning decides *which* channels go (its dependency graph keeps residual and
-flatten couplings consistent; the importance criterion ranks the channel groups).
+flatten couplings consistent; the group L2 norm of the weights ranks the channel groups).
 We record, for every state_dict entry, which original indices survive along each
 dimension. That record is what makes the rest of fl-ec work without pickles:
 
@@ -23,7 +23,6 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-IMPORTANCES = ("magnitude", "taylor")
 # kept[key][dim] = original indices kept along that dim, or None when the dim is whole.
 IndexMaps = dict[str, list[list[int] | None]]
 
@@ -61,26 +60,16 @@ def prune_structured(
     model: nn.Module,
     example_inputs: torch.Tensor,
     ratio: float,
-    importance: str = "magnitude",
-    iterative_steps: int = 1,
-    calibration_inputs: torch.Tensor | None = None,
     keep: tuple[str, ...] = ("classifier",),
 ) -> PrunedStructure:
-    """Prune ``model`` in place by channel ``ratio``; returns the index maps.
+    """Prune ``model`` in place by channel ``ratio``, in one step; returns the index maps.
 
-    ``importance``: ``magnitude`` (group L2 norm of the weights) or ``taylor``
-    (|weight x gradient|, first-order loss change; the gradient comes from
-    ``calibration_inputs`` with the model's own predictions as targets, so no labels
-    are needed). Pruning runs in ``iterative_steps`` rounds of re-ranking. Modules
-    named in ``keep`` are never pruned on their outputs, so the logits keep their
-    shape. The result is checked with a forward pass.
+    Channel groups are ranked by the group L2 norm of their weights. Modules named in
+    ``keep`` are never pruned on their outputs, so the logits keep their shape. The
+    result is checked with a forward pass.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio {ratio} must be within [0, 1)")
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance {importance!r}: choose one of {', '.join(IMPORTANCES)}")
-    if iterative_steps < 1:
-        raise ValueError("iterative_steps must be >= 1")
     model.eval()
     with torch.no_grad():
         reference_shape = model(example_inputs).shape
@@ -93,42 +82,23 @@ def prune_structured(
     pruner = tp.pruner.MetaPruner(
         model,
         example_inputs,
-        importance=(
-            tp.importance.GroupTaylorImportance()
-            if importance == "taylor"
-            else tp.importance.GroupMagnitudeImportance(p=2)
-        ),
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=ratio,
-        iterative_steps=iterative_steps,
         ignored_layers=ignored,
     )
-    for _ in range(iterative_steps):
-        if importance == "taylor":
-            _accumulate_taylor_gradients(model, calibration_inputs, example_inputs)
-        for group in pruner.step(interactive=True):
-            for item in group:
-                module = item.dep.target.module
-                if module not in names:  # ReLU / flatten / add nodes carry no state
-                    continue
-                handler = item.dep.handler.__name__
-                _record(kept, shapes, names[module], module, handler, item.idxs)
-            group.prune()
-        model.zero_grad(set_to_none=True)
+    for group in pruner.step(interactive=True):
+        for item in group:
+            module = item.dep.target.module
+            if module not in names:  # ReLU / flatten / add nodes carry no state
+                continue
+            handler = item.dep.handler.__name__
+            _record(kept, shapes, names[module], module, handler, item.idxs)
+        group.prune()
     with torch.no_grad():
         out = model(example_inputs)
     if out.shape != reference_shape or not torch.isfinite(out).all():
         raise RuntimeError(f"pruned model is broken: output {tuple(out.shape)}")
     return PrunedStructure(kept)
-
-
-def _accumulate_taylor_gradients(
-    model: nn.Module, calibration: torch.Tensor | None, fallback: torch.Tensor
-) -> None:
-    inputs = calibration if calibration is not None else fallback
-    model.zero_grad(set_to_none=True)
-    logits = model(inputs)
-    loss = nn.functional.cross_entropy(logits, logits.detach().argmax(1))
-    loss.backward()
 
 
 def _record(

@@ -28,26 +28,15 @@ def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_per_channel(
-    weight: torch.Tensor, bits: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_channel(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` with ``q`` int8 in ``[-qmax, qmax]`` and ``weight ~ q * scale``.
 
-    ``scale`` has one entry per output channel (dim 0). With a ``generator`` the
-    rounding is stochastic -- up with probability equal to the fractional part -- so
-    ``E[q * scale] = weight``: copies rounded independently err independently, and
-    their errors average out instead of repeating. The channel's largest weight is on
-    the grid either way, so the scale is the same.
+    ``scale`` has one entry per output channel (dim 0); ``q`` is rounded to nearest.
     """
     qmax = _qmax(bits)
     flat = weight.detach().reshape(weight.shape[0], -1).float()
     scale = (flat.abs().amax(1) / qmax).clamp_min(1e-12)
-    ratio = flat / scale.unsqueeze(1)
-    if generator is None:
-        rounded = torch.round(ratio)
-    else:
-        rounded = torch.floor(ratio + torch.rand(ratio.shape, generator=generator))
-    q = rounded.clamp(-qmax, qmax).to(torch.int8)
+    q = torch.round(flat / scale.unsqueeze(1)).clamp(-qmax, qmax).to(torch.int8)
     return q.reshape(weight.shape), scale
 
 

@@ -77,13 +77,9 @@ class VariantFactory:
         self,
         build: Callable[[dict[str, torch.Tensor]], nn.Module],  # shapes from the arrays
         example_inputs: torch.Tensor,
-        importance: str = "magnitude",
-        iterative_steps: int = 1,
     ) -> None:
         self.build = build
         self.example_inputs = example_inputs
-        self.importance = importance
-        self.iterative_steps = iterative_steps
         self.structures: dict[str, PrunedStructure] = {}
 
     def structure(self, variant: Variant) -> PrunedStructure | None:
@@ -93,19 +89,13 @@ class VariantFactory:
         self,
         variant: Variant,
         full_state: Mapping[str, torch.Tensor],
-        calibration_inputs: torch.Tensor | None = None,
         reprune: bool = False,
     ) -> nn.Module:
         """The ``variant`` of the full model with ``full_state`` (fake-quant on if bits)."""
         if variant.is_pruned and (reprune or variant.name not in self.structures):
             model = self.build(dict(full_state))
             self.structures[variant.name] = prune_structured(
-                model,
-                self.example_inputs,
-                variant.prune_ratio,
-                self.importance,
-                self.iterative_steps,
-                calibration_inputs,
+                model, self.example_inputs, variant.prune_ratio
             )
         structure = self.structure(variant)
         state = (

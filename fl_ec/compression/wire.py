@@ -46,12 +46,8 @@ def pack_state_dict(
     state: Mapping[str, torch.Tensor],
     bits: int,
     quantized_keys: Iterable[str],
-    generator: torch.Generator | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Quantize ``quantized_keys`` of ``state`` to ``bits`` and pack them for sending.
-
-    ``generator``: round stochastically (see :func:`quantize_per_channel`).
-    """
+    """Quantize ``quantized_keys`` of ``state`` to ``bits`` and pack them for sending."""
     chosen = set(quantized_keys) if bits else set()
     arrays: dict[str, np.ndarray] = {}
     manifest: dict[str, Any] = {}
@@ -59,7 +55,7 @@ def pack_state_dict(
         if key not in chosen:
             arrays[key] = value.detach().cpu().numpy()
             continue
-        q, scale = quantize_per_channel(value, bits, generator)
+        q, scale = quantize_per_channel(value, bits)
         q_np = q.numpy()
         arrays[key] = q_np.reshape(-1) if bits == 8 else _pack_bits(q_np, bits)
         arrays[key + SCALE_SUFFIX] = scale.numpy().astype(np.float32)

@@ -25,18 +25,11 @@ Choices (the paper leaves them open or tunes per dataset):
   gradient's size depends on beta and on the boundary's size, a plain SGD step size
   would have to be retuned for each;
 * a **downsampling filter** (average pooling by ``factor``) is applied before a
-  boundary tensor is sent, so the bytes shrink by factor^2. Where the auxiliary
-  variable lives is a choice (``aux_resolution``):
-
-  - ``"full"`` (default): at the stage input's full resolution, initialised from the
-    real forward activations. Both sides pool their own copy and the residual is taken
-    between pooled tensors, so the penalty constrains the low frequencies and the next
-    stage trains on sharp inputs;
-  - ``"pooled"``: at the low resolution (factor^2 less memory), upsampled bilinearly
-    as the next stage's input, which then trains on blurred inputs in the parallel
-    epochs but sees sharp ones after stitching. Measured against fp32 boundaries
-    under 1+1 (BENCHMARKS.md, ``layer-parallel-downsample``): ``pooled`` -2.5 points
-    over two seeds, ``full`` -0.36 over six.
+  boundary tensor is sent, so the bytes shrink by factor^2. The auxiliary variable
+  lives at the stage input's full resolution, initialised from the real forward
+  activations. Both sides pool their own copy and the residual is taken between
+  pooled tensors, so the penalty constrains the low frequencies and the next stage
+  trains on sharp inputs.
 """
 
 from __future__ import annotations
@@ -52,7 +45,6 @@ METHODS = ("penalty", "al")
 LOSSES = ("ce", "kl")
 BOUNDARY_BITS = (32, 8, 6, 4)  # 32 = fp32; else unsigned codes, packed below 8 bits
 LR_SCHEDULES = ("constant", "cosine")
-AUX_RESOLUTIONS = ("full", "pooled")  # where the auxiliary variables live, with a filter
 
 
 @dataclass(frozen=True)
@@ -73,7 +65,6 @@ class LPSettings:
     beta_growth: float = 2.0
     beta_max: float = 16.0
     downsample: int = 1  # 1 = off; 2 = 2x2 average pooling on the wire
-    aux_resolution: str = "full"  # with downsample > 1: "full" or "pooled" auxiliary variables
     boundary_bits: int = 32  # 32 = fp32 on the wire; 8/6/4 = codes + per-sample range
     lr_schedule: str = "constant"  # or "cosine": per-epoch cosine decay of the weights' lr
     augment: bool = True  # random shifts (+ flips) in serial passes only
@@ -96,8 +87,6 @@ class LPSettings:
             raise ValueError("lp serial_epochs must be >= 0 and downsample >= 1")
         if self.boundary_bits not in BOUNDARY_BITS:
             raise ValueError(f"lp boundary_bits {self.boundary_bits}: choose {_bits_choices()}")
-        if self.aux_resolution not in AUX_RESOLUTIONS:
-            raise ValueError(f"lp aux_resolution {self.aux_resolution!r}: choose full or pooled")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lp lr_schedule {self.lr_schedule!r}: choose constant or cosine")
 
@@ -108,7 +97,6 @@ class LPSettings:
             stages=config.lp_stages,
             method=config.lp_method,
             downsample=config.lp_downsample,
-            aux_resolution=config.lp_aux_resolution,
             boundary_bits=config.lp_boundary_bits,
             parallel_epochs=config.lp_parallel_epochs,
             serial_epochs=config.lp_serial_epochs,
@@ -194,8 +182,7 @@ class BoundaryFilter:
     """What crosses a stage boundary: pooled and/or coded activations.
 
     ``factor > 1`` average-pools before sending (:meth:`down`): ``factor^2`` fewer
-    bytes. :meth:`up` (bilinear) turns a pooled auxiliary variable back into a stage
-    input, when the auxiliary variables live at the low resolution.
+    bytes.
     ``bits`` in (8, 6, 4) sends each sample as unsigned codes over its own [min, max]
     range, packed ``8 / bits`` per byte (:func:`pack_codes`), plus those two floats:
     32 / bits times fewer bytes, less 8 bytes of range per sample. So 8 bits stop just
@@ -216,11 +203,6 @@ class BoundaryFilter:
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.factor == 1 else F.avg_pool2d(x, self.factor, ceil_mode=True)
-
-    def up(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if self.factor == 1:
-            return x
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The tensors to send for ``x`` (already pooled by :meth:`down`)."""

@@ -2,8 +2,7 @@
 
 Per mini-batch of a *parallel* epoch every worker, at the same time:
 
-1. runs its stage on its input -- the data (stage 0) or its auxiliary variable
-   (upsampled, when the auxiliary variables live at a filter's low resolution);
+1. runs its stage on its input -- the data (stage 0) or its auxiliary variable;
 2. exchanges boundary tensors with its neighbours (``batch_isend_irecv``): it sends
    its (downsampled) output forward and its (downsampled) auxiliary variable backward;
 3. takes one SGD step on its stage's weights and one RMSprop step on the rows of its
@@ -283,23 +282,16 @@ class _BoundaryState:
         self.rank, self.world, self.stages = rank, world, stages
         self.settings, self.boundary, self.device = settings, boundary, device
         self.aux = self.aux_sq = self.lam_in = self.lam_out = None
-        self.full_size = None
-        self.pooled_aux = settings.aux_resolution == "pooled"
         self.reinitialise(inputs)
-
-    def stage_input(self, aux: torch.Tensor) -> torch.Tensor:
-        """This rank's stage input made of rows of its auxiliary variable."""
-        return self.boundary.up(aux, self.full_size) if self.pooled_aux else aux
 
     def on_wire(self, aux: torch.Tensor) -> torch.Tensor:
         """The view of the auxiliary variable that is sent and enters the residual:
         the same resolution as the previous stage's pooled output."""
-        return aux if self.pooled_aux else self.boundary.down(aux)
+        return self.boundary.down(aux)
 
     @torch.no_grad()
     def reinitialise(self, inputs: torch.Tensor) -> None:
-        """Aux = the forward activations at this rank's input (pooled, when the
-        auxiliary variables live at the low resolution); lambda = 0."""
+        """Aux = the forward activations at this rank's input; lambda = 0."""
         if self.rank > 0:
             prefix = self.stages[: self.rank]
             saved = _bn_buffers(prefix)
@@ -309,8 +301,7 @@ class _BoundaryState:
                 for stage in prefix:
                     stage.train()  # batch statistics, as the parallel steps will see
                     h = stage(h)
-                self.full_size = tuple(h.shape[-2:])
-                chunks.append((self.boundary.down(h) if self.pooled_aux else h).cpu())
+                chunks.append(h.cpu())
             _restore_bn(prefix, saved)
             self.aux = torch.cat(chunks)
             self.aux_sq = torch.zeros_like(self.aux)
@@ -335,12 +326,12 @@ def _parallel_epoch(
     for index in order.split(settings.batch_size):
         if rank == 0:
             x_in = inputs[index].to(device)
-            stage_input = x_in
         else:
+            # The auxiliary variable lives at full resolution: the stage trains on sharp
+            # inputs, and only the pooled view crosses the wire and enters the residual.
             x_in = state.aux[index].to(device).requires_grad_(True)
-            stage_input = state.stage_input(x_in)
             aux_sent = state.on_wire(x_in)
-        out = stage(stage_input)
+        out = stage(x_in)
         produced = state.boundary.down(out) if rank < world - 1 else None
         # Above: my output goes up, the next stage's auxiliary variable comes back.
         # Below: my auxiliary variable goes down, the previous stage's output comes up.
@@ -427,11 +418,11 @@ def _on_rank0_then_share(rank, world, model, keys, settings, work) -> None:  # n
 def _recalibrate(model: nn.Module, inputs: torch.Tensor, settings: LPSettings, device) -> None:  # noqa: ANN001
     """Re-estimate every BatchNorm's statistics on un-augmented training inputs.
 
-    In parallel epochs stage k > 0 sees its auxiliary variables (upsampled, when they
-    live at a filter's low resolution), not the previous stage's real outputs, so its running
-    statistics describe the wrong inputs for the stitched network; a serial epoch
-    only half-repairs them (an EMA). Measured on Fashion-MNIST (ResNet-8, K=2): 11% test
-    accuracy after a serial epoch without this, 67% with it.
+    In parallel epochs stage k > 0 sees its auxiliary variables, not the previous
+    stage's real outputs, so its running statistics describe the wrong inputs for the
+    stitched network; a serial epoch only half-repairs them (an EMA). Measured on
+    Fashion-MNIST (ResNet-8, K=2): 11% test accuracy after a serial epoch without this,
+    67% with it.
     """
     chosen = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(settings.seed))
     recalibrate_batchnorm(model, inputs[chosen[:RECALIBRATION_SAMPLES]], device=device)

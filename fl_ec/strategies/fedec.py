@@ -24,15 +24,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_ec.calibration import (
-    classifier_of,
-    corrected_accuracy,
-    prediction_hits,
-    prior_offsets,
-    target_prior,
-)
-from fl_ec.config import CLIENT_STARTS, STUDENT_INITS, calibration_every
-from fl_ec.distill import DistillResult, DistillSettings, accuracy, augmented_views, distill
+from fl_ec.calibration import classifier_of, prediction_hits, target_prior
+from fl_ec.config import CLIENT_STARTS, calibration_every
+from fl_ec.distill import DistillResult, DistillSettings, accuracy, distill
 from fl_ec.ensemble import (
     RULES,
     WEIGHTED_RULES,
@@ -61,7 +55,6 @@ from fl_ec.strategies.fedec_utils import (
     proxy_tensor,
     weighted_average,
 )
-from fl_ec.tail_average import TailAverage
 from fl_ec.training import select_device
 
 
@@ -84,13 +77,11 @@ class FedEC(FedAvg):
     distill : DistillSettings
         Steps, batch size, Adam lr, temperature, evaluation interval and patience.
     teacher_rule : str (default: "mean-logits")
-        One of ``mean-logits``, ``mean-probs``, ``weighted``, ``label-aware``,
-        ``trimmed-mean``, ``median``, ``gated`` (see :mod:`fl_ec.ensemble`).
+        One of ``mean-logits``, ``label-aware``, ``trimmed-mean``, ``median``,
+        ``gated`` (see :mod:`fl_ec.ensemble`). ``label-aware`` and ``gated`` fall back
+        to ``mean-logits`` in a round where some reply lacks class counts.
     trim_ratio : float (default: 0.1)
         Fraction trimmed at each end by ``trimmed-mean``.
-    student_init : str (default: "average")
-        ``average``: the example-weighted parameter average of the replies that share
-        the global architecture (FedDF); ``previous``: the previous global model.
     client_start : str (default: "student")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
@@ -106,21 +97,11 @@ class FedEC(FedAvg):
         distribution (pooled from the clients' reported class counts); see
         :mod:`fl_ec.calibration`. Uses no labels. With validation data, the corrected
         student, the corrected start of distillation (the parameter average) and the
-        uncorrected student compete on validation accuracy (see
-        ``prior_correction_revert_z``). Skipped (with a warning) when a reply lacks
-        class counts.
-    prior_correction_revert_z : float (default: 1.96)
-        Serve the uncorrected student instead of the better corrected candidate only
-        when it is *significantly* more accurate on validation: McNemar's paired z over
-        the samples the two disagree on exceeds this value
-        (:func:`fl_ec.calibration.paired_z`). ``0`` reverts on any drop in validation
-        accuracy. Why a test and not the raw difference: on every saved final model
-        measured (26, both regimes, alpha=0.1) the correction did not lower test
-        accuracy, while a 1k validation set rejected it by up to 0.8 points of noise.
-    prior_aware_distillation : bool (default: False)
-        With ``prior_correction``: also correct the teacher's logits to the federation's
-        label prior before distillation, and early-stop on validation accuracy *after*
-        the correction, so the checkpoint kept is the one that is best once corrected.
+        uncorrected student compete on validation accuracy: the uncorrected student is
+        served only when it is *significantly* more accurate than the better corrected
+        candidate, McNemar's paired z over the samples the two disagree on above
+        :data:`~fl_ec.strategies.fedec_calibration.REVERT_Z`. Skipped (with a warning)
+        when a reply lacks class counts.
     feature_calibration : bool (default: False)
         After each round's aggregation, ask this round's clients for the
         class-conditional statistics of the served model's classifier inputs on their
@@ -131,7 +112,7 @@ class FedEC(FedAvg):
         one, from low-rank statistics (:mod:`fl_ec.head_calibration`). It replaces
         ``prior_correction``, which only shifts the bias. With validation data the
         calibrated layers are kept unless the uncalibrated ones are significantly more
-        accurate (the test of ``prior_correction_revert_z``). Clients without a query
+        accurate (the same test as ``prior_correction``'s). Clients without a query
         handler, or replies that fail the checks, are logged and left out; without any
         valid statistics the round serves the uncalibrated model.
     calibration_rounds : str (default: "all")
@@ -140,35 +121,22 @@ class FedEC(FedAvg):
         N, 2N, ... and the last. With
         ``client_start="average"`` the served model does not steer training, so both
         end with the same final model; ``all`` also calibrates every intermediate one.
-    tail_average_rounds : int (default: 1)
-        Start distillation (and so serve) from the uniform mean of the last this many
-        rounds' parameter averages instead of this round's alone: stochastic weight
-        averaging over rounds (:mod:`fl_ec.tail_average`). ``1`` turns it off. Needs
-        ``student_init="average"``. With ``client_start="average"`` the clients'
-        trajectory is unchanged (they still start from the round's average); with
-        ``student`` they train from the served mean. The teacher's ``average`` member
-        stays the round's own average.
     calibration : CalibrationSettings | None
         Which layers are calibrated (``classifier`` or ``dense``; the rank and the
         per-class mixture components of the ``dense`` statistics) and the virtual
         samples, epochs, lr and batch size.
-    teacher_includes_average : bool (default: False)
-        Add the parameter average as one more teacher member (as FedBE does).
     teacher_includes_previous : bool (default: False)
         Add the previous global model as one more teacher member.
     proxy_per_round : int (default: 0)
         Use a fresh seeded random subset of this many proxy samples each round for the
         teacher and distillation (0: the whole proxy set). Bounds server time per round
         while, over the run, every proxy sample is used.
-    augment_copies : int (default: 0)
-        Augmented views of the proxy set added to it (random shifts and flips); the
-        teacher labels them once per round, so distillation sees more varied inputs.
     proxy_batch_size : int (default: 512)
         Batch size of the teacher's forward passes.
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     seed : int (default: 0)
-        Seeds augmentation and distillation batch order (per round).
+        Seeds the per-round proxy subset and distillation batch order.
     student_trainer : Callable[[nn.Module, Tensor, Tensor], None] | None
         Replaces the Adam distillation: ``student_trainer(student, proxy, teacher_logits)``
         trains the student in place (e.g. the layer-parallel trainer with a KL loss);
@@ -188,19 +156,13 @@ class FedEC(FedAvg):
         distill: DistillSettings | None = None,
         teacher_rule: str = "mean-logits",
         trim_ratio: float = 0.1,
-        student_init: str = "average",
         client_start: str = "student",
         prior_correction: bool = False,
-        prior_correction_revert_z: float = 1.96,
-        prior_aware_distillation: bool = False,
         feature_calibration: bool = False,
         calibration_rounds: str = "all",
         calibration: CalibrationSettings | None = None,
-        tail_average_rounds: int = 1,
-        teacher_includes_average: bool = False,
         teacher_includes_previous: bool = False,
         proxy_per_round: int = 0,
-        augment_copies: int = 0,
         proxy_batch_size: int = 512,
         device: str = "auto",
         seed: int = 0,
@@ -212,8 +174,6 @@ class FedEC(FedAvg):
             raise ValueError("FedEC needs arch_spec or model_builder to rebuild client models")
         if teacher_rule not in RULES:
             raise ValueError(f"teacher_rule={teacher_rule!r}: choose one of {', '.join(RULES)}")
-        if student_init not in STUDENT_INITS:
-            raise ValueError(f"student_init={student_init!r}: choose average or previous")
         if client_start not in CLIENT_STARTS:
             raise ValueError(f"client_start={client_start!r}: choose student or average")
         self.arch_spec = ArchSpec.from_json(arch_spec) if isinstance(arch_spec, str) else arch_spec
@@ -223,17 +183,10 @@ class FedEC(FedAvg):
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
         self.trim_ratio = trim_ratio
-        self.student_init = student_init
         self.client_start = client_start
         # With client_start="average": the model the next round's clients train from.
         self.client_start_arrays: ArrayRecord | None = None
         self.prior_correction = prior_correction
-        if not prior_correction_revert_z >= 0.0:
-            raise ValueError(f"prior_correction_revert_z={prior_correction_revert_z} must be >= 0")
-        self.prior_correction_revert_z = prior_correction_revert_z
-        if prior_aware_distillation and not prior_correction:
-            raise ValueError("prior_aware_distillation needs prior_correction=True")
-        self.prior_aware_distillation = prior_aware_distillation
         if feature_calibration and prior_correction:
             raise ValueError(
                 "feature_calibration retrains the classifier that prior_correction shifts: "
@@ -244,14 +197,6 @@ class FedEC(FedAvg):
         self.calibration_rounds = calibration_rounds
         self.num_rounds: int | None = None  # known once start() runs
         self.calibration = calibration or CalibrationSettings()
-        if tail_average_rounds < 1:
-            raise ValueError(f"tail_average_rounds={tail_average_rounds} must be >= 1 (1: off)")
-        if tail_average_rounds > 1 and student_init != "average":
-            raise ValueError(
-                "tail_average_rounds > 1 averages the rounds' parameter averages: "
-                "it needs student_init='average'"
-            )
-        self.tail_average = TailAverage(tail_average_rounds) if tail_average_rounds > 1 else None
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if prior_correction or feature_calibration:  # fail now if the head has no bias
             spec = self.arch_spec
@@ -259,12 +204,10 @@ class FedEC(FedAvg):
             classifier_of(probe)
             if feature_calibration:  # and without a dense head to calibrate
                 calibrated_layers(probe, self.calibration)
-        self.teacher_includes_average = teacher_includes_average
         self.teacher_includes_previous = teacher_includes_previous
         if proxy_per_round < 0:
             raise ValueError(f"proxy_per_round={proxy_per_round} must be >= 0 (0: all)")
         self.proxy_per_round = proxy_per_round
-        self.augment_copies = augment_copies
         self.proxy_batch_size = proxy_batch_size
         self.device = select_device(device)
         self.seed = seed
@@ -279,15 +222,12 @@ class FedEC(FedAvg):
         super().summary()
         log(
             INFO,
-            "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round, +%d augmented views), "
-            "student init=%s (mean of the last %d rounds), clients start from the %s, "
-            "prior correction=%s, feature calibration=%s, distill=%s",
+            "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round), "
+            "clients start from the %s, prior correction=%s, feature calibration=%s, "
+            "distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
-            self.augment_copies,
-            self.student_init,
-            self.tail_average.window if self.tail_average is not None else 1,
             self.client_start,
             self.prior_correction,
             self.feature_calibration,
@@ -390,20 +330,9 @@ class FedEC(FedAvg):
             self.client_start_arrays = self._client_start_arrays(
                 same_arch[0] if same_arch else [], accepted, student
             )
-        clients = [m.model for m in accepted]
-        members = list(clients)
-        if self.teacher_includes_average:
-            members.append(self._build(global_spec, student.state_dict()))
+        members = [m.model for m in accepted]
         if self.teacher_includes_previous:
             members.append(self._previous_global())
-        if self.tail_average is not None and student is not previous:
-            # previous: no average this round (no global-architecture reply), so
-            # nothing new enters the window.
-            if self.validation is not None:
-                stats["round-average-val-accuracy"] = self._score(student)
-            student = self._build(global_spec, self.tail_average.push(student.state_dict()))
-            stats["tail-average-window"] = float(len(self.tail_average))
-
         generator_seed = self.seed * 10_007 + server_round
         proxy = self.proxy_inputs
         if 0 < self.proxy_per_round < len(proxy):
@@ -411,19 +340,13 @@ class FedEC(FedAvg):
                 len(proxy), generator=torch.Generator().manual_seed(generator_seed)
             )[: self.proxy_per_round]
             proxy = proxy[chosen]
-        round_proxy = proxy  # without augmented views: the inputs the prior is matched on
-        if self.augment_copies > 0:
-            proxy = torch.cat([proxy, augmented_views(proxy, self.augment_copies, generator_seed)])
-        extra = len(members) - len(clients) if self.teacher_rule in WEIGHTED_RULES else 0
-        num_examples, class_counts = with_extra_members(
-            [m.num_examples for m in accepted], self._class_counts(accepted), extra
-        )
-        weights = dict(num_examples=num_examples, class_counts=class_counts)
+        extra = len(members) - len(accepted) if self.teacher_rule in WEIGHTED_RULES else 0
+        class_counts = with_extra_members(self._class_counts(accepted), extra)
         rule = self.teacher_rule
-        if rule in ("label-aware", "gated") and weights["class_counts"] is None:
+        if rule in WEIGHTED_RULES and class_counts is None:
             # Replies from clients that do not report class counts (e.g. a stock
-            # quickstart ClientApp): use the closest rule that needs no counts.
-            rule = "weighted" if rule == "label-aware" else "mean-probs"
+            # quickstart ClientApp): use the plain mean, which needs no counts.
+            rule = "mean-logits"
             log(
                 WARNING,
                 "round %d: some replies lack class-counts; teacher rule falls back to %r",
@@ -437,7 +360,7 @@ class FedEC(FedAvg):
             trim_ratio=self.trim_ratio,
             batch_size=self.proxy_batch_size,
             device=self.device,
-            **weights,
+            class_counts=class_counts,
         )
         if self._uses_round_teacher():
             teacher = combine_members(proxy)
@@ -467,10 +390,7 @@ class FedEC(FedAvg):
                 student, proxy, None, self.validation, self.distill_settings, self.device
             )
         else:
-            targets, score_fn = self._prior_aware_targets(
-                self.round_teacher[1], round_proxy, accepted
-            )
-            result = self._distill_student(student, proxy, targets, generator_seed, score_fn)
+            result = self._distill_student(student, proxy, self.round_teacher[1], generator_seed)
         stats.update(
             {
                 "distill-steps": float(result.steps),
@@ -482,9 +402,7 @@ class FedEC(FedAvg):
             stats["student-start-val-accuracy"] = result.start_accuracy
             stats["student-val-accuracy"] = result.best_accuracy
         if self.prior_correction:
-            stats.update(
-                self._correct_prior(student, start_state, round_proxy, accepted, server_round)
-            )
+            stats.update(self._correct_prior(student, start_state, proxy, accepted, server_round))
         # Here, so that FedHCE derives its variants from the calibrated model.
         if self._calibrates(server_round):
             stats.update(self._calibrate_features(server_round, student, accepted))
@@ -530,7 +448,6 @@ class FedEC(FedAvg):
                 self.calibration,
                 self.seed * 10_007 + server_round,
                 self._hits,
-                self.prior_correction_revert_z,
                 server_round,
             )
         )
@@ -593,32 +510,12 @@ class FedEC(FedAvg):
         }
         return parts, stats
 
-    def _prior_aware_targets(
-        self, teacher: torch.Tensor, proxy: torch.Tensor, accepted: list[ClientModel]
-    ) -> tuple[torch.Tensor, Callable[[nn.Module], float] | None]:
-        """Distillation targets and early-stopping score under ``prior_aware_distillation``."""
-        counts = self._class_counts(accepted)
-        if not self.prior_aware_distillation or counts is None or self.validation is None:
-            return teacher, None
-        prior = target_prior(counts)
-        # The teacher's rows may include augmented views; the offsets are fit on all rows.
-        corrected = teacher + prior_offsets(teacher, prior).offsets
-        val_x, val_y = self.validation
-
-        def score(model: nn.Module) -> float:
-            return corrected_accuracy(
-                model, proxy, prior, val_x, val_y, self.proxy_batch_size, self.device
-            )
-
-        return corrected, score
-
     def _distill_student(
         self,
         student: nn.Module,
         proxy: torch.Tensor,
         teacher: torch.Tensor,
         seed: int,
-        score_fn: Callable[[nn.Module], float] | None = None,
     ) -> DistillResult:
         """Compress the teacher into ``student`` (in place): Adam KD, or ``student_trainer``."""
         if self.student_trainer is None:
@@ -630,7 +527,6 @@ class FedEC(FedAvg):
                 self.distill_settings,
                 self.device,
                 seed,
-                score_fn=score_fn,
             )
         # An external trainer (e.g. layer-parallel) has no early stopping of its own:
         # keep whichever of start and result scores better on validation.
@@ -675,7 +571,6 @@ class FedEC(FedAvg):
             proxy,
             target_prior(counts),
             self._hits,
-            self.prior_correction_revert_z,
             self.proxy_batch_size,
             self.device,
             server_round,
@@ -714,8 +609,9 @@ class FedEC(FedAvg):
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
     ) -> nn.Module:
-        """The model distillation starts from (FedDF: the parameter average)."""
-        if self.student_init == "average" and same_arch:
+        """The model distillation starts from (FedDF): the example-weighted parameter
+        average of the replies that share the global architecture, else ``previous``."""
+        if same_arch:
             return self._build(self._global_spec(), weighted_average(same_arch))
         return previous
 

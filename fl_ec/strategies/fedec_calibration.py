@@ -10,9 +10,9 @@ Two fixes act on the served model's last layers only:
 
 Both are applied, and then kept unless the unfixed model is *significantly* more
 accurate on the server's validation split. Significance is McNemar's paired z (over the
-samples the two disagree on) above ``revert_z``. Why a test and not the raw difference:
-on every saved final model measured (26, alpha=0.1) the correction did not lower test
-accuracy, while a 1k validation split rejected it by up to 0.8 points of noise.
+samples the two disagree on) above :data:`REVERT_Z` (1.96). Why a test and not the raw
+difference: on every saved final model measured (26, alpha=0.1) the correction did not
+lower test accuracy, while a 1k validation split rejected it by up to 0.8 points of noise.
 Without validation data there is no evidence against a fix, so it is kept.
 
 Kept out of :class:`~fl_ec.strategies.fedec.FedEC` so the strategy stays the glue
@@ -33,6 +33,9 @@ from fl_ec.calibration import correct_prior, paired_z
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import FeatureStats, calibrate, calibrated_layers
 
+# A fix is reverted when the unfixed model is more accurate on validation with a
+# McNemar paired z above this (two-sided 5%).
+REVERT_Z = 1.96
 # Per-sample correctness of a model on the validation split; None without one.
 HitsFn = Callable[[nn.Module], torch.Tensor | None]
 
@@ -43,7 +46,6 @@ def serve_prior_corrected(
     proxy: torch.Tensor,
     prior: torch.Tensor,
     hits: HitsFn,
-    revert_z: float,
     batch_size: int,
     device: torch.device | str,
     server_round: int,
@@ -72,7 +74,7 @@ def serve_prior_corrected(
     z_uncorrected = (
         paired_z(uncorrected_hits, candidate_hits[best]) if uncorrected_hits is not None else 0.0
     )
-    kept = not z_uncorrected > revert_z
+    kept = not z_uncorrected > REVERT_Z
     student.load_state_dict(corrected[best] if kept else uncorrected)
     log(
         INFO,
@@ -84,7 +86,7 @@ def serve_prior_corrected(
         before,
         ", ".join(f"{name} {score:.4f}" for name, score in scores.items()),
         z_uncorrected,
-        revert_z,
+        REVERT_Z,
     )
     return {
         "prior-correction-applied": float(kept),
@@ -102,7 +104,6 @@ def serve_feature_calibrated(
     settings: CalibrationSettings,
     seed: int,
     hits: HitsFn,
-    revert_z: float,
     server_round: int,
     name: str = "served model",
 ) -> dict[str, float]:
@@ -120,7 +121,7 @@ def serve_feature_calibrated(
         metrics["calibration-val-gain"] = float(
             after_hits.float().mean() - before_hits.float().mean()
         )
-        if paired_z(before_hits, after_hits) > revert_z:
+        if paired_z(before_hits, after_hits) > REVERT_Z:
             layers.load_state_dict(before_state)
             log(INFO, "round %d: calibration hurt the %s; reverted", server_round, name)
             metrics["feature-calibration-applied"] = 0.0

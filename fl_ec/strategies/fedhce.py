@@ -29,7 +29,6 @@ from torch import nn
 
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
-from fl_ec.config import DOWNLINK_ROUNDINGS, VARIANT_CLIENT_STARTS
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.ensemble import logits_accuracy
@@ -77,10 +76,6 @@ class FedHCE(FedEC):
     fold_pruned : bool (default: False)
         Fold pruned clients' updates into full-model coordinates through the pruning
         index maps (HeteroFL-style) for the student's starting point.
-    prune_importance : str (default: "magnitude")
-        torch-pruning importance: ``magnitude`` or ``taylor``.
-    prune_steps : int (default: 1)
-        Iterative pruning steps (re-ranking between steps).
     reprune : bool (default: False)
         Re-run the pruner every round. Off: a variant's architecture is decided once
         and replayed by slicing, so it is stable across rounds.
@@ -99,27 +94,11 @@ class FedHCE(FedEC):
         (the same CCVR and validation guard as the global model). A pruned variant's
         features differ from the global model's, so the calibrated global classifier
         does not fit them. Off: variants inherit the global model's classifier.
-    variant_client_start : str (default: "tuned")
-        What clients train: ``tuned``, the variants after the diversity-aware
-        fine-tuning (and their own calibration), which are also the HCE ensemble's
-        members; or ``derived``, plain compressed copies of the global student, while
-        the fine-tuned variants serve only the HCE ensemble. A distilled start leaves
-        a client's local epoch on non-IID data further from the average (the FedDF
-        failure at alpha=0.1), so ``derived`` keeps the fine-tuning off the training
-        trajectory; the derived copies inherit the global model's classifier.
-    downlink_rounding : str (default: "nearest")
-        How packed quantized variants are rounded for training: ``nearest``, one copy
-        per variant; or ``stochastic``, one independently, stochastically rounded copy
-        per node (same bytes). With ``rebase_updates`` a client's change is computed
-        at the rounded weights and applied to the fp32 ones; where its local epoch
-        converges, the change also undoes the rounding error, which nearest rounding
-        makes the same on every node, so it survives the average. Stochastic rounding
-        is unbiased and independent per node, so that error averages out.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
         With ``client_start="average"`` the clients train plain compressed copies of
         the round's (rebased, folded) parameter average, while the served global
-        model (distilled, tail-averaged, calibrated) and the variants derived from it
+        model (distilled, calibrated) and the variants derived from it
         serve evaluation and the HCE ensemble; clients' changes are rebased on the
         copies they were sent, so the training trajectory never passes through the
         served model. ``student`` (FedDF): clients train the served model's variants.
@@ -135,14 +114,10 @@ class FedHCE(FedEC):
         diversity_weight: float = 0.5,
         variant_distill: DistillSettings | None = None,
         fold_pruned: bool = False,
-        prune_importance: str = "magnitude",
-        prune_steps: int = 1,
         reprune: bool = False,
         pack_quantized: bool = True,
         rebase_updates: bool = True,
         calibrate_variants: bool = True,
-        variant_client_start: str = "tuned",
-        downlink_rounding: str = "nearest",
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -168,36 +143,19 @@ class FedHCE(FedEC):
         self.pack_quantized = pack_quantized
         self.rebase_updates = rebase_updates
         self.calibrate_variants = calibrate_variants
-        if variant_client_start not in VARIANT_CLIENT_STARTS:
-            raise ValueError(
-                f"variant_client_start={variant_client_start!r}: choose one of "
-                f"{', '.join(VARIANT_CLIENT_STARTS)}"
-            )
-        self.variant_client_start = variant_client_start
-        if downlink_rounding not in DOWNLINK_ROUNDINGS:
-            raise ValueError(
-                f"downlink_rounding={downlink_rounding!r}: choose one of "
-                f"{', '.join(DOWNLINK_ROUNDINGS)}"
-            )
-        self.downlink_rounding = downlink_rounding
         self.factory = VariantFactory(
-            lambda state: build_from_state_dict(self.arch_spec, state),
-            self.proxy_inputs[:2],
-            prune_importance,
-            prune_steps,
+            lambda state: build_from_state_dict(self.arch_spec, state), self.proxy_inputs[:2]
         )
         # The variants that serve inference (validation metrics, the HCE ensemble)...
         self.variant_models: dict[str, nn.Module] = {}
         # ... and those the clients were sent, fp32, to rebase their changes on: the same
-        # models, unless variant_client_start="derived".
+        # models, unless client_start="average".
         self.sent_models: dict[str, nn.Module] = {}
         # The last calibrated round's variants before their own calibration (a copy
         # each), so the ServerApp can report what that calibration gained on test.
         self.uncalibrated_variant_models: dict[str, nn.Module] = {}
         self.payloads: dict[str, Payload] = {}
         self.sent_states: dict[str, dict[str, torch.Tensor]] = {}
-        # With stochastic downlink rounding each node's own copy, as it rebuilds it.
-        self.node_sent_states: dict[int, dict[str, torch.Tensor]] = {}
         self.capabilities: dict[int, dict[str, Any]] = {}
         self.assignment: dict[int, str] = {}
 
@@ -222,13 +180,12 @@ class FedHCE(FedEC):
         if not self.payloads:  # first round: variants of the initial model, no teacher yet
             self._derive_variants(arrays.to_torch_state_dict(), 0, {})
         self.assignment = {}
-        self.node_sent_states = {}
         messages = []
         for message in sampled:
             node = message.metadata.dst_node_id
             name = self._assign(node)
             self.assignment[node] = name
-            payload = self._node_payload(server_round, node, name)
+            payload = self.payloads[name]
             node_config = ConfigRecord({**dict(config), **self._variant_config(name, payload)})
             record = RecordDict(
                 {self.arrayrecord_key: payload.arrays, self.configrecord_key: node_config}
@@ -269,8 +226,6 @@ class FedHCE(FedEC):
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
     ) -> nn.Module:
-        if self.student_init != "average":
-            return super()._student_start(same_arch, accepted, previous)
         return self._build(self.arch_spec, self._round_average(same_arch, accepted, previous))
 
     def _round_average(
@@ -291,8 +246,6 @@ class FedHCE(FedEC):
             structure = self.factory.structure(self.variants[name])
             state = model.state
             sent = self.sent_states.get(name)
-            if self.assignment.get(model.node_id) == name:  # its own copy, if it had one
-                sent = self.node_sent_states.get(model.node_id, sent)
             if self.rebase_updates and sent is not None:
                 # The client's change was computed from the variant it received, which
                 # the variants' fine-tuning moved away from the global student. Applied
@@ -323,10 +276,8 @@ class FedHCE(FedEC):
         self, same_arch: list[ClientModel], accepted: list[ClientModel], start: nn.Module
     ) -> ArrayRecord | None:
         # The average the clients' changes are rebased and folded into: the student's
-        # start itself under student_init="average" (copied before distillation).
-        if self.student_init == "average":
-            return ArrayRecord(start.state_dict())
-        return ArrayRecord(self._round_average(same_arch, accepted, self._previous_global()))
+        # start itself (copied before distillation).
+        return ArrayRecord(start.state_dict())
 
     # -- variants -------------------------------------------------------------------
     def _assign(self, node: int) -> str:
@@ -341,19 +292,6 @@ class FedHCE(FedEC):
             )
             name = self.default_variant
         return name
-
-    def _node_payload(self, server_round: int, node: int, name: str) -> Payload:
-        """Variant ``name`` as node ``node`` receives it this round."""
-        stochastic = self.downlink_rounding == "stochastic" and self.pack_quantized
-        if not stochastic or not self.variants[name].bits:
-            return self.payloads[name]
-        # Python hashes int tuples deterministically: the same copy on every rerun.
-        seed = hash((self.seed, server_round, node)) % 2**63
-        generator = torch.Generator().manual_seed(seed)
-        payload = make_payload(self.sent_models[name], self.variants[name], True, generator)
-        if self.rebase_updates:
-            self.node_sent_states[node] = sent_state(payload)
-        return payload
 
     def _variant_config(self, name: str, payload: Payload) -> dict[str, Any]:
         """What a client needs, besides the arrays, to rebuild and run variant ``name``."""
@@ -378,9 +316,8 @@ class FedHCE(FedEC):
         (``client_start="average"``): the clients get plain compressed copies of it
         instead of the served variants.
         """
-        calibration = self.proxy_inputs[:256]
         models = {
-            name: self.factory.derive(variant, full_state, calibration, reprune=self.reprune)
+            name: self.factory.derive(variant, full_state, reprune=self.reprune)
             for name, variant in self.variants.items()
         }
         tuned = [name for name, variant in self.variants.items() if name != FULL]
@@ -388,12 +325,10 @@ class FedHCE(FedEC):
         sent = models
         if train_state is not None:
             sent = {
-                name: self.factory.derive(variant, train_state, calibration, reprune=self.reprune)
+                name: self.factory.derive(variant, train_state, reprune=self.reprune)
                 for name, variant in self.variants.items()
             }
         if tuned and self.round_teacher is not None and self.variant_distill.steps > 0:
-            if self.variant_client_start == "derived" and train_state is None:
-                sent = {name: copy.deepcopy(model) for name, model in models.items()}
             proxy, teacher = self.round_teacher
             result = distill(
                 VariantEnsemble([models[name] for name in tuned]),
@@ -453,7 +388,6 @@ class FedHCE(FedEC):
                         self.calibration,
                         self.seed * 10_007 + server_round + 7_919 * (index + 1),
                         self._hits,
-                        self.prior_correction_revert_z,
                         server_round,
                         name=f"variant {name}",
                     )

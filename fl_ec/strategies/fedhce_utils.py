@@ -58,19 +58,11 @@ class Payload:
     nbytes: int
 
 
-def make_payload(
-    model: torch.nn.Module,
-    variant: Variant,
-    pack: bool = True,
-    generator: torch.Generator | None = None,
-) -> Payload:
-    """A variant's weights for the wire: int8/int4/int2 packed when it is quantized.
-
-    ``generator``: round the quantized weights stochastically (one copy per node).
-    """
+def make_payload(model: torch.nn.Module, variant: Variant, pack: bool = True) -> Payload:
+    """A variant's weights for the wire: int8/int4/int2 packed when it is quantized."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bits = variant.bits if pack else 0
-    arrays, manifest = pack_state_dict(state, bits, quantized_weight_keys(model), generator)
+    arrays, manifest = pack_state_dict(state, bits, quantized_weight_keys(model))
     record = ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in arrays.items()})
     return Payload(record, json.dumps(manifest, sort_keys=True), packed_nbytes(arrays))
 

@@ -16,7 +16,7 @@ the proxy inputs follow the federation's input distribution -- the same assumpti
 ensemble distillation on that proxy set makes.
 
 Nothing here knows about Flower; FedEC applies it to the served model after
-distillation (``prior-correction``).
+distillation (``calibration="prior"``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     if not linears or linears[-1].bias is None:
         raise ValueError(
             "prior correction and feature calibration need a model whose last layer is "
-            "nn.Linear with a bias; set prior-correction=false and feature-calibration=false"
+            'nn.Linear with a bias; set calibration="none"'
         )
     return linears[-1]
 

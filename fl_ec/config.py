@@ -19,17 +19,13 @@ from typing import Any
 
 from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError
+from fl_ec.feature_calibration import CALIBRATION_NODES, CalibrationSettings
 from fl_ec.layer_parallel.objectives import BOUNDARY_BITS, METHODS
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
 CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
-CALIBRATION_ROUNDS = ("all", "last", "every-N")  # FedEC feature-calibration: which rounds
-# Which layers feature-calibration retrains (fl_ec.feature_calibration.CalibrationSettings).
-CALIBRATION_LAYERS = ("classifier", "dense")
-# Which nodes feature-calibration queries: the round's sampled clients, or every node.
-CALIBRATION_NODES = ("sampled", "all")
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,7 +36,7 @@ LOCAL_LOSSES = ("ce", "logit-adjusted")
 class ExperimentConfig:
     """Every knob of an fl-ec experiment; field ``foo_bar`` is run-config key ``foo-bar``.
 
-    The README's knob table documents each field; defaults here mirror
+    ``docs/configuration.md`` documents each field; defaults here mirror
     ``[tool.flwr.app.config]`` so the library can be used without a pyproject.
     """
 
@@ -70,40 +66,25 @@ class ExperimentConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 0.0
     max_grad_norm: float = 10.0
     local_loss: str = "ce"
     device: str = "auto"
     client_threads: int = 0
     # FedEC: ensemble teacher on the proxy set, distillation into the student
     teacher_rule: str = "label-aware"
-    trim_ratio: float = 0.1
-    teacher_includes_previous: bool = False
     proxy_per_round: int = 0
     client_start: str = "student"
-    prior_correction: bool = False
-    feature_calibration: bool = False
+    calibration: str = "none"  # a CalibrationSettings.preset name
     calibration_rounds: str = "all"
-    calibration_samples: int = 20_000
-    calibration_layers: str = "classifier"
-    calibration_rank: int = 64
-    calibration_components: int = 1
     calibration_nodes: str = "sampled"
     distill_steps: int = 500
-    distill_batch_size: int = 128
-    distill_lr: float = 1e-3
-    distill_temperature: float = 1.0
-    distill_eval_every: int = 50
-    distill_patience: int = 100
     # FedHCE: compressed variants, assignment by capability, diversity-aware distillation
     variants: str = "full,int8,int4,prune-0.5+int8,prune-0.5+int4"
     variant_policy: str = "gpu=full,cpu=full,edge=prune-0.5+int4"
-    default_variant: str = ""
     hce_ensemble: str = ""
     diversity_weight: float = 0.5
     variant_distill_steps: int = 100
     fold_pruned: bool = False
-    rebase_updates: bool = True
     calibrate_variants: bool = True
     simulated_tiers: str = ""
     # Layer-parallel training (ResNets): for clients and/or the server's distillation
@@ -117,7 +98,6 @@ class ExperimentConfig:
     lp_serial_epochs: int = 1
     lp_threads_per_worker: int = 1
     # Server-side evaluation and output
-    eval_batch_size: int = 512
     results_dir: str = "results"
     run_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -150,8 +130,7 @@ class ExperimentConfig:
             names = [v.name for v in parse_variants(self.variants)]
         except ValueError as err:
             raise ConfigError(f"variants={self.variants!r}: {err}") from None
-        referenced = [("default-variant", n) for n in [self.default_variant] if n]
-        referenced += [
+        referenced = [
             ("hce-ensemble", n.strip()) for n in self.hce_ensemble.split(",") if n.strip()
         ]
         for part in filter(None, (p.strip() for p in self.variant_policy.split(","))):
@@ -179,49 +158,17 @@ class ExperimentConfig:
         _choice("device", self.device, DEVICES)
         _choice("teacher-rule", self.teacher_rule, TEACHER_RULES)
         _choice("client-start", self.client_start, CLIENT_STARTS)
-        if self.prior_correction and self.strategy == "fedavg":
-            raise ConfigError(
-                "prior-correction needs the server's proxy set, which strategy=fedavg has "
-                'not: for FedAvg + prior correction set strategy="fedec", distill-steps=0, '
-                'client-start="average"'
-            )
-        if self.feature_calibration and self.strategy == "fedavg":
-            raise ConfigError(
-                "feature-calibration is a FedEC step: for FedAvg + calibration set "
-                'strategy="fedec", distill-steps=0, client-start="average"'
-            )
-        if self.feature_calibration and self.prior_correction:
-            raise ConfigError(
-                "feature-calibration retrains the classifier that prior-correction only "
-                "shifts: set prior-correction=false"
-            )
+        _choice("calibration-nodes", self.calibration_nodes, CALIBRATION_NODES)
         try:
-            calibration_every(self.calibration_rounds)
+            method = self.calibration_settings().method
         except ValueError as reason:
             raise ConfigError(str(reason)) from None
-        if self.calibration_samples < 1:
-            raise ConfigError(f"calibration-samples={self.calibration_samples} must be >= 1")
-        _choice("calibration-layers", self.calibration_layers, CALIBRATION_LAYERS)
-        _choice("calibration-nodes", self.calibration_nodes, CALIBRATION_NODES)
-        if self.calibration_rank < 1:
-            raise ConfigError(f"calibration-rank={self.calibration_rank} must be >= 1")
-        if self.calibration_components < 1:
-            raise ConfigError(f"calibration-components={self.calibration_components} must be >= 1")
-        if self.calibration_components > 1 and self.calibration_layers != "dense":
+        if method != "none" and self.strategy == "fedavg":
             raise ConfigError(
-                f"calibration-components={self.calibration_components} needs "
-                'calibration-layers="dense": set it, or calibration-components=1'
+                f"calibration={self.calibration!r} is a FedEC step (it needs the server's "
+                "proxy set or a query to the clients): for FedAvg + calibration set "
+                'strategy="fedec", distill-steps=0, client-start="average"'
             )
-        if not 0.0 <= self.trim_ratio < 0.5:
-            raise ConfigError(f"trim-ratio={self.trim_ratio} must be within [0, 0.5)")
-        for key, value in (
-            ("distill-batch-size", self.distill_batch_size),
-            ("distill-lr", self.distill_lr),
-            ("distill-temperature", self.distill_temperature),
-            ("distill-eval-every", self.distill_eval_every),
-            ("distill-patience", self.distill_patience),
-        ):
-            _positive(key, value)
         for key, value in (
             ("distill-steps", self.distill_steps),
             ("proxy-per-round", self.proxy_per_round),
@@ -263,7 +210,6 @@ class ExperimentConfig:
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("local-epochs", self.local_epochs)
         _positive("batch-size", self.batch_size)
-        _positive("eval-batch-size", self.eval_batch_size)
         _positive("classes-per-client", self.classes_per_client)
         _positive("lr", self.lr)
         _positive("min-train-nodes", self.min_train_nodes)
@@ -293,8 +239,12 @@ class ExperimentConfig:
             raise ConfigError(f"momentum={self.momentum} must be within [0, 1)")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max-grad-norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight-decay={self.weight_decay} must be >= 0")
+
+    def calibration_settings(self) -> CalibrationSettings:
+        """The ``calibration`` preset, with ``calibration-rounds`` and ``calibration-nodes``."""
+        return CalibrationSettings.preset(
+            self.calibration, rounds=self.calibration_rounds, nodes=self.calibration_nodes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping, as written to ``metrics.json`` for reproducibility."""
@@ -391,25 +341,6 @@ def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]
             f"{num_partitions}: make the counts add up to the number of SuperNodes"
         )
     return tiers
-
-
-def calibration_every(rounds: str) -> int:
-    """Calibrate every this many rounds, plus the last (0: the last only).
-
-    ``rounds`` is a ``calibration-rounds`` value: ``all`` (1), ``last`` (0) or
-    ``every-N`` (N >= 1), which buys a calibrated model at rounds N, 2N, ... for a
-    query each, without paying one every round.
-    """
-    if rounds == "all":
-        return 1
-    if rounds == "last":
-        return 0
-    count = rounds.removeprefix("every-")
-    if count != rounds and count.isdigit() and int(count) >= 1:
-        return int(count)
-    raise ValueError(
-        f"calibration-rounds={rounds!r} is unknown: choose one of all, last, every-N (N >= 1)"
-    )
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

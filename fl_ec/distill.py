@@ -31,14 +31,19 @@ from fl_ec.models.layout import channels_last
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """Knobs of one distillation (run-config keys ``distill-*``)."""
+    """Settings of one distillation; the run-config sets ``steps`` (``distill-steps``).
+
+    Proxy batch size, Adam lr (cosine decay to 0 over ``steps``), KD temperature,
+    steps between validation checks (the best checkpoint is kept) and the steps
+    without a better validation accuracy after which it stops.
+    """
 
     steps: int = 500
     batch_size: int = 128
     lr: float = 1e-3
     temperature: float = 1.0
     eval_every: int = 50
-    patience: int = 150
+    patience: int = 100
     recalibrate_bn: bool = True
 
 

@@ -8,9 +8,6 @@ every client model over its unlabeled proxy set and combines their logits with a
   it trained on (``class_counts[k][c]``); a client that never saw class c has no say
   on it. This targets the non-IID failure of the plain mean, where clients that never
   saw a class still push confident (wrong) logits for it;
-* ``trimmed-mean`` -- coordinate-wise mean after dropping the ``trim_ratio`` largest and
-  smallest client values (robust to a few wild clients);
-* ``median`` -- coordinate-wise median over clients;
 * ``gated`` -- prior-corrected, confidence-gated probabilities (below).
 
 ``gated`` targets strongly non-IID clients. A model fine-tuned on a skewed label
@@ -27,8 +24,8 @@ would subtract the prior twice, so pair those clients with another rule.
 
 Every model runs exactly once per proxy sample, one proxy batch at a time, under
 ``torch.inference_mode``. The rule is applied per batch, so memory is bounded by
-``batch x clients x classes`` for the robust rules and by the ``N x classes`` result
-for all of them; the result can be stored in fp16 for very large proxy sets.
+``batch x clients x classes`` and by the ``N x classes`` result; the result can be
+stored in fp16 for very large proxy sets.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ from torch import nn
 
 from fl_ec.models.layout import channels_last
 
-RULES = ("mean-logits", "label-aware", "trimmed-mean", "median", "gated")
+RULES = ("mean-logits", "label-aware", "gated")
 # Rules whose per-model weights come from class_counts.
 WEIGHTED_RULES = ("label-aware", "gated")
 
@@ -128,9 +125,7 @@ def _count_matrix(
     return counts
 
 
-def combine(
-    stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None, trim_ratio: float = 0.1
-) -> torch.Tensor:
+def combine(stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``rule`` over dim 0 of ``stacked`` logits ``(K, B, C)`` -> ``(B, C)``."""
     if rule == "mean-logits":
         return stacked.mean(0)
@@ -145,18 +140,6 @@ def combine(
         confidence = probs.amax(-1, keepdim=True)  # (K, B, 1)
         combined = (probs * confidence).sum(0) / confidence.sum(0)
         return combined.clamp_min(1e-12).log()
-    if rule == "median":
-        # torch.median returns the lower of the two middle values; use the true median.
-        return (
-            stacked.quantile(0.5, dim=0) if stacked.shape[0] % 2 == 0 else stacked.median(0).values
-        )
-    if rule == "trimmed-mean":
-        k = stacked.shape[0]
-        cut = int(k * trim_ratio)
-        if k - 2 * cut <= 0:
-            raise ValueError(f"trim_ratio={trim_ratio} trims all {k} clients")
-        ordered = stacked.sort(0).values
-        return ordered[cut : k - cut].mean(0)
     raise ValueError(f"teacher rule {rule!r} is unknown: choose one of {', '.join(RULES)}")
 
 
@@ -167,7 +150,6 @@ def teacher_logits(
     rule: str = "mean-logits",
     *,
     class_counts: Sequence[Sequence[float]] | None = None,
-    trim_ratio: float = 0.1,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     storage_dtype: torch.dtype = torch.float32,
@@ -196,7 +178,7 @@ def teacher_logits(
             stacked = torch.stack([model(batch).float() for model in models])
             if weights is None and rule in WEIGHTED_RULES:
                 weights = client_weights(rule, len(models), stacked.shape[-1], class_counts)
-            outputs.append(combine(stacked, rule, weights, trim_ratio).to("cpu", storage_dtype))
+            outputs.append(combine(stacked, rule, weights).to("cpu", storage_dtype))
             seen += batch.shape[0]
     seconds = time.perf_counter() - start
     logits = torch.cat(outputs)

@@ -25,20 +25,21 @@ virtual samples; uncalibrated 86.69 / 86.68%, classifier CCVR 87.98 / 88.71%):
   to rank r, the dropped part's diagonal moved into the residual. Pooling the clients'
   truncated statistics scored as pooling the raw features did (89.23% vs 89.30%); a
   mixture of the clients' own Gaussians, not pooled, scored lower (89.02%).
-* **Mixtures** (``CalibrationSettings.components`` > 1, run-config
-  ``calibration-components``). One Gaussian per class smooths a class's several modes
-  (sandals and sneakers, say) into one blob between them; the oracle that retrains the
-  same layers on the *real* features reached 90.82% at seed 42. So each client splits
-  each class it holds by k-means (seeded k-means++; clusters of at least
-  ``MIN_CLUSTER_ROWS`` rows) and sends one low-rank Gaussian per cluster; the server
-  keeps every component (no pooling) and samples their mixture. The same probe, two
-  fitting seeds each, per-client clusters, seeds 42 / 1 / 2: one component at rank 64
-  89.15-89.22 / 88.73-89.13 / 88.86-89.03%; 2 x rank 32 89.51-89.69 / 89.69-89.90;
-  4 x rank 32 89.69-89.94 / 89.62-89.95 / 90.00-90.34; **8 x rank 32** 89.82-90.24 /
-  90.01-90.17; 4 x rank 16 89.37-89.82, 8 x rank 8 89.12-89.36, 16 x rank 16
-  89.64-89.92 (seed 42). Through this module (seed 42, calibration seeds 0 / 1 / 2):
-  4 x 32 89.43 / 89.73 / 89.61% for 69.5 MB of upload over the ten clients, 8 x 32
-  89.83 / 90.12 / 89.91% for 113.9 MB, one component at rank 64 88.91% for 53.0 MB.
+* **Mixtures** (``CalibrationSettings.components`` > 1; run-config
+  ``calibration="dense-mixture"``: 8 x rank 32). One Gaussian per class smooths a
+  class's several modes (sandals and sneakers, say) into one blob between them; the
+  oracle that retrains the same layers on the *real* features reached 90.82% at seed
+  42. So each client splits each class it holds by k-means (seeded k-means++;
+  clusters of at least ``MIN_CLUSTER_ROWS`` rows) and sends one low-rank Gaussian per
+  cluster; the server keeps every component (no pooling) and samples their mixture.
+  The same probe, two fitting seeds each, per-client clusters, seeds 42 / 1 / 2: one
+  component at rank 64 89.15-89.22 / 88.73-89.13 / 88.86-89.03%; 2 x rank 32
+  89.51-89.69 / 89.69-89.90; 4 x rank 32 89.69-89.94 / 89.62-89.95 / 90.00-90.34;
+  **8 x rank 32** 89.82-90.24 / 90.01-90.17; 4 x rank 16 89.37-89.82, 8 x rank 8
+  89.12-89.36, 16 x rank 16 89.64-89.92 (seed 42). Through this module (seed 42,
+  calibration seeds 0 / 1 / 2): 4 x 32 89.43 / 89.73 / 89.61% for 69.5 MB of upload
+  over the ten clients, 8 x 32 89.83 / 90.12 / 89.91% for 113.9 MB, one component at
+  rank 64 88.91% for 53.0 MB.
 
 Nothing here knows about Flower. The dispatch functions at the end choose between this
 and classifier CCVR from :class:`~fl_ec.feature_calibration.CalibrationSettings`, for
@@ -136,7 +137,7 @@ def dense_head(model: nn.Module) -> nn.Module:
     if builder is None:
         raise ValueError(
             f"{type(model).__name__} has no dense_head(): "
-            'set calibration-layers="classifier" to calibrate only its classifier'
+            'set calibration="classifier" to calibrate only its classifier'
         )
     return builder()
 

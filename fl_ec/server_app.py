@@ -138,7 +138,6 @@ def save_global_ensemble(
         members,
         test.normalize(test.images),
         "mean-logits",
-        batch_size=config.eval_batch_size,
         device=select_device(config.device),
     )
     accuracy = logits_accuracy(outputs.logits, test.labels)
@@ -216,7 +215,7 @@ def central_evaluation(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
         model = build_from_state_dict(spec, arrays.to_torch_state_dict())
-        result = evaluate(model, test, config.eval_batch_size, device)
+        result = evaluate(model, test, device=device)
         record = recorder.record_for(server_round)
         record.server_evaluate_seconds += time.perf_counter() - start
         # Server-side measurements of the round (FedEC: teacher/student validation

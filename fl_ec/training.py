@@ -18,6 +18,9 @@ from fl_ec.data.tensor_data import TensorData
 from fl_ec.errors import FlEcError
 from fl_ec.models.layout import channels_last
 
+# Batch size of evaluation passes (no gradients: it bounds memory, not the result).
+EVAL_BATCH_SIZE = 512
+
 
 class TrainingDivergedError(FlEcError):
     """The loss became NaN/inf: the reply is dropped, the round goes on."""
@@ -127,7 +130,10 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, data: TensorData, batch_size: int = 512, device: torch.device | str = "cpu"
+    model: nn.Module,
+    data: TensorData,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Mean cross-entropy and top-1 accuracy over ``data`` (eval mode, no gradients)."""
     if len(data) == 0:

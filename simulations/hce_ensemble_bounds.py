@@ -4,7 +4,7 @@ Issue 4 asks for an HCE ensemble 1 point above FedEC's fp32 model. FedHCE's memb
 compressed copies of one global model, and they barely disagree. This script measures,
 on finished runs and without Flower, how much an ensemble gains when its members differ
 in the ways a federation could make them differ. Every member's dense head is
-calibrated from the clients' k-means feature statistics (``calibration-layers="dense"``),
+calibrated from the clients' k-means feature statistics (``calibration="dense-mixture"``),
 as FedEC's final model is:
 
 - ``heads``: one model, its dense head calibrated from the same statistics with

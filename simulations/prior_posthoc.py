@@ -1,6 +1,6 @@
 """Post-hoc label-prior correction of finished runs' final models (no re-training).
 
-FedEC's ``prior-correction`` shifts the served model's classifier bias every round. A
+FedEC's ``calibration="prior"`` shifts the served model's classifier bias every round. A
 run without it -- FedAvg above all -- can get the same shift once, after the fact, from
 the model it saved. Applying it here tells a reader how much of a corrected FedEC's
 lead is the correction itself rather than the ensemble: the baseline a fair comparison

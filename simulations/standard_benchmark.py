@@ -188,6 +188,7 @@ def run_name(label: str, alpha: float, local_epochs: int, seed: int | None = Non
 _OUTPUT_KEYS = frozenset({"results-dir", "run-name"})
 # Knobs that runs may have recorded but the code no longer has, each with the value
 # whose behaviour the code kept: a run recorded with another value cannot be repeated.
+# (trim-ratio acted only through the retired teacher rules, which teacher-rule records.)
 _RETIRED_KNOBS = {
     "teacher-includes-average": False,
     "augment-copies": 0,
@@ -200,15 +201,56 @@ _RETIRED_KNOBS = {
     "prune-importance": "magnitude",
     "prune-steps": 1,
     "lp-aux-resolution": "full",
+    "teacher-includes-previous": False,
+    "calibration-samples": 20000,
+    "distill-batch-size": 128,
+    "distill-lr": 0.001,
+    "distill-temperature": 1.0,
+    "distill-eval-every": 50,
+    "distill-patience": 100,
+    "default-variant": "",
+    "rebase-updates": True,
+    "eval-batch-size": 512,
+    "weight-decay": 0.0,
 }
+# (calibration-layers, calibration-rank, calibration-components) of a run recorded with
+# feature-calibration=true, before one ``calibration`` preset replaced those knobs.
+_DENSE_PRESETS = {("dense", 64, 1): "dense", ("dense", 32, 8): "dense-mixture"}
+
+
+def recorded_calibration(recorded: dict) -> str | None:
+    """The ``calibration`` preset of a recorded config, also of one recorded before it.
+
+    Older runs recorded prior-correction, feature-calibration, calibration-layers,
+    calibration-rank and calibration-components instead. None: a combination that no
+    preset reproduces (e.g. a dense calibration of rank 16).
+    """
+    if "calibration" in recorded:
+        return recorded["calibration"]
+    if not recorded.get("feature-calibration"):
+        return "prior" if recorded.get("prior-correction") else "none"
+    layers = recorded.get("calibration-layers", "classifier")
+    if layers == "classifier":
+        return "classifier"
+    shape = (
+        layers,
+        recorded.get("calibration-rank", 64),
+        recorded.get("calibration-components", 1),
+    )
+    return _DENSE_PRESETS.get(shape)
 
 
 def _same_config(recorded: dict, expected: dict) -> bool:
     """A recorded run matches ``expected``; a knob added since it ran counts as it behaved."""
     as_run = {**ExperimentConfig().to_dict(), **recorded}
+    as_run["calibration"] = recorded_calibration(recorded)
+    if as_run["calibration"] is None:
+        return False
     if recorded.get("prior-correction") and "prior-correction-revert-z" not in recorded:
         as_run["prior-correction-revert-z"] = 0.0  # it reverted on any validation drop
     ignored = set(_OUTPUT_KEYS)
+    if as_run["calibration"] in ("none", "prior"):
+        ignored.add("calibration-samples")  # virtual features of a feature calibration
     if "layer-parallel" not in (as_run.get("trainer"), as_run.get("distill-trainer")):
         # The layer-parallel knobs act only through those trainers (lp-method's default
         # changed in session 9; runs without the trainer are unaffected).
@@ -389,7 +431,7 @@ def seed_summary(results: dict[tuple, dict]) -> str:
 
 
 def posthoc_table(results: dict[tuple, dict], run_dirs: dict[tuple, Path]) -> str:
-    """Per run without prior-correction: final acc, corrected, and Δ vs FedAvg's plain final."""
+    """Per run not prior-corrected: final acc, corrected, and Δ vs FedAvg's plain final."""
     from prior_posthoc import posthoc_prior_correction
 
     head = [
@@ -401,7 +443,7 @@ def posthoc_table(results: dict[tuple, dict], run_dirs: dict[tuple, Path]) -> st
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, metrics in sorted(results.items(), key=lambda kv: (kv[0][2:], kv[0][0])):
-        if metrics.get("config", {}).get("prior-correction"):
+        if recorded_calibration(metrics.get("config", {})) == "prior":
             continue
         measured = posthoc_prior_correction(run_dirs[key], metrics)
         if measured is None:
@@ -715,7 +757,8 @@ def main() -> None:
         "--posthoc-prior-correction",
         action="store_true",
         help="also apply FedEC's prior correction to each finished run's saved final model "
-        "(FedAvg included) and report the accuracies: the fair baseline for prior-correction",
+        "(FedAvg included) and report the accuracies: the fair baseline for "
+        'calibration="prior"',
     )
     parser.add_argument(
         "--seeds",
@@ -836,7 +879,7 @@ def main() -> None:
         }
         lines += [
             "Post-hoc prior correction of each run's saved final model (the correction "
-            "`prior-correction=true` applies every round, applied once after the run; no "
+            '`calibration="prior"` applies every round, applied once after the run; no '
             "re-training):",
             "",
             posthoc_table(results, run_dirs),

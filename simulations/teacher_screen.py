@@ -13,10 +13,10 @@ once and on identical client models, in how many rounds the teacher beats the av
 
 Candidates: the teacher rules of :mod:`fl_ec.ensemble` over the round's clients, and
 ``label-aware`` with the previous global model as one more member voting like one of
-this round's clients (FedEC's ``teacher-includes-previous``). The replay is not bit for
-bit the run's: the run's clients train in Ray workers with other thread counts, and
-float reductions differ with them; its test accuracy tracks the run's within a few
-points, so read the table as a screen on a trajectory like the run's.
+this round's clients (FedEC has no such option: it did not gain here). The replay is
+not bit for bit the run's: the run's clients train in Ray workers with other thread
+counts, and float reductions differ with them; its test accuracy tracks the run's
+within a few points, so read the table as a screen on a trajectory like the run's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from standard_benchmark import _same_config, seed_summary, table  # noqa: E402
+from standard_benchmark import (  # noqa: E402
+    _as_config,
+    _same_config,
+    recorded_calibration,
+    seed_summary,
+    table,
+)
 
 
 def _metrics(accuracies: list[float], aggregate_seconds: float = 0.0) -> dict:
@@ -114,8 +120,8 @@ def test_reuse_ignores_where_a_run_was_stored_but_not_its_settings():
     assert _same_config(recorded, moved)
     assert not _same_config(recorded, {**moved, "seed": 2})
     # A knob added after the run was recorded counts at its default value.
-    assert _same_config(recorded, {**moved, "prior-correction": False})
-    assert not _same_config(recorded, {**moved, "prior-correction": True})
+    assert _same_config(recorded, {**moved, "calibration": "none"})
+    assert not _same_config(recorded, {**moved, "calibration": "prior"})
 
 
 def test_a_run_recorded_with_a_retired_knob_matches_only_the_behaviour_kept():
@@ -130,6 +136,35 @@ def test_a_run_recorded_with_a_retired_knob_matches_only_the_behaviour_kept():
     assert not _same_config({"seed": 1, "tail-average-rounds": 3}, {"seed": 1})
     # The layer-parallel knobs count only where a layer-parallel trainer ran.
     assert _same_config({"seed": 1, "lp-aux-resolution": "pooled"}, {"seed": 1})
+    assert not _same_config({"seed": 1, "distill-patience": 150}, {"seed": 1})
+    assert _same_config({"seed": 1, "distill-patience": 100, "weight-decay": 0.0}, {"seed": 1})
+
+
+def test_a_run_recorded_with_the_calibration_knobs_matches_its_preset():
+    dense = {"feature-calibration": True, "calibration-layers": "dense"}
+    old_runs = {
+        "none": {"prior-correction": False, "feature-calibration": False},
+        "prior": {"prior-correction": True, "prior-correction-revert-z": 1.96},
+        "classifier": {"feature-calibration": True, "calibration-rank": 32},
+        "dense": {**dense, "calibration-rank": 64, "calibration-components": 1},
+        "dense-mixture": {**dense, "calibration-rank": 32, "calibration-components": 8},
+    }
+    for preset, recorded in old_runs.items():
+        expected = _as_config({"strategy": "fedec", "calibration": preset})
+        assert recorded_calibration(recorded) == preset
+        for other in old_runs:
+            matches = _same_config(
+                {**recorded, "strategy": "fedec"}, {**expected, "calibration": other}
+            )
+            assert matches == (other == preset), (preset, other)
+    # A combination that no preset reproduces matches nothing.
+    rank16 = {**dense, "calibration-rank": 16, "calibration-components": 8}
+    assert recorded_calibration(rank16) is None
+    assert not _same_config(rank16, {"seed": 42})
+    assert recorded_calibration({"calibration": "dense"}) == "dense"
+    # The virtual features' count mattered only to a feature calibration.
+    assert _same_config({"calibration-samples": 5000}, {"seed": 42})
+    assert not _same_config({**old_runs["dense"], "calibration-samples": 5000}, {"seed": 42})
 
 
 def test_reuse_ignores_layer_parallel_knobs_unless_a_layer_parallel_trainer_ran():

@@ -70,7 +70,7 @@ def test_target_prior_pools_smooths_and_rejects_bad_counts():
 
 
 def test_models_without_a_biased_linear_head_get_a_clear_error():
-    with pytest.raises(ValueError, match="prior-correction=false"):
+    with pytest.raises(ValueError, match='calibration="none"'):
         classifier_of(nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False)))
     with pytest.raises(ValueError, match="do not match"):
         prior_offsets(torch.zeros(3, 4), torch.full((3,), 1 / 3))

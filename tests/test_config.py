@@ -1,3 +1,6 @@
+import re
+import tomllib
+
 import pytest
 
 from fl_ec.config import ExperimentConfig, NodeSettings
@@ -36,19 +39,12 @@ def test_values_are_coerced_to_declared_types():
         ({"proxy-size": -5}, "proxy-size=-5 must be >= 0"),
         ({"local-loss": "focal"}, "local-loss='focal' is unknown"),
         ({"client-start": "teacher"}, "client-start='teacher' is unknown"),
-        ({"strategy": "fedavg", "prior-correction": True}, 'strategy="fedec", distill-steps=0'),
-        ({"strategy": "fedavg", "feature-calibration": True}, "feature-calibration is a FedEC"),
-        (
-            {"strategy": "fedec", "feature-calibration": True, "prior-correction": True},
-            "set prior-correction=false",
-        ),
+        ({"strategy": "fedavg", "calibration": "prior"}, 'strategy="fedec", distill-steps=0'),
+        ({"strategy": "fedavg", "calibration": "dense"}, "calibration='dense' is a FedEC step"),
+        ({"calibration": "ccvr"}, "calibration='ccvr' is unknown: choose one of none, prior"),
         ({"calibration-rounds": "first"}, "calibration-rounds='first' is unknown"),
         ({"calibration-rounds": "every-0"}, "choose one of all, last, every-N"),
-        ({"calibration-layers": "conv"}, "calibration-layers='conv' is unknown"),
-        ({"calibration-rank": 0}, "calibration-rank=0 must be >= 1"),
-        ({"calibration-components": 0}, "calibration-components=0 must be >= 1"),
-        ({"calibration-components": 4}, 'needs calibration-layers="dense"'),
-        ({"calibration-samples": 0}, "calibration-samples=0 must be >= 1"),
+        ({"calibration-nodes": "some"}, "calibration-nodes='some' is unknown"),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",
@@ -81,3 +77,37 @@ def test_layer_parallel_needs_a_resnet_and_says_so():
         {"distill-trainer": "layer-parallel", "model": "resnet20", "lp-stages": 4}
     )
     assert config.lp_stages == 4
+
+
+def test_dataclass_defaults_equal_pyprojects():
+    defaults = app_defaults(ROOT)
+    config = ExperimentConfig().to_dict()
+    assert {k: (type(v), v) for k, v in config.items()} == {
+        k: (type(v), v) for k, v in defaults.items()
+    }
+
+
+def _knob_table() -> list[tuple[list[str], list[str]]]:
+    """The knob table of docs/configuration.md: per row, its keys and default literals."""
+    rows = []
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        cells = line.split("|")
+        if not line.startswith("| `") or len(cells) < 4:
+            continue
+        keys, defaults = (re.findall(r"`([^`]*)`", cell) for cell in cells[1:3])
+        rows.append((keys, defaults))
+    return rows
+
+
+def test_docs_knob_table_matches_pyproject():
+    defaults = app_defaults(ROOT)
+    rows = _knob_table()
+    named = [key for keys, _ in rows for key in keys]
+    assert sorted(set(named)) == sorted(named), "a key documented in two rows"
+    assert set(named) - set(defaults) == set(), "rows for keys the run-config lacks"
+    assert set(defaults) - set(named) == set(), "run-config keys without a row"
+    for keys, literals in rows:
+        assert len(literals) == len(keys), f"{keys}: one default per key"
+        for key, literal in zip(keys, literals, strict=True):
+            documented = tomllib.loads(f"value = {literal}")["value"]
+            assert (type(documented), documented) == (type(defaults[key]), defaults[key]), key

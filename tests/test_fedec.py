@@ -311,7 +311,7 @@ def test_client_start_average_trains_the_average_and_serves_the_student(task_ide
     assert strategy.server_metrics[1]["distill-steps"] == 5
     assert not torch.allclose(served_state["fc1.weight"], sent["fc1.weight"])
     # Next round: the train messages carry the average; the served model stays the
-    # "previous global" the teacher-includes-previous option refers to.
+    # previous global model.
     grid = _FakeGrid(nodes=[7, 8])
     messages = list(strategy.configure_train(2, served, ConfigRecord({"lr": 0.1}), grid))
     assert len(messages) == 2
@@ -344,7 +344,7 @@ def test_prior_correction_matches_the_served_model_to_the_federations_labels(tas
         proxy_data=data[0],
         arch_spec=SPEC,
         distill=DistillSettings(steps=0),
-        prior_correction=True,
+        calibration="prior",
         min_train_nodes=2,
     )
     _start_round(strategy, _global())
@@ -370,7 +370,7 @@ def test_prior_correction_matches_the_served_model_to_the_federations_labels(tas
 
 
 def test_prior_correction_is_skipped_without_class_counts(task_identity, data, caplog):
-    strategy = _strategy(data, prior_correction=True, teacher_rule="mean-logits")
+    strategy = _strategy(data, calibration="prior", teacher_rule="mean-logits")
     _start_round(strategy, _global())
     with caplog.at_level(logging.WARNING):
         strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
@@ -409,7 +409,7 @@ def test_prior_correction_is_reverted_only_on_significant_validation_evidence(
     from fl_ec.distill import accuracy
 
     monkeypatch.setattr(fedec_calibration, "REVERT_Z", revert_z)
-    strategy = _strategy(data, prior_correction=True)
+    strategy = _strategy(data, calibration="prior")
     _start_round(strategy, _global())
     counts = [[100] + [0] * 9, [0] * 9 + [100]]  # a prior far from the data's: it hurts
     served, _ = strategy.aggregate_train(
@@ -433,7 +433,7 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
 
     _, (val_x, val_y) = data
     clients = _trained_clients()
-    strategy = _strategy(data, prior_correction=True)
+    strategy = _strategy(data, calibration="prior")
 
     def ruin(student, *_):  # a distillation that made the student worse (a stand-in)
         with torch.no_grad():
@@ -472,7 +472,7 @@ def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
             proxy_data=proxy,
             arch_spec=SPEC,
             distill=DistillSettings(steps=0),
-            feature_calibration=calibrate,
+            calibration="classifier" if calibrate else None,
             min_train_nodes=2,
         )
         _start_round(strategy, _global())
@@ -509,7 +509,6 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
             proxy_data=proxy,
             arch_spec=SPEC,
             distill=DistillSettings(steps=0),
-            feature_calibration=True,
             calibration=CalibrationSettings(
                 samples=500, layers=layers, rank=4, components=components
             ),
@@ -542,7 +541,7 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
         proxy_data=data[0],
         arch_spec=SPEC,
         distill=DistillSettings(steps=0),
-        feature_calibration=True,
+        calibration="classifier",
         min_train_nodes=2,
     )
     _start_round(strategy, _global())
@@ -553,9 +552,26 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
     assert strategy.server_metrics[1]["calibration-valid-replies"] == 0
 
 
-def test_feature_calibration_and_prior_correction_are_exclusive(data):
-    with pytest.raises(ValueError, match="choose one"):
-        FedEC(proxy_data=data[0], arch_spec=SPEC, feature_calibration=True, prior_correction=True)
+def test_calibration_takes_a_preset_name_or_settings(data):
+    def fedec(calibration):
+        return FedEC(proxy_data=data[0], arch_spec=SPEC, calibration=calibration)
+
+    assert fedec(None).calibration == CalibrationSettings.preset("none")
+    assert fedec("none").calibration.method == "none"
+    assert fedec("prior").corrects_prior and not fedec("prior").calibrates_features
+    mixture = fedec("dense-mixture").calibration
+    assert (mixture.method, mixture.layers, mixture.rank, mixture.components) == (
+        "features",
+        "dense",
+        32,
+        8,
+    )
+    dense = CalibrationSettings.preset("dense", rounds="last", nodes="all")
+    assert (dense.rank, dense.components, dense.rounds, dense.nodes) == (64, 1, "last", "all")
+    assert fedec(dense).calibration is dense
+    assert CalibrationSettings.preset("classifier") == CalibrationSettings()
+    with pytest.raises(ValueError, match="choose one of none, prior, classifier, dense"):
+        fedec("ccvr")
 
 
 def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, data):
@@ -564,8 +580,7 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
         proxy_data=proxy,
         arch_spec=SPEC,
         distill=DistillSettings(steps=0),
-        feature_calibration=True,
-        calibration_rounds="last",
+        calibration=CalibrationSettings(rounds="last"),
         min_train_nodes=2,
     )
     strategy.num_rounds = 2  # as start(num_rounds=2) records it
@@ -578,10 +593,10 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
     assert len(strategy.grid.queries) == 2  # one per node, in round 2 only
     for wrong in ("first", "every-0", "every-x", "every"):
         with pytest.raises(ValueError, match="choose one of all, last, every-N"):
-            FedEC(proxy_data=proxy, arch_spec=SPEC, calibration_rounds=wrong)
+            CalibrationSettings(rounds=wrong)
     for rounds, calibrated in [("every-5", [5, 10, 12]), ("all", list(range(1, 13)))]:
         every = FedEC(
-            proxy_data=proxy, arch_spec=SPEC, feature_calibration=True, calibration_rounds=rounds
+            proxy_data=proxy, arch_spec=SPEC, calibration=CalibrationSettings(rounds=rounds)
         )
         every.num_rounds = 12  # as start(num_rounds=12) records it
         assert [r for r in range(1, 13) if every._calibrates(r)] == calibrated
@@ -595,7 +610,9 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
     replies = [_reply(n + 1, m) for n, m in enumerate(clients)]
     served = {}
     for calibrate in (False, True):
-        strategy = _strategy(data, distill=DistillSettings(steps=0), feature_calibration=calibrate)
+        strategy = _strategy(
+            data, distill=DistillSettings(steps=0), calibration="classifier" if calibrate else None
+        )
         _start_round(strategy, _global())
         strategy.grid = FeatureStatsGrid({n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
         result, _ = strategy.aggregate_train(1, replies)
@@ -630,7 +647,6 @@ def test_calibration_nodes_all_queries_every_node_not_only_the_sampled(task_iden
             proxy_data=proxy,
             arch_spec=SPEC,
             distill=DistillSettings(steps=0),
-            feature_calibration=True,
             calibration=CalibrationSettings(nodes=nodes),
             min_train_nodes=2,
         )

@@ -146,10 +146,7 @@ def test_a_reply_with_an_unknown_or_misshaped_variant_is_dropped(task_identity, 
 
 
 def test_fold_pruned_updates_into_full_coordinates(task_identity, data):
-    # Averages of the returned weights as they are (rebasing is tested below).
-    strategy = _strategy(
-        data, fold_pruned=True, rebase_updates=False, distill=DistillSettings(steps=0)
-    )
+    strategy = _strategy(data, fold_pruned=True, distill=DistillSettings(steps=0))
     tiers = {1: "gpu", 2: "edge"}
     first = _configure(strategy, tiers)
     strategy.aggregate_train(1, [_client_reply(first[n], t) for n, t in tiers.items()])
@@ -171,10 +168,9 @@ def test_fold_pruned_updates_into_full_coordinates(task_identity, data):
     assert torch.allclose(folded["conv1.bias"][kept], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("rebase", [True, False])
-def test_rebased_updates_keep_the_rounding_of_quantized_copies_out(task_identity, data, rebase):
+def test_rebased_updates_keep_the_rounding_of_quantized_copies_out(task_identity, data):
     # Round 1: both nodes get the int8 default; each returns what it received + 0.01.
-    strategy = _strategy(data, rebase_updates=rebase, distill=DistillSettings(steps=0))
+    strategy = _strategy(data, distill=DistillSettings(steps=0))
     requests = _configure(strategy, {1: "edge", 2: "edge"})
     torch.manual_seed(0)
     initial = build_model(SPEC).state_dict()  # what _configure sent, at full precision
@@ -183,10 +179,9 @@ def test_rebased_updates_keep_the_rounding_of_quantized_copies_out(task_identity
     error = max(
         float((start[k] - (initial[k] + 0.01)).abs().max()) for k in ("conv1.weight", "fc1.weight")
     )
-    if rebase:  # the clients' change, applied to the server's fp32 weights
-        assert error < 1e-5
-    else:  # the int8 rounding of the copy they started from stays in the average
-        assert error > 1e-4
+    # The clients' change is applied to the server's fp32 weights: the int8 rounding of
+    # the copy they started from stays out of the average.
+    assert error < 1e-5
 
 
 def _fine_tuning_strategy(data, **kwargs):
@@ -285,7 +280,7 @@ def test_variants_derive_from_the_calibrated_model(task_identity, data, calibrat
     tiers = {1: "gpu", 2: "edge"}
     served = {}
     for calibrate in (False, True):
-        strategy = _strategy(data, feature_calibration=calibrate)
+        strategy = _strategy(data, calibration="classifier" if calibrate else None)
         torch.manual_seed(0)
         arrays = ArrayRecord(build_model(SPEC).state_dict())
         grid = FeatureStatsGrid({node: data[1] for node in tiers})
@@ -303,7 +298,8 @@ def test_variants_derive_from_the_calibrated_model(task_identity, data, calibrat
 
 def _calibrated_round(data, tiers, **kwargs):
     """One round of FedHCE with feature calibration (kept, under calibration_always_kept)."""
-    strategy = _strategy(data, feature_calibration=True, **kwargs)
+    kwargs.setdefault("calibration", "classifier")
+    strategy = _strategy(data, **kwargs)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model(SPEC).state_dict())
     grid = FeatureStatsGrid({node: data[1] for node in tiers})

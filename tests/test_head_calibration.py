@@ -167,7 +167,7 @@ def test_dispatch_follows_the_settings_and_names_the_fix_for_a_model_without_a_h
             super().__init__()
             self.classifier = nn.Linear(4, 3)
 
-    with pytest.raises(ValueError, match='calibration-layers="classifier"'):
+    with pytest.raises(ValueError, match='calibration="classifier"'):
         calibrated_layers(NoHead(), CalibrationSettings(layers="dense"))
     with pytest.raises(ValueError, match="choose one of classifier, dense"):
         CalibrationSettings(layers="conv")
@@ -177,7 +177,7 @@ def test_dispatch_follows_the_settings_and_names_the_fix_for_a_model_without_a_h
         calibrate(Body(dim=3), stats, CalibrationSettings(layers="dense", rank=2))
 
 
-# --- Mixtures: several Gaussians per class (calibration-components > 1) ---
+# --- Mixtures: several Gaussians per class (CalibrationSettings.components > 1) ---
 
 
 def _blobs(sizes, dim=5, seed=0):
@@ -268,7 +268,7 @@ def test_mixtures_travel_merge_by_concatenation_and_draw_per_component():
 
 
 def test_components_need_the_dense_calibration():
-    with pytest.raises(ValueError, match='set calibration-layers="dense"'):
+    with pytest.raises(ValueError, match='set layers="dense"'):
         CalibrationSettings(components=2)
     with pytest.raises(ValueError, match="must be >= 1"):
         CalibrationSettings(layers="dense", components=0)

@@ -67,9 +67,9 @@ def query_handler(msg: Message, context: Context) -> Message:
     """Who this node is, or class-conditional feature statistics of the sent model.
 
     ``describe=true``: the partition id and its class counts (seeded client sampling,
-    :mod:`fl_ec.strategies.sampling`). ``feature-stats=true``: FedEC's
-    ``feature-calibration`` asks for them after aggregating a round: one forward pass,
-    no training (:mod:`fl_ec.feature_calibration`).
+    :mod:`fl_ec.strategies.sampling`). ``feature-stats=true``: FedEC's feature
+    calibration asks for them after aggregating a round: one forward pass, no training
+    (:mod:`fl_ec.feature_calibration`).
     """
     try:
         if bool(msg.content["config"].get(DESCRIBE_KEY, False)):
@@ -169,7 +169,6 @@ def train_locally(
         batch_size=config.batch_size,
         lr=config.lr if lr is None else lr,
         momentum=config.momentum,
-        weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         log_prior=(
             log_class_prior(data.train.class_counts())
@@ -243,7 +242,7 @@ def _reply(msg, model, spec, data, node, device, result) -> Message:  # noqa: AN
 
 def _evaluate(msg: Message, context: Context) -> Message:
     config, _, data, _, model = _setup(msg, context)
-    result = evaluate(model, data.test, config.eval_batch_size, select_device(config.device))
+    result = evaluate(model, data.test, device=select_device(config.device))
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -275,8 +274,7 @@ def _feature_stats(msg: Message, context: Context) -> Message:
         data.train.labels,
         spec.num_classes,
         _stats_settings(msg.content["config"]),
-        config.eval_batch_size,
-        select_device(config.device),
+        device=select_device(config.device),
     )
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in wire.items()})
     metrics = MetricRecord(

@@ -104,7 +104,7 @@ class LPSettings:
             batch_size=config.batch_size,
             lr=config.lr,
             momentum=config.momentum,
-            weight_decay=config.weight_decay,
+            weight_decay=0.0,  # as the clients' SGD
             seed=config.seed,
         )
         values.update(overrides)

@@ -10,19 +10,12 @@ from fl_ec.config import STRATEGIES, ExperimentConfig
 from fl_ec.data.federated import ServerData
 from fl_ec.distill import DistillSettings
 from fl_ec.errors import ConfigError
-from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models.spec import ArchSpec
 
 
 def distill_settings(config: ExperimentConfig) -> DistillSettings:
-    return DistillSettings(
-        steps=config.distill_steps,
-        batch_size=config.distill_batch_size,
-        lr=config.distill_lr,
-        temperature=config.distill_temperature,
-        eval_every=config.distill_eval_every,
-        patience=config.distill_patience,
-    )
+    """The library's distillation settings with the run's ``distill-steps``."""
+    return DistillSettings(steps=config.distill_steps)
 
 
 def build_strategy(
@@ -55,21 +48,9 @@ def build_strategy(
             validation_data=(validation.normalize(validation.images), validation.labels),
             distill=distill_settings(config),
             teacher_rule=config.teacher_rule,
-            trim_ratio=config.trim_ratio,
             client_start=config.client_start,
-            prior_correction=config.prior_correction,
-            feature_calibration=config.feature_calibration,
-            calibration_rounds=config.calibration_rounds,
-            calibration=CalibrationSettings(
-                samples=config.calibration_samples,
-                layers=config.calibration_layers,
-                rank=config.calibration_rank,
-                components=config.calibration_components,
-                nodes=config.calibration_nodes,
-            ),
-            teacher_includes_previous=config.teacher_includes_previous,
+            calibration=config.calibration_settings(),
             proxy_per_round=config.proxy_per_round,
-            proxy_batch_size=config.eval_batch_size,
             device=config.device,
             seed=config.seed,
             student_trainer=_layer_parallel_student_trainer(config, spec)
@@ -93,19 +74,17 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
     from fl_ec.strategies.fedhce_utils import parse_tier_policy
 
     variants = parse_variants(config.variants)
-    default = config.default_variant or variants[-1].name
     hce = [name.strip() for name in config.hce_ensemble.split(",") if name.strip()]
     return FedHCE(
         variants=variants,
-        assignment_policy=parse_tier_policy(config.variant_policy, default),
-        default_variant=default,
+        # Unlisted tiers get the last variant, the most compressed by convention.
+        assignment_policy=parse_tier_policy(config.variant_policy, variants[-1].name),
         hce_ensemble=hce or None,
         diversity_weight=config.diversity_weight,
         variant_distill=dataclasses.replace(
             distill_settings(config), steps=config.variant_distill_steps
         ),
         fold_pruned=config.fold_pruned,
-        rebase_updates=config.rebase_updates,
         calibrate_variants=config.calibrate_variants,
         **fedec_kwargs,
     )
@@ -114,21 +93,23 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
 def _layer_parallel_student_trainer(config: ExperimentConfig, spec: ArchSpec):  # noqa: ANN202
     """Distillation through the layer-parallel trainer: KL to the teacher, same budget.
 
-    ``distill-steps`` x ``distill-batch-size`` proxy samples become whole epochs over
-    the round's proxy set (at least one).
+    ``distill-steps`` x the distillation batch size (:class:`DistillSettings`) proxy
+    samples become whole epochs over the round's proxy set (at least one).
     """
     import math
 
     from fl_ec.layer_parallel import LPSettings, train_layer_parallel
 
+    distill = distill_settings(config)
+
     def train(student, proxy, teacher_logits) -> None:  # noqa: ANN001
-        epochs = max(1, math.ceil(config.distill_steps * config.distill_batch_size / len(proxy)))
+        epochs = max(1, math.ceil(distill.steps * distill.batch_size / len(proxy)))
         settings = LPSettings.from_experiment(
             config,
             loss="kl",
-            temperature=config.distill_temperature,
+            temperature=distill.temperature,
             epochs=epochs,
-            batch_size=config.distill_batch_size,
+            batch_size=distill.batch_size,
             augment=False,  # teacher logits belong to the un-augmented proxy images
         )
         train_layer_parallel(student, spec, proxy, teacher_logits, settings)

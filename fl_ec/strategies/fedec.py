@@ -25,15 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.calibration import classifier_of, prediction_hits, target_prior
-from fl_ec.config import CLIENT_STARTS, calibration_every
+from fl_ec.config import CLIENT_STARTS
 from fl_ec.distill import DistillResult, DistillSettings, accuracy, distill
-from fl_ec.ensemble import (
-    RULES,
-    WEIGHTED_RULES,
-    logits_accuracy,
-    teacher_logits,
-    with_extra_members,
-)
+from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
 from fl_ec.errors import ModelSpecError
 from fl_ec.feature_calibration import (
     STATS_COMPONENTS_KEY,
@@ -41,6 +35,7 @@ from fl_ec.feature_calibration import (
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
     CalibrationSettings,
+    calibration_every,
 )
 from fl_ec.head_calibration import FeatureStats, calibrated_layers, merge, stats_dims
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
@@ -77,11 +72,9 @@ class FedEC(FedAvg):
     distill : DistillSettings
         Steps, batch size, Adam lr, temperature, evaluation interval and patience.
     teacher_rule : str (default: "mean-logits")
-        One of ``mean-logits``, ``label-aware``, ``trimmed-mean``, ``median``,
-        ``gated`` (see :mod:`fl_ec.ensemble`). ``label-aware`` and ``gated`` fall back
-        to ``mean-logits`` in a round where some reply lacks class counts.
-    trim_ratio : float (default: 0.1)
-        Fraction trimmed at each end by ``trimmed-mean``.
+        One of ``mean-logits``, ``label-aware``, ``gated`` (see :mod:`fl_ec.ensemble`).
+        ``label-aware`` and ``gated`` fall back to ``mean-logits`` in a round where
+        some reply lacks class counts.
     client_start : str (default: "student")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
@@ -91,8 +84,13 @@ class FedEC(FedAvg):
         student average to a *worse* model than clients that start from the previous
         average, so the distilled run tracks its teacher's ceiling instead of FedAvg's
         climb; ``average`` keeps the climb and still serves the distilled gain.
-    prior_correction : bool (default: False)
-        After distillation, shift the served model's classifier bias so that its mean
+    calibration : str | CalibrationSettings | None (default: None, no calibration)
+        What is done to the served model after distillation: a preset name of
+        :meth:`~fl_ec.feature_calibration.CalibrationSettings.preset`
+        (``none``, ``prior``, ``classifier``, ``dense``, ``dense-mixture``) or the
+        settings themselves.
+
+        Method ``prior``: shift the served model's classifier bias so that its mean
         prediction over the round's proxy inputs equals the federation's label
         distribution (pooled from the clients' reported class counts); see
         :mod:`fl_ec.calibration`. Uses no labels. With validation data, the corrected
@@ -102,31 +100,23 @@ class FedEC(FedAvg):
         candidate, McNemar's paired z over the samples the two disagree on above
         :data:`~fl_ec.strategies.fedec_calibration.REVERT_Z`. Skipped (with a warning)
         when a reply lacks class counts.
-    feature_calibration : bool (default: False)
-        After each round's aggregation, ask this round's clients for the
-        class-conditional statistics of the served model's classifier inputs on their
-        data (a ``query`` message: one forward pass, no training), pool them, and
-        fine-tune the served model's classifier on virtual features drawn from them
-        (CCVR; see :mod:`fl_ec.feature_calibration`) -- or, with
-        ``calibration.layers="dense"``, every dense layer on virtual inputs of the first
-        one, from low-rank statistics (:mod:`fl_ec.head_calibration`). It replaces
-        ``prior_correction``, which only shifts the bias. With validation data the
+
+        Method ``features``: after each calibrated round's aggregation, ask the
+        clients for the class-conditional statistics of the served model's classifier
+        inputs on their data (a ``query`` message: one forward pass, no training),
+        pool them, and fine-tune the served model's classifier on virtual features
+        drawn from them (CCVR; see :mod:`fl_ec.feature_calibration`) -- or, with
+        ``layers="dense"``, every dense layer on virtual inputs of the first one, from
+        low-rank statistics (:mod:`fl_ec.head_calibration`). With validation data the
         calibrated layers are kept unless the uncalibrated ones are significantly more
-        accurate (the same test as ``prior_correction``'s). Clients without a query
+        accurate (the same test as the prior correction's). Clients without a query
         handler, or replies that fail the checks, are logged and left out; without any
-        valid statistics the round serves the uncalibrated model.
-    calibration_rounds : str (default: "all")
-        ``all``: calibrate (and query the clients) every round; ``last``: only in the
-        last round of ``start()``, which saves a query per round; ``every-N``: rounds
-        N, 2N, ... and the last. With
-        ``client_start="average"`` the served model does not steer training, so both
-        end with the same final model; ``all`` also calibrates every intermediate one.
-    calibration : CalibrationSettings | None
-        Which layers are calibrated (``classifier`` or ``dense``; the rank and the
-        per-class mixture components of the ``dense`` statistics) and the virtual
-        samples, epochs, lr and batch size.
-    teacher_includes_previous : bool (default: False)
-        Add the previous global model as one more teacher member.
+        valid statistics the round serves the uncalibrated model. The settings'
+        ``rounds``: ``all`` calibrates (and queries the clients) every round, ``last``
+        only the last round of ``start()``, which saves a query per round, ``every-N``
+        rounds N, 2N, ... and the last; with ``client_start="average"`` the served
+        model does not steer training, so all end with the same final model. Its
+        ``nodes``: the round's ``sampled`` clients or ``all`` connected nodes.
     proxy_per_round : int (default: 0)
         Use a fresh seeded random subset of this many proxy samples each round for the
         teacher and distillation (0: the whole proxy set). Bounds server time per round
@@ -155,13 +145,8 @@ class FedEC(FedAvg):
         validation_data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader | None = None,
         distill: DistillSettings | None = None,
         teacher_rule: str = "mean-logits",
-        trim_ratio: float = 0.1,
         client_start: str = "student",
-        prior_correction: bool = False,
-        feature_calibration: bool = False,
-        calibration_rounds: str = "all",
-        calibration: CalibrationSettings | None = None,
-        teacher_includes_previous: bool = False,
+        calibration: str | CalibrationSettings | None = None,
         proxy_per_round: int = 0,
         proxy_batch_size: int = 512,
         device: str = "auto",
@@ -182,29 +167,23 @@ class FedEC(FedAvg):
         self.validation = labelled_tensors(validation_data) if validation_data is not None else None
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
-        self.trim_ratio = trim_ratio
         self.client_start = client_start
         # With client_start="average": the model the next round's clients train from.
         self.client_start_arrays: ArrayRecord | None = None
-        self.prior_correction = prior_correction
-        if feature_calibration and prior_correction:
-            raise ValueError(
-                "feature_calibration retrains the classifier that prior_correction shifts: "
-                "choose one"
-            )
-        self.feature_calibration = feature_calibration
-        self.calibration_every = calibration_every(calibration_rounds)  # checks it
-        self.calibration_rounds = calibration_rounds
+        if not isinstance(calibration, CalibrationSettings):
+            calibration = CalibrationSettings.preset(calibration or "none")
+        self.calibration = calibration
+        self.corrects_prior = calibration.method == "prior"
+        self.calibrates_features = calibration.method == "features"
+        self.calibration_every = calibration_every(calibration.rounds)
         self.num_rounds: int | None = None  # known once start() runs
-        self.calibration = calibration or CalibrationSettings()
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
-        if prior_correction or feature_calibration:  # fail now if the head has no bias
+        if calibration.method != "none":  # fail now if the head has no bias
             spec = self.arch_spec
             probe = build_model(spec) if spec is not None else model_builder()  # type: ignore[misc]
             classifier_of(probe)
-            if feature_calibration:  # and without a dense head to calibrate
-                calibrated_layers(probe, self.calibration)
-        self.teacher_includes_previous = teacher_includes_previous
+            if self.calibrates_features:  # and without a dense head to calibrate
+                calibrated_layers(probe, calibration)
         if proxy_per_round < 0:
             raise ValueError(f"proxy_per_round={proxy_per_round} must be >= 0 (0: all)")
         self.proxy_per_round = proxy_per_round
@@ -223,14 +202,12 @@ class FedEC(FedAvg):
         log(
             INFO,
             "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round), "
-            "clients start from the %s, prior correction=%s, feature calibration=%s, "
-            "distill=%s",
+            "clients start from the %s, calibration=%s, distill=%s",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
             self.client_start,
-            self.prior_correction,
-            self.feature_calibration,
+            self.calibration,
             self.distill_settings,
         )
 
@@ -245,7 +222,7 @@ class FedEC(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """FedAvg's ``start``; FedEC notes ``num_rounds`` (``calibration_rounds="last"``)."""
+        """FedAvg's ``start``; FedEC notes ``num_rounds`` (calibration ``rounds="last"``)."""
         self.num_rounds = num_rounds
         return super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
@@ -331,8 +308,6 @@ class FedEC(FedAvg):
                 same_arch[0] if same_arch else [], accepted, student
             )
         members = [m.model for m in accepted]
-        if self.teacher_includes_previous:
-            members.append(self._previous_global())
         generator_seed = self.seed * 10_007 + server_round
         proxy = self.proxy_inputs
         if 0 < self.proxy_per_round < len(proxy):
@@ -340,8 +315,7 @@ class FedEC(FedAvg):
                 len(proxy), generator=torch.Generator().manual_seed(generator_seed)
             )[: self.proxy_per_round]
             proxy = proxy[chosen]
-        extra = len(members) - len(accepted) if self.teacher_rule in WEIGHTED_RULES else 0
-        class_counts = with_extra_members(self._class_counts(accepted), extra)
+        class_counts = self._class_counts(accepted)
         rule = self.teacher_rule
         if rule in WEIGHTED_RULES and class_counts is None:
             # Replies from clients that do not report class counts (e.g. a stock
@@ -357,7 +331,6 @@ class FedEC(FedAvg):
             teacher_logits,
             members,
             rule=rule,
-            trim_ratio=self.trim_ratio,
             batch_size=self.proxy_batch_size,
             device=self.device,
             class_counts=class_counts,
@@ -383,7 +356,7 @@ class FedEC(FedAvg):
             val_teacher = combine_members(val_x)
             stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
         # The correction can favour the start over the distilled student: keep it.
-        start_state = copy.deepcopy(student.state_dict()) if self.prior_correction else None
+        start_state = copy.deepcopy(student.state_dict()) if self.corrects_prior else None
         if self.round_teacher is None:
             # No step is taken; BatchNorm is still re-estimated and the start scored.
             result = distill(
@@ -401,7 +374,7 @@ class FedEC(FedAvg):
         if self.validation is not None:
             stats["student-start-val-accuracy"] = result.start_accuracy
             stats["student-val-accuracy"] = result.best_accuracy
-        if self.prior_correction:
+        if self.corrects_prior:
             stats.update(self._correct_prior(student, start_state, proxy, accepted, server_round))
         # Here, so that FedHCE derives its variants from the calibrated model.
         if self._calibrates(server_round):
@@ -428,7 +401,7 @@ class FedEC(FedAvg):
         """
         last = self.num_rounds is None or server_round >= self.num_rounds
         every = self.calibration_every
-        return self.feature_calibration and (last or (every > 0 and server_round % every == 0))
+        return self.calibrates_features and (last or (every > 0 and server_round % every == 0))
 
     def _calibrate_features(
         self, server_round: int, served: nn.Module, accepted: list[ClientModel]

@@ -37,7 +37,7 @@ from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated
-from fl_ec.strategies.fedec_utils import ClientModel, weighted_average
+from fl_ec.strategies.fedec_utils import ClientModel
 from fl_ec.strategies.fedhce_utils import (
     CAPABILITY_KEY,
     AssignmentPolicy,
@@ -61,11 +61,9 @@ class FedHCE(FedEC):
         The variants to maintain, e.g. ``["full", "prune-0.5+int8", "int4"]``.
     assignment_policy : Callable[[Mapping | None], str] | None
         Maps a node's reported capability (``None`` before its first reply) to a
-        variant name. Default: every node gets ``default_variant``.
-    default_variant : str | None
-        Variant for nodes the policy cannot place (and before their first reply).
-        Default: the last of ``variants`` (the most compressed, by convention), which
-        every device can hold.
+        variant name. Default: every node gets the last of ``variants`` (the most
+        compressed, by convention), which every device can hold; so does a node for
+        which the policy names an unknown variant.
     hce_ensemble : Sequence[str] | None
         Variants whose mean logits form the HCE ensemble. Default: all but ``full``.
     diversity_weight : float (default: 0.5)
@@ -81,19 +79,14 @@ class FedHCE(FedEC):
         and replayed by slicing, so it is stable across rounds.
     pack_quantized : bool (default: True)
         Send quantized variants as packed integers plus scales (else fp32 values).
-    rebase_updates : bool (default: True)
-        For the student's starting point, apply each client's change (what it
-        returned minus what it was sent) to the server's full-precision copy of the
-        variant it was sent (after the variants' fine-tuning and calibration),
-        instead of averaging the returned weights, which carry the rounding of the
-        quantized copy they started from.
     calibrate_variants : bool (default: True)
-        With ``feature_calibration``: in each calibrated round, besides the global
-        model, query the clients once per compressed variant for the statistics of
-        *that variant's* classifier inputs, and recalibrate its classifier from them
-        (the same CCVR and validation guard as the global model). A pruned variant's
-        features differ from the global model's, so the calibrated global classifier
-        does not fit them. Off: variants inherit the global model's classifier.
+        With feature calibration (``calibration`` of method ``features``): in each
+        calibrated round, besides the global model, query the clients once per
+        compressed variant for the statistics of *that variant's* classifier inputs,
+        and recalibrate its classifier from them (the same CCVR and validation guard
+        as the global model). A pruned variant's features differ from the global
+        model's, so the calibrated global classifier does not fit them. Off: variants
+        inherit the global model's classifier.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
         With ``client_start="average"`` the clients train plain compressed copies of
@@ -109,14 +102,12 @@ class FedHCE(FedEC):
         *,
         variants: Sequence[str | Variant],
         assignment_policy: AssignmentPolicy | None = None,
-        default_variant: str | None = None,
         hce_ensemble: Sequence[str] | None = None,
         diversity_weight: float = 0.5,
         variant_distill: DistillSettings | None = None,
         fold_pruned: bool = False,
         reprune: bool = False,
         pack_quantized: bool = True,
-        rebase_updates: bool = True,
         calibrate_variants: bool = True,
         **fedec_kwargs: Any,
     ) -> None:
@@ -127,9 +118,9 @@ class FedHCE(FedEC):
         if not parsed:
             raise ValueError("FedHCE needs at least one variant")
         self.variants = {v.name: v for v in parsed}
-        self.default_variant = default_variant or parsed[-1].name
+        self.default_variant = parsed[-1].name
         names = list(self.variants)
-        for name in [self.default_variant, *(hce_ensemble or [])]:
+        for name in hce_ensemble or []:
             if name not in self.variants:
                 raise ValueError(f"variant {name!r} is not among the variants {names}")
         self.hce_names = list(hce_ensemble or [n for n in names if n != FULL]) or names
@@ -137,11 +128,10 @@ class FedHCE(FedEC):
         if not 0.0 <= diversity_weight <= 1.0:
             raise ValueError(f"diversity_weight={diversity_weight} must be within [0, 1]")
         self.diversity_weight = diversity_weight
-        self.variant_distill = variant_distill or DistillSettings(steps=100, patience=100)
+        self.variant_distill = variant_distill or DistillSettings(steps=100)
         self.fold_pruned = fold_pruned
         self.reprune = reprune
         self.pack_quantized = pack_quantized
-        self.rebase_updates = rebase_updates
         self.calibrate_variants = calibrate_variants
         self.factory = VariantFactory(
             lambda state: build_from_state_dict(self.arch_spec, state), self.proxy_inputs[:2]
@@ -231,12 +221,16 @@ class FedHCE(FedEC):
     def _round_average(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
     ) -> dict[str, torch.Tensor]:
-        """The round's parameter average: rebased on what was sent, pruned ones folded."""
+        """The round's parameter average: rebased on what was sent, pruned ones folded.
+
+        Each client's change (what it returned minus what it was sent) is applied to
+        the server's full-precision copy of the variant it was sent (after the
+        variants' fine-tuning and calibration), so the rounding of the quantized copy
+        it started from stays out of the average.
+        """
         # Without full-size replies (e.g. round 1, when every node got a pruned default)
         # folding is the only way the round's training reaches the student's start.
         fold = self.fold_pruned or not same_arch
-        if not fold and not self.rebase_updates:
-            return weighted_average(same_arch)
         base = previous.state_dict()
         if self.client_start == "average" and self.client_start_arrays is not None:
             base = self.client_start_arrays.to_torch_state_dict()  # what was sent, fp32
@@ -246,7 +240,7 @@ class FedHCE(FedEC):
             structure = self.factory.structure(self.variants[name])
             state = model.state
             sent = self.sent_states.get(name)
-            if self.rebase_updates and sent is not None:
+            if sent is not None:
                 # The client's change was computed from the variant it received, which
                 # the variants' fine-tuning moved away from the global student. Applied
                 # to the student instead, it would land where it was not computed, and
@@ -350,8 +344,8 @@ class FedHCE(FedEC):
             name: make_payload(model, self.variants[name], self.pack_quantized)
             for name, model in self.sent_models.items()
         }
-        if self.rebase_updates:  # what each client will start from, to rebase its reply on
-            self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
+        # What each client will start from, to rebase its reply on.
+        self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
         stats["variant-bytes"] = {name: p.nbytes for name, p in self.payloads.items()}
         if validation is not None and server_round > 0:
             self._validation_metrics(stats)

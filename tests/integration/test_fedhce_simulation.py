@@ -15,17 +15,16 @@ pytestmark = pytest.mark.integration
 def test_fedhce_sends_each_node_the_variant_its_policy_names(cli, tmp_path):
     results = tmp_path / "results"
     extra = (
-        'strategy="fedhce" num-server-rounds=2 distill-steps=20 distill-eval-every=10 '
-        'distill-batch-size=64 variant-distill-steps=10 simulated-tiers="gpu=1,edge=2" '
-        'variants="full,int8,prune-0.5+int4" variant-policy="gpu=full,edge=prune-0.5+int4" '
-        'default-variant="int8" feature-calibration=true calibration-rounds="last" '
-        "calibration-samples=2000"
+        'strategy="fedhce" num-server-rounds=2 distill-steps=10 variant-distill-steps=5 '
+        'simulated-tiers="gpu=1,edge=2" variants="full,int8,prune-0.5+int4" '
+        'variant-policy="gpu=full,edge=prune-0.5+int4" calibration="classifier" '
+        'calibration-rounds="last"'
     )
     metrics = completed_run(cli, results, "fedhce", extra, num_supernodes=3)
     run_dir = results / "fedhce"
     rounds = {r["round"]: r for r in metrics["rounds"]}
-    # Round 1: nobody has replied yet, so every node gets the default variant.
-    assert set(rounds[1]["variant-by-node"].values()) == {"int8"}
+    # Round 1: nobody has replied yet, so every node gets the last of the variants.
+    assert set(rounds[1]["variant-by-node"].values()) == {"prune-0.5+int4"}
     # Round 2: each node reported its tier; it got, trained and returned its variant.
     assigned = rounds[2]["variant-by-node"]
     assert sorted(assigned.values()) == ["full", "prune-0.5+int4", "prune-0.5+int4"]

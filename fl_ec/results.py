@@ -191,6 +191,31 @@ class RunRecorder:
         plt.close(fig)
         return path
 
+    def write_bytes_plot(self) -> Path:
+        """Test accuracy against the bytes sent so far (down + up), in MB."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        sent, points = 0.0, []
+        for record in self.rounds:
+            sent += (record.bytes_down + record.bytes_up) / 1e6
+            if "test-accuracy" in record.metrics:
+                points.append((sent, 100 * record.metrics["test-accuracy"]))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o")
+        ax.set_xlabel("model bytes sent down + up so far (MB)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(self.run_dir.name, fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.run_dir / "accuracy_vs_bytes.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
     def write_model(
         self,
         state_dict: Mapping[str, torch.Tensor],

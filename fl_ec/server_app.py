@@ -98,14 +98,15 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         save_global_ensemble(strategy, server_data, config, recorder)
     if hasattr(strategy, "hce_members"):
         save_hce_variants(strategy, server_data, recorder)
-    recorder.write_metrics()
-    recorder.write_plot()
+    metrics_path = recorder.write_metrics()
+    plots = [recorder.write_plot(), recorder.write_bytes_plot()]
     final_acc = recorder.summary()["final-test-accuracy"]
     log(
         INFO,
-        "[fl-ec] done: final test accuracy %.2f%%; results in %s",
+        "[fl-ec] done: final test accuracy %.2f%%\n  metrics:  %s\n  plots:    %s",
         100 * (final_acc or 0.0),
-        run_dir,
+        metrics_path,
+        "\n            ".join(str(path) for path in plots),
     )
     return run_dir
 

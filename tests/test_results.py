@@ -26,6 +26,8 @@ def test_plot_and_summary(tmp_path):
         recorder.record_for(rnd).bytes_down = 1000 * rnd
         recorder.close_round(rnd, {"test-accuracy": acc})
     assert (recorder.write_plot()).stat().st_size > 1000
+    assert recorder.write_bytes_plot().name == "accuracy_vs_bytes.png"
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
     summary = recorder.summary()
     assert summary["rounds-completed"] == 2 and summary["final-test-accuracy"] == 0.7
     assert summary["mean-bytes-down"] == 1500

@@ -29,6 +29,7 @@ def test_one_round_simulation_writes_metrics(cli, tmp_path):
     assert rounds[1]["wall-seconds"] >= rounds[1]["train-seconds"] > 0
     assert metrics["config"]["alpha"] == 0.5 and metrics["arch-spec"]["name"] == "cnn"
     assert (run_dir / "accuracy.png").stat().st_size > 1000
+    assert (run_dir / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert load_saved_model(run_dir) is not None
 
 

@@ -32,6 +32,50 @@ DEVICES = ("auto", "cpu", "cuda")
 LOCAL_LOSSES = ("ce", "logit-adjusted")
 
 
+_REMOVED = "it showed no measured gain and was removed; delete it from the run-config"
+_DENSE = 'use calibration="dense" (one Gaussian per class) or "dense-mixture"'
+RETIRED_KEYS = {
+    "prior-correction": 'use calibration="prior"',
+    "feature-calibration": 'use calibration="classifier" (or "dense", "dense-mixture")',
+    "calibration-layers": _DENSE,
+    "calibration-rank": _DENSE,
+    "calibration-components": _DENSE,
+    "calibration-samples": "calibration draws a fixed 20000 virtual features; delete it",
+    "prior-correction-revert-z": "the revert threshold is fixed at z=1.96; delete it",
+    "eval-batch-size": "evaluation runs in fixed batches of 512; delete it",
+    **{
+        key: _REMOVED
+        for key in (
+            "tail-average-rounds",
+            "prior-aware-distillation",
+            "augment-copies",
+            "teacher-includes-average",
+            "teacher-includes-previous",
+            "student-init",
+            "trim-ratio",
+            "downlink-rounding",
+            "variant-client-start",
+            "prune-steps",
+            "prune-importance",
+            "default-variant",
+            "rebase-updates",
+            "lp-aux-resolution",
+            "weight-decay",
+        )
+    },
+    **{
+        key: "fixed in fl_ec.distill.DistillSettings (library only); delete it"
+        for key in (
+            "distill-batch-size",
+            "distill-lr",
+            "distill-temperature",
+            "distill-eval-every",
+            "distill-patience",
+        )
+    },
+}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of an fl-ec experiment; field ``foo_bar`` is run-config key ``foo-bar``.
@@ -103,18 +147,25 @@ class ExperimentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], *, allow_retired: bool = False
+    ) -> ExperimentConfig:
         """Parse and validate a Flower run-config mapping.
 
         Unknown keys are kept in :attr:`extra` (later strategies read their own
         knobs from there through their own typed configs) rather than rejected, so
-        an app can carry keys of its own.
+        an app can carry keys of its own. A key fl-ec used to have
+        (:data:`RETIRED_KEYS`) fails with what to use instead, since silently ignoring
+        it would run something else than asked; ``allow_retired`` lets tools re-read
+        the configs recorded by older runs.
         """
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, raw in run_config.items():
             name = key.replace("-", "_")
+            if key in RETIRED_KEYS and not allow_retired:
+                raise ConfigError(f"{key} no longer exists: {RETIRED_KEYS[key]}")
             if name in known:
                 values[name] = _coerce(key, raw, known[name].type)
             else:

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models, index = load_variants(args.run_dir)
         run_config = json.loads((args.run_dir / "metrics.json").read_text())["config"]
-        config = ExperimentConfig.from_run_config(run_config)
+        config = ExperimentConfig.from_run_config(run_config, allow_retired=True)
         _, test = load_dataset(config.dataset, config.data_dir, config.download)
         members = [m.strip() for m in args.members.split(",") if m.strip()] or None
         reports = evaluate_variants(

@@ -107,7 +107,7 @@ def _bytes_plot(points: list[tuple[str, str, float, float]], path: Path) -> None
 
 @dataclass(frozen=True)
 class HceTargets:
-    """One FedHCE run against FedEC and FedAvg of the same seed: the issue's targets."""
+    """One FedHCE run against FedEC and FedAvg of the same seed: the targets."""
 
     label: str
     seed: int
@@ -274,7 +274,7 @@ def main() -> None:
 
 
 def _evaluate_seed(results: dict[tuple, dict], seed: int | None, args, test_x, test_y) -> dict:  # noqa: ANN001
-    """Re-load one seed's final models, measure them, and check the issue's targets."""
+    """Re-load one seed's final models, measure them, and check the targets."""
     suffix = f" (seed {seed})" if seed is not None else ""
     down = {key[0]: _mean_bytes_down(m) for key, m in results.items()}
     final = {key[0]: m["rounds"][-1]["test-accuracy"] for key, m in results.items()}

@@ -1,6 +1,6 @@
 """Where an ensemble's gain comes from: logit ensembles of dense-calibrated models.
 
-Issue 4 asks for an HCE ensemble 1 point above FedEC's fp32 model. FedHCE's members are
+The target for an HCE ensemble was 1 point above FedEC's fp32 model. FedHCE's members are
 compressed copies of one global model, and they barely disagree. This script measures,
 on finished runs and without Flower, how much an ensemble gains when its members differ
 in the ways a federation could make them differ. Every member's dense head is

@@ -34,7 +34,7 @@ RunData = tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]
 
 def run_data(metrics: dict) -> RunData:
     """A finished run's config, server data, full train set and the clients' row pool."""
-    config = ExperimentConfig.from_run_config(metrics["config"])
+    config = ExperimentConfig.from_run_config(metrics["config"], allow_retired=True)
     server = load_server_data(config)
     train, _ = load_dataset(config.dataset, config.data_dir, config.download)
     pool = split_server_holdout(

@@ -131,7 +131,7 @@ def run_one(
     """One ``flwr run`` of ``label``; its metrics (plus the run's wall seconds).
 
     ``reuse``: a finished run with the same name in ``results_dir`` (every round
-    recorded) is read instead of run again, e.g. after a session was cut off.
+    recorded) is read instead of run again, e.g. after a run was cut off.
     ``seed``: replaces the shared seed (partitions, initial model, client batch
     order, proxy subsets) and names the run after it.
     """
@@ -184,7 +184,7 @@ def run_name(label: str, alpha: float, local_epochs: int, seed: int | None = Non
 
 
 # Where a run was written is not part of the experiment: a run moved or copied into
-# another results folder (e.g. to combine seeds from several sessions) is still reusable.
+# another results folder (e.g. to combine seeds run on several days) is still reusable.
 _OUTPUT_KEYS = frozenset({"results-dir", "run-name"})
 # Knobs that runs may have recorded but the code no longer has, each with the value
 # whose behaviour the code kept: a run recorded with another value cannot be repeated.
@@ -253,7 +253,7 @@ def _same_config(recorded: dict, expected: dict) -> bool:
         ignored.add("calibration-samples")  # virtual features of a feature calibration
     if "layer-parallel" not in (as_run.get("trainer"), as_run.get("distill-trainer")):
         # The layer-parallel knobs act only through those trainers (lp-method's default
-        # changed in session 9; runs without the trainer are unaffected).
+        # changed once; runs without the trainer are unaffected).
         ignored |= {key for key in as_run if key.startswith("lp-")}
     if any(
         as_run.get(key, kept) != kept

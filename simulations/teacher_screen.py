@@ -72,7 +72,7 @@ def teacher_accuracy(
 
 def replay(run_dir: Path, num_partitions: int) -> tuple[list[dict], ExperimentConfig]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = ExperimentConfig.from_run_config(metrics["config"])
+    config = ExperimentConfig.from_run_config(metrics["config"], allow_retired=True)
     server = load_server_data(config)
     spec = ArchSpec(config.model, server.test.input_shape, server.test.num_classes)
     torch.manual_seed(config.seed)

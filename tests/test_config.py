@@ -45,6 +45,9 @@ def test_values_are_coerced_to_declared_types():
         ({"calibration-rounds": "first"}, "calibration-rounds='first' is unknown"),
         ({"calibration-rounds": "every-0"}, "choose one of all, last, every-N"),
         ({"calibration-nodes": "some"}, "calibration-nodes='some' is unknown"),
+        ({"feature-calibration": True}, 'feature-calibration no longer exists: use calibration="'),
+        ({"prior-correction": True}, 'prior-correction no longer exists: use calibration="prior"'),
+        ({"distill-lr": 0.01}, "distill-lr no longer exists"),
         (
             {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
             "implemented by the sgd trainer only",
@@ -57,6 +60,17 @@ def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_retired_keys_fail_but_recorded_configs_of_older_runs_still_parse():
+    from fl_ec.config import RETIRED_KEYS
+
+    defaults = app_defaults(ROOT)
+    assert not set(RETIRED_KEYS) & set(defaults), "a retired key is still a knob"
+    old = ExperimentConfig.from_run_config(
+        {"feature-calibration": True, "calibration-rank": 32}, allow_retired=True
+    )
+    assert old.extra == {"feature-calibration": True, "calibration-rank": 32}
 
 
 def test_node_settings_require_partition_keys():

@@ -125,3 +125,16 @@ def test_docs_knob_table_matches_pyproject():
         for key, literal in zip(keys, literals, strict=True):
             documented = tomllib.loads(f"value = {literal}")["value"]
             assert (type(documented), documented) == (type(defaults[key]), defaults[key]), key
+
+
+def test_simulated_tier_counts_scale_to_the_federation():
+    from fl_ec.config import parse_tier_counts
+
+    assert parse_tier_counts("gpu=1,edge=2", 3) == ["gpu", "edge", "edge"]
+    scaled = parse_tier_counts("gpu=3,edge=7", 20)
+    assert scaled == ["gpu"] * 6 + ["edge"] * 14
+    assert parse_tier_counts("gpu=3,edge=7", 2) == ["gpu", "edge"]
+    with pytest.raises(ConfigError, match="tier=count"):
+        parse_tier_counts("gpu")
+    with pytest.raises(ConfigError, match="names no node"):
+        parse_tier_counts("gpu=0")

@@ -44,6 +44,7 @@ def _strategy(data, **kwargs):
     proxy, validation = data
     small = DistillSettings(steps=10, batch_size=32, eval_every=5, patience=10)
     kwargs.setdefault("distill", small)
+    kwargs.setdefault("client_start", "student")  # clients train the variants themselves
     return FedHCE(
         variants=["full", "int8", "prune-0.5+int4"],
         assignment_policy=POLICY,
@@ -197,7 +198,7 @@ def _fine_tuning_strategy(data, **kwargs):
         variant_distill=DistillSettings(steps=10, batch_size=32, lr=1e-2),
         min_train_nodes=2,
         min_available_nodes=2,
-        **kwargs,
+        **{"client_start": "student", **kwargs},  # clients train the fine-tuned variants
     )
 
 

@@ -1,7 +1,27 @@
-"""Flower strategies (thin glue over fl_ec's algorithms) and their helpers."""
+"""Flower strategies (thin glue over fl_ec's algorithms), their settings and helpers.
 
+``FedEC`` and ``FedHCE`` subclass Flower's ``FedAvg`` and take every ``FedAvg``
+argument; their own settings are the objects exported next to them.
+"""
+
+from fl_ec.compression import Variant
+from fl_ec.distill import DistillSettings
+from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.fedec import FedEC
+from fl_ec.strategies.fedhce import FedHCE
+from fl_ec.strategies.fedhce_utils import TierPolicy
 from fl_ec.strategies.instrumentation import MeteredGrid, payload_bytes, time_aggregation
 
-__all__ = ["FedEC", "MeteredGrid", "build_strategy", "payload_bytes", "time_aggregation"]
+__all__ = [
+    "CalibrationSettings",
+    "DistillSettings",
+    "FedEC",
+    "FedHCE",
+    "MeteredGrid",
+    "TierPolicy",
+    "Variant",
+    "build_strategy",
+    "payload_bytes",
+    "time_aggregation",
+]

@@ -128,7 +128,7 @@ class ExperimentConfig:
     hce_ensemble: str = ""
     diversity_weight: float = 0.5
     variant_distill_steps: int = 100
-    fold_pruned: bool = False
+    fold_pruned: bool = True
     calibrate_variants: bool = True
     simulated_tiers: str = ""
     # Layer-parallel training (ResNets): for clients and/or the server's distillation

@@ -32,7 +32,7 @@ from typing import Any
 from fl_ec.config import ExperimentConfig
 from fl_ec.errors import FlEcError
 
-DEFAULT_SUPERNODES = 10
+DEFAULT_SUPERNODES = 20  # the partial-participation federation of the default run
 
 
 def app_defaults(app_dir: Path) -> dict[str, Any]:

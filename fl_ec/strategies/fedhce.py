@@ -71,7 +71,7 @@ class FedHCE(FedEC):
         diversity term off (plain distillation of each variant).
     variant_distill : DistillSettings | None
         Steps/lr/patience of the variants' fine-tuning (default: 100 steps).
-    fold_pruned : bool (default: False)
+    fold_pruned : bool (default: True)
         Fold pruned clients' updates into full-model coordinates through the pruning
         index maps (HeteroFL-style) for the student's starting point.
     reprune : bool (default: False)
@@ -105,7 +105,7 @@ class FedHCE(FedEC):
         hce_ensemble: Sequence[str] | None = None,
         diversity_weight: float = 0.5,
         variant_distill: DistillSettings | None = None,
-        fold_pruned: bool = False,
+        fold_pruned: bool = True,
         reprune: bool = False,
         pack_quantized: bool = True,
         calibrate_variants: bool = True,

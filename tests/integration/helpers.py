@@ -8,8 +8,11 @@ from pathlib import Path
 from fl_ec.launch import FlowerCli, merge_overrides
 from tests.conftest import ROOT
 
-# Small but real: Fashion-MNIST, 2 clients, 1 round on a fixed 2k-sample client pool.
+# Small but real: Fashion-MNIST, 2 clients, 1 round on a fixed 2k-sample client pool;
+# FedAvg on every client for one local epoch unless a test says otherwise, whatever the
+# app's defaults are.
 SMALL_RUN = (
+    'strategy="fedavg" fraction-train=1.0 local-epochs=1 alpha=0.5 simulated-tiers="" '
     "num-server-rounds=1 train-subset=2000 proxy-size=500 validation-size=500 client-threads=1"
 )
 

@@ -107,18 +107,6 @@ def model_logits(
     return teacher_logits([model], inputs, batch_size=batch_size, device=device).logits
 
 
-def prediction_hits(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Per-sample correctness of ``model`` on ``(inputs, labels)``, as :func:`paired_z` takes it."""
-    logits = model_logits(model, inputs, batch_size, device)
-    return logits.argmax(dim=1) == labels.to(logits.device)
-
-
 def correct_prior(
     model: nn.Module,
     proxy_inputs: torch.Tensor,
@@ -137,11 +125,12 @@ def correct_prior(
 def paired_z(reference_correct: torch.Tensor, candidate_correct: torch.Tensor) -> float:
     """McNemar's z for "the reference is more accurate than the candidate".
 
-    Both are per-sample correctness masks over the *same* labelled samples. Only the
-    samples the two disagree on carry information: ``(ref_only - cand_only) /
-    sqrt(ref_only + cand_only)``, ~N(0, 1) when both are equally accurate. Why not the
-    plain accuracy difference: on 1,000 validation samples a correction that flips
-    40 predictions moves accuracy by a few tenths of a point either way by chance alone.
+    Both are per-sample correctness masks over the *same* labelled samples
+    (:func:`fl_ec.scoring.model_hits`). Only the samples the two disagree on carry
+    information: ``(ref_only - cand_only) / sqrt(ref_only + cand_only)``, ~N(0, 1) when
+    both are equally accurate. Why not the plain accuracy difference: on 1,000
+    validation samples a correction that flips 40 predictions moves accuracy by a few
+    tenths of a point either way by chance alone.
     Reverting the prior correction on such noise (z = 0.25-1.34) cost 0.6 test points on
     average in the 10 rounds where it happened (Fashion-MNIST, alpha=0.1, BENCHMARKS.md).
     """

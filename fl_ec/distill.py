@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 from fl_ec.models.layout import channels_last
+from fl_ec.scoring import model_accuracy
 
 
 @dataclass(frozen=True)
@@ -90,23 +91,6 @@ def recalibrate_batchnorm(
             model(batch.to(device))
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
-
-
-@torch.inference_mode()
-def accuracy(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on normalised ``inputs``."""
-    model.to(device).eval()
-    correct = 0
-    with channels_last(model):
-        for x, y in zip(inputs.split(batch_size), labels.split(batch_size), strict=True):
-            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return correct / max(len(labels), 1)
 
 
 def augmented_views(
@@ -194,7 +178,7 @@ def _distill(
     def score() -> float:
         if validation is None:
             return float("nan")
-        return accuracy(student, validation[0], validation[1], device=device)
+        return model_accuracy(student, validation[0], validation[1], device=device)
 
     best_accuracy = start_accuracy = score()
     best_state = copy.deepcopy(student.state_dict())

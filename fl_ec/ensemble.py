@@ -53,11 +53,6 @@ class TeacherOutputs:
     samples_per_second: float  # proxy samples x models / seconds
 
 
-def logits_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of precomputed (e.g. teacher) logits."""
-    return float((logits.float().argmax(1) == labels).float().mean())
-
-
 def client_weights(
     rule: str,
     num_models: int,

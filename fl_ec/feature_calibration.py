@@ -28,7 +28,7 @@ Choices, and why:
 
 Nothing here knows about Flower; FedEC applies it to the served model each round
 (run-config ``calibration``, one of :data:`CALIBRATION_PRESETS`), and the ClientApp
-computes the statistics on query.
+computes the statistics on query (the query's keys: :mod:`fl_ec.protocol`).
 """
 
 from __future__ import annotations
@@ -62,14 +62,6 @@ CALIBRATION_PRESETS: dict[str, dict[str, Any]] = {
     "dense": {"method": "features", "layers": "dense", "rank": 64, "components": 1},
     "dense-mixture": {"method": "features", "layers": "dense", "rank": 32, "components": 8},
 }
-
-# The query reply's ArrayRecord holding them, and the query config flag asking for them.
-STATS_RECORD_KEY = "feature-stats"
-# The query config's choice of statistics: which layers they serve, their rank, and
-# how many Gaussian components each client fits per class.
-STATS_LAYERS_KEY = "feature-stats-layers"
-STATS_RANK_KEY = "feature-stats-rank"
-STATS_COMPONENTS_KEY = "feature-stats-components"
 
 
 @dataclass(frozen=True)

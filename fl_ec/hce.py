@@ -27,9 +27,10 @@ from torch import nn
 from fl_ec.compression import Variant, enable_weight_fake_quant
 from fl_ec.compression.export import export_int8, latency_ms
 from fl_ec.compression.quantization import baked_copy
-from fl_ec.ensemble import logits_accuracy, teacher_logits
+from fl_ec.ensemble import teacher_logits
 from fl_ec.models.spec import count_parameters
 from fl_ec.results import RunRecorder, load_saved_model
+from fl_ec.scoring import accuracy
 
 INDEX = "variants/index.json"
 
@@ -114,7 +115,7 @@ def evaluate_variants(
     reports.append(
         VariantReport(
             "HCE{" + ", ".join(members) + "}",
-            logits_accuracy(ensemble_logits, test_y),
+            accuracy(ensemble_logits, test_y),
             total("parameters"),
             total("wire_bytes"),
             total("fp32_bytes"),
@@ -141,7 +142,7 @@ def report_model(
     """Accuracy, size and (optionally) fp32 / int8-export CPU latency of one model."""
     logits = teacher_logits([model], test_x, "mean-logits").logits
     params = count_parameters(model)
-    report = VariantReport(name, logits_accuracy(logits, test_y), params, wire_bytes, 4 * params)
+    report = VariantReport(name, accuracy(logits, test_y), params, wire_bytes, 4 * params)
     if latency:
         input_shape = tuple(test_x.shape[1:])
         deployed = baked_copy(model)  # quantized weights baked in: no fake-quant per call
@@ -150,7 +151,7 @@ def report_model(
         exported = export_int8(model, calibration if calibration is not None else test_x[:512])
         with torch.inference_mode():
             int8_logits = torch.cat([exported(x) for x in test_x.split(512)])
-        report.int8_accuracy = logits_accuracy(int8_logits, test_y)
+        report.int8_accuracy = accuracy(int8_logits, test_y)
         report.int8_latency_b1_ms = latency_ms(exported, input_shape, 1)
         report.int8_latency_b64_ms = latency_ms(exported, input_shape, 64)
     return report, logits

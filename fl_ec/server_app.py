@@ -5,12 +5,18 @@ load the server's data (proxy, validation, test), build the initial model from i
 JSON spec, build the strategy by name, then run it through a metered ``Grid`` with
 central evaluation on the test set after every round. The run folder
 ``<results-dir>/<run-name>/`` receives ``metrics.json`` (rewritten every round),
-``accuracy.png`` and the final model.
+``accuracy.png``, ``accuracy_vs_bytes.png`` and the final model.
+
+An fl-ec strategy (:class:`~fl_ec.strategies.reporting.RunReporter`) reports more: its
+server-side measurements of each round go into that round's record, and at the end it
+saves its own artifacts (ensemble members, FedHCE's variants) and their test results.
+Any other strategy (Flower's ``FedAvg``) is run and recorded as it is.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
@@ -21,13 +27,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ServerData, load_server_data
-from fl_ec.data.tensor_data import TensorData
 from fl_ec.errors import install_one_line_errors
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
+from fl_ec.protocol import ARCH_SPEC_KEY, LOCAL_EPOCHS_KEY, LR_KEY
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.instrumentation import MeteredGrid, time_aggregation
-from fl_ec.strategies.sampling import NodeInfo, SeededSampler, seeded_sampling
+from fl_ec.strategies.reporting import RunReporter
+from fl_ec.strategies.sampling import NodeInfo, SampleCallback, SeededSampler, seeded_sampling
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -51,6 +58,7 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     torch.manual_seed(config.seed)
     initial_model = build_model(spec)
     strategy = build_strategy(config, spec, server_data)
+    reporter = strategy if isinstance(strategy, RunReporter) else None
 
     run_name = safe_run_name(
         config.run_name or default_run_name(config.strategy, config.dataset, config.alpha)
@@ -72,9 +80,9 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     # The spec travels with every message so clients rebuild the model from arrays.
     round_config = ConfigRecord(
         {
-            "arch-spec": spec.to_json(),
-            "lr": config.lr,
-            "local-epochs": config.local_epochs,
+            ARCH_SPEC_KEY: spec.to_json(),
+            LR_KEY: config.lr,
+            LOCAL_EPOCHS_KEY: config.local_epochs,
         }
     )
     sampler = SeededSampler(config.seed)
@@ -84,8 +92,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         initial_arrays=ArrayRecord(initial_model.state_dict()),
         num_rounds=config.num_server_rounds,
         train_config=round_config,
-        evaluate_config=ConfigRecord({"arch-spec": spec.to_json()}),
-        evaluate_fn=central_evaluation(spec, server_data, config, recorder, strategy),
+        evaluate_config=ConfigRecord({ARCH_SPEC_KEY: spec.to_json()}),
+        evaluate_fn=central_evaluation(spec, server_data, config, recorder, reporter),
     )
 
     final_state = (
@@ -94,10 +102,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         else initial_model.state_dict()
     )
     recorder.write_model(final_state)
-    if hasattr(strategy, "ensemble_members"):
-        save_global_ensemble(strategy, server_data, config, recorder)
-    if hasattr(strategy, "hce_members"):
-        save_hce_variants(strategy, server_data, recorder)
+    if reporter is not None:
+        reporter.save_artifacts(recorder, server_data.test)
     metrics_path = recorder.write_metrics()
     plots = [recorder.write_plot(), recorder.write_bytes_plot()]
     final_acc = recorder.summary()["final-test-accuracy"]
@@ -111,7 +117,7 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     return run_dir
 
 
-def record_sample(recorder: RunRecorder):  # noqa: ANN201
+def record_sample(recorder: RunRecorder) -> SampleCallback:
     """Record each training round's sampled partitions and their pooled class counts."""
 
     def on_sample(server_round: int, nodes: list[int], info: dict[int, NodeInfo]) -> None:
@@ -125,93 +131,20 @@ def record_sample(recorder: RunRecorder):  # noqa: ANN201
     return on_sample
 
 
-def save_global_ensemble(
-    strategy, server_data: ServerData, config: ExperimentConfig, recorder: RunRecorder
-) -> None:
-    """EC-DNN's inference-time model: the last round's client models, averaging logits."""
-    from fl_ec.ensemble import logits_accuracy, teacher_logits
-
-    members = strategy.ensemble_members()
-    if not members:
-        return
-    test = server_data.test
-    outputs = teacher_logits(
-        members,
-        test.normalize(test.images),
-        "mean-logits",
-        device=select_device(config.device),
-    )
-    accuracy = logits_accuracy(outputs.logits, test.labels)
-    recorder.extra_summary["ensemble-test-accuracy"] = accuracy
-    recorder.extra_summary["ensemble-members"] = len(members)
-    for index, member in enumerate(strategy.last_client_models):
-        recorder.write_model(member.state, name=f"ensemble/member-{index}", spec=member.spec)
-    log(
-        INFO,
-        "[fl-ec] EC-DNN global ensemble of %d client models: test acc %.2f%%",
-        len(members),
-        100 * accuracy,
-    )
-
-
-def save_hce_variants(strategy, server_data: ServerData, recorder: RunRecorder) -> None:
-    """FedHCE's final variants to ``variants/``, with their test accuracy and the HCE's."""
-    from fl_ec.hce import evaluate_variants, save_variants
-
-    if not strategy.variant_models:
-        return
-    index = save_variants(
-        recorder,
-        strategy.variant_models,
-        strategy.variants,
-        {name: payload.nbytes for name, payload in strategy.payloads.items()},
-        strategy.hce_names,
-    )
-    test = server_data.test
-    reports = evaluate_variants(
-        strategy.variant_models,
-        index,
-        test.normalize(test.images),
-        test.labels,
-        strategy.hce_names,
-        latency=False,  # latency and the int8 export: `fl-ec-hce-eval <run dir>`
-    )
-    recorder.extra_summary["variant-test-accuracy"] = {r.name: r.accuracy for r in reports[:-1]}
-    recorder.extra_summary["variant-wire-bytes"] = {r.name: r.wire_bytes for r in reports[:-1]}
-    recorder.extra_summary["hce-test-accuracy"] = reports[-1].accuracy
-    recorder.extra_summary["hce-wire-bytes"] = reports[-1].wire_bytes
-    if strategy.uncalibrated_variant_models:  # what the variants' own calibration gained
-        before = evaluate_variants(
-            {**strategy.variant_models, **strategy.uncalibrated_variant_models},
-            index,
-            test.normalize(test.images),
-            test.labels,
-            strategy.hce_names,
-            latency=False,
-        )
-        recorder.extra_summary["variant-test-accuracy-uncalibrated"] = {
-            r.name: r.accuracy for r in before[:-1]
-        }
-        recorder.extra_summary["hce-test-accuracy-uncalibrated"] = before[-1].accuracy
-    log(
-        INFO,
-        "[fl-ec] HCE ensemble %s: test acc %.2f%%, %d bytes on the wire",
-        strategy.hce_names,
-        100 * reports[-1].accuracy,
-        reports[-1].wire_bytes,
-    )
-
-
 def central_evaluation(
     spec: ArchSpec,
     server_data: ServerData,
     config: ExperimentConfig,
     recorder: RunRecorder,
-    strategy=None,
-):
-    """The ``evaluate_fn`` for ``strategy.start``: test-set metrics, then close the round."""
+    reporter: RunReporter | None = None,
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """The ``evaluate_fn`` for ``strategy.start``: test-set metrics, then close the round.
+
+    ``reporter``'s measurements of the round (the strategy's, when it reports any) are
+    recorded with it.
+    """
     device = select_device(config.device)
-    test: TensorData = server_data.test
+    test = server_data.test
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
@@ -221,7 +154,9 @@ def central_evaluation(
         record.server_evaluate_seconds += time.perf_counter() - start
         # Server-side measurements of the round (FedEC: teacher/student validation
         # accuracy, distillation steps and seconds, replies it dropped as invalid).
-        server_metrics = dict(getattr(strategy, "server_metrics", {}).get(server_round, {}))
+        server_metrics = (
+            dict(reporter.server_metrics.get(server_round, {})) if reporter is not None else {}
+        )
         invalid = int(server_metrics.pop("invalid-replies", 0))
         record.rejected_replies += invalid
         record.train_replies -= invalid

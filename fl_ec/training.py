@@ -17,6 +17,14 @@ from torch import nn
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.errors import FlEcError
 from fl_ec.models.layout import channels_last
+from fl_ec.protocol import (
+    CPU_THREADS_KEY,
+    DEVICE_KIND_KEY,
+    DEVICE_TIER_KEY,
+    MEMORY_MB_KEY,
+    SPEED_KEY,
+)
+from fl_ec.scoring import hits
 
 # Batch size of evaluation passes (no gradients: it bounds memory, not the result).
 EVAL_BATCH_SIZE = 512
@@ -144,7 +152,7 @@ def evaluate(
         for x, y in data.batches(batch_size, device=device):
             logits = model(x)
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            correct += int(hits(logits, y).sum())
     return EvalResult(loss_sum / len(data), correct / len(data), len(data))
 
 
@@ -152,6 +160,8 @@ def device_capability(
     device: torch.device, tier: str = "", memory_mb: float = 0.0, speed: float = 0.0
 ) -> dict[str, float | str]:
     """What a client reports about itself: kind, tier, memory (MB), cores, a speed figure.
+
+    The keys are the ``capability`` record's (:mod:`fl_ec.protocol`).
 
     ``tier`` / ``memory_mb`` / ``speed`` override what is detected, so a simulated
     node can play an edge device. Without a tier, CUDA nodes are ``gpu`` and others
@@ -165,9 +175,9 @@ def device_capability(
         except (ValueError, OSError, AttributeError):
             detected_mb = 0.0
     return {
-        "device-kind": device.type,
-        "device-tier": tier or ("gpu" if device.type == "cuda" else "cpu"),
-        "memory-mb": float(memory_mb or detected_mb),
-        "cpu-threads": float(torch.get_num_threads()),
-        "speed": float(speed),
+        DEVICE_KIND_KEY: device.type,
+        DEVICE_TIER_KEY: tier or ("gpu" if device.type == "cuda" else "cpu"),
+        MEMORY_MB_KEY: float(memory_mb or detected_mb),
+        CPU_THREADS_KEY: float(torch.get_num_threads()),
+        SPEED_KEY: float(speed),
     }

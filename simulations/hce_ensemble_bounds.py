@@ -44,6 +44,7 @@ from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import calibrate, measure_stats, merge, parse_stats, stats_dims
 from fl_ec.results import load_saved_model
+from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedhce_utils import prediction_disagreement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,10 +58,6 @@ Row = dict[str, object]
 def test_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     return torch.cat([model(batch) for batch in images.split(1000)])
-
-
-def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100 * float((logits.argmax(1) == labels).float().mean())
 
 
 def calibrated_copies(
@@ -183,8 +180,8 @@ def row(
     compute: str,
 ) -> Row:
     """One table row: each member's accuracy, the mean-logit ensemble's, and the gains."""
-    singles = [accuracy_of(z, labels) for z in logits]
-    ensemble = accuracy_of(torch.stack(list(logits)).mean(0), labels)
+    singles = [100 * accuracy(z, labels) for z in logits]
+    ensemble = 100 * accuracy(torch.stack(list(logits)).mean(0), labels)
     mean_single = sum(singles) / len(singles)
     return {
         "arm": arm,
@@ -228,7 +225,7 @@ def main() -> None:
         test_logits(m, images)
         for m in calibrated_copies(final, clients, settings, range(args.heads))
     ]
-    reference = accuracy_of(heads[0], labels)
+    reference = 100 * accuracy(heads[0], labels)
     print(f"reference {reference:.2f}", flush=True)
     rows.append(row("heads", f"{args.heads} head seeds, one model", heads, labels, reference, "1x"))
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_ec.calibration import correct_prior, paired_z, prediction_hits, target_prior
+from fl_ec.calibration import correct_prior, paired_z, target_prior
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ServerData, load_server_data
 from fl_ec.data.partition import split_server_holdout
 from fl_ec.data.sources import load_dataset
 from fl_ec.data.tensor_data import TensorData
-from fl_ec.distill import accuracy
 from fl_ec.results import load_saved_model
+from fl_ec.scoring import model_accuracy, model_hits
 from fl_ec.strategies.fedec_calibration import REVERT_Z
 
 RunData = tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]
@@ -57,12 +57,12 @@ def posthoc_prior_correction(
     model = load_saved_model(run_dir)
     val_x = server.validation.normalize(server.validation.images)
     test_x = server.test.normalize(server.test.images)
-    before_val = prediction_hits(model, val_x, server.validation.labels)
-    before_test = accuracy(model, test_x, server.test.labels)
+    before_val = model_hits(model, val_x, server.validation.labels)
+    before_test = model_accuracy(model, test_x, server.test.labels)
     correct_prior(
         model, server.proxy.normalize(server.proxy.images), target_prior([counts.tolist()])
     )
-    after_val = prediction_hits(model, val_x, server.validation.labels)
+    after_val = model_hits(model, val_x, server.validation.labels)
     if paired_z(before_val, after_val) > REVERT_Z:
         return before_test, before_test  # FedEC would have reverted it
-    return before_test, accuracy(model, test_x, server.test.labels)
+    return before_test, model_accuracy(model, test_x, server.test.labels)

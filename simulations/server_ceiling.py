@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from fl_ec.calibration import classifier_of
-from fl_ec.distill import accuracy
 from fl_ec.results import load_saved_model
+from fl_ec.scoring import model_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prior_posthoc import posthoc_prior_correction, run_data  # noqa: E402
@@ -101,7 +101,7 @@ def measure(run_dir: Path, metrics: dict, epochs: int, seed: int) -> dict[str, f
     for part in PARTS:
         torch.manual_seed(seed)
         model = oracle_retrain(load_saved_model(run_dir), part, inputs, labels, epochs, seed=seed)
-        row[part] = accuracy(model, test_x, test_y)
+        row[part] = model_accuracy(model, test_x, test_y)
     return row
 
 

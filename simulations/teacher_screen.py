@@ -36,8 +36,9 @@ from torch import nn
 from fl_ec.clients.client_app import train_locally
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import load_client_data, load_server_data
-from fl_ec.ensemble import logits_accuracy, teacher_logits, with_extra_members
+from fl_ec.ensemble import teacher_logits, with_extra_members
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
+from fl_ec.scoring import accuracy, model_accuracy
 from fl_ec.strategies.fedec_utils import ClientModel, weighted_average
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,7 +68,7 @@ def teacher_accuracy(
         extra=int(with_previous),  # it votes like an average client, as in FedEC
     )
     out = teacher_logits(members, val_x, rule, class_counts=counts)
-    return logits_accuracy(out.logits, val_y)
+    return accuracy(out.logits, val_y)
 
 
 def replay(run_dir: Path, num_partitions: int) -> tuple[list[dict], ExperimentConfig]:
@@ -105,8 +106,8 @@ def replay(run_dir: Path, num_partitions: int) -> tuple[list[dict], ExperimentCo
         row = {
             "round": record["round"],
             "recorded test": 100 * record["test-accuracy"],
-            "replayed test": 100 * _accuracy(average, test_x, test_y),
-            "average val": 100 * _accuracy(average, val_x, val_y),
+            "replayed test": 100 * model_accuracy(average, test_x, test_y, batch_size=1000),
+            "average val": 100 * model_accuracy(average, val_x, val_y, batch_size=1000),
         }
         for label, rule, with_previous in CANDIDATES:
             row[label] = 100 * teacher_accuracy(
@@ -117,11 +118,6 @@ def replay(run_dir: Path, num_partitions: int) -> tuple[list[dict], ExperimentCo
         rows.append(row)
         print(json.dumps({k: round(v, 2) for k, v in row.items()}), flush=True)
     return rows, config
-
-
-@torch.inference_mode()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return logits_accuracy(torch.cat([model(b) for b in x.split(1000)]), y)
 
 
 def table(rows: list[dict]) -> str:

@@ -50,8 +50,8 @@ class FeatureStatsGrid:
         from flwr.app import ArrayRecord, Error, Message, RecordDict
 
         from fl_ec.clients.client_app import _stats_settings, received_model
-        from fl_ec.feature_calibration import STATS_RECORD_KEY
         from fl_ec.head_calibration import measure_stats
+        from fl_ec.protocol import STATS_RECORD_KEY
 
         replies = []
         for message in messages:

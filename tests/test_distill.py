@@ -5,13 +5,13 @@ import torch
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import (
     DistillSettings,
-    accuracy,
     augmented_views,
     distill,
     kd_loss,
     recalibrate_batchnorm,
 )
 from fl_ec.models import ArchSpec, build_model
+from fl_ec.scoring import model_accuracy
 from fl_ec.training import train_supervised
 
 
@@ -42,7 +42,7 @@ def test_distillation_makes_the_student_agree_with_the_teacher():
     after = _agreement(student, teacher, proxy)
     assert after > before + 0.5
     assert result.best_accuracy >= result.start_accuracy
-    assert result.best_accuracy == accuracy(student, *val_xy)
+    assert result.best_accuracy == model_accuracy(student, *val_xy)
 
 
 def test_early_stopping_keeps_a_start_that_distillation_cannot_improve():
@@ -104,7 +104,7 @@ def test_zero_steps_need_no_teacher_but_still_recalibrate_and_score():
     with torch.no_grad():
         features = model.stem[0](inputs)
     assert torch.allclose(model.stem[1].running_mean, features.mean((0, 2, 3)), atol=1e-4)
-    assert result.steps == 0 and result.start_accuracy == accuracy(model, *validation)
+    assert result.steps == 0 and result.start_accuracy == model_accuracy(model, *validation)
     assert all(torch.equal(p, weights[k]) for k, p in model.named_parameters())  # no step
     with pytest.raises(ValueError, match="only distill\\(steps=0\\)"):
         distill(model, inputs, None, validation, DistillSettings(steps=1))

@@ -17,6 +17,7 @@ from fl_ec.feature_calibration import (
     stats_from_arrays,
     stats_to_arrays,
 )
+from fl_ec.scoring import accuracy
 
 
 class TwoLayer(nn.Module):
@@ -138,10 +139,10 @@ def test_calibration_repairs_a_classifier_biased_toward_one_class():
     with torch.no_grad():
         model.classifier.weight.copy_(torch.cat([torch.eye(3), torch.zeros(3, 1)], 1))
         model.classifier.bias.copy_(torch.tensor([6.0, 0.0, 0.0]))
-    before = (model(x).argmax(1) == y).float().mean()
+    before = accuracy(model(x), y)
     stats = class_feature_stats(model, x, y, 3)
     calibrate_classifier(model, stats, CalibrationSettings(samples=3000, epochs=5, lr=1e-2))
-    after = (model(x).argmax(1) == y).float().mean()
+    after = accuracy(model(x), y)
     assert before < 0.5 and after > 0.95
     assert torch.equal(model.fc1.weight, torch.eye(4))  # only the classifier changed
 

@@ -18,14 +18,19 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp.strategy import FedAvg
 
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
+from fl_ec.ensemble import teacher_logits
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_model
+from fl_ec.protocol import TRAIN_INFO_KEY
+from fl_ec.results import RunRecorder
+from fl_ec.scoring import accuracy
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedec import FedEC
-from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
+from fl_ec.strategies.reporting import RunReporter
 from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
@@ -97,6 +102,29 @@ def test_aggregate_returns_a_distilled_model_and_round_metrics(task_identity, da
     assert stats["student-val-accuracy"] >= stats["student-start-val-accuracy"]
     assert stats["teacher-seconds"] > 0 and stats["teacher-samples-per-second"] > 0
     assert len(strategy.ensemble_members()) == 3
+
+
+def test_save_artifacts_writes_the_last_rounds_client_ensemble(task_identity, data, tmp_path):
+    strategy = _strategy(data)
+    assert isinstance(strategy, RunReporter) and not isinstance(FedAvg(), RunReporter)
+    _, test = make_synthetic(num_train=10, num_test=60, seed=4)
+    recorder = RunRecorder(tmp_path, {}, SPEC, 1)
+    strategy.save_artifacts(recorder, test)  # no round yet: nothing to save
+    assert "ensemble-members" not in recorder.summary()
+    _start_round(strategy, _global())
+    strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    strategy.save_artifacts(recorder, test)
+    summary = recorder.summary()
+    assert summary["ensemble-members"] == 2
+    members = strategy.ensemble_members()
+    logits = teacher_logits(members, test.normalize(test.images), "mean-logits").logits
+    assert summary["ensemble-test-accuracy"] == accuracy(logits, test.labels)
+    assert {p.name for p in (tmp_path / "ensemble").iterdir()} == {
+        "member-0.pt",
+        "member-0.json",
+        "member-1.pt",
+        "member-1.json",
+    }
 
 
 def test_bad_replies_are_dropped_and_the_round_goes_on(task_identity, data, caplog):
@@ -406,7 +434,7 @@ def _trained_clients():
 def test_prior_correction_is_reverted_only_on_significant_validation_evidence(
     task_identity, data, revert_z, monkeypatch
 ):
-    from fl_ec.distill import accuracy
+    from fl_ec.scoring import model_accuracy
 
     monkeypatch.setattr(fedec_calibration, "REVERT_Z", revert_z)
     strategy = _strategy(data, calibration="prior")
@@ -421,7 +449,7 @@ def test_prior_correction_is_reverted_only_on_significant_validation_evidence(
     assert stats["prior-correction-val-z"] > 3  # the uncorrected model is clearly better
     reverted = revert_z < 1e9
     assert stats["prior-correction-applied"] == float(not reverted)
-    assert accuracy(model, *data[1]) == pytest.approx(
+    assert model_accuracy(model, *data[1]) == pytest.approx(
         stats["prior-correction-val-before" if reverted else "prior-correction-val-after"]
     )
 
@@ -429,7 +457,8 @@ def test_prior_correction_is_reverted_only_on_significant_validation_evidence(
 def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
     task_identity, data, monkeypatch
 ):
-    from fl_ec.distill import DistillResult, accuracy
+    from fl_ec.distill import DistillResult
+    from fl_ec.scoring import model_accuracy
 
     _, (val_x, val_y) = data
     clients = _trained_clients()
@@ -451,7 +480,7 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
     assert stats["prior-correction-served-start"] == 1.0
     model = build_model(SPEC)
     model.load_state_dict(served.to_torch_state_dict())
-    assert accuracy(model, val_x, val_y) == pytest.approx(stats["prior-correction-val-after"])
+    assert model_accuracy(model, val_x, val_y) == pytest.approx(stats["prior-correction-val-after"])
     assert stats["prior-correction-val-after"] > stats["prior-correction-val-before"]
 
 
@@ -625,8 +654,6 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
 
 
 def test_without_distillation_fedec_serves_fedavgs_average_bit_for_bit(task_identity, data):
-    from flwr.serverapp.strategy import FedAvg
-
     replies = [_reply(n, _global(seed=n), num_examples=97 + 31 * n) for n in (1, 2, 3, 4)]
     expected, _ = FedAvg().aggregate_train(1, replies)
     strategy = _strategy(data, distill=DistillSettings(steps=0), client_start="average")

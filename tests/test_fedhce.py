@@ -14,10 +14,12 @@ from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_from_state_dict, build_model
+from fl_ec.protocol import TRAIN_INFO_KEY
+from fl_ec.results import RunRecorder
 from fl_ec.strategies import fedec_calibration
-from fl_ec.strategies.fedec_utils import TRAIN_INFO_KEY
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy, sent_state
+from fl_ec.strategies.reporting import RunReporter
 from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
@@ -404,3 +406,20 @@ def test_client_start_average_trains_copies_of_the_average_and_serves_the_studen
         # Served variants derive from the served model, sent ones from the average.
         assert torch.allclose(strategy.variant_models["full"].state_dict()[key], served[key])
         assert torch.allclose(strategy.sent_models["full"].state_dict()[key], trained[key])
+
+
+def test_save_artifacts_writes_the_client_ensemble_and_the_variants(task_identity, data, tmp_path):
+    strategy = _strategy(data)
+    assert isinstance(strategy, RunReporter)
+    _, test = make_synthetic(num_train=10, num_test=60, seed=4)
+    recorder = RunRecorder(tmp_path, {}, SPEC, 1)
+    requests = _configure(strategy, {1: "gpu", 2: "edge"})
+    strategy.aggregate_train(1, [_client_reply(requests[n], "edge") for n in (1, 2)])
+    strategy.save_artifacts(recorder, test)
+    summary = recorder.summary()
+    assert summary["ensemble-members"] == 2 and 0 <= summary["ensemble-test-accuracy"] <= 1
+    assert (tmp_path / "ensemble" / "member-1.pt").exists()
+    index = json.loads((tmp_path / "variants" / "index.json").read_text())
+    assert [entry["name"] for entry in index] == ["full", "int8", "prune-0.5+int4"]
+    assert set(summary["variant-test-accuracy"]) == {"full", "int8", "prune-0.5+int4"}
+    assert 0 <= summary["hce-test-accuracy"] <= 1 and summary["hce-wire-bytes"] > 0

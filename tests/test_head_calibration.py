@@ -26,6 +26,7 @@ from fl_ec.head_calibration import (
     parse_stats,
     sample_low_rank,
 )
+from fl_ec.scoring import accuracy
 
 
 class Body(nn.Module):
@@ -146,10 +147,10 @@ def test_dense_calibration_repairs_a_broken_head_and_leaves_the_body_alone():
     stats = merge_low_rank(
         [low_rank_class_stats(model, x[i::2], y[i::2], 3, rank=4) for i in range(2)], rank=4
     )
-    before = (model(x).argmax(1) == y).float().mean()
+    before = accuracy(model(x), y)
     settings = CalibrationSettings(samples=3000, epochs=5, lr=1e-2, layers="dense", rank=4)
     calibrate_dense_head(model, stats, settings, seed=0)
-    after = (model(x).argmax(1) == y).float().mean()
+    after = accuracy(model(x), y)
     assert before < 0.5 and after > 0.95
     assert all(torch.equal(v, model.body.state_dict()[k]) for k, v in body.items())
 

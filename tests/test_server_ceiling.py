@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from fl_ec.scoring import model_accuracy
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
 from server_ceiling import oracle_retrain, table, trainable_layers  # noqa: E402
 
@@ -33,11 +35,6 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(images).argmax(1) == labels).float().mean())
-
-
 @pytest.mark.parametrize("part", ["classifier", "dense"])
 def test_only_the_named_layers_change(part: str) -> None:
     model = _model()
@@ -53,12 +50,12 @@ def test_retraining_the_classifier_repairs_a_scrambled_one() -> None:
     images, labels = _data()
     model = _model()
     oracle_retrain(model, "dense", images, labels, epochs=20, lr=1e-2)
-    trained = _accuracy(model, images, labels)
+    trained = model_accuracy(model, images, labels)
     with torch.no_grad():
         model[5].weight.copy_(model[5].weight[torch.tensor([2, 0, 1])])  # rotate the classes
-    assert _accuracy(model, images, labels) < trained - 0.3
+    assert model_accuracy(model, images, labels) < trained - 0.3
     oracle_retrain(model, "classifier", images, labels, epochs=40, lr=1e-2)
-    assert _accuracy(model, images, labels) >= trained - 0.05
+    assert model_accuracy(model, images, labels) >= trained - 0.05
 
 
 def test_unknown_part_is_rejected() -> None:

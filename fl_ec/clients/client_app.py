@@ -1,13 +1,18 @@
 """The fl-ec ClientApp: local training and evaluation on this node's partition.
 
-The server sends arrays plus a JSON architecture spec (``config["arch-spec"]``); the
-client rebuilds the model from them -- no pickled module travels. A reply carries:
+The server sends arrays plus a JSON architecture spec (the config's ``arch-spec``);
+the client rebuilds the model from them -- no pickled module travels. A train reply
+carries:
 
 * ``arrays``: the trained state_dict as an ``ArrayRecord``;
 * ``metrics``: ``num-examples``, ``train-loss``, ``train-seconds`` (a ``MetricRecord``,
   averaged by any Flower strategy);
 * ``capability``: what this node is (device kind and tier, memory, threads, speed) as
-  a ``ConfigRecord`` -- the server cannot read ``node_config``, so clients tell it.
+  a ``ConfigRecord`` -- the server cannot read ``node_config``, so clients tell it;
+* ``train-info``: the architecture it trained, its class counts and its variant.
+
+Every message key is a constant of :mod:`fl_ec.protocol`, which lists what each
+message carries.
 
 A configuration problem becomes an error reply whose reason is one readable line,
 instead of a traceback in the node's log.
@@ -29,16 +34,38 @@ from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.ensemble import log_class_prior
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
-from fl_ec.feature_calibration import (
+from fl_ec.feature_calibration import CalibrationSettings
+from fl_ec.head_calibration import measure_stats
+from fl_ec.models.spec import ArchSpec, build_from_state_dict
+from fl_ec.protocol import (
+    ARCH_SPEC_KEY,
+    ARRAY_RECORD_KEY,
+    CAPABILITY_KEY,
+    CLASS_COUNTS_KEY,
+    CONFIG_RECORD_KEY,
+    DESCRIBE_KEY,
+    EVAL_ACC_KEY,
+    EVAL_LOSS_KEY,
+    LOCAL_EPOCHS_KEY,
+    LR_KEY,
+    METRIC_RECORD_KEY,
+    NODE_INFO_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
     STATS_COMPONENTS_KEY,
     STATS_LAYERS_KEY,
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
-    CalibrationSettings,
+    STATS_SECONDS_KEY,
+    TRAIN_INFO_KEY,
+    TRAIN_LOSS_KEY,
+    TRAIN_SECONDS_KEY,
+    TRAINER_STAGES_KEY,
+    VARIANT_BITS_KEY,
+    VARIANT_KEY,
+    WIRE_MANIFEST_KEY,
 )
-from fl_ec.head_calibration import measure_stats
-from fl_ec.models.spec import ArchSpec, build_from_state_dict
-from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
 from fl_ec.training import (
     TrainResult,
     device_capability,
@@ -72,7 +99,7 @@ def query_handler(msg: Message, context: Context) -> Message:
     (:mod:`fl_ec.feature_calibration`).
     """
     try:
-        if bool(msg.content["config"].get(DESCRIBE_KEY, False)):
+        if bool(msg.content[CONFIG_RECORD_KEY].get(DESCRIBE_KEY, False)):
             return _describe(msg, context)
         return _feature_stats(msg, context)
     except FlEcError as err:
@@ -107,19 +134,19 @@ def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
     Quantized variants (FedHCE) arrive packed and run with fake-quant weights, as they
     train (straight-through estimator) and as the server measures them.
     """
-    round_config = content["config"]
-    spec = ArchSpec.from_json(str(round_config["arch-spec"]))
-    model = build_from_state_dict(spec, _received_state(content["arrays"], round_config))
-    enable_weight_fake_quant(model, int(round_config.get("variant-bits", 0)))
+    round_config = content[CONFIG_RECORD_KEY]
+    spec = ArchSpec.from_json(str(round_config[ARCH_SPEC_KEY]))
+    model = build_from_state_dict(spec, _received_state(content[ARRAY_RECORD_KEY], round_config))
+    enable_weight_fake_quant(model, int(round_config.get(VARIANT_BITS_KEY, 0)))
     return spec, model
 
 
 def _received_state(arrays: ArrayRecord, round_config: ConfigRecord) -> dict[str, torch.Tensor]:
     """The sent weights; quantized variants arrive as packed integers plus scales."""
-    if "wire-manifest" not in round_config:
+    if WIRE_MANIFEST_KEY not in round_config:
         return arrays.to_torch_state_dict()
     try:
-        manifest = json.loads(str(round_config["wire-manifest"]))
+        manifest = json.loads(str(round_config[WIRE_MANIFEST_KEY]))
         return unpack_state_dict({k: a.numpy() for k, a in arrays.items()}, manifest)
     except (ValueError, TypeError) as err:
         raise ModelSpecError(f"malformed quantized payload from the server: {err}") from None
@@ -128,8 +155,8 @@ def _received_state(arrays: ArrayRecord, round_config: ConfigRecord) -> dict[str
 def _train(msg: Message, context: Context) -> Message:
     config, node, data, spec, model = _setup(msg, context)
     device = select_device(config.device)
-    round_config = msg.content["config"]
-    server_round = int(round_config.get("server-round", 0))
+    round_config = msg.content[CONFIG_RECORD_KEY]
+    server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
     if config.trainer == "layer-parallel":
         result = _train_layer_parallel(model, spec, data, config, round_config, node, server_round)
         return _reply(msg, model, spec, data, node, device, result)
@@ -139,8 +166,8 @@ def _train(msg: Message, context: Context) -> Message:
         config,
         node.partition_id,
         server_round,
-        epochs=int(round_config.get("local-epochs", config.local_epochs)),
-        lr=float(round_config.get("lr", config.lr)),
+        epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
+        lr=float(round_config.get(LR_KEY, config.lr)),
         device=device,
     )
     return _reply(msg, model, spec, data, node, device, result)
@@ -190,8 +217,8 @@ def _train_layer_parallel(model, spec, data, config, round_config, node, server_
     start = time.perf_counter()
     settings = LPSettings.from_experiment(
         config,
-        epochs=int(round_config.get("local-epochs", config.local_epochs)),
-        lr=float(round_config.get("lr", config.lr)),
+        epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
+        lr=float(round_config.get(LR_KEY, config.lr)),
         seed=local_seed(config, node.partition_id, server_round),
     )
     result = train_layer_parallel(
@@ -206,15 +233,15 @@ def _train_layer_parallel(model, spec, data, config, round_config, node, server_
 
 
 def _reply(msg, model, spec, data, node, device, result) -> Message:  # noqa: ANN001
-    round_config = msg.content["config"]
+    round_config = msg.content[CONFIG_RECORD_KEY]
     model.to("cpu")
     metrics = MetricRecord(
         {
-            "num-examples": len(data.train),
-            "train-loss": result.train_loss,
-            "train-seconds": result.seconds,
+            NUM_EXAMPLES_KEY: len(data.train),
+            TRAIN_LOSS_KEY: result.train_loss,
+            TRAIN_SECONDS_KEY: result.seconds,
             # 1 for plain SGD; the stages the layer-parallel trainer actually used.
-            "trainer-stages": result.stages,
+            TRAINER_STAGES_KEY: result.stages,
         }
     )
     capability = ConfigRecord(
@@ -224,17 +251,17 @@ def _reply(msg, model, spec, data, node, device, result) -> Message:  # noqa: AN
     # trained as, and the label distribution it saw (label-aware teacher weighting).
     train_info = ConfigRecord(
         {
-            "arch-spec": spec.to_json(),
-            "class-counts": data.train.class_counts(),
-            "variant": str(round_config.get("variant", "")),
+            ARCH_SPEC_KEY: spec.to_json(),
+            CLASS_COUNTS_KEY: data.train.class_counts(),
+            VARIANT_KEY: str(round_config.get(VARIANT_KEY, "")),
         }
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": metrics,
-            "capability": capability,
-            "train-info": train_info,
+            ARRAY_RECORD_KEY: ArrayRecord(model.state_dict()),
+            METRIC_RECORD_KEY: metrics,
+            CAPABILITY_KEY: capability,
+            TRAIN_INFO_KEY: train_info,
         }
     )
     return Message(content=content, reply_to=msg)
@@ -245,12 +272,12 @@ def _evaluate(msg: Message, context: Context) -> Message:
     result = evaluate(model, data.test, device=select_device(config.device))
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-acc": result.accuracy,
+            NUM_EXAMPLES_KEY: result.num_examples,
+            EVAL_LOSS_KEY: result.loss,
+            EVAL_ACC_KEY: result.accuracy,
         }
     )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({METRIC_RECORD_KEY: metrics}), reply_to=msg)
 
 
 def _describe(msg: Message, context: Context) -> Message:
@@ -264,8 +291,9 @@ def _describe(msg: Message, context: Context) -> Message:
 
 
 def _feature_stats(msg: Message, context: Context) -> Message:
-    if not bool(msg.content["config"].get(STATS_RECORD_KEY, False)):
-        raise ConfigError("query without feature-stats=true: nothing to answer")
+    query_config = msg.content[CONFIG_RECORD_KEY]
+    if not bool(query_config.get(STATS_RECORD_KEY, False)):
+        raise ConfigError(f"query without {STATS_RECORD_KEY}=true: nothing to answer")
     config, _, data, spec, model = _setup(msg, context)
     start = time.perf_counter()
     wire = measure_stats(
@@ -273,14 +301,15 @@ def _feature_stats(msg: Message, context: Context) -> Message:
         data.train.normalize(data.train.images),
         data.train.labels,
         spec.num_classes,
-        _stats_settings(msg.content["config"]),
+        _stats_settings(query_config),
         device=select_device(config.device),
     )
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in wire.items()})
     metrics = MetricRecord(
-        {"num-examples": len(data.train), "stats-seconds": time.perf_counter() - start}
+        {NUM_EXAMPLES_KEY: len(data.train), STATS_SECONDS_KEY: time.perf_counter() - start}
     )
-    return Message(content=RecordDict({STATS_RECORD_KEY: arrays, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({STATS_RECORD_KEY: arrays, METRIC_RECORD_KEY: metrics})
+    return Message(content=content, reply_to=msg)
 
 
 def _stats_settings(query_config: ConfigRecord) -> CalibrationSettings:
@@ -292,7 +321,7 @@ def _stats_settings(query_config: ConfigRecord) -> CalibrationSettings:
             components=int(query_config.get(STATS_COMPONENTS_KEY, CalibrationSettings.components)),
         )
     except ValueError as reason:
-        raise ConfigError(f"feature-stats query: {reason}") from reason
+        raise ConfigError(f"{STATS_RECORD_KEY} query: {reason}") from reason
 
 
 def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:

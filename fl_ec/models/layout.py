@@ -10,8 +10,8 @@ Why only for the duration: state dicts leave the process as arrays (Flower's
 ``ArrayRecord``, the packed wire format, torch-pruning's index maps), and everything
 downstream expects plain contiguous tensors. So :func:`channels_last` converts on
 entry and restores on exit. It is re-entrant: a model already converted by an
-enclosing call (e.g. ``distill`` scoring its student with ``accuracy``) is left alone,
-so an inner exit does not undo the outer conversion.
+enclosing call (e.g. ``distill`` scoring its student with ``model_accuracy``) is left
+alone, so an inner exit does not undo the outer conversion.
 """
 
 from __future__ import annotations

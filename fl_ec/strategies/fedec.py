@@ -24,21 +24,26 @@ from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_ec.calibration import classifier_of, prediction_hits, target_prior
+from fl_ec.calibration import classifier_of, target_prior
 from fl_ec.config import CLIENT_STARTS
-from fl_ec.distill import DistillResult, DistillSettings, accuracy, distill
-from fl_ec.ensemble import RULES, WEIGHTED_RULES, logits_accuracy, teacher_logits
+from fl_ec.data.tensor_data import TensorData
+from fl_ec.distill import DistillResult, DistillSettings, distill
+from fl_ec.ensemble import RULES, WEIGHTED_RULES, teacher_logits
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import (
+from fl_ec.feature_calibration import CalibrationSettings, calibration_every
+from fl_ec.head_calibration import FeatureStats, calibrated_layers, merge, stats_dims
+from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
+from fl_ec.protocol import (
+    ARCH_SPEC_KEY,
+    SERVER_ROUND_KEY,
     STATS_COMPONENTS_KEY,
     STATS_LAYERS_KEY,
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
-    CalibrationSettings,
-    calibration_every,
+    TRAIN_SECONDS_KEY,
 )
-from fl_ec.head_calibration import FeatureStats, calibrated_layers, merge, stats_dims
-from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
+from fl_ec.results import RunRecorder
+from fl_ec.scoring import accuracy, model_accuracy, model_hits
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
@@ -55,6 +60,10 @@ from fl_ec.training import select_device
 
 class FedEC(FedAvg):
     """Ensemble-Compression federated averaging: a drop-in replacement for ``FedAvg``.
+
+    Beyond ``FedAvg``'s result it reports to the ServerApp
+    (:class:`~fl_ec.strategies.reporting.RunReporter`): ``server_metrics`` per round,
+    and :meth:`save_artifacts`, EC-DNN's ensemble of the last round's client models.
 
     Parameters
     ----------
@@ -286,7 +295,9 @@ class FedEC(FedAvg):
             "invalid-replies": float(dropped),
             "valid-replies": float(len(accepted)),
             # Compared against the server's own cost in the benchmark.
-            "client-train-seconds-sum": sum(m.metrics.get("train-seconds", 0.0) for m in accepted),
+            "client-train-seconds-sum": sum(
+                m.metrics.get(TRAIN_SECONDS_KEY, 0.0) for m in accepted
+            ),
         }
         return accepted, stats
 
@@ -354,7 +365,7 @@ class FedEC(FedAvg):
         if self.validation is not None:
             val_x, val_y = self.validation
             val_teacher = combine_members(val_x)
-            stats["teacher-val-accuracy"] = logits_accuracy(val_teacher.logits, val_y)
+            stats["teacher-val-accuracy"] = accuracy(val_teacher.logits, val_y)
         # The correction can favour the start over the distilled student: keep it.
         start_state = copy.deepcopy(student.state_dict()) if self.corrects_prior else None
         if self.round_teacher is None:
@@ -444,7 +455,7 @@ class FedEC(FedAvg):
             raise RuntimeError("feature calibration needs the grid: run through start()")
         config = ConfigRecord(
             {
-                "server-round": server_round,
+                SERVER_ROUND_KEY: server_round,
                 STATS_RECORD_KEY: True,
                 STATS_LAYERS_KEY: self.calibration.layers,
                 STATS_RANK_KEY: self.calibration.rank,
@@ -452,7 +463,7 @@ class FedEC(FedAvg):
             }
         )
         if self.arch_spec is not None:
-            config["arch-spec"] = self.arch_spec.to_json()
+            config[ARCH_SPEC_KEY] = self.arch_spec.to_json()
         for key, value in extra_config.items():
             config[key] = value
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -554,12 +565,12 @@ class FedEC(FedAvg):
         if self.validation is None:
             return None
         inputs, labels = self.validation
-        return prediction_hits(model, inputs, labels, self.proxy_batch_size, self.device)
+        return model_hits(model, inputs, labels, self.proxy_batch_size, self.device)
 
     def _score(self, model: nn.Module) -> float:
         if self.validation is None:
             return float("nan")
-        return accuracy(model, self.validation[0], self.validation[1], device=self.device)
+        return model_accuracy(model, self.validation[0], self.validation[1], device=self.device)
 
     # -- hooks for subclasses ----------------------------------------------------------
     def _uses_round_teacher(self) -> bool:
@@ -592,6 +603,31 @@ class FedEC(FedAvg):
     def ensemble_members(self) -> list[nn.Module]:
         """The last round's client models (EC-DNN's global ensemble), in eval mode."""
         return [m.model.eval() for m in self.last_client_models]
+
+    def save_artifacts(self, recorder: RunRecorder, test: TensorData) -> None:
+        """EC-DNN's inference-time model: the last round's client models, averaging logits.
+
+        Each member goes to ``ensemble/member-<i>`` with its spec; the ensemble's test
+        accuracy and size to the run's summary (``ensemble-test-accuracy``,
+        ``ensemble-members``). Nothing without a completed round.
+        """
+        members = self.ensemble_members()
+        if not members:
+            return
+        outputs = teacher_logits(
+            members, test.normalize(test.images), "mean-logits", device=self.device
+        )
+        test_accuracy = accuracy(outputs.logits, test.labels)
+        recorder.extra_summary["ensemble-test-accuracy"] = test_accuracy
+        recorder.extra_summary["ensemble-members"] = len(members)
+        for index, member in enumerate(self.last_client_models):
+            recorder.write_model(member.state, name=f"ensemble/member-{index}", spec=member.spec)
+        log(
+            INFO,
+            "[fl-ec] EC-DNN global ensemble of %d client models: test acc %.2f%%",
+            len(members),
+            100 * test_accuracy,
+        )
 
     # -- helpers ----------------------------------------------------------------------
     def _global_spec(self) -> ArchSpec | None:

@@ -32,6 +32,7 @@ from torch import nn
 from fl_ec.calibration import correct_prior, paired_z
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import FeatureStats, calibrate, calibrated_layers
+from fl_ec.scoring import hit_rate
 
 # A fix is reverted when the unfixed model is more accurate on validation with a
 # McNemar paired z above this (two-sided 5%).
@@ -118,9 +119,7 @@ def serve_feature_calibrated(
     metrics = {"calibration-seconds": calibrate(served, stats, settings, seed=seed)}
     if before_hits is not None:
         after_hits = hits(served)
-        metrics["calibration-val-gain"] = float(
-            after_hits.float().mean() - before_hits.float().mean()
-        )
+        metrics["calibration-val-gain"] = hit_rate(after_hits) - hit_rate(before_hits)
         if paired_z(before_hits, after_hits) > REVERT_Z:
             layers.load_state_dict(before_state)
             log(INFO, "round %d: calibration hurt the %s; reverted", server_round, name)
@@ -131,4 +130,4 @@ def serve_feature_calibrated(
 
 
 def _mean_or_nan(mask: torch.Tensor | None) -> float:
-    return float("nan") if mask is None else int(mask.sum()) / mask.numel()
+    return float("nan") if mask is None else hit_rate(mask)

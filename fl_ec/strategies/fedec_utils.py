@@ -15,12 +15,18 @@ from flwr.app import Message
 from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import STATS_RECORD_KEY, CalibrationSettings
+from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import FeatureStats, parse_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
-
-TRAIN_INFO_KEY = "train-info"  # reply ConfigRecord: arch-spec, class-counts, variant
-
+from fl_ec.protocol import (
+    ARCH_SPEC_KEY,
+    ARRAY_RECORD_KEY,
+    CLASS_COUNTS_KEY,
+    NUM_EXAMPLES_KEY,
+    STATS_RECORD_KEY,
+    TRAIN_INFO_KEY,
+    VARIANT_KEY,
+)
 
 Builder = Callable[[ArchSpec | None, dict[str, torch.Tensor]], torch.nn.Module]
 
@@ -53,8 +59,8 @@ def parse_reply(
     message: Message,
     default_spec: ArchSpec | None,
     builder: Builder = build_by_spec,
-    weighted_by_key: str = "num-examples",
-    arrayrecord_key: str = "arrays",
+    weighted_by_key: str = NUM_EXAMPLES_KEY,
+    arrayrecord_key: str = ARRAY_RECORD_KEY,
 ) -> ClientModel:
     """Turn a reply into a :class:`ClientModel`, or raise ``ValueError`` naming the defect.
 
@@ -77,16 +83,16 @@ def parse_reply(
     spec, class_counts, variant = default_spec, None, ""
     if TRAIN_INFO_KEY in content.config_records:
         info = content.config_records[TRAIN_INFO_KEY]
-        variant = str(info.get("variant", ""))
-        if "arch-spec" in info:
+        variant = str(info.get(VARIANT_KEY, ""))
+        if ARCH_SPEC_KEY in info:
             try:
-                spec = ArchSpec.from_json(str(info["arch-spec"]))
+                spec = ArchSpec.from_json(str(info[ARCH_SPEC_KEY]))
             except ModelSpecError as err:
                 raise ValueError(str(err)) from None
-        if "class-counts" in info:
-            class_counts = [float(v) for v in info["class-counts"]]  # type: ignore[union-attr]
+        if CLASS_COUNTS_KEY in info:
+            class_counts = [float(v) for v in info[CLASS_COUNTS_KEY]]  # type: ignore[union-attr]
             if min(class_counts, default=-1) < 0:
-                raise ValueError(f"class-counts {class_counts} must be non-negative")
+                raise ValueError(f"{CLASS_COUNTS_KEY} {class_counts} must be non-negative")
     try:
         state = content[arrayrecord_key].to_torch_state_dict()
     except Exception as err:  # malformed array payloads raise a variety of errors
@@ -101,7 +107,9 @@ def parse_reply(
     if class_counts is not None:
         num_classes = _num_outputs(model)
         if num_classes is not None and len(class_counts) != num_classes:
-            raise ValueError(f"{len(class_counts)} class-counts for a {num_classes}-class model")
+            raise ValueError(
+                f"{len(class_counts)} {CLASS_COUNTS_KEY} for a {num_classes}-class model"
+            )
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     return ClientModel(
         message.metadata.src_node_id,
@@ -155,7 +163,7 @@ def weighted_average(models: list[ClientModel]) -> dict[str, torch.Tensor]:
     return average
 
 
-def average_metrics(models: list[ClientModel], exclude: str = "num-examples") -> dict[str, float]:
+def average_metrics(models: list[ClientModel], exclude: str = NUM_EXAMPLES_KEY) -> dict[str, float]:
     """Example-weighted mean of every numeric metric that all replies report."""
     if not models:
         return {}

@@ -29,17 +29,20 @@ from torch import nn
 
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
+from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
-from fl_ec.ensemble import logits_accuracy
+from fl_ec.hce import evaluate_variants, save_variants
 from fl_ec.head_calibration import merge
 from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
+from fl_ec.protocol import CAPABILITY_KEY, VARIANT_BITS_KEY, VARIANT_KEY, WIRE_MANIFEST_KEY
+from fl_ec.results import RunRecorder
+from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated
 from fl_ec.strategies.fedec_utils import ClientModel
 from fl_ec.strategies.fedhce_utils import (
-    CAPABILITY_KEY,
     AssignmentPolicy,
     Payload,
     TierPolicy,
@@ -290,9 +293,9 @@ class FedHCE(FedEC):
     def _variant_config(self, name: str, payload: Payload) -> dict[str, Any]:
         """What a client needs, besides the arrays, to rebuild and run variant ``name``."""
         return {
-            "variant": name,
-            "variant-bits": self.variants[name].bits,
-            "wire-manifest": payload.manifest_json,
+            VARIANT_KEY: name,
+            VARIANT_BITS_KEY: self.variants[name].bits,
+            WIRE_MANIFEST_KEY: payload.manifest_json,
         }
 
     def _derive_variants(
@@ -404,10 +407,58 @@ class FedHCE(FedEC):
             logits[name] = torch.cat(batches)
             model.cpu()
         member_logits = [logits[name] for name in self.hce_names]
-        stats["variant-val-accuracy"] = {n: logits_accuracy(z, val_y) for n, z in logits.items()}
-        stats["hce-val-accuracy"] = logits_accuracy(torch.stack(member_logits).mean(0), val_y)
+        stats["variant-val-accuracy"] = {n: accuracy(z, val_y) for n, z in logits.items()}
+        stats["hce-val-accuracy"] = accuracy(torch.stack(member_logits).mean(0), val_y)
         stats["variant-disagreement"] = prediction_disagreement(member_logits)
 
     def hce_members(self) -> list[nn.Module]:
         """The HCE ensemble's variants (eval mode, fake-quant on for quantized ones)."""
         return [self.variant_models[name].eval() for name in self.hce_names]
+
+    def save_artifacts(self, recorder: RunRecorder, test: TensorData) -> None:
+        """FedEC's ensemble, then the final variants to ``variants/`` (:mod:`fl_ec.hce`).
+
+        The run's summary gets each variant's test accuracy and wire bytes and the HCE
+        ensemble's, and, when the variants were calibrated, their accuracies before
+        that calibration (``*-uncalibrated``). Latency and the int8 export are left to
+        ``fl-ec-hce-eval <run dir>``.
+        """
+        super().save_artifacts(recorder, test)
+        if not self.variant_models:
+            return
+        index = save_variants(
+            recorder,
+            self.variant_models,
+            self.variants,
+            {name: payload.nbytes for name, payload in self.payloads.items()},
+            self.hce_names,
+        )
+        test_x = test.normalize(test.images)
+        reports = evaluate_variants(
+            self.variant_models, index, test_x, test.labels, self.hce_names, latency=False
+        )
+        summary = recorder.extra_summary
+        summary["variant-test-accuracy"] = {r.name: r.accuracy for r in reports[:-1]}
+        summary["variant-wire-bytes"] = {r.name: r.wire_bytes for r in reports[:-1]}
+        summary["hce-test-accuracy"] = reports[-1].accuracy
+        summary["hce-wire-bytes"] = reports[-1].wire_bytes
+        if self.uncalibrated_variant_models:  # what the variants' own calibration gained
+            before = evaluate_variants(
+                {**self.variant_models, **self.uncalibrated_variant_models},
+                index,
+                test_x,
+                test.labels,
+                self.hce_names,
+                latency=False,
+            )
+            summary["variant-test-accuracy-uncalibrated"] = {
+                r.name: r.accuracy for r in before[:-1]
+            }
+            summary["hce-test-accuracy-uncalibrated"] = before[-1].accuracy
+        log(
+            INFO,
+            "[fl-ec] HCE ensemble %s: test acc %.2f%%, %d bytes on the wire",
+            self.hce_names,
+            100 * reports[-1].accuracy,
+            reports[-1].wire_bytes,
+        )

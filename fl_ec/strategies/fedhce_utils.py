@@ -13,8 +13,8 @@ from flwr.app import Array, ArrayRecord
 
 from fl_ec.compression import Variant, pack_state_dict, packed_nbytes, unpack_state_dict
 from fl_ec.compression.quantization import quantized_weight_keys
+from fl_ec.protocol import DEVICE_TIER_KEY
 
-CAPABILITY_KEY = "capability"  # reply ConfigRecord written by fl-ec's ClientApp
 # A policy maps what a node reported about itself (None before its first reply) to
 # the name of the variant it should train.
 AssignmentPolicy = Callable[[Mapping[str, Any] | None], str]
@@ -35,7 +35,7 @@ class TierPolicy:
     def __call__(self, capability: Mapping[str, Any] | None) -> str:
         if not capability:
             return self.default
-        return self.by_tier.get(str(capability.get("device-tier", "")), self.default)
+        return self.by_tier.get(str(capability.get(DEVICE_TIER_KEY, "")), self.default)
 
 
 def parse_tier_policy(text: str, default: str) -> TierPolicy:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_ec.errors import FlEcError
+from fl_ec.protocol import SERVER_ROUND_KEY
 from fl_ec.results import RunRecorder
 
 
@@ -124,8 +125,8 @@ class MeteredGrid(DelegatingGrid):
 
 def _round_of(message: Message, default: int) -> int:
     for record in message.content.config_records.values():
-        if "server-round" in record:
-            return int(record["server-round"])
+        if SERVER_ROUND_KEY in record:
+            return int(record[SERVER_ROUND_KEY])
     return default
 
 

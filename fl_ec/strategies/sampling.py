@@ -34,7 +34,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
+from fl_ec.protocol import (
+    CLASS_COUNTS_KEY,
+    CONFIG_RECORD_KEY,
+    DESCRIBE_KEY,
+    NODE_INFO_KEY,
+    PARTITION_ID_KEY,
+)
 from fl_ec.strategies.instrumentation import DelegatingGrid
 
 QUERY = MessageType.QUERY
@@ -119,7 +125,7 @@ class SeededSampler:
         self._asked.update(nodes)
         config = ConfigRecord({DESCRIBE_KEY: True})
         messages = [
-            Message(RecordDict({"config": config}), dst_node_id=node, message_type=QUERY)
+            Message(RecordDict({CONFIG_RECORD_KEY: config}), dst_node_id=node, message_type=QUERY)
             for node in nodes
         ]
         start = time.perf_counter()

@@ -85,9 +85,9 @@ class ExperimentConfig:
     """
 
     # Federation / strategy
-    strategy: str = "fedavg"
+    strategy: str = "fedec"
     num_server_rounds: int = 10
-    fraction_train: float = 1.0
+    fraction_train: float = 0.2
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     min_evaluate_nodes: int = 2
@@ -98,7 +98,7 @@ class ExperimentConfig:
     download: bool = False
     train_subset: int = 0
     partitioner: str = "dirichlet"
-    alpha: float = 0.5
+    alpha: float = 0.1
     classes_per_client: int = 2
     proxy_size: int = 5000
     validation_size: int = 1000
@@ -106,7 +106,7 @@ class ExperimentConfig:
     seed: int = 42
     # Model and local training
     model: str = "cnn"
-    local_epochs: int = 1
+    local_epochs: int = 5
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
@@ -124,13 +124,13 @@ class ExperimentConfig:
     distill_steps: int = 500
     # FedHCE: compressed variants, assignment by capability, diversity-aware distillation
     variants: str = "full,int8,int4,prune-0.5+int8,prune-0.5+int4"
-    variant_policy: str = "gpu=full,cpu=full,edge=prune-0.5+int4"
+    variant_policy: str = "gpu=int8,edge=prune-0.5+int4"
     hce_ensemble: str = ""
     diversity_weight: float = 0.5
     variant_distill_steps: int = 100
     fold_pruned: bool = True
     calibrate_variants: bool = True
-    simulated_tiers: str = ""
+    simulated_tiers: str = "gpu=3,edge=7"
     # Layer-parallel training (ResNets): for clients and/or the server's distillation
     trainer: str = "sgd"
     distill_trainer: str = "adam"

@@ -131,8 +131,6 @@ def paired_z(reference_correct: torch.Tensor, candidate_correct: torch.Tensor) -
     both are equally accurate. Why not the plain accuracy difference: on 1,000
     validation samples a correction that flips 40 predictions moves accuracy by a few
     tenths of a point either way by chance alone.
-    Reverting the prior correction on such noise (z = 0.25-1.34) cost 0.6 test points on
-    average in the 10 rounds where it happened (Fashion-MNIST, alpha=0.1, BENCHMARKS.md).
     """
     if reference_correct.shape != candidate_correct.shape:
         raise ValueError("correctness masks must cover the same samples")

@@ -1,45 +1,25 @@
 """Dense-head calibration: CCVR one layer deeper, from low-rank class statistics.
 
-Why: at Dirichlet alpha=0.1 an oracle that retrains FedAvg's final *classifier* on
-every client label gains +2.36 points, and one that retrains *fc1 and the classifier*
-gains +4.38 (``server-ceiling``, three seeds). Classifier CCVR
-(:mod:`fl_ec.feature_calibration`) already takes most of the first. This module goes
-after the second: it retrains every dense layer of the model (its ``dense_head()``;
+Classifier CCVR (:mod:`fl_ec.feature_calibration`) retrains the classifier on virtual
+features. This module retrains every dense layer of the model (its ``dense_head()``;
 for the small CNN fc1 -> ReLU -> classifier) on virtual inputs of the first dense
 layer -- the 3136-d flattened conv features -- drawn from the federation's
 class-conditional Gaussians. The convolutions, and so the features, do not change.
 
-Choices, and why (a probe, post hoc on the final models of two FedAvg runs, 20 rounds
-x 1 epoch, seeds 42 / 1, fc1 + classifier fine-tuned 5 epochs, Adam 1e-3, on 50k
-virtual samples; uncalibrated 86.69 / 86.68%, classifier CCVR 87.98 / 88.71%):
-
-* **Low rank plus a diagonal.** A full covariance at d=3136 is 39 MB per class, and it
-  was not the best fit either (seed 42: 88.54%). Per class a client sends the top-r
-  factor ``F`` of its covariance (``F @ F.T``) and the diagonal of the rest: rank 0
-  (diagonal only) 85.25 / 85.03%, rank 8 87.87 / 87.96%, 16 88.80 / 88.60%, 32
-  89.08 / 89.18%, **64 89.30 / 89.31%**, 128 89.04 / 89.12%. Rank 64 is (r + 2) d
-  floats, 0.8 MB per class in float32, sent once per calibrated round.
-* **No clamping** of the draws at zero, though the real features are post-ReLU: with
-  clamping the full covariance scored 87.51% instead of 88.54%.
+* **Low rank plus a diagonal.** Per class a client sends the top-r factor ``F`` of its
+  covariance (``F @ F.T``) and the diagonal of the rest: (r + 2) d floats instead of a
+  full d x d covariance (39 MB per class at d=3136).
+* **No clamping** of the draws at zero, though the real features are post-ReLU.
 * **Pooling** is exact on what the clients send (mixture moments) and truncated back
-  to rank r, the dropped part's diagonal moved into the residual. Pooling the clients'
-  truncated statistics scored as pooling the raw features did (89.23% vs 89.30%); a
-  mixture of the clients' own Gaussians, not pooled, scored lower (89.02%).
-* **Mixtures** (``CalibrationSettings.components`` > 1; run-config
-  ``calibration="dense-mixture"``: 8 x rank 32). One Gaussian per class smooths a
-  class's several modes (sandals and sneakers, say) into one blob between them; the
-  oracle that retrains the same layers on the *real* features reached 90.82% at seed
-  42. So each client splits each class it holds by k-means (seeded k-means++;
-  clusters of at least ``MIN_CLUSTER_ROWS`` rows) and sends one low-rank Gaussian per
-  cluster; the server keeps every component (no pooling) and samples their mixture.
-  The same probe, two fitting seeds each, per-client clusters, seeds 42 / 1 / 2: one
-  component at rank 64 89.15-89.22 / 88.73-89.13 / 88.86-89.03%; 2 x rank 32
-  89.51-89.69 / 89.69-89.90; 4 x rank 32 89.69-89.94 / 89.62-89.95 / 90.00-90.34;
-  **8 x rank 32** 89.82-90.24 / 90.01-90.17; 4 x rank 16 89.37-89.82, 8 x rank 8
-  89.12-89.36, 16 x rank 16 89.64-89.92 (seed 42). Through this module (seed 42,
-  calibration seeds 0 / 1 / 2): 4 x 32 89.43 / 89.73 / 89.61% for 69.5 MB of upload
-  over the ten clients, 8 x 32 89.83 / 90.12 / 89.91% for 113.9 MB, one component at
-  rank 64 88.91% for 53.0 MB.
+  to rank r, the dropped part's diagonal moved into the residual.
+* **Mixtures** (``CalibrationSettings.components`` > 1). One Gaussian per class smooths
+  a class's several modes (sandals and sneakers, say) into one blob between them, so
+  each client splits each class it holds by k-means (seeded k-means++; clusters of at
+  least ``MIN_CLUSTER_ROWS`` rows) and sends one low-rank Gaussian per cluster; the
+  server keeps every component (no pooling) and samples their mixture.
+
+Why these choices (rank, clamping, pooling, the number of clusters): the probes in
+``docs/calibration.md``.
 
 Nothing here knows about Flower. The dispatch functions at the end choose between this
 and classifier CCVR from :class:`~fl_ec.feature_calibration.CalibrationSettings`, for

@@ -10,10 +10,9 @@ Two fixes act on the served model's last layers only:
 
 Both are applied, and then kept unless the unfixed model is *significantly* more
 accurate on the server's validation split. Significance is McNemar's paired z (over the
-samples the two disagree on) above :data:`REVERT_Z` (1.96). Why a test and not the raw
-difference: on every saved final model measured (26, alpha=0.1) the correction did not
-lower test accuracy, while a 1k validation split rejected it by up to 0.8 points of noise.
-Without validation data there is no evidence against a fix, so it is kept.
+samples the two disagree on) above :data:`REVERT_Z` (1.96): a raw accuracy difference
+on a 1k validation split rejects a fix on noise (``docs/calibration.md``). Without
+validation data there is no evidence against a fix, so it is kept.
 
 Kept out of :class:`~fl_ec.strategies.fedec.FedEC` so the strategy stays the glue
 that gathers the inputs (class counts, client statistics) and records the outcome.

@@ -2,9 +2,10 @@
 
 Flow: parse and validate the run-config (fails in the first second on a bad knob),
 load the server's data (proxy, validation, test), build the initial model from its
-JSON spec, build the strategy by name, then run it through a metered ``Grid`` with
-central evaluation on the test set after every round. The run folder
-``<results-dir>/<run-name>/`` receives ``metrics.json`` (rewritten every round),
+JSON spec, build the strategy by name, then run it -- wrapped in ``SeededSampling``
+(the same clients per round for every strategy) and ``TimedAggregation`` -- through
+a metered ``Grid`` with central evaluation on the test set after every round. The run
+folder ``<results-dir>/<run-name>/`` receives ``metrics.json`` (rewritten every round),
 ``accuracy.png``, ``accuracy_vs_bytes.png`` and the final model.
 
 An fl-ec strategy (:class:`~fl_ec.strategies.reporting.RunReporter`) reports more: its
@@ -32,9 +33,9 @@ from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.protocol import ARCH_SPEC_KEY, LOCAL_EPOCHS_KEY, LR_KEY
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
 from fl_ec.strategies.factory import build_strategy
-from fl_ec.strategies.instrumentation import MeteredGrid, time_aggregation
+from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation
 from fl_ec.strategies.reporting import RunReporter
-from fl_ec.strategies.sampling import NodeInfo, SampleCallback, SeededSampler, seeded_sampling
+from fl_ec.strategies.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -85,9 +86,9 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
             LOCAL_EPOCHS_KEY: config.local_epochs,
         }
     )
-    sampler = SeededSampler(config.seed)
-    strategy = seeded_sampling(strategy, sampler, record_sample(recorder))
-    result = time_aggregation(strategy, recorder).start(
+    # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
+    sampled = SeededSampling(strategy, SeededSampler(config.seed), record_sample(recorder))
+    result = TimedAggregation(sampled, recorder).start(
         grid=MeteredGrid(grid, recorder),
         initial_arrays=ArrayRecord(initial_model.state_dict()),
         num_rounds=config.num_server_rounds,

@@ -1,4 +1,4 @@
-"""MeteredGrid / time_aggregation with a scripted Grid (unit test of the metering logic)."""
+"""MeteredGrid / TimedAggregation with a scripted Grid (unit test of the metering logic)."""
 
 import json
 import logging
@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_ec.errors import FlEcError
 from fl_ec.models import ArchSpec
 from fl_ec.results import RunRecorder
-from fl_ec.strategies.instrumentation import MeteredGrid, payload_bytes, time_aggregation
+from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation, payload_bytes
 
 
 class ScriptedGrid(Grid):
@@ -116,7 +116,7 @@ def test_a_round_where_every_client_failed_stops_the_run(task_identity, recorder
 
 
 def test_aggregation_is_timed_and_rounds_are_written(task_identity, recorder):
-    strategy = time_aggregation(FedAvg(), recorder)
+    strategy = TimedAggregation(FedAvg(), recorder)
     replies = MeteredGrid(ScriptedGrid(_ok_reply), recorder).send_and_receive(_train_messages(1))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None

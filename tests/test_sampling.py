@@ -1,17 +1,32 @@
-"""Seeded client sampling: the same partitions per round whatever the strategy or node ids."""
+"""Seeded client sampling: the same partitions per round whatever the strategy or node ids.
+
+Also a whole run through the ServerApp's wrappers (SeededSampling, TimedAggregation).
+"""
 
 from __future__ import annotations
 
 import random
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 
+from fl_ec.distill import DistillSettings
 from fl_ec.models.spec import ArchSpec, build_model
 from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
+from fl_ec.results import RunRecorder
+from fl_ec.server_app import record_sample
 from fl_ec.strategies.fedec import FedEC
-from fl_ec.strategies.sampling import SeededSampler, parse_node_info, seeded_sampling
+from fl_ec.strategies.instrumentation import TimedAggregation
+from fl_ec.strategies.sampling import SeededSampler, SeededSampling, parse_node_info
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 
@@ -46,7 +61,7 @@ class DescribingGrid:
 
 
 def sampled_partitions(strategy, grid, rounds=4, seed=7):
-    seeded_sampling(strategy, SeededSampler(seed))
+    strategy = SeededSampling(strategy, SeededSampler(seed))
     arrays = ArrayRecord(build_model(SPEC).state_dict())
     out = []
     for server_round in range(1, rounds + 1):
@@ -72,7 +87,7 @@ def test_strategies_with_one_seed_train_the_same_partitions_every_round(task_ide
 
 
 def test_sampling_restores_the_global_random_state(task_identity):
-    strategy = seeded_sampling(FedAvg(fraction_train=0.5), SeededSampler(0))
+    strategy = SeededSampling(FedAvg(fraction_train=0.5), SeededSampler(0))
     random.seed(5)
     expected = [random.random() for _ in range(3)]
     random.seed(5)
@@ -123,7 +138,7 @@ def test_aggregation_sees_the_replies_in_node_order_not_arrival_order(task_ident
             seen.append([grid.partition_of[r.metadata.src_node_id] for r in replies])
             return None, None
 
-    strategy = seeded_sampling(Recording(), SeededSampler(0))
+    strategy = SeededSampling(Recording(), SeededSampler(0))
     messages = strategy.configure_train(
         1, ArrayRecord(build_model(SPEC).state_dict()), ConfigRecord(), grid
     )
@@ -131,3 +146,72 @@ def test_aggregation_sees_the_replies_in_node_order_not_arrival_order(task_ident
     strategy.aggregate_train(1, list(reversed(replies)))
     strategy.aggregate_train(1, replies[1:] + replies[:1])
     assert seen[0] == seen[1] == sorted(seen[0]) and len(seen[0]) == 6
+
+
+class FederationGrid(DescribingGrid):
+    """A DescribingGrid whose nodes also train (returning the model they got) and evaluate.
+
+    ``trained`` keeps each training round's node ids in the order they were sent.
+    """
+
+    def __init__(self, partitions: int, id_seed: int):
+        super().__init__(partitions, id_seed)
+        self.trained: list[list[int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else None
+        if kind == MessageType.QUERY:
+            return super().send_and_receive(messages, timeout=timeout)
+        if kind == MessageType.TRAIN:
+            self.trained.append([m.metadata.dst_node_id for m in messages])
+        replies = []
+        for message in reversed(messages):  # arrival order is not sending order
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.5})})
+            if kind == MessageType.TRAIN:
+                content["arrays"] = message.content["arrays"]
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def test_a_run_through_the_wrappers_trains_the_seeded_sample(task_identity, tmp_path):
+    grid = FederationGrid(6, id_seed=5)
+    fedec = FedEC(
+        proxy_data=torch.zeros(4, 1, 28, 28),
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        fraction_train=0.5,
+    )
+    recorder = RunRecorder(tmp_path / "run", {}, SPEC, num_rounds=2)
+    strategy = TimedAggregation(
+        SeededSampling(fedec, SeededSampler(7), record_sample(recorder)), recorder
+    )
+
+    def close_round(server_round, arrays):  # as the ServerApp's central evaluation does
+        recorder.close_round(server_round, {})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(build_model(SPEC).state_dict()),
+        num_rounds=2,
+        evaluate_fn=close_round,
+    )
+    assert fedec.num_rounds == 2  # FedEC's own start() is not run: begin_run told it
+    assert fedec.grid.inner is grid  # FedEC keeps the grid it is given (in node order)
+    assert sorted(fedec.server_metrics) == [1, 2]
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
+    trained = [sorted(grid.partition_of[n] for n in nodes) for nodes in grid.trained]
+    assert trained == sampled_partitions(FedAvg(fraction_train=0.5), grid, rounds=2)
+    assert [record.round for record in recorder.rounds] == [0, 1, 2]
+    for record, partitions in zip(recorder.rounds[1:], trained, strict=True):
+        assert record.metrics["sampled-partitions"] == partitions
+        assert record.metrics["client-loss"] == 0.5
+        assert record.aggregate_seconds > 0
+
+
+def test_wrappers_pass_the_run_length_on_to_the_inner_strategy(task_identity, tmp_path):
+    fedec = FedEC(proxy_data=torch.zeros(4, 1, 28, 28), arch_spec=SPEC)
+    recorder = RunRecorder(tmp_path / "run", {}, SPEC, num_rounds=1)
+    TimedAggregation(SeededSampling(fedec, SeededSampler(0)), recorder).begin_run(12)
+    assert fedec.num_rounds == 12
+    SeededSampling(FedAvg(), SeededSampler(0)).begin_run(3)  # FedAvg takes none: no-op

@@ -2,6 +2,7 @@
 
 ``FedEC`` and ``FedHCE`` subclass Flower's ``FedAvg`` and take every ``FedAvg``
 argument; their own settings are the objects exported next to them.
+``SeededSampling`` and ``TimedAggregation`` wrap any strategy (``StrategyWrapper``).
 """
 
 from fl_ec.compression import Variant
@@ -11,7 +12,9 @@ from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy
-from fl_ec.strategies.instrumentation import MeteredGrid, payload_bytes, time_aggregation
+from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation, payload_bytes
+from fl_ec.strategies.sampling import SeededSampler, SeededSampling
+from fl_ec.strategies.wrapper import StrategyWrapper
 
 __all__ = [
     "CalibrationSettings",
@@ -19,9 +22,12 @@ __all__ = [
     "FedEC",
     "FedHCE",
     "MeteredGrid",
+    "SeededSampler",
+    "SeededSampling",
+    "StrategyWrapper",
     "TierPolicy",
+    "TimedAggregation",
     "Variant",
     "build_strategy",
     "payload_bytes",
-    "time_aggregation",
 ]

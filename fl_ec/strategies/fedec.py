@@ -185,7 +185,7 @@ class FedEC(FedAvg):
         self.corrects_prior = calibration.method == "prior"
         self.calibrates_features = calibration.method == "features"
         self.calibration_every = calibration_every(calibration.rounds)
-        self.num_rounds: int | None = None  # known once start() runs
+        self.num_rounds: int | None = None  # known once begin_run() / start() runs
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if calibration.method != "none":  # fail now if the head has no bias
             spec = self.arch_spec
@@ -231,11 +231,17 @@ class FedEC(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """FedAvg's ``start``; FedEC notes ``num_rounds`` (calibration ``rounds="last"``)."""
-        self.num_rounds = num_rounds
+        """FedAvg's ``start``, after :meth:`begin_run`."""
+        self.begin_run(num_rounds)
         return super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
         )
+
+    def begin_run(self, num_rounds: int) -> None:
+        """Note the run's length (calibration ``rounds="last"``); ``start`` calls it, and
+        so does a wrapper's ``start`` (:class:`~fl_ec.strategies.wrapper.StrategyWrapper`).
+        """
+        self.num_rounds = num_rounds
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -7,18 +7,18 @@ whatever the strategy, including ones that send different arrays to each node. I
 also logs failed replies with their node id and reason, and stops the run when *every*
 training reply of a round failed (a misconfiguration, not a flaky node).
 
-:func:`time_aggregation` wraps a strategy instance's ``aggregate_train`` to time it and to
-record the clients' aggregated train metrics (``client-train-loss``, ...); time spent
-waiting on clients for queries sent from inside it is left out of it.
+:class:`TimedAggregation` wraps a strategy to time its ``aggregate_train`` and to record
+the clients' aggregated train metrics (``client-train-loss``, ...); time spent waiting
+on clients for queries sent from inside it is left out of it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import WARNING
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from fl_ec.errors import FlEcError
 from fl_ec.protocol import SERVER_ROUND_KEY
 from fl_ec.results import RunRecorder
+from fl_ec.strategies.wrapper import StrategyWrapper
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -130,26 +131,40 @@ def _round_of(message: Message, default: int) -> int:
     return default
 
 
-def time_aggregation(strategy: Strategy, recorder: RunRecorder) -> Strategy:
-    """Wrap ``strategy.aggregate_train`` (on this instance only) to record its seconds."""
-    inner: Callable = strategy.aggregate_train
+class TimedAggregation(StrategyWrapper):
+    """``strategy`` with its ``aggregate_train`` timed and its train metrics recorded.
 
-    def timed_aggregate_train(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
-        record = recorder.record_for(server_round)
+    The seconds go into the round's ``aggregate_seconds`` in ``recorder``, less the
+    time spent waiting on clients for queries sent from inside ``aggregate_train``
+    (FedEC's feature statistics, metered by :class:`MeteredGrid` as the round's
+    ``client_query_seconds``). The clients' aggregated train metrics are recorded as
+    the round's ``client-<name>`` metrics (``client-train-loss``, ...).
+    """
+
+    def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
+        super().__init__(strategy)
+        self.recorder = recorder
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner strategy's ``aggregate_train``, timed; its metrics recorded."""
+        record = self.recorder.record_for(server_round)
         # Queries sent from inside aggregate_train (FedEC's feature statistics) wait on
         # the clients: their time is the clients', not the server's aggregation.
         query_seconds_before = record.client_query_seconds
         start = time.perf_counter()
         try:
-            arrays, metrics = inner(server_round, replies)
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         finally:
             waited = record.client_query_seconds - query_seconds_before
             record.aggregate_seconds += time.perf_counter() - start - waited
         if metrics is not None:  # the clients' aggregated train metrics, e.g. client-train-loss
-            recorder.record_for(server_round).metrics.update(
+            self.recorder.record_for(server_round).metrics.update(
                 {f"client-{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             )
         return arrays, metrics
 
-    strategy.aggregate_train = timed_aggregate_train  # type: ignore[method-assign]
-    return strategy
+    def describe(self) -> str:
+        """The timed strategy."""
+        return f"aggregation of {self.strategy.__class__.__name__} timed"

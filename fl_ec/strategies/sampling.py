@@ -5,8 +5,8 @@ which anything else in the ServerApp can advance, over node ids that are random 
 So two methods run with the same seed train different clients, and with a few of many
 clients per round *which* clients were sampled moves accuracy by several points.
 
-:func:`seeded_sampling` fixes both, around any Flower strategy and without changing its
-code: before its first round it asks every node which partition it holds (a ``query``
+:class:`SeededSampling` fixes both, wrapped around any Flower strategy without changing
+its code: before its first round it asks every node which partition it holds (a ``query``
 message the fl-ec ClientApp answers with its ``partition-id`` and class counts), lists
 the nodes in partition order, and runs each ``configure_train`` / ``configure_evaluate``
 on a random state seeded by (seed, round, phase) that it restores afterwards. The sample
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -42,6 +42,7 @@ from fl_ec.protocol import (
     PARTITION_ID_KEY,
 )
 from fl_ec.strategies.instrumentation import DelegatingGrid
+from fl_ec.strategies.wrapper import StrategyWrapper
 
 QUERY = MessageType.QUERY
 
@@ -164,45 +165,55 @@ class OrderedGrid(DelegatingGrid):
 SampleCallback = Callable[[int, list[int], dict[int, NodeInfo]], None]
 
 
-def seeded_sampling(
-    strategy: Strategy, sampler: SeededSampler, on_sample: SampleCallback | None = None
-) -> Strategy:
-    """Make ``strategy``'s node sampling seeded and strategy-independent (this instance),
-    and its aggregation see the replies in node order.
+class SeededSampling(StrategyWrapper):
+    """``strategy`` with seeded, strategy-independent node sampling and replies in node order.
 
-    ``on_sample(server_round, sampled_node_ids, node_info)`` is called after each
-    training round's sample is drawn, e.g. to record which partitions trained.
+    Each ``configure_train`` / ``configure_evaluate`` of the inner strategy sees the
+    grid's nodes in ``sampler``'s order and runs on ``random`` seeded by (seed, round,
+    phase); each ``aggregate_train`` / ``aggregate_evaluate`` gets the replies sorted
+    into that order. ``on_sample(server_round, sampled_node_ids, node_info)`` is called
+    after each training round's sample is drawn, e.g. to record which partitions trained.
     """
-    configure_train = strategy.configure_train
-    configure_evaluate = strategy.configure_evaluate
-    aggregate_train = strategy.aggregate_train
-    aggregate_evaluate = strategy.aggregate_evaluate
 
-    def seeded_configure_train(
-        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    def __init__(
+        self, strategy: Strategy, sampler: SeededSampler, on_sample: SampleCallback | None = None
+    ) -> None:
+        super().__init__(strategy)
+        self.sampler = sampler
+        self.on_sample = on_sample
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        view = OrderedGrid(grid, sampler.ordered_nodes(grid))
-        with sampler.random_state(server_round, "train"):
-            messages = list(configure_train(server_round, arrays, config, view))
-        if on_sample is not None:
-            on_sample(server_round, [m.metadata.dst_node_id for m in messages], sampler.info)
+        """The inner strategy's training messages, sampled on the seeded random state."""
+        view = OrderedGrid(grid, self.sampler.ordered_nodes(grid))
+        with self.sampler.random_state(server_round, "train"):
+            messages = list(self.strategy.configure_train(server_round, arrays, config, view))
+        if self.on_sample is not None:
+            sampled = [m.metadata.dst_node_id for m in messages]
+            self.on_sample(server_round, sampled, self.sampler.info)
         return messages
 
-    def seeded_configure_evaluate(
-        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        view = OrderedGrid(grid, sampler.ordered_nodes(grid))
-        with sampler.random_state(server_round, "evaluate"):
-            return list(configure_evaluate(server_round, arrays, config, view))
+        """The inner strategy's evaluation messages, sampled on the seeded random state."""
+        view = OrderedGrid(grid, self.sampler.ordered_nodes(grid))
+        with self.sampler.random_state(server_round, "evaluate"):
+            return list(self.strategy.configure_evaluate(server_round, arrays, config, view))
 
-    def ordered_aggregate_train(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
-        return aggregate_train(server_round, sampler.in_node_order(replies))
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner strategy's aggregate of the training replies, in node order."""
+        return self.strategy.aggregate_train(server_round, self.sampler.in_node_order(replies))
 
-    def ordered_aggregate_evaluate(server_round: int, replies: Iterable[Message]):  # noqa: ANN202
-        return aggregate_evaluate(server_round, sampler.in_node_order(replies))
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The inner strategy's aggregate of the evaluation replies, in node order."""
+        return self.strategy.aggregate_evaluate(server_round, self.sampler.in_node_order(replies))
 
-    strategy.configure_train = seeded_configure_train  # type: ignore[method-assign]
-    strategy.aggregate_train = ordered_aggregate_train  # type: ignore[method-assign]
-    strategy.aggregate_evaluate = ordered_aggregate_evaluate  # type: ignore[method-assign]
-    strategy.configure_evaluate = seeded_configure_evaluate  # type: ignore[method-assign]
-    return strategy
+    def describe(self) -> str:
+        """The sampling seed and the inner strategy."""
+        return f"seeded sampling (seed {self.sampler.seed}) of {self.strategy.__class__.__name__}"

@@ -1,0 +1,100 @@
+"""A Flower strategy that wraps another one, as Flower's differential-privacy wrappers do.
+
+:class:`StrategyWrapper` holds an inner strategy and hands it every hook of a round
+(``configure_train``, ``aggregate_train``, ``configure_evaluate``,
+``aggregate_evaluate``) and ``summary``; a subclass overrides the hooks it changes.
+``start`` is Flower's ``Strategy.start`` run on the wrapper, so every round goes
+through the wrapper's hooks. The inner strategy's own ``start`` is therefore not
+called: what a strategy notes there (FedEC: the number of rounds, for calibration
+``rounds="last"``) reaches it through :meth:`StrategyWrapper.begin_run` instead
+(:class:`BeginsRun`).
+
+A wrapper does not pass on the inner strategy's other attributes: what a strategy
+reports beyond Flower's result (:class:`~fl_ec.strategies.reporting.RunReporter`) is
+read from the inner strategy itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO
+from typing import Protocol, runtime_checkable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+
+@runtime_checkable
+class BeginsRun(Protocol):
+    """A strategy that notes the run's length before its first round."""
+
+    def begin_run(self, num_rounds: int) -> None:
+        """Called once before round 1 with the number of rounds ``start`` will run."""
+        ...
+
+
+class StrategyWrapper(Strategy):
+    """A ``Strategy`` that delegates every hook to ``strategy``.
+
+    Subclasses override the hooks they change and call the inner strategy's in them.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+
+    def begin_run(self, num_rounds: int) -> None:
+        """Pass the run's length on to the inner strategy, when it takes it."""
+        if isinstance(self.strategy, BeginsRun):
+            self.strategy.begin_run(num_rounds)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start`` on this wrapper, after :meth:`begin_run`."""
+        self.begin_run(num_rounds)
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's training messages."""
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner strategy's aggregate of the training replies."""
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's evaluation messages."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The inner strategy's aggregate of the evaluation replies."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log what the wrapper adds, then the inner strategy's summary."""
+        log(INFO, "\t├──> %s", self.describe())
+        self.strategy.summary()
+
+    def describe(self) -> str:
+        """One line on what the wrapper adds, for :meth:`summary`."""
+        return f"{self.__class__.__name__} of {self.strategy.__class__.__name__}"

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -55,10 +55,11 @@ from fl_ec.strategies.fedec_utils import (
     proxy_tensor,
     weighted_average,
 )
+from fl_ec.strategies.wrapper import BeginsRunOnStart
 from fl_ec.training import select_device
 
 
-class FedEC(FedAvg):
+class FedEC(BeginsRunOnStart, FedAvg):
     """Ensemble-Compression federated averaging: a drop-in replacement for ``FedAvg``.
 
     Beyond ``FedAvg``'s result it reports to the ServerApp
@@ -221,22 +222,6 @@ class FedEC(FedAvg):
         )
 
     # -- Flower hooks -------------------------------------------------------------
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """FedAvg's ``start``, after :meth:`begin_run`."""
-        self.begin_run(num_rounds)
-        return super().start(
-            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
-        )
-
     def begin_run(self, num_rounds: int) -> None:
         """Note the run's length (calibration ``rounds="last"``); ``start`` calls it, and
         so does a wrapper's ``start`` (:class:`~fl_ec.strategies.wrapper.StrategyWrapper`).

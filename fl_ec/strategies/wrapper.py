@@ -35,7 +35,32 @@ class BeginsRun(Protocol):
         ...
 
 
-class StrategyWrapper(Strategy):
+class BeginsRunOnStart:
+    """Mixin for a ``Strategy``: ``start`` calls ``self.begin_run(num_rounds)`` first.
+
+    Shared by :class:`StrategyWrapper` and by strategies that note the run's length
+    themselves (FedEC), so a strategy learns it whether it is started directly or
+    through wrappers.
+    """
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """The next class's ``start`` (Flower's), after :meth:`begin_run`."""
+        self.begin_run(num_rounds)
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
+
+
+class StrategyWrapper(BeginsRunOnStart, Strategy):
     """A ``Strategy`` that delegates every hook to ``strategy``.
 
     Subclasses override the hooks they change and call the inner strategy's in them.
@@ -49,22 +74,6 @@ class StrategyWrapper(Strategy):
         """Pass the run's length on to the inner strategy, when it takes it."""
         if isinstance(self.strategy, BeginsRun):
             self.strategy.begin_run(num_rounds)
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Flower's ``Strategy.start`` on this wrapper, after :meth:`begin_run`."""
-        self.begin_run(num_rounds)
-        return super().start(
-            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
-        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
 from standard_benchmark import (  # noqa: E402
+    _RETIRED_KNOBS,
     _as_config,
     _same_config,
     recorded_calibration,
@@ -175,3 +176,14 @@ def test_reuse_ignores_layer_parallel_knobs_unless_a_layer_parallel_trainer_ran(
     assert not _same_config(
         recorded, {"seed": 1, "lp-method": "penalty", "trainer": "layer-parallel"}
     )
+
+
+def test_the_benchmark_knows_the_kept_value_of_every_retired_knob():
+    # The config's list (what to use instead) and the benchmark's (which value the code
+    # kept) name the same knobs; the calibration knobs map onto presets instead, and
+    # trim-ratio acted only through teacher rules that teacher-rule records.
+    from fl_ec.config import RETIRED_KEYS
+
+    by_preset = {"prior-correction", "feature-calibration", "calibration-layers"}
+    by_preset |= {"calibration-rank", "calibration-components", "trim-ratio"}
+    assert set(_RETIRED_KNOBS) == set(RETIRED_KEYS) - by_preset

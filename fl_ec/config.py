@@ -29,7 +29,6 @@ CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
-LOCAL_LOSSES = ("ce", "logit-adjusted")
 
 
 # Run-config keys fl-ec no longer has, each with what to do instead: a retired key fails
@@ -45,6 +44,10 @@ RETIRED_KEYS = {
     "calibration-samples": "calibration draws a fixed 20000 virtual features; delete it",
     "prior-correction-revert-z": "the revert threshold is fixed at z=1.96; delete it",
     "eval-batch-size": "evaluation runs in fixed batches of 512; delete it",
+    "min-train-nodes": "min-available-nodes is the fewest nodes a round trains or evaluates",
+    "min-evaluate-nodes": "min-available-nodes is the fewest nodes a round trains or evaluates",
+    "client-test-fraction": "every client keeps 10% of its partition for evaluate; delete it",
+    "lp-threads-per-worker": "layer-parallel workers run one thread each; delete it",
     **{
         key: _REMOVED
         for key in (
@@ -63,6 +66,7 @@ RETIRED_KEYS = {
             "rebase-updates",
             "lp-aux-resolution",
             "weight-decay",
+            "local-loss",
         )
     },
     **{
@@ -91,8 +95,6 @@ class ExperimentConfig:
     num_server_rounds: int = 10
     fraction_train: float = 0.2
     fraction_evaluate: float = 0.0
-    min_train_nodes: int = 2
-    min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     # Data
     dataset: str = "fashion-mnist"
@@ -104,7 +106,6 @@ class ExperimentConfig:
     classes_per_client: int = 2
     proxy_size: int = 5000
     validation_size: int = 1000
-    client_test_fraction: float = 0.1
     seed: int = 42
     # Model and local training
     model: str = "cnn"
@@ -113,7 +114,6 @@ class ExperimentConfig:
     lr: float = 0.05
     momentum: float = 0.9
     max_grad_norm: float = 10.0
-    local_loss: str = "ce"
     device: str = "auto"
     client_threads: int = 0
     # FedEC: ensemble teacher on the proxy set, distillation into the student
@@ -142,7 +142,6 @@ class ExperimentConfig:
     lp_boundary_bits: int = 32
     lp_parallel_epochs: int = 1
     lp_serial_epochs: int = 1
-    lp_threads_per_worker: int = 1
     # Server-side evaluation and output
     results_dir: str = "results"
     run_name: str = ""
@@ -234,12 +233,6 @@ class ExperimentConfig:
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         _choice("lp-method", self.lp_method, METHODS)
-        _choice("local-loss", self.local_loss, LOCAL_LOSSES)
-        if self.local_loss != "ce" and self.trainer != "sgd":
-            raise ConfigError(
-                f"local-loss={self.local_loss!r} is implemented by the sgd trainer only: "
-                f'set local-loss="ce" or trainer="sgd"'
-            )
         uses_lp = "layer-parallel" in (self.trainer, self.distill_trainer)
         if uses_lp and not self.model.startswith("resnet"):
             raise ConfigError(
@@ -254,7 +247,6 @@ class ExperimentConfig:
                 "or 4 (codes per sample's range: ~4x, 5.3x, 8x fewer boundary bytes)"
             )
         _positive("lp-parallel-epochs", self.lp_parallel_epochs)
-        _positive("lp-threads-per-worker", self.lp_threads_per_worker)
         if not self.alpha > 0:
             raise ConfigError(
                 f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "
@@ -265,14 +257,12 @@ class ExperimentConfig:
         _positive("batch-size", self.batch_size)
         _positive("classes-per-client", self.classes_per_client)
         _positive("lr", self.lr)
-        _positive("min-train-nodes", self.min_train_nodes)
         _positive("min-available-nodes", self.min_available_nodes)
         for key, value in (
             ("proxy-size", self.proxy_size),
             ("validation-size", self.validation_size),
             ("train-subset", self.train_subset),
             ("client-threads", self.client_threads),
-            ("min-evaluate-nodes", self.min_evaluate_nodes),
         ):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be >= 0")
@@ -284,10 +274,6 @@ class ExperimentConfig:
                 raise ConfigError(f"{key}={value} must be within [0, 1]")
         if self.fraction_train == 0.0:
             raise ConfigError("fraction-train=0 trains no client: set it within (0, 1]")
-        if not 0.0 <= self.client_test_fraction < 1.0:
-            raise ConfigError(
-                f"client-test-fraction={self.client_test_fraction} must be within [0, 1)"
-            )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum} must be within [0, 1)")
         if self.max_grad_norm < 0:

@@ -18,9 +18,7 @@ each client's corrected softmax then votes with a per-sample weight equal to its
 own confidence (max probability), so on each image the clients that recognise it
 dominate the ones that are guessing. Measured on a FedAvg trajectory at alpha=0.1
 (rounds 4-10), this teacher beat the parameter average on validation in 6 of 7
-rounds, where ``label-aware`` did in none. Clients trained with the logit-adjusted
-loss (``local-loss="logit-adjusted"``) already output prior-free logits; ``gated``
-would subtract the prior twice, so pair those clients with another rule.
+rounds, where ``label-aware`` did in none.
 
 Every model runs exactly once per proxy sample, one proxy batch at a time, under
 ``torch.inference_mode``. The rule is applied per batch, so memory is bounded by

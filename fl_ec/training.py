@@ -66,12 +66,8 @@ def train_supervised(
     device: torch.device | str = "cpu",
     seed: int = 0,
     max_grad_norm: float = 0.0,
-    log_prior: torch.Tensor | None = None,
 ) -> TrainResult:
     """SGD with momentum on cross-entropy; returns the mean loss of the last epoch.
-
-    ``log_prior`` (shape ``(C,)``, e.g. :func:`fl_ec.ensemble.log_class_prior`) switches to the
-    logit-adjusted loss ``CE(logits + log_prior, y)`` (see :func:`logit_adjusted_loss`).
 
     ``max_grad_norm > 0`` clips the global gradient norm. On strongly non-IID
     partitions (one or two classes) the first steps from a fresh model can produce
@@ -87,14 +83,13 @@ def train_supervised(
         optimizer = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
         )
-        prior = None if log_prior is None else log_prior.to(device)
         generator = torch.Generator().manual_seed(seed)
         loss_sum, seen = 0.0, 0
         for _ in range(epochs):
             loss_sum, seen = 0.0, 0
             for x, y in data.batches(batch_size, shuffle=True, generator=generator, device=device):
                 optimizer.zero_grad(set_to_none=True)
-                loss = logit_adjusted_loss(model(x), y, prior)
+                loss = nn.functional.cross_entropy(model(x), y)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingDivergedError(
@@ -108,25 +103,6 @@ def train_supervised(
                 loss_sum += loss_value * len(y)
                 seen += len(y)
     return TrainResult(loss_sum / seen, epochs * len(data), time.perf_counter() - start)
-
-
-def logit_adjusted_loss(
-    logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Cross-entropy of ``logits + log_prior`` (plain cross-entropy without a prior).
-
-    The logit-adjusted ("balanced softmax") loss of Menon et al. 2021, used on clients
-    by FedLC-style methods. Training on ``logits + log p_k(y)`` makes the model's raw
-    logits estimate ``log p(x|y)`` up to a constant, i.e. predictions under a uniform
-    label prior, instead of absorbing the client's skewed ``p_k(y)``. For federated
-    ensembling this matters twice: a client that rarely saw class c no longer learns
-    to push c's logit down on every input (its weights for c drift less from the
-    global model), and its raw logits become comparable with other clients' in the
-    teacher ensemble. At inference the raw logits are used, with no adjustment.
-    """
-    if log_prior is not None:
-        logits = logits + log_prior
-    return nn.functional.cross_entropy(logits, labels)
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,11 @@ _RETIRED_KNOBS = {
     "rebase-updates": True,
     "eval-batch-size": 512,
     "weight-decay": 0.0,
+    "local-loss": "ce",
+    "client-test-fraction": 0.1,
+    "lp-threads-per-worker": 1,
+    "min-train-nodes": 2,  # now min-available-nodes, 2 by default
+    "min-evaluate-nodes": 2,
 }
 # (calibration-layers, calibration-rank, calibration-components) of a run recorded with
 # feature-calibration=true, before one ``calibration`` preset replaced those knobs.

@@ -75,25 +75,6 @@ def test_misconfiguration_becomes_a_one_line_error_reply(task_identity, override
     assert fragment in reply.error.reason and "Traceback" not in reply.error.reason
 
 
-def test_local_loss_knob_reaches_the_trainer(task_identity):
-    # Same start, same seed: only the loss differs, so the weights must differ.
-    torch.manual_seed(0)
-    model = build_model(SPEC)
-    trained = {}
-    for loss in ("ce", "logit-adjusted"):
-        reply = train(_message("train", model, lr=0.05), _context(**{"local-loss": loss}))
-        assert not reply.has_error()
-        trained[loss] = reply.content["arrays"].to_torch_state_dict()
-    again = train(_message("train", model, lr=0.05), _context(**{"local-loss": "ce"}))
-    assert torch.equal(
-        again.content["arrays"].to_torch_state_dict()["classifier.weight"],
-        trained["ce"]["classifier.weight"],
-    )
-    assert not torch.equal(
-        trained["ce"]["classifier.weight"], trained["logit-adjusted"]["classifier.weight"]
-    )
-
-
 def test_query_returns_the_class_feature_statistics_of_the_sent_model(task_identity):
     from fl_ec.clients.client_app import query_handler
     from fl_ec.feature_calibration import stats_from_arrays

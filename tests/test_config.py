@@ -37,7 +37,8 @@ def test_values_are_coerced_to_declared_types():
         ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 is not a valid int"),
         ({"lr": "fast"}, "lr='fast' is not a valid float"),
         ({"proxy-size": -5}, "proxy-size=-5 must be >= 0"),
-        ({"local-loss": "focal"}, "local-loss='focal' is unknown"),
+        ({"local-loss": "ce"}, "local-loss no longer exists"),
+        ({"min-train-nodes": 3}, "min-train-nodes no longer exists: min-available-nodes"),
         ({"client-start": "teacher"}, "client-start='teacher' is unknown"),
         ({"strategy": "fedavg", "calibration": "prior"}, 'strategy="fedec", distill-steps=0'),
         ({"strategy": "fedavg", "calibration": "dense"}, "calibration='dense' is a FedEC step"),
@@ -48,10 +49,6 @@ def test_values_are_coerced_to_declared_types():
         ({"feature-calibration": True}, 'feature-calibration no longer exists: use calibration="'),
         ({"prior-correction": True}, 'prior-correction no longer exists: use calibration="prior"'),
         ({"distill-lr": 0.01}, "distill-lr no longer exists"),
-        (
-            {"local-loss": "logit-adjusted", "trainer": "layer-parallel", "model": "resnet8"},
-            "implemented by the sgd trainer only",
-        ),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):

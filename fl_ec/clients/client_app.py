@@ -32,7 +32,6 @@ from torch import nn
 from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.ensemble import log_class_prior
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
 from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.head_calibration import measure_stats
@@ -197,11 +196,6 @@ def train_locally(
         lr=config.lr if lr is None else lr,
         momentum=config.momentum,
         max_grad_norm=config.max_grad_norm,
-        log_prior=(
-            log_class_prior(data.train.class_counts())
-            if config.local_loss == "logit-adjusted"
-            else None
-        ),
         device=device,
         seed=local_seed(config, partition_id, server_round),
     )
@@ -338,7 +332,6 @@ def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: in
         config.classes_per_client,
         config.proxy_size,
         config.validation_size,
-        config.client_test_fraction,
         config.seed,
         partition_id,
         num_partitions,

@@ -16,6 +16,9 @@ from fl_ec.data.partition import partition_labels, split_server_holdout
 from fl_ec.data.sources import load_dataset
 from fl_ec.data.tensor_data import TensorData
 
+# Share of each client's partition it keeps for its local ``evaluate``.
+CLIENT_TEST_FRACTION = 0.1
+
 
 @dataclass
 class ServerData:
@@ -73,5 +76,5 @@ def load_client_data(
     # Per-partition seed: the local train/test split differs between clients but is
     # reproducible for each.
     order = np.random.default_rng([config.seed, partition_id]).permutation(indices)
-    num_test = int(round(len(order) * config.client_test_fraction))
+    num_test = int(round(len(order) * CLIENT_TEST_FRACTION))
     return ClientData(train=train.subset(order[num_test:]), test=train.subset(order[:num_test]))

@@ -100,7 +100,6 @@ class LPSettings:
             boundary_bits=config.lp_boundary_bits,
             parallel_epochs=config.lp_parallel_epochs,
             serial_epochs=config.lp_serial_epochs,
-            threads_per_worker=config.lp_threads_per_worker,
             batch_size=config.batch_size,
             lr=config.lr,
             momentum=config.momentum,

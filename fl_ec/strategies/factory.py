@@ -30,8 +30,9 @@ def build_strategy(
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_evaluate_nodes,
+        # One knob: a round waits for as many nodes as it trains and evaluates.
+        min_train_nodes=config.min_available_nodes,
+        min_evaluate_nodes=config.min_available_nodes,
         min_available_nodes=config.min_available_nodes,
     )
     if config.strategy == "fedavg":

@@ -118,3 +118,16 @@ def test_query_without_a_known_request_is_a_one_line_error(task_identity):
     reply = query_handler(_message("query", build_model(SPEC)), _context())
     assert reply.has_error() and reply.error.code == FL_EC_ERROR_CODE
     assert "feature-stats" in reply.error.reason
+
+
+def test_simulated_tiers_apply_in_a_simulation_only():
+    from fl_ec.clients.client_app import in_simulation, with_simulated_tier
+    from fl_ec.config import NodeSettings
+
+    node = NodeSettings(partition_id=1, num_partitions=4)
+    assert with_simulated_tier(node, "gpu=1,edge=3", simulation=True).device_tier == "edge"
+    # A deployed SuperNode keeps the tier it reports (none here), whatever the run-config says.
+    assert with_simulated_tier(node, "gpu=1,edge=3", simulation=False).device_tier == ""
+    tiered = NodeSettings(partition_id=1, num_partitions=4, device_tier="gpu")
+    assert with_simulated_tier(tiered, "gpu=1,edge=3", simulation=True).device_tier == "gpu"
+    assert not in_simulation()  # pytest runs no Ray

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 
 import torch
@@ -119,12 +120,31 @@ def _setup(msg: Message, context: Context):
     set_cpu_threads(config.client_threads)
     data = _client_data(config, node.partition_id, node.num_partitions)
     spec, model = received_model(msg.content)
-    if not node.device_tier and config.simulated_tiers:
-        # Flower's simulation engine only puts partition-id/num-partitions into
-        # node_config; the simulated tier of each partition comes from run-config.
-        tiers = parse_tier_counts(config.simulated_tiers, node.num_partitions)
-        node = dataclasses.replace(node, device_tier=tiers[node.partition_id])
+    node = with_simulated_tier(node, config.simulated_tiers, in_simulation())
     return config, node, data, spec, model
+
+
+def in_simulation() -> bool:
+    """Whether this ClientApp runs inside Flower's simulation engine.
+
+    The engine runs ClientApps in Ray actors; a real SuperNode runs them without Ray.
+    """
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def with_simulated_tier(node: NodeSettings, simulated_tiers: str, simulation: bool) -> NodeSettings:
+    """``node`` with its tier from ``simulated-tiers``, in a simulation only.
+
+    Flower's simulation engine puts only partition-id/num-partitions into node_config,
+    so the run-config gives each simulated partition its tier. A real SuperNode reports
+    the tier of its ``--node-config`` (or none): a run-config default must not make a
+    deployed GPU box pretend to be an edge device.
+    """
+    if node.device_tier or not simulated_tiers or not simulation:
+        return node
+    tiers = parse_tier_counts(simulated_tiers, node.num_partitions)
+    return dataclasses.replace(node, device_tier=tiers[node.partition_id])
 
 
 def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:

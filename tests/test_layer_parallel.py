@@ -15,7 +15,6 @@ from fl_ec.layer_parallel import (
     train_layer_parallel,
     update_multipliers,
 )
-from fl_ec.layer_parallel.objectives import pack_codes, packed_size, unpack_codes
 from fl_ec.layer_parallel.trainer import _BoundaryState, serial_epoch, usable_stages
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.training import evaluate
@@ -80,15 +79,6 @@ def test_boundary_codes_lose_at_most_half_a_step_for_32_over_bits_fewer_bytes(bi
     assert coded_bytes == x.numel() * bits // 8 + 8 * len(x)  # packed codes + 2 floats
     exact = BoundaryFilter(1).decode(BoundaryFilter(1).encode(x), x.shape)
     assert torch.equal(exact, x)
-
-
-@pytest.mark.parametrize("bits", [8, 6, 4])
-def test_packed_codes_round_trip_including_a_ragged_tail(bits):
-    codes = torch.randint(0, 2**bits, (13,), generator=torch.Generator().manual_seed(bits))
-    codes[0], codes[-1] = 2**bits - 1, 0  # every bit of a field set, and none
-    packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(13, bits)
-    assert torch.equal(unpack_codes(packed, bits, 13), codes)
 
 
 def test_al_multipliers_act_only_with_two_parallel_epochs_between_corrections():

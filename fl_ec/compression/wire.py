@@ -16,30 +16,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from fl_ec.bitpack import pack_codes, unpack_codes
 from fl_ec.compression.quantization import dequantize, quantize_per_channel
 
 SCALE_SUFFIX = "::scale"
 
 
-def _pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
-    """Signed ints in [-(2^(b-1)-1), 2^(b-1)-1] -> uint8, 8/bits values per byte."""
-    per_byte = 8 // bits
-    offset = 2 ** (bits - 1)
-    values = (q.reshape(-1).astype(np.int16) + offset).astype(np.uint8)
-    values = np.concatenate([values, np.zeros((-len(values)) % per_byte, np.uint8)])
-    values = values.reshape(-1, per_byte)
-    packed = np.zeros(len(values), np.uint8)
-    for slot in range(per_byte):
-        packed |= values[:, slot] << (slot * bits)
-    return packed
+def _pack_signed(q: torch.Tensor, bits: int) -> np.ndarray:
+    """Signed ints in [-(2^(b-1)-1), 2^(b-1)-1] -> uint8, 8/bits values per byte.
+
+    Each value is offset by ``2^(b-1)`` to an unsigned code, then bit-packed
+    (:func:`fl_ec.bitpack.pack_codes`: value ``i`` in the bits ``[i*b, (i+1)*b)``
+    of the little-endian byte stream).
+    """
+    return pack_codes(q.reshape(-1).to(torch.int64) + 2 ** (bits - 1), bits).numpy()
 
 
-def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    slots = [(packed >> (slot * bits)) & mask for slot in range(per_byte)]
-    values = np.stack(slots, axis=1).reshape(-1)[:count]
-    return values.astype(np.int16) - 2 ** (bits - 1)
+def _unpack_signed(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`_pack_signed`: ``count`` signed values (raises ``ValueError``)."""
+    codes = unpack_codes(torch.from_numpy(np.array(packed, np.uint8).reshape(-1)), bits, count)
+    return codes.numpy() - 2 ** (bits - 1)
 
 
 def pack_state_dict(
@@ -56,8 +52,7 @@ def pack_state_dict(
             arrays[key] = value.detach().cpu().numpy()
             continue
         q, scale = quantize_per_channel(value, bits)
-        q_np = q.numpy()
-        arrays[key] = q_np.reshape(-1) if bits == 8 else _pack_bits(q_np, bits)
+        arrays[key] = q.numpy().reshape(-1) if bits == 8 else _pack_signed(q, bits)
         arrays[key + SCALE_SUFFIX] = scale.numpy().astype(np.float32)
         manifest[key] = {"bits": bits, "shape": list(value.shape)}
     return arrays, manifest
@@ -84,7 +79,12 @@ def unpack_state_dict(
         if bits == 8:
             values = np.asarray(array, np.int8).astype(np.int16)
         elif bits in (2, 4):
-            values = _unpack_bits(np.asarray(array, np.uint8), bits, count)
+            try:
+                values = _unpack_signed(array, bits, count)
+            except ValueError:  # too few bytes for the shape
+                raise ValueError(
+                    f"packed entry {key!r} does not match its shape {list(shape)}"
+                ) from None
         else:
             raise ValueError(f"packed entry {key!r} has unsupported bits={bits}")
         if values.size != count or scale.numel() != shape[0]:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
+from fl_ec.bitpack import pack_codes, packed_size, unpack_codes
+
 METHODS = ("penalty", "al")
 LOSSES = ("ce", "kl")
 BOUNDARY_BITS = (32, 8, 6, 4)  # 32 = fp32; else unsigned codes, packed below 8 bits
@@ -146,44 +148,13 @@ def _bits_choices() -> str:
     return ", ".join(str(bits) for bits in BOUNDARY_BITS)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned ``bits``-bit codes (any shape, values < 2**bits) -> a flat uint8 tensor.
-
-    Eight codes fill exactly ``bits`` bytes, so they are packed in groups of eight
-    through one int64 word (at most 64 bits): :func:`packed_size` bytes in all.
-    """
-    flat = codes.reshape(-1).to(torch.int64)
-    if bits == 8:
-        return flat.to(torch.uint8)
-    flat = F.pad(flat, (0, (-flat.numel()) % 8))
-    shifts = torch.arange(8, device=flat.device) * bits
-    words = (flat.view(-1, 8) << shifts).sum(1)  # the fields do not overlap: sum == OR
-    byte_shifts = torch.arange(bits, device=flat.device) * 8
-    return ((words[:, None] >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``count`` codes, as a flat int64 tensor."""
-    if bits == 8:
-        return packed.reshape(-1)[:count].to(torch.int64)
-    byte_shifts = torch.arange(bits, device=packed.device) * 8
-    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(1)
-    shifts = torch.arange(8, device=packed.device) * bits
-    return ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
-
-
-def packed_size(count: int, bits: int) -> int:
-    """Bytes that :func:`pack_codes` makes of ``count`` codes."""
-    return count if bits == 8 else -(-count // 8) * bits
-
-
 class BoundaryFilter:
     """What crosses a stage boundary: pooled and/or coded activations.
 
     ``factor > 1`` average-pools before sending (:meth:`down`): ``factor^2`` fewer
     bytes.
     ``bits`` in (8, 6, 4) sends each sample as unsigned codes over its own [min, max]
-    range, packed ``8 / bits`` per byte (:func:`pack_codes`), plus those two floats:
+    range, bit-packed densely (:func:`fl_ec.bitpack.pack_codes`), plus those two floats:
     32 / bits times fewer bytes, less 8 bytes of range per sample. So 8 bits stop just
     short of 4x (3.995x at ResNet-20's first boundary) and 6 bits clear it (5.3x). The
     rounding error is at most half a step, (max - min) / (2 * (2^bits - 1)). Only the

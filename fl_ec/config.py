@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_ec.calibration import CALIBRATION_NODES, CalibrationSettings
 from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError
-from fl_ec.feature_calibration import CALIBRATION_NODES, CalibrationSettings
 from fl_ec.layer_parallel.objectives import BOUNDARY_BITS, METHODS
 from fl_ec.models.spec import is_known_model
 

@@ -45,18 +45,19 @@ record) with ``PARTITION_ID_KEY`` and the partition's ``CLASS_COUNTS_KEY``. Seed
 client sampling learns the node -> partition map this way.
 
 **query: feature statistics** (FedEC's feature calibration,
-:mod:`fl_ec.feature_calibration`): ``ARRAY_RECORD_KEY`` (the served model, or a FedHCE
+:mod:`fl_ec.calibration`): ``ARRAY_RECORD_KEY`` (the served model, or a FedHCE
 variant packed as for training); ``CONFIG_RECORD_KEY`` with ``SERVER_ROUND_KEY``,
 ``ARCH_SPEC_KEY``, ``STATS_RECORD_KEY=True`` and which statistics to measure:
 ``STATS_LAYERS_KEY`` (``classifier`` or ``dense``), ``STATS_RANK_KEY``,
 ``STATS_COMPONENTS_KEY`` (plus FedHCE's variant keys for a variant). **Reply**:
 ``STATS_RECORD_KEY`` (array record: the statistics in
-:func:`fl_ec.head_calibration.measure_stats`'s wire form) and ``METRIC_RECORD_KEY``
+:meth:`fl_ec.calibration.FeatureStatistics.to_arrays`'s wire form) and ``METRIC_RECORD_KEY``
 with ``NUM_EXAMPLES_KEY`` and ``STATS_SECONDS_KEY``.
 
 The layouts *inside* a payload -- the packed arrays and their manifest, the
 statistics' arrays -- are defined by the codec pair that writes and reads them
-(:mod:`fl_ec.compression.wire`, :mod:`fl_ec.head_calibration`), which both sides call.
+(:mod:`fl_ec.compression.wire`, :class:`fl_ec.calibration.FeatureStatistics`), which both
+sides call.
 """
 
 # -- record names ---------------------------------------------------------------------

@@ -38,11 +38,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fl_ec.calibration import CalibrationSettings
 from fl_ec.clients.client_app import train_locally
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.feature_calibration import CalibrationSettings
-from fl_ec.head_calibration import calibrate, measure_stats, merge, parse_stats, stats_dims
 from fl_ec.results import load_saved_model
 from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedhce_utils import prediction_disagreement
@@ -67,18 +66,21 @@ def calibrated_copies(
     seeds: Sequence[int] = (0,),
 ) -> list[nn.Module]:
     """Copies of ``model``, dense head calibrated from every client's statistics, per seed."""
-    num_classes, dim = stats_dims(model, settings)
+    statistics = settings.statistics()
+    num_classes, dim = statistics.dims(model)
     wires = [
-        measure_stats(
-            model, c.train.normalize(c.train.images), c.train.labels, num_classes, settings
+        statistics.to_arrays(
+            statistics.measure(
+                model, c.train.normalize(c.train.images), c.train.labels, num_classes
+            )
         )
         for c in clients
     ]
-    stats = merge([parse_stats(w, num_classes, dim, settings) for w in wires], settings)
+    stats = statistics.merge([statistics.parse(w, num_classes, dim) for w in wires])
     copies = []
     for seed in seeds:
         calibrated = copy.deepcopy(model)
-        calibrate(calibrated, stats, settings, seed=seed)
+        statistics.calibrate(calibrated, stats, settings, seed=seed)
         copies.append(calibrated)
     return copies
 

@@ -50,7 +50,6 @@ class FeatureStatsGrid:
         from flwr.app import ArrayRecord, Error, Message, RecordDict
 
         from fl_ec.clients.client_app import _stats_settings, received_model
-        from fl_ec.head_calibration import measure_stats
         from fl_ec.protocol import STATS_RECORD_KEY
 
         replies = []
@@ -64,7 +63,8 @@ class FeatureStatsGrid:
             spec, model = received_model(message.content)
             x, y = self.node_data[node]
             settings = _stats_settings(message.content["config"])  # what the query asks
-            arrays = measure_stats(model, x, y, spec.num_classes, settings)
+            statistics = settings.statistics()
+            arrays = statistics.to_arrays(statistics.measure(model, x, y, spec.num_classes))
             if spoil is not None:
                 spoil(arrays)
             self.replies.append(arrays)

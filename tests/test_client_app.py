@@ -76,34 +76,34 @@ def test_misconfiguration_becomes_a_one_line_error_reply(task_identity, override
 
 
 def test_query_returns_the_class_feature_statistics_of_the_sent_model(task_identity):
+    from fl_ec.calibration import ClassifierGaussian
     from fl_ec.clients.client_app import query_handler
-    from fl_ec.feature_calibration import stats_from_arrays
 
     model = build_model(SPEC)
     reply = query_handler(_message("query", model, **{"feature-stats": True}), _context())
     assert not reply.has_error()
     arrays = {k: a.numpy() for k, a in reply.content["feature-stats"].items()}
-    stats = stats_from_arrays(arrays, num_classes=10, dim=model.classifier.in_features)
+    stats = ClassifierGaussian().parse(arrays, num_classes=10, dim=model.classifier.in_features)
     assert stats.counts.sum() == reply.content["metrics"]["num-examples"]
     assert (stats.covariances.diagonal(dim1=1, dim2=2) >= 0).all()
 
 
 def test_query_for_dense_statistics_returns_low_rank_ones_of_the_dense_head(task_identity):
+    from fl_ec.calibration import DenseMixture, LowRankDense
     from fl_ec.clients.client_app import query_handler
-    from fl_ec.head_calibration import low_rank_from_arrays, mixture_from_arrays
 
     model = build_model(SPEC)
     ask = {"feature-stats": True, "feature-stats-layers": "dense", "feature-stats-rank": 3}
     reply = query_handler(_message("query", model, **ask), _context())
     assert not reply.has_error()
     arrays = {k: a.numpy() for k, a in reply.content["feature-stats"].items()}
-    stats = low_rank_from_arrays(arrays, num_classes=10, dim=model.fc1.in_features, rank=3)
+    stats = LowRankDense(rank=3).parse(arrays, num_classes=10, dim=model.fc1.in_features)
     assert stats.counts.sum() == reply.content["metrics"]["num-examples"]
     mixed = query_handler(
         _message("query", model, **{**ask, "feature-stats-components": 3}), _context()
     )
     arrays = {k: a.numpy() for k, a in mixed.content["feature-stats"].items()}
-    mixture = mixture_from_arrays(arrays, 10, model.fc1.in_features, rank=3, components=3)
+    mixture = DenseMixture(rank=3, components=3).parse(arrays, 10, model.fc1.in_features)
     assert mixture.counts.sum() == stats.counts.sum()
     assert len(mixture.labels) > int((stats.counts > 0).sum())  # some class was split
     wrong = query_handler(

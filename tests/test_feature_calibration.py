@@ -7,17 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from fl_ec.feature_calibration import (
+from fl_ec.calibration import (
     CalibrationSettings,
-    calibrate_classifier,
-    class_feature_stats,
+    ClassFeatureStats,
+    ClassifierGaussian,
     classifier_inputs,
-    merge_stats,
-    sample_virtual_features,
-    stats_from_arrays,
-    stats_to_arrays,
 )
 from fl_ec.scoring import accuracy
+
+GAUSSIAN = ClassifierGaussian()  # calibration="classifier"
 
 
 class TwoLayer(nn.Module):
@@ -42,7 +40,7 @@ def _data(n=300, dim_in=6, classes=3, seed=0):
 def test_stats_are_the_per_class_mean_and_covariance_of_the_classifier_inputs():
     torch.manual_seed(0)
     model, (x, y) = TwoLayer(), _data()
-    stats = class_feature_stats(model, x, y, num_classes=4, batch_size=64)
+    stats = GAUSSIAN.measure(model, x, y, num_classes=4, batch_size=64)
     features = torch.relu(model.fc1(x)).detach().double()
     for label in range(3):
         rows = features[y == label]
@@ -68,11 +66,11 @@ def test_merging_client_stats_equals_the_stats_of_the_pooled_data():
         (x[50:300][y[50:300] != 0], y[50:300][y[50:300] != 0]),
         (x[300:], y[300:]),
     ]
-    merged = merge_stats([class_feature_stats(model, xi, yi, 3) for xi, yi in parts])
+    merged = GAUSSIAN.merge([GAUSSIAN.measure(model, xi, yi, 3) for xi, yi in parts])
     keep = torch.cat(
         [torch.ones(50, dtype=torch.bool), y[50:300] != 0, torch.ones(100, dtype=torch.bool)]
     )
-    pooled = class_feature_stats(model, x[keep], y[keep], 3)
+    pooled = GAUSSIAN.measure(model, x[keep], y[keep], 3)
     assert torch.equal(merged.counts, pooled.counts)
     assert torch.allclose(merged.means, pooled.means)
     assert torch.allclose(merged.covariances, pooled.covariances, atol=1e-10)
@@ -81,10 +79,10 @@ def test_merging_client_stats_equals_the_stats_of_the_pooled_data():
 def test_wire_form_round_trips_and_omits_unseen_classes():
     torch.manual_seed(0)
     model, (x, y) = TwoLayer(), _data()
-    stats = class_feature_stats(model, x[y != 1], y[y != 1], 3)
-    arrays = stats_to_arrays(stats)
+    stats = GAUSSIAN.measure(model, x[y != 1], y[y != 1], 3)
+    arrays = GAUSSIAN.to_arrays(stats)
     assert arrays["classes"].tolist() == [0, 2]
-    back = stats_from_arrays(arrays, num_classes=3, dim=4)
+    back = GAUSSIAN.parse(arrays, num_classes=3, dim=4)
     assert torch.equal(back.counts, stats.counts)
     assert torch.allclose(back.means, stats.means, atol=1e-6)
     assert torch.allclose(back.covariances, stats.covariances, atol=1e-6)
@@ -99,25 +97,25 @@ def test_wire_form_round_trips_and_omits_unseen_classes():
         (lambda a: a.__setitem__("classes", np.array([0, 7])), "outside"),
         (lambda a: a.__setitem__("classes", np.array([2, 2])), "distinct"),
         (lambda a: a.__setitem__("counts", np.array([5, 0])), "positive"),
+        (lambda a: a.__setitem__("counts", np.array(["5", "3"])), "expected real numbers"),
+        (lambda a: a.__setitem__("means", a["means"].astype(np.complex64)), "real numbers"),
         (lambda a: a["covariances"].__setitem__((0, 1, 1), -5.0), "negative variances"),
     ],
 )
 def test_malformed_stats_are_rejected_with_the_reason(change, reason):
     torch.manual_seed(0)
     model, (x, y) = TwoLayer(), _data()
-    arrays = stats_to_arrays(class_feature_stats(model, x[y != 1], y[y != 1], 3))
+    arrays = GAUSSIAN.to_arrays(GAUSSIAN.measure(model, x[y != 1], y[y != 1], 3))
     change(arrays)
     with pytest.raises(ValueError, match=reason):
-        stats_from_arrays(arrays, num_classes=3, dim=4)
+        GAUSSIAN.parse(arrays, num_classes=3, dim=4)
 
 
 def test_virtual_features_follow_the_pooled_gaussians_and_class_shares():
     means = torch.tensor([[0.0, 0.0], [5.0, -5.0]], dtype=torch.float64)
     covariances = torch.tensor([[[1.0, 0.8], [0.8, 1.0]], [[0.25, 0.0], [0.0, 4.0]]])
-    from fl_ec.feature_calibration import ClassFeatureStats
-
     stats = ClassFeatureStats(torch.tensor([300.0, 100.0]), means, covariances.double())
-    features, labels = sample_virtual_features(stats, 20_000, torch.Generator().manual_seed(0))
+    features, labels = GAUSSIAN.sample(stats, 20_000, torch.Generator().manual_seed(0))
     assert (labels == 0).sum() == 15_000 and (labels == 1).sum() == 5_000
     for label in (0, 1):
         rows = features[labels == label].double()
@@ -140,8 +138,8 @@ def test_calibration_repairs_a_classifier_biased_toward_one_class():
         model.classifier.weight.copy_(torch.cat([torch.eye(3), torch.zeros(3, 1)], 1))
         model.classifier.bias.copy_(torch.tensor([6.0, 0.0, 0.0]))
     before = accuracy(model(x), y)
-    stats = class_feature_stats(model, x, y, 3)
-    calibrate_classifier(model, stats, CalibrationSettings(samples=3000, epochs=5, lr=1e-2))
+    stats = GAUSSIAN.measure(model, x, y, 3)
+    GAUSSIAN.calibrate(model, stats, CalibrationSettings(samples=3000, epochs=5, lr=1e-2))
     after = accuracy(model(x), y)
     assert before < 0.5 and after > 0.95
     assert torch.equal(model.fc1.weight, torch.eye(4))  # only the classifier changed
@@ -149,6 +147,6 @@ def test_calibration_repairs_a_classifier_biased_toward_one_class():
 
 def test_calibration_rejects_stats_of_another_width():
     model = TwoLayer()
-    stats = class_feature_stats(TwoLayer(dim=5), *_data(), num_classes=3)
+    stats = GAUSSIAN.measure(TwoLayer(dim=5), *_data(), num_classes=3)
     with pytest.raises(ValueError, match="5 features"):
-        calibrate_classifier(model, stats)
+        GAUSSIAN.calibrate(model, stats, CalibrationSettings())

@@ -20,10 +20,10 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
+from fl_ec.calibration import CalibrationSettings
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
 from fl_ec.ensemble import teacher_logits
-from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.protocol import TRAIN_INFO_KEY
 from fl_ec.results import RunRecorder

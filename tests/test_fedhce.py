@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fl_ec.calibration import CalibrationSettings
 from fl_ec.compression import fake_quantize, unpack_state_dict
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
-from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.models import ArchSpec, build_from_state_dict, build_model
 from fl_ec.protocol import TRAIN_INFO_KEY
 from fl_ec.results import RunRecorder

@@ -7,24 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from fl_ec.feature_calibration import CalibrationSettings
-from fl_ec.head_calibration import (
+from fl_ec.calibration import (
     MIN_CLUSTER_ROWS,
+    CalibrationSettings,
+    ClassifierGaussian,
+    DenseMixture,
+    LowRankDense,
     LowRankMixture,
-    calibrate,
-    calibrate_dense_head,
-    calibrated_layers,
     kmeans_clusters,
-    low_rank_class_stats,
     low_rank_factor,
-    low_rank_from_arrays,
-    low_rank_mixture,
-    low_rank_to_arrays,
-    measure_stats,
-    merge,
-    merge_low_rank,
-    parse_stats,
-    sample_low_rank,
 )
 from fl_ec.scoring import accuracy
 
@@ -78,16 +69,16 @@ def test_a_factor_of_full_rank_reproduces_the_covariance_and_truncation_keeps_th
 def test_merging_clients_equals_the_statistics_of_their_union():
     model = Body()
     x, y = _classes()
-    parts = [low_rank_class_stats(model, x[i::3], y[i::3], 3, rank=8) for i in range(3)]
-    merged = merge_low_rank(parts, rank=8)
-    union = low_rank_class_stats(model, x, y, 3, rank=8)
+    parts = [LowRankDense(rank=8).measure(model, x[i::3], y[i::3], 3) for i in range(3)]
+    merged = LowRankDense(rank=8).merge(parts)
+    union = LowRankDense(rank=8).measure(model, x, y, 3)
     assert torch.equal(merged.counts, union.counts)
     assert torch.allclose(merged.means, union.means, atol=1e-10)
     for label in range(3):  # rank 8 = dim: exact
         assert torch.allclose(
             _model_covariance(merged, label), _model_covariance(union, label), atol=1e-8
         )
-    truncated = merge_low_rank(parts, rank=2)  # the dropped part joins the diagonal
+    truncated = LowRankDense(rank=2).merge(parts)  # the dropped part joins the diagonal
     for label in range(3):
         assert torch.allclose(
             _model_covariance(truncated, label).diagonal(),
@@ -99,8 +90,8 @@ def test_merging_clients_equals_the_statistics_of_their_union():
 def test_draws_follow_the_pooled_moments_and_class_shares():
     model = Body()
     x, y = _classes()
-    stats = low_rank_class_stats(model, x, y, 3, rank=8)
-    features, labels = sample_low_rank(stats, 30_000, torch.Generator().manual_seed(1))
+    stats = LowRankDense(rank=8).measure(model, x, y, 3)
+    features, labels = LowRankDense(rank=8).sample(stats, 30_000, torch.Generator().manual_seed(1))
     shares = torch.bincount(labels, minlength=3).double() / len(labels)
     assert torch.allclose(shares, stats.counts / stats.counts.sum(), atol=1e-3)
     for label in range(3):
@@ -112,10 +103,10 @@ def test_draws_follow_the_pooled_moments_and_class_shares():
 def test_wire_round_trip_and_rejections():
     model = Body()
     x, y = _classes()
-    stats = low_rank_class_stats(model, x[y < 2], y[y < 2], 3, rank=4)
-    arrays = low_rank_to_arrays(stats)
+    stats = LowRankDense(rank=4).measure(model, x[y < 2], y[y < 2], 3)
+    arrays = LowRankDense(rank=4).to_arrays(stats)
     assert arrays["classes"].tolist() == [0, 1]  # only the classes seen travel
-    back = low_rank_from_arrays(arrays, num_classes=3, dim=8, rank=4)
+    back = LowRankDense(rank=4).parse(arrays, num_classes=3, dim=8)
     assert torch.allclose(back.factors, stats.factors.float().double())
     assert back.counts[2] == 0
 
@@ -133,7 +124,7 @@ def test_wire_round_trip_and_rejections():
     }
     for reason, broken in cases.items():
         with pytest.raises(ValueError, match=reason):
-            low_rank_from_arrays(broken, num_classes=3, dim=8, rank=4)
+            LowRankDense(rank=4).parse(broken, num_classes=3, dim=8)
 
 
 def test_dense_calibration_repairs_a_broken_head_and_leaves_the_body_alone():
@@ -144,12 +135,11 @@ def test_dense_calibration_repairs_a_broken_head_and_leaves_the_body_alone():
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
     body = {k: v.clone() for k, v in model.body.state_dict().items()}
-    stats = merge_low_rank(
-        [low_rank_class_stats(model, x[i::2], y[i::2], 3, rank=4) for i in range(2)], rank=4
-    )
+    dense = LowRankDense(rank=4)
+    stats = dense.merge([dense.measure(model, x[i::2], y[i::2], 3) for i in range(2)])
     before = accuracy(model(x), y)
     settings = CalibrationSettings(samples=3000, epochs=5, lr=1e-2, layers="dense", rank=4)
-    calibrate_dense_head(model, stats, settings, seed=0)
+    settings.statistics().calibrate(model, stats, settings, seed=0)
     after = accuracy(model(x), y)
     assert before < 0.5 and after > 0.95
     assert all(torch.equal(v, model.body.state_dict()[k]) for k, v in body.items())
@@ -157,8 +147,11 @@ def test_dense_calibration_repairs_a_broken_head_and_leaves_the_body_alone():
 
 def test_dispatch_follows_the_settings_and_names_the_fix_for_a_model_without_a_head():
     model = Body()
-    assert calibrated_layers(model, CalibrationSettings()) is model.classifier
-    dense = calibrated_layers(model, CalibrationSettings(layers="dense"))
+    assert CalibrationSettings().statistics() == ClassifierGaussian()
+    assert CalibrationSettings.preset("dense").statistics() == LowRankDense(rank=64)
+    assert CalibrationSettings.preset("dense-mixture").statistics() == DenseMixture(32, 8)
+    assert CalibrationSettings().statistics().layers(model) is model.classifier
+    dense = CalibrationSettings(layers="dense").statistics().layers(model)
     assert {id(p) for p in dense.parameters()} == {
         id(p) for layer in (model.fc1, model.classifier) for p in layer.parameters()
     }
@@ -169,13 +162,14 @@ def test_dispatch_follows_the_settings_and_names_the_fix_for_a_model_without_a_h
             self.classifier = nn.Linear(4, 3)
 
     with pytest.raises(ValueError, match='calibration="classifier"'):
-        calibrated_layers(NoHead(), CalibrationSettings(layers="dense"))
+        CalibrationSettings(layers="dense").statistics().layers(NoHead())
     with pytest.raises(ValueError, match="choose one of classifier, dense"):
         CalibrationSettings(layers="conv")
     x, y = _classes()
-    stats = low_rank_class_stats(model, x, y, 3, rank=2)
+    stats = LowRankDense(rank=2).measure(model, x, y, 3)
+    settings = CalibrationSettings(layers="dense", rank=2)
     with pytest.raises(ValueError, match="head takes 3"):  # stats of another width
-        calibrate(Body(dim=3), stats, CalibrationSettings(layers="dense", rank=2))
+        settings.statistics().calibrate(Body(dim=3), stats, settings)
 
 
 # --- Mixtures: several Gaussians per class (CalibrationSettings.components > 1) ---
@@ -208,8 +202,8 @@ def test_kmeans_finds_separated_blobs_and_never_leaves_a_cluster_below_the_minim
 def test_a_class_mixture_keeps_the_class_moments_exactly_at_full_rank():
     model = Body()
     x, y = _classes(n=900)
-    mixture = low_rank_mixture(model, x, y, 3, rank=8, components=3)
-    union = low_rank_class_stats(model, x, y, 3, rank=8)
+    mixture = DenseMixture(rank=8, components=3).measure(model, x, y, 3)
+    union = LowRankDense(rank=8).measure(model, x, y, 3)
     assert len(mixture.labels) > 3  # some class was split
     assert torch.bincount(mixture.labels, minlength=3).max() <= 3
     for label in range(3):
@@ -232,14 +226,15 @@ def test_mixtures_travel_merge_by_concatenation_and_draw_per_component():
     model = Body()
     x, y = _classes(n=900)
     settings = CalibrationSettings(layers="dense", rank=4, components=2)
-    wires = [measure_stats(model, x[i::2], y[i::2], 3, settings) for i in range(2)]
+    kind = settings.statistics()
+    wires = [kind.to_arrays(kind.measure(model, x[i::2], y[i::2], 3)) for i in range(2)]
     assert any(len(set(w["classes"].tolist())) < len(w["classes"]) for w in wires)
-    parts = [parse_stats(w, 3, 8, settings) for w in wires]
-    merged = merge(parts, settings)
+    parts = [kind.parse(w, 3, 8) for w in wires]
+    merged = kind.merge(parts)
     assert isinstance(merged, LowRankMixture)
     assert len(merged.labels) == sum(len(w["classes"]) for w in wires)
     assert torch.allclose(merged.factors[: len(parts[0].labels)], parts[0].factors)
-    features, labels = sample_low_rank(merged, 20_000, torch.Generator().manual_seed(0))
+    features, labels = kind.sample(merged, 20_000, torch.Generator().manual_seed(0))
     shares = torch.bincount(labels, minlength=3).double() / len(labels)
     counts = torch.zeros(3, dtype=torch.float64).index_add_(0, merged.labels, merged.counts)
     assert torch.allclose(shares, counts / counts.sum(), atol=1e-3)
@@ -249,22 +244,25 @@ def test_mixtures_travel_merge_by_concatenation_and_draw_per_component():
         mean = (merged.counts[mine, None] * merged.means[mine]).sum(0) / merged.counts[mine].sum()
         assert torch.allclose(features[labels == label].double().mean(0), mean, atol=0.1)
     # A client without data sends an empty mixture, rejected as covering no class.
-    empty = measure_stats(model, x[:0], y[:0], 3, settings)
+    empty = kind.to_arrays(kind.measure(model, x[:0], y[:0], 3))
     with pytest.raises(ValueError, match="cover no class"):
-        parse_stats(empty, 3, 8, settings)
+        kind.parse(empty, 3, 8)
     # More components of one class than the query asked for is a malformed reply.
+    one = CalibrationSettings(layers="dense", rank=4, components=1).statistics()
     with pytest.raises(ValueError, match="distinct"):  # the one-Gaussian format
-        parse_stats(wires[0], 3, 8, CalibrationSettings(layers="dense", rank=4, components=1))
+        one.parse(wires[0], 3, 8)
     with pytest.raises(ValueError, match="at most 2 were asked"):
         tripled = {k: np.concatenate([v, v[:1], v[:1]]) for k, v in wires[0].items()}
-        parse_stats(tripled, 3, 8, settings)
+        kind.parse(tripled, 3, 8)
     # The mixture calibrates the head like the pooled statistics do.
     broken = Body()
     with torch.no_grad():
         broken.load_state_dict(model.state_dict())
         broken.classifier.weight.zero_()
         broken.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
-    calibrate(broken, merged, CalibrationSettings(samples=3000, lr=1e-2, layers="dense", rank=4))
+    kind.calibrate(
+        broken, merged, CalibrationSettings(samples=3000, lr=1e-2, layers="dense", rank=4)
+    )
     assert (broken(x).argmax(1) == y).float().mean() > 0.95
 
 

@@ -30,12 +30,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fl_ec.calibration import CalibrationSettings
 from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
-from fl_ec.feature_calibration import CalibrationSettings
-from fl_ec.head_calibration import measure_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
@@ -96,7 +95,7 @@ def query_handler(msg: Message, context: Context) -> Message:
     ``describe=true``: the partition id and its class counts (seeded client sampling,
     :mod:`fl_ec.strategies.sampling`). ``feature-stats=true``: FedEC's feature
     calibration asks for them after aggregating a round: one forward pass, no training
-    (:mod:`fl_ec.feature_calibration`).
+    (:mod:`fl_ec.calibration`).
     """
     try:
         if bool(msg.content[CONFIG_RECORD_KEY].get(DESCRIBE_KEY, False)):
@@ -310,13 +309,15 @@ def _feature_stats(msg: Message, context: Context) -> Message:
         raise ConfigError(f"query without {STATS_RECORD_KEY}=true: nothing to answer")
     config, _, data, spec, model = _setup(msg, context)
     start = time.perf_counter()
-    wire = measure_stats(
-        model,
-        data.train.normalize(data.train.images),
-        data.train.labels,
-        spec.num_classes,
-        _stats_settings(query_config),
-        device=select_device(config.device),
+    statistics = _stats_settings(query_config).statistics()
+    wire = statistics.to_arrays(
+        statistics.measure(
+            model,
+            data.train.normalize(data.train.images),
+            data.train.labels,
+            spec.num_classes,
+            device=select_device(config.device),
+        )
     )
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in wire.items()})
     metrics = MetricRecord(

@@ -30,7 +30,7 @@ class SmallCNN(nn.Module):
         """fc1 -> ReLU -> classifier: the flattened conv features to the logits.
 
         It shares this model's layers, so training it trains them
-        (:mod:`fl_ec.head_calibration`).
+        (:mod:`fl_ec.calibration.low_rank`).
         """
         return nn.Sequential(self.fc1, nn.ReLU(), self.classifier)
 

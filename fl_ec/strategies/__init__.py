@@ -5,9 +5,9 @@ argument; their own settings are the objects exported next to them.
 ``SeededSampling`` and ``TimedAggregation`` wrap any strategy (``StrategyWrapper``).
 """
 
+from fl_ec.calibration import CalibrationSettings
 from fl_ec.compression import Variant
 from fl_ec.distill import DistillSettings
-from fl_ec.feature_calibration import CalibrationSettings
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE

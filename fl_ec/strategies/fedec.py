@@ -24,14 +24,18 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_ec.calibration import classifier_of, target_prior
+from fl_ec.calibration import (
+    CalibrationSettings,
+    FeatureStats,
+    calibration_every,
+    classifier_of,
+    target_prior,
+)
 from fl_ec.config import CLIENT_STARTS
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillResult, DistillSettings, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, teacher_logits
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import CalibrationSettings, calibration_every
-from fl_ec.head_calibration import FeatureStats, calibrated_layers, merge, stats_dims
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
@@ -96,14 +100,14 @@ class FedEC(BeginsRunOnStart, FedAvg):
         climb; ``average`` keeps the climb and still serves the distilled gain.
     calibration : str | CalibrationSettings | None (default: None, no calibration)
         What is done to the served model after distillation: a preset name of
-        :meth:`~fl_ec.feature_calibration.CalibrationSettings.preset`
+        :meth:`~fl_ec.calibration.CalibrationSettings.preset`
         (``none``, ``prior``, ``classifier``, ``dense``, ``dense-mixture``) or the
         settings themselves.
 
         Method ``prior``: shift the served model's classifier bias so that its mean
         prediction over the round's proxy inputs equals the federation's label
         distribution (pooled from the clients' reported class counts); see
-        :mod:`fl_ec.calibration`. Uses no labels. With validation data, the corrected
+        :mod:`fl_ec.calibration.prior`. Uses no labels. With validation data, the corrected
         student, the corrected start of distillation (the parameter average) and the
         uncorrected student compete on validation accuracy: the uncorrected student is
         served only when it is *significantly* more accurate than the better corrected
@@ -115,9 +119,11 @@ class FedEC(BeginsRunOnStart, FedAvg):
         clients for the class-conditional statistics of the served model's classifier
         inputs on their data (a ``query`` message: one forward pass, no training),
         pool them, and fine-tune the served model's classifier on virtual features
-        drawn from them (CCVR; see :mod:`fl_ec.feature_calibration`) -- or, with
+        drawn from them (CCVR; see :mod:`fl_ec.calibration.gaussian`) -- or, with
         ``layers="dense"``, every dense layer on virtual inputs of the first one, from
-        low-rank statistics (:mod:`fl_ec.head_calibration`). With validation data the
+        low-rank statistics (:mod:`fl_ec.calibration.low_rank`). The settings'
+        :meth:`~fl_ec.calibration.CalibrationSettings.statistics` is the kind of
+        statistics asked for, pooled and calibrated from. With validation data the
         calibrated layers are kept unless the uncalibrated ones are significantly more
         accurate (the same test as the prior correction's). Clients without a query
         handler, or replies that fail the checks, are logged and left out; without any
@@ -183,6 +189,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         if not isinstance(calibration, CalibrationSettings):
             calibration = CalibrationSettings.preset(calibration or "none")
         self.calibration = calibration
+        self.feature_statistics = calibration.statistics()  # what feature calibration uses
         self.corrects_prior = calibration.method == "prior"
         self.calibrates_features = calibration.method == "features"
         self.calibration_every = calibration_every(calibration.rounds)
@@ -193,7 +200,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
             probe = build_model(spec) if spec is not None else model_builder()  # type: ignore[misc]
             classifier_of(probe)
             if self.calibrates_features:  # and without a dense head to calibrate
-                calibrated_layers(probe, calibration)
+                self.feature_statistics.layers(probe)
         if proxy_per_round < 0:
             raise ValueError(f"proxy_per_round={proxy_per_round} must be >= 0 (0: all)")
         self.proxy_per_round = proxy_per_round
@@ -419,7 +426,8 @@ class FedEC(BeginsRunOnStart, FedAvg):
         stats.update(
             serve_feature_calibrated(
                 served,
-                merge(parts, self.calibration),
+                self.feature_statistics,
+                self.feature_statistics.merge(parts),
                 self.calibration,
                 self.seed * 10_007 + server_round,
                 self._hits,
@@ -464,10 +472,10 @@ class FedEC(BeginsRunOnStart, FedAvg):
         )
         query_seconds = time.perf_counter() - start
         parts = []
-        num_classes, dim = stats_dims(model, self.calibration)
+        num_classes, dim = self.feature_statistics.dims(model)
         for reply in replies:
             try:
-                parts.append(parse_stats_reply(reply, num_classes, dim, self.calibration))
+                parts.append(parse_stats_reply(reply, num_classes, dim, self.feature_statistics))
             except ValueError as reason:
                 log(
                     WARNING,

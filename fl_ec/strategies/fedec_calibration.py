@@ -2,11 +2,11 @@
 
 Two fixes act on the served model's last layers only:
 
-* the label-prior correction (:mod:`fl_ec.calibration`), which shifts the classifier's
-  bias;
-* CCVR (:mod:`fl_ec.feature_calibration`), which retrains the classifier -- or every
-  dense layer (:mod:`fl_ec.head_calibration`) -- on virtual features drawn from the
-  clients' pooled statistics.
+* the label-prior correction (:mod:`fl_ec.calibration.prior`), which shifts the
+  classifier's bias;
+* CCVR, which retrains the classifier -- or every dense layer -- on virtual features
+  drawn from the clients' pooled statistics (one
+  :class:`~fl_ec.calibration.FeatureStatistics` object per kind of statistics).
 
 Both are applied, and then kept unless the unfixed model is *significantly* more
 accurate on the server's validation split. Significance is McNemar's paired z (over the
@@ -28,9 +28,13 @@ import torch
 from flwr.common.logger import log
 from torch import nn
 
-from fl_ec.calibration import correct_prior, paired_z
-from fl_ec.feature_calibration import CalibrationSettings
-from fl_ec.head_calibration import FeatureStats, calibrate, calibrated_layers
+from fl_ec.calibration import (
+    CalibrationSettings,
+    FeatureStatistics,
+    FeatureStats,
+    correct_prior,
+    paired_z,
+)
 from fl_ec.scoring import hit_rate
 
 # A fix is reverted when the unfixed model is more accurate on validation with a
@@ -100,6 +104,7 @@ def serve_prior_corrected(
 
 def serve_feature_calibrated(
     served: nn.Module,
+    statistics: FeatureStatistics,
     stats: FeatureStats,
     settings: CalibrationSettings,
     seed: int,
@@ -109,13 +114,14 @@ def serve_feature_calibrated(
 ) -> dict[str, float]:
     """Calibrate ``served`` in place from ``stats`` unless it hurts; metrics.
 
-    ``settings.layers`` says which layers change (the classifier, or the dense head).
+    ``statistics`` is the kind ``stats`` are of: it says which layers change (the
+    classifier, or the dense head) and how. ``settings`` says how they are fine-tuned.
     ``name`` says which model in the log (FedHCE calibrates each variant too).
     """
-    layers = calibrated_layers(served, settings)
+    layers = statistics.layers(served)
     before_state = copy.deepcopy(layers.state_dict())  # the only layers it changes
     before_hits = hits(served)
-    metrics = {"calibration-seconds": calibrate(served, stats, settings, seed=seed)}
+    metrics = {"calibration-seconds": statistics.calibrate(served, stats, settings, seed=seed)}
     if before_hits is not None:
         after_hits = hits(served)
         metrics["calibration-val-gain"] = hit_rate(after_hits) - hit_rate(before_hits)

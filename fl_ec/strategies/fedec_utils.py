@@ -14,9 +14,8 @@ import torch
 from flwr.app import Message
 from torch.utils.data import DataLoader, Dataset
 
+from fl_ec.calibration import FeatureStatistics, FeatureStats
 from fl_ec.errors import ModelSpecError
-from fl_ec.feature_calibration import CalibrationSettings
-from fl_ec.head_calibration import FeatureStats, parse_stats
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
@@ -177,15 +176,18 @@ def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def parse_stats_reply(
-    message: Message, num_classes: int, dim: int, settings: CalibrationSettings
+    message: Message, num_classes: int, dim: int, statistics: FeatureStatistics
 ) -> FeatureStats:
-    """A query reply's feature statistics, or ``ValueError`` naming the defect."""
+    """A query reply's feature statistics of kind ``statistics``, or ``ValueError``.
+
+    The error names the defect.
+    """
     if message.has_error():
         raise ValueError(f"error reply: {message.error.reason}")
     if STATS_RECORD_KEY not in message.content.array_records:
         raise ValueError(f"no {STATS_RECORD_KEY!r} ArrayRecord in the reply")
     record = message.content.array_records[STATS_RECORD_KEY]
-    return parse_stats({k: a.numpy() for k, a in record.items()}, num_classes, dim, settings)
+    return statistics.parse({k: a.numpy() for k, a in record.items()}, num_classes, dim)
 
 
 def proxy_tensor(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:

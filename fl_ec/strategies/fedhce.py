@@ -33,7 +33,6 @@ from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
 from fl_ec.hce import evaluate_variants, save_variants
-from fl_ec.head_calibration import merge
 from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
 from fl_ec.protocol import CAPABILITY_KEY, VARIANT_BITS_KEY, VARIANT_KEY, WIRE_MANIFEST_KEY
@@ -381,7 +380,8 @@ class FedHCE(FedEC):
                 metrics.update(
                     serve_feature_calibrated(
                         model,
-                        merge(parts, self.calibration),
+                        self.feature_statistics,
+                        self.feature_statistics.merge(parts),
                         self.calibration,
                         self.seed * 10_007 + server_round + 7_919 * (index + 1),
                         self._hits,

@@ -7,20 +7,25 @@ algorithms never depend on Flower's config format.
 
 Validation happens here, eagerly, so that a bad value fails in the first second of a
 run with one line naming the key and what to change -- instead of deep inside a
-client after Flower's start-up.
+client after Flower's start-up. Knobs that fill a settings object (distillation,
+layer-parallel training, FedHCE's variants and policy) are checked by building that
+object with the code that owns it, its error re-raised naming the run-config key;
+this module checks the rest, and what spans sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fl_ec.calibration import CALIBRATION_NODES, CalibrationSettings
+from fl_ec.distill import DistillSettings
 from fl_ec.ensemble import RULES
-from fl_ec.errors import ConfigError
-from fl_ec.layer_parallel.objectives import BOUNDARY_BITS, METHODS
+from fl_ec.errors import ConfigError, SettingError
+from fl_ec.layer_parallel.objectives import LPSettings
 from fl_ec.models.spec import is_known_model
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
@@ -29,6 +34,20 @@ CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
+# The LPSettings fields the run-config sets, each with the ExperimentConfig field it
+# comes from (whose kebab-case name is the run-config key).
+LP_FIELDS = {
+    "stages": "lp_stages",
+    "method": "lp_method",
+    "downsample": "lp_downsample",
+    "boundary_bits": "lp_boundary_bits",
+    "parallel_epochs": "lp_parallel_epochs",
+    "serial_epochs": "lp_serial_epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "momentum": "momentum",
+    "seed": "seed",
+}
 
 
 # Run-config keys fl-ec no longer has, each with what to do instead: a retired key fails
@@ -176,25 +195,23 @@ class ExperimentConfig:
         return config
 
     def _validate_fedhce(self) -> None:
+        """The FedHCE knobs, parsed by the code that uses them, and their cross-references."""
         from fl_ec.compression.variants import parse_variants
+        from fl_ec.diversity import check_diversity_weight
+        from fl_ec.strategies.fedhce_utils import check_variant_names, parse_tier_policy
 
         try:
             names = [v.name for v in parse_variants(self.variants)]
         except ValueError as err:
             raise ConfigError(f"variants={self.variants!r}: {err}") from None
-        referenced = [
-            ("hce-ensemble", n.strip()) for n in self.hce_ensemble.split(",") if n.strip()
-        ]
-        for part in filter(None, (p.strip() for p in self.variant_policy.split(","))):
-            tier, sep, name = part.partition("=")
-            if not sep or not tier.strip():
-                raise ConfigError(f"variant-policy entry {part!r} must look like tier=variant")
-            referenced.append(("variant-policy", name.strip()))
-        for key, name in referenced:
-            if name not in names:
-                raise ConfigError(f"{key} names {name!r}, which is not in variants={names}")
-        if not 0.0 <= self.diversity_weight <= 1.0:
-            raise ConfigError(f"diversity-weight={self.diversity_weight} must be within [0, 1]")
+        try:
+            policy = parse_tier_policy(self.variant_policy, default=names[-1])
+            check_variant_names("variant-policy", policy.by_tier.values(), names)
+            check_variant_names("hce-ensemble", self.hce_ensemble_names(), names)
+        except ValueError as err:  # the messages name the run-config key
+            raise ConfigError(str(err)) from None
+        with _settings_errors(diversity_weight="diversity-weight"):
+            check_diversity_weight(self.diversity_weight)
         parse_tier_counts(self.simulated_tiers)
 
     def validate(self) -> None:
@@ -221,32 +238,20 @@ class ExperimentConfig:
                 "proxy set or a query to the clients): for FedAvg + calibration set "
                 'strategy="fedec", distill-steps=0, client-start="average"'
             )
-        for key, value in (
-            ("distill-steps", self.distill_steps),
-            ("proxy-per-round", self.proxy_per_round),
-            ("variant-distill-steps", self.variant_distill_steps),
-            ("lp-serial-epochs", self.lp_serial_epochs),
-        ):
-            if value < 0:
-                raise ConfigError(f"{key}={value} must be >= 0")
+        if self.proxy_per_round < 0:
+            raise ConfigError(f"proxy-per-round={self.proxy_per_round} must be >= 0")
+        self.distill_settings()
+        self.variant_distill_settings()
         self._validate_fedhce()
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
-        _choice("lp-method", self.lp_method, METHODS)
+        self.lp_settings()  # checked whatever the trainers: a bad lp-* value fails every run
         uses_lp = "layer-parallel" in (self.trainer, self.distill_trainer)
         if uses_lp and not self.model.startswith("resnet"):
             raise ConfigError(
                 f"layer-parallel training splits a ResNet at block boundaries: set "
                 f'model="resnet20" (or another resnet<6n+2>), not {self.model!r}'
             )
-        _positive("lp-stages", self.lp_stages)
-        _positive("lp-downsample", self.lp_downsample)
-        if self.lp_boundary_bits not in BOUNDARY_BITS:
-            raise ConfigError(
-                f"lp-boundary-bits={self.lp_boundary_bits}: set 32 (fp32 on the wire), 8, 6 "
-                "or 4 (codes per sample's range: ~4x, 5.3x, 8x fewer boundary bytes)"
-            )
-        _positive("lp-parallel-epochs", self.lp_parallel_epochs)
         if not self.alpha > 0:
             raise ConfigError(
                 f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "
@@ -278,6 +283,33 @@ class ExperimentConfig:
             raise ConfigError(f"momentum={self.momentum} must be within [0, 1)")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max-grad-norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
+
+    def distill_settings(self) -> DistillSettings:
+        """The server's distillation: the library's settings with ``distill-steps``."""
+        with _settings_errors(steps="distill-steps"):
+            return DistillSettings(steps=self.distill_steps)
+
+    def variant_distill_settings(self) -> DistillSettings:
+        """FedHCE's distillation of its variants: ``variant-distill-steps`` steps."""
+        with _settings_errors(steps="variant-distill-steps"):
+            return dataclasses.replace(self.distill_settings(), steps=self.variant_distill_steps)
+
+    def lp_settings(self, **overrides: Any) -> LPSettings:
+        """The layer-parallel trainer's settings, with ``overrides`` (LPSettings fields).
+
+        The ``lp-*`` knobs, the clients' batch size, lr, momentum and seed, and no weight
+        decay (as the clients' SGD).
+        """
+        values: dict[str, Any] = {name: getattr(self, source) for name, source in LP_FIELDS.items()}
+        values["weight_decay"] = 0.0
+        values.update(overrides)
+        keys = {name: source.replace("_", "-") for name, source in LP_FIELDS.items()}
+        with _settings_errors(**{k: v for k, v in keys.items() if k not in overrides}):
+            return LPSettings(**values)
+
+    def hce_ensemble_names(self) -> list[str]:
+        """The variants named by ``hce-ensemble`` (empty: FedHCE's default members)."""
+        return [name.strip() for name in self.hce_ensemble.split(",") if name.strip()]
 
     def calibration_settings(self) -> CalibrationSettings:
         """The ``calibration`` preset, with ``calibration-rounds`` and ``calibration-nodes``."""
@@ -384,6 +416,20 @@ def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]
     if tiers and num_partitions is not None and len(tiers) != num_partitions:
         tiers = [tiers[i * len(tiers) // num_partitions] for i in range(num_partitions)]
     return tiers
+
+
+@contextmanager
+def _settings_errors(**keys: str) -> Iterator[None]:
+    """Re-raise a settings object's :class:`SettingError` as a :class:`ConfigError`.
+
+    ``keys`` maps the settings' field names to the run-config keys that set them; an
+    error in a field set elsewhere keeps the settings' own message.
+    """
+    try:
+        yield
+    except SettingError as err:
+        key = keys.get(err.field)
+        raise ConfigError(f"{key}={err.value!r} {err.reason}" if key else str(err)) from None
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
+from fl_ec.errors import check_fields
 from fl_ec.models.layout import channels_last
 from fl_ec.scoring import model_accuracy
 
@@ -36,7 +37,8 @@ class DistillSettings:
 
     Proxy batch size, Adam lr (cosine decay to 0 over ``steps``), KD temperature,
     steps between validation checks (the best checkpoint is kept) and the steps
-    without a better validation accuracy after which it stops.
+    without a better validation accuracy after which it stops. A value out of range
+    raises :class:`~fl_ec.errors.SettingError` (a ``ValueError``) naming the field.
     """
 
     steps: int = 500
@@ -46,6 +48,19 @@ class DistillSettings:
     eval_every: int = 50
     patience: int = 100
     recalibrate_bn: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            (
+                ("steps", self.steps >= 0, "must be >= 0 (0: no distillation step)"),
+                ("batch_size", self.batch_size >= 1, "must be >= 1"),
+                ("lr", self.lr > 0, "must be > 0"),
+                ("temperature", self.temperature > 0, "must be > 0"),
+                ("eval_every", self.eval_every >= 1, "must be >= 1"),
+                ("patience", self.patience >= 0, "must be >= 0"),
+            ),
+        )
 
 
 @dataclass

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
+from fl_ec.errors import SettingError
+
 
 class VariantEnsemble(nn.Module):
     """Several models trained together; ``forward`` is their mean-logit ensemble."""
@@ -55,6 +57,12 @@ def disagreement(member_logits: torch.Tensor) -> torch.Tensor:
     return member_logits.logsumexp(-1).mean(0) - member_logits.mean(0).logsumexp(-1)
 
 
+def check_diversity_weight(diversity_weight: float) -> None:
+    """Raise :class:`~fl_ec.errors.SettingError` unless ``0 <= diversity_weight <= 1``."""
+    if not 0.0 <= diversity_weight <= 1.0:
+        raise SettingError("", "diversity_weight", diversity_weight, "must be within [0, 1]")
+
+
 def diversity_kd_loss(
     member_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -62,8 +70,7 @@ def diversity_kd_loss(
     diversity_weight: float,
 ) -> torch.Tensor:
     """The diversity-aware KD loss above for ``(V, B, C)`` member logits, times T^2."""
-    if not 0.0 <= diversity_weight <= 1.0:
-        raise ValueError(f"diversity_weight={diversity_weight} must be within [0, 1]")
+    check_diversity_weight(diversity_weight)
     t = temperature
     teacher_log_probs = F.log_softmax(teacher_logits.float() / t, dim=-1)
     teacher_probs = teacher_log_probs.exp()

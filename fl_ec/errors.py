@@ -7,6 +7,8 @@ the problem and what to change.
 """
 
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 
 class FlEcError(Exception):
@@ -23,6 +25,32 @@ class DataError(FlEcError):
 
 class ModelSpecError(FlEcError):
     """An architecture spec or a set of arrays does not describe a buildable model."""
+
+
+class SettingError(FlEcError, ValueError):
+    """A settings object's field holds a value it cannot work with.
+
+    Settings dataclasses raise it from their own checks, so each rule lives next to
+    the field it guards. ``str()`` is one line: ``"<owner>.<field>=<value> <reason>"``,
+    ``reason`` saying what to change. :class:`~fl_ec.config.ExperimentConfig` re-raises
+    it as a :class:`ConfigError` that names the run-config key the field came from.
+    It subclasses ``ValueError`` too, which library callers of a settings class catch.
+    """
+
+    def __init__(self, owner: str, field: str, value: Any, reason: str) -> None:
+        self.owner, self.field, self.value, self.reason = owner, field, value, reason
+        name = f"{owner}.{field}" if owner else field
+        super().__init__(f"{name}={value!r} {reason}")
+
+
+def check_fields(settings: object, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """Raise :class:`SettingError` for the first ``(field, ok, reason)`` that is not ``ok``.
+
+    The error names ``settings``' class and the field's current value.
+    """
+    for field, ok, reason in checks:
+        if not ok:
+            raise SettingError(type(settings).__name__, field, getattr(settings, field), reason)
 
 
 class OneLineErrors(logging.Filter):

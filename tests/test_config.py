@@ -49,6 +49,20 @@ def test_values_are_coerced_to_declared_types():
         ({"feature-calibration": True}, 'feature-calibration no longer exists: use calibration="'),
         ({"prior-correction": True}, 'prior-correction no longer exists: use calibration="prior"'),
         ({"distill-lr": 0.01}, "distill-lr no longer exists"),
+        # Knobs checked by the settings object they fill, named by their run-config key.
+        ({"distill-steps": -1}, "distill-steps=-1 must be >= 0"),
+        ({"variant-distill-steps": -2}, "variant-distill-steps=-2 must be >= 0"),
+        ({"lp-boundary-bits": 5}, "lp-boundary-bits=5 is not offered: set 32 (fp32 on the wire)"),
+        ({"lp-method": "admm"}, "lp-method='admm' is unknown: choose one of penalty, al"),
+        ({"lp-stages": 0}, "lp-stages=0 must be >= 1"),
+        ({"lp-downsample": 0}, "lp-downsample=0 must be >= 1"),
+        ({"lp-parallel-epochs": 0}, "lp-parallel-epochs=0 must be >= 1"),
+        ({"lp-serial-epochs": -1}, "lp-serial-epochs=-1 must be >= 0"),
+        ({"diversity-weight": 1.5}, "diversity-weight=1.5 must be within [0, 1]"),
+        ({"variants": "full,int3"}, "variants='full,int3': variant 'int3'"),
+        ({"variant-policy": "gpu"}, "variant-policy entry 'gpu' must look like tier=variant"),
+        ({"variant-policy": "gpu=int3"}, "variant-policy names 'int3', which is not among"),
+        ({"hce-ensemble": "int3"}, "hce-ensemble names 'int3', which is not among the variants"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):
@@ -88,6 +102,20 @@ def test_layer_parallel_needs_a_resnet_and_says_so():
         {"distill-trainer": "layer-parallel", "model": "resnet20", "lp-stages": 4}
     )
     assert config.lp_stages == 4
+
+
+def test_settings_objects_are_built_from_the_run_config():
+    config = ExperimentConfig.from_run_config(
+        {"lp-stages": 3, "lp-boundary-bits": 6, "batch-size": 16, "distill-steps": 7}
+    )
+    settings = config.lp_settings(epochs=2)
+    assert (settings.stages, settings.boundary_bits, settings.batch_size) == (3, 6, 16)
+    assert (settings.epochs, settings.lr, settings.weight_decay) == (2, config.lr, 0.0)
+    assert config.distill_settings().steps == 7
+    assert config.variant_distill_settings().steps == config.variant_distill_steps
+    # A bad override is named by its settings field: no run-config key set it.
+    with pytest.raises(ConfigError, match="^LPSettings.epochs=0 must be >= 1"):
+        config.lp_settings(epochs=0)
 
 
 def test_dataclass_defaults_equal_pyprojects():

@@ -1,5 +1,6 @@
 """Distillation on tiny synthetic data, without Flower."""
 
+import pytest
 import torch
 
 from fl_ec.data.sources import make_synthetic
@@ -108,3 +109,21 @@ def test_zero_steps_need_no_teacher_but_still_recalibrate_and_score():
     assert all(torch.equal(p, weights[k]) for k, p in model.named_parameters())  # no step
     with pytest.raises(ValueError, match="only distill\\(steps=0\\)"):
         distill(model, inputs, None, validation, DistillSettings(steps=1))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("steps", -1, "DistillSettings.steps=-1 must be >= 0"),
+        ("batch_size", 0, "DistillSettings.batch_size=0 must be >= 1"),
+        ("lr", 0.0, "DistillSettings.lr=0.0 must be > 0"),
+        ("temperature", -2.0, "DistillSettings.temperature=-2.0 must be > 0"),
+        ("eval_every", 0, "DistillSettings.eval_every=0 must be >= 1"),
+        ("patience", -1, "DistillSettings.patience=-1 must be >= 0"),
+    ],
+)
+def test_settings_reject_a_bad_field_by_name(field, value, fragment):
+    with pytest.raises(ValueError) as info:
+        DistillSettings(**{field: value})
+    assert str(info.value).startswith(fragment) and "\n" not in str(info.value)
+    assert DistillSettings(steps=0).steps == 0  # 0 takes no step, a valid choice

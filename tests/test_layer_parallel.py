@@ -98,6 +98,28 @@ def test_cosine_lr_schedule():
         LPSettings(lr_schedule="step")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("method", "admm", "LPSettings.method='admm' is unknown: choose one of penalty, al"),
+        ("loss", "mse", "LPSettings.loss='mse' is unknown: choose one of ce, kl"),
+        ("backend", "mpi", "LPSettings.backend='mpi' is unknown"),
+        ("stages", 0, "LPSettings.stages=0 must be >= 1"),
+        ("epochs", 0, "LPSettings.epochs=0 must be >= 1"),
+        ("parallel_epochs", 0, "LPSettings.parallel_epochs=0 must be >= 1"),
+        ("serial_epochs", -1, "LPSettings.serial_epochs=-1 must be >= 0"),
+        ("downsample", 0, "LPSettings.downsample=0 must be >= 1"),
+        ("boundary_bits", 5, "LPSettings.boundary_bits=5 is not offered: set 32"),
+    ],
+)
+def test_settings_reject_a_bad_field_by_name(field, value, fragment):
+    with pytest.raises(ValueError) as info:
+        LPSettings(**{field: value})
+    assert str(info.value).startswith(fragment)
+    with pytest.raises(ValueError, match="BoundaryFilter.bits=16 is not offered"):
+        BoundaryFilter(bits=16)
+
+
 def test_fewer_devices_than_stages_falls_back_and_says_so(caplog):
     settings = LPSettings(stages=64, threads_per_worker=1, backend="gloo")
     stages, backend = usable_stages(64, settings, num_blocks=9)

@@ -225,11 +225,10 @@ def _train_layer_parallel(model, spec, data, config, round_config, node, server_
 
     It trains fp32 weights: a quantized FedHCE variant is trained without fake-quant here.
     """
-    from fl_ec.layer_parallel import LPSettings, train_layer_parallel
+    from fl_ec.layer_parallel import train_layer_parallel
 
     start = time.perf_counter()
-    settings = LPSettings.from_experiment(
-        config,
+    settings = config.lp_settings(
         epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
         lr=float(round_config.get(LR_KEY, config.lr)),
         seed=local_seed(config, node.partition_id, server_round),

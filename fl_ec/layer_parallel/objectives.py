@@ -36,22 +36,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 from fl_ec.bitpack import pack_codes, packed_size, unpack_codes
+from fl_ec.errors import check_fields
 
 METHODS = ("penalty", "al")
 LOSSES = ("ce", "kl")
 BOUNDARY_BITS = (32, 8, 6, 4)  # 32 = fp32; else unsigned codes, packed below 8 bits
 LR_SCHEDULES = ("constant", "cosine")
+BACKENDS = ("auto", "nccl", "gloo")
+BOUNDARY_BITS_REASON = (
+    "is not offered: set 32 (fp32 on the wire), 8, 6 or 4 "
+    "(codes per sample's range: ~4x, 5.3x, 8x fewer boundary bytes)"
+)
 
 
 @dataclass(frozen=True)
 class LPSettings:
-    """Knobs of layer-parallel training."""
+    """Knobs of layer-parallel training.
+
+    Construction checks every choice and range; a bad one raises
+    :class:`~fl_ec.errors.SettingError` (a ``ValueError``) naming the field.
+    :meth:`fl_ec.config.ExperimentConfig.lp_settings` builds it from a run-config.
+    """
 
     stages: int = 2
     method: str = "penalty"  # "al" needs >= 2 parallel epochs per cycle (multipliers_act)
@@ -79,37 +89,21 @@ class LPSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"lp method {self.method!r}: choose penalty or al")
-        if self.loss not in LOSSES:
-            raise ValueError(f"lp loss {self.loss!r}: choose ce or kl")
-        if self.stages < 1 or self.epochs < 1 or self.parallel_epochs < 1:
-            raise ValueError("lp stages, epochs and parallel_epochs must be >= 1")
-        if self.serial_epochs < 0 or self.downsample < 1:
-            raise ValueError("lp serial_epochs must be >= 0 and downsample >= 1")
-        if self.boundary_bits not in BOUNDARY_BITS:
-            raise ValueError(f"lp boundary_bits {self.boundary_bits}: choose {_bits_choices()}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lp lr_schedule {self.lr_schedule!r}: choose constant or cosine")
-
-    @classmethod
-    def from_experiment(cls, config: Any, **overrides: Any) -> LPSettings:
-        """The ``lp-*`` knobs of an :class:`~fl_ec.config.ExperimentConfig`, plus overrides."""
-        values = dict(
-            stages=config.lp_stages,
-            method=config.lp_method,
-            downsample=config.lp_downsample,
-            boundary_bits=config.lp_boundary_bits,
-            parallel_epochs=config.lp_parallel_epochs,
-            serial_epochs=config.lp_serial_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=0.0,  # as the clients' SGD
-            seed=config.seed,
+        check_fields(
+            self,
+            (
+                ("method", self.method in METHODS, _one_of(METHODS)),
+                ("loss", self.loss in LOSSES, _one_of(LOSSES)),
+                ("lr_schedule", self.lr_schedule in LR_SCHEDULES, _one_of(LR_SCHEDULES)),
+                ("backend", self.backend in BACKENDS, _one_of(BACKENDS)),
+                ("stages", self.stages >= 1, "must be >= 1"),
+                ("epochs", self.epochs >= 1, "must be >= 1"),
+                ("parallel_epochs", self.parallel_epochs >= 1, "must be >= 1"),
+                ("serial_epochs", self.serial_epochs >= 0, "must be >= 0"),
+                ("downsample", self.downsample >= 1, "must be >= 1 (1: off)"),
+                ("boundary_bits", self.boundary_bits in BOUNDARY_BITS, BOUNDARY_BITS_REASON),
+            ),
         )
-        values.update(overrides)
-        return cls(**values)
 
     def lr_at(self, epoch: int) -> float:
         """The weights' learning rate in epoch ``epoch`` (0-based) of ``epochs``."""
@@ -144,8 +138,8 @@ class LPSettings:
         return self.serial_epochs > 0 and epoch % cycle >= self.parallel_epochs
 
 
-def _bits_choices() -> str:
-    return ", ".join(str(bits) for bits in BOUNDARY_BITS)
+def _one_of(options: tuple[str, ...]) -> str:
+    return f"is unknown: choose one of {', '.join(options)}"
 
 
 class BoundaryFilter:
@@ -165,10 +159,9 @@ class BoundaryFilter:
     """
 
     def __init__(self, factor: int = 1, bits: int = 32) -> None:
-        if bits not in BOUNDARY_BITS:
-            raise ValueError(f"boundary bits {bits}: choose {_bits_choices()}")
         self.factor = factor
         self.bits = bits
+        check_fields(self, (("bits", bits in BOUNDARY_BITS, BOUNDARY_BITS_REASON),))
         self.levels = 2**bits - 1
 
     def down(self, x: torch.Tensor) -> torch.Tensor:

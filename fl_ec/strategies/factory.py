@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_ec.config import STRATEGIES, ExperimentConfig
 from fl_ec.data.federated import ServerData
-from fl_ec.distill import DistillSettings
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import ArchSpec
-
-
-def distill_settings(config: ExperimentConfig) -> DistillSettings:
-    """The library's distillation settings with the run's ``distill-steps``."""
-    return DistillSettings(steps=config.distill_steps)
 
 
 def build_strategy(
@@ -47,7 +39,7 @@ def build_strategy(
             proxy_data=server_data.proxy.normalize(server_data.proxy.images),
             arch_spec=spec,
             validation_data=(validation.normalize(validation.images), validation.labels),
-            distill=distill_settings(config),
+            distill=config.distill_settings(),
             teacher_rule=config.teacher_rule,
             client_start=config.client_start,
             calibration=config.calibration_settings(),
@@ -75,16 +67,13 @@ def _fedhce(config: ExperimentConfig, fedec_kwargs: dict) -> Strategy:
     from fl_ec.strategies.fedhce_utils import parse_tier_policy
 
     variants = parse_variants(config.variants)
-    hce = [name.strip() for name in config.hce_ensemble.split(",") if name.strip()]
     return FedHCE(
         variants=variants,
         # Unlisted tiers get the last variant, the most compressed by convention.
         assignment_policy=parse_tier_policy(config.variant_policy, variants[-1].name),
-        hce_ensemble=hce or None,
+        hce_ensemble=config.hce_ensemble_names() or None,
         diversity_weight=config.diversity_weight,
-        variant_distill=dataclasses.replace(
-            distill_settings(config), steps=config.variant_distill_steps
-        ),
+        variant_distill=config.variant_distill_settings(),
         fold_pruned=config.fold_pruned,
         calibrate_variants=config.calibrate_variants,
         **fedec_kwargs,
@@ -99,14 +88,13 @@ def _layer_parallel_student_trainer(config: ExperimentConfig, spec: ArchSpec):  
     """
     import math
 
-    from fl_ec.layer_parallel import LPSettings, train_layer_parallel
+    from fl_ec.layer_parallel import train_layer_parallel
 
-    distill = distill_settings(config)
+    distill = config.distill_settings()
 
     def train(student, proxy, teacher_logits) -> None:  # noqa: ANN001
         epochs = max(1, math.ceil(distill.steps * distill.batch_size / len(proxy)))
-        settings = LPSettings.from_experiment(
-            config,
+        settings = config.lp_settings(
             loss="kl",
             temperature=distill.temperature,
             epochs=epochs,

@@ -31,7 +31,7 @@ from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
 from fl_ec.compression.variants import VariantFactory
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
-from fl_ec.diversity import VariantEnsemble, diversity_loss_fn
+from fl_ec.diversity import VariantEnsemble, check_diversity_weight, diversity_loss_fn
 from fl_ec.hce import evaluate_variants, save_variants
 from fl_ec.models.layout import channels_last
 from fl_ec.models.spec import build_from_state_dict
@@ -45,6 +45,7 @@ from fl_ec.strategies.fedhce_utils import (
     AssignmentPolicy,
     Payload,
     TierPolicy,
+    check_variant_names,
     make_payload,
     prediction_disagreement,
     rebase_update,
@@ -122,13 +123,10 @@ class FedHCE(FedEC):
         self.variants = {v.name: v for v in parsed}
         self.default_variant = parsed[-1].name
         names = list(self.variants)
-        for name in hce_ensemble or []:
-            if name not in self.variants:
-                raise ValueError(f"variant {name!r} is not among the variants {names}")
+        check_variant_names("hce_ensemble", hce_ensemble or [], names)
         self.hce_names = list(hce_ensemble or [n for n in names if n != FULL]) or names
         self.policy = assignment_policy or TierPolicy({}, self.default_variant)
-        if not 0.0 <= diversity_weight <= 1.0:
-            raise ValueError(f"diversity_weight={diversity_weight} must be within [0, 1]")
+        check_diversity_weight(diversity_weight)
         self.diversity_weight = diversity_weight
         self.variant_distill = variant_distill or DistillSettings(steps=100)
         self.fold_pruned = fold_pruned

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,15 @@ def parse_tier_policy(text: str, default: str) -> TierPolicy:
             raise ValueError(f"variant-policy entry {part!r} must look like tier=variant")
         by_tier[tier.strip()] = variant.strip()
     return TierPolicy(by_tier, default)
+
+
+def check_variant_names(key: str, requested: Iterable[str], variants: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``key`` when ``requested`` has a name not in ``variants``."""
+    for name in requested:
+        if name not in variants:
+            raise ValueError(
+                f"{key} names {name!r}, which is not among the variants {list(variants)}"
+            )
 
 
 @dataclass

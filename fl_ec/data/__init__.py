@@ -1,5 +1,6 @@
 """Datasets, server hold-out and client partitions."""
 
+from fl_ec.data.batches import input_tensor, labelled_tensors
 from fl_ec.data.federated import (
     ClientData,
     ServerData,
@@ -7,6 +8,7 @@ from fl_ec.data.federated import (
     load_client_data,
     load_server_data,
 )
+from fl_ec.data.hold_out import HeldOut, hold_out
 from fl_ec.data.partition import ServerHoldout, partition_labels, split_server_holdout
 from fl_ec.data.sources import (
     load_cifar10,
@@ -19,6 +21,10 @@ from fl_ec.data.sources import (
 from fl_ec.data.tensor_data import TensorData
 
 __all__ = [
+    "HeldOut",
+    "hold_out",
+    "input_tensor",
+    "labelled_tensors",
     "ClientData",
     "ServerData",
     "ServerHoldout",

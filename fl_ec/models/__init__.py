@@ -1,7 +1,7 @@
 """Models (small CNN, CIFAR ResNets) and their JSON architecture specs."""
 
 from fl_ec.models.cnn import SmallCNN
-from fl_ec.models.layout import channels_last
+from fl_ec.models.layout import channels_last, probe_channels_last
 from fl_ec.models.resnet import CifarResNet
 from fl_ec.models.spec import (
     ArchSpec,
@@ -20,4 +20,5 @@ __all__ = [
     "channels_last",
     "count_parameters",
     "is_known_model",
+    "probe_channels_last",
 ]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fl_ec.models.layout import register_channels_last
 
+
+@register_channels_last
 class SmallCNN(nn.Module):
     """conv(w0) -> pool -> conv(w1) -> pool -> fc(w2) -> classifier.
 

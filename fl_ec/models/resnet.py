@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fl_ec.models.layout import register_channels_last
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
@@ -32,6 +34,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+@register_channels_last
 class CifarResNet(nn.Module):
     """Stem conv, three stages of ``blocks_per_stage`` basic blocks, global pool, classifier."""
 

@@ -32,10 +32,12 @@ from fl_ec.calibration import (
     target_prior,
 )
 from fl_ec.config import CLIENT_STARTS
+from fl_ec.data.batches import input_tensor, labelled_tensors
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillResult, DistillSettings, distill
 from fl_ec.ensemble import RULES, WEIGHTED_RULES, teacher_logits
 from fl_ec.errors import ModelSpecError
+from fl_ec.models.layout import probe_channels_last
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
@@ -53,10 +55,8 @@ from fl_ec.strategies.fedec_utils import (
     ClientModel,
     average_metrics,
     group_by_spec,
-    labelled_tensors,
     parse_reply,
     parse_stats_reply,
-    proxy_tensor,
     weighted_average,
 )
 from fl_ec.strategies.wrapper import BeginsRunOnStart
@@ -73,23 +73,29 @@ class FedEC(BeginsRunOnStart, FedAvg):
     Parameters
     ----------
     proxy_data : Tensor | Dataset | DataLoader
-        Unlabeled server-side inputs, already normalised as the model expects. A
-        ``Dataset``/``DataLoader`` may yield ``x`` or ``(x, y)``; labels are ignored.
+        Unlabeled server-side inputs, normalised as the model expects, from data that
+        is neither the clients' nor the test set (:func:`fl_ec.data.hold_out`). A
+        ``Dataset``/``DataLoader`` may yield ``x``, ``(x, y)`` or dicts such as
+        flwr-datasets' ``{"img": x, "label": y}`` (:mod:`fl_ec.data.batches`); labels
+        are ignored.
     arch_spec : ArchSpec | str | None
         The global model's architecture (object or JSON). Give this or ``model_builder``.
     model_builder : Callable[[], nn.Module] | None
         Builds a fresh global model (e.g. quickstart's ``Net``); replies are loaded
-        into it. Used when no spec is given.
+        into it. Used when no spec is given. Its class runs channels-last on the server
+        only if a first forward on proxy inputs gives the same result that way
+        (:func:`fl_ec.models.probe_channels_last`).
     validation_data : tuple[Tensor, Tensor] | Dataset | DataLoader | None
-        Labelled server-side data for early stopping and per-round validation metrics.
-        Without it distillation runs all ``distill.steps`` and keeps the last student.
+        Labelled server-side data (the same shapes as ``proxy_data``, with labels) for
+        early stopping and per-round validation metrics. Without it distillation runs
+        all ``distill.steps`` and keeps the last student.
     distill : DistillSettings
         Steps, batch size, Adam lr, temperature, evaluation interval and patience.
-    teacher_rule : str (default: "mean-logits")
+    teacher_rule : str (default: "gated")
         One of ``mean-logits``, ``label-aware``, ``gated`` (see :mod:`fl_ec.ensemble`).
         ``label-aware`` and ``gated`` fall back to ``mean-logits`` in a round where
         some reply lacks class counts.
-    client_start : str (default: "student")
+    client_start : str (default: "average")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
         the clients follow FedAvg's trajectory while the distilled student is the
@@ -179,8 +185,11 @@ class FedEC(BeginsRunOnStart, FedAvg):
             raise ValueError(f"client_start={client_start!r}: choose student or average")
         self.arch_spec = ArchSpec.from_json(arch_spec) if isinstance(arch_spec, str) else arch_spec
         self.model_builder = model_builder
-        self.proxy_inputs = proxy_tensor(proxy_data)
+        self.proxy_inputs = input_tensor(proxy_data, name="proxy_data")
         self.validation = labelled_tensors(validation_data) if validation_data is not None else None
+        if arch_spec is None and len(self.proxy_inputs):
+            # A user's model may .view() a conv output, which fails channels-last.
+            probe_channels_last(model_builder(), self.proxy_inputs[:8])  # type: ignore[misc]
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
         self.client_start = client_start

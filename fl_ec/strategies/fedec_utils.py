@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import Message
-from torch.utils.data import DataLoader, Dataset
 
 from fl_ec.calibration import FeatureStatistics, FeatureStats
 from fl_ec.errors import ModelSpecError
@@ -188,28 +187,3 @@ def parse_stats_reply(
         raise ValueError(f"no {STATS_RECORD_KEY!r} ArrayRecord in the reply")
     record = message.content.array_records[STATS_RECORD_KEY]
     return statistics.parse({k: a.numpy() for k, a in record.items()}, num_classes, dim)
-
-
-def proxy_tensor(data: torch.Tensor | Dataset | DataLoader) -> torch.Tensor:
-    """Proxy inputs as one tensor (the proxy set is small enough to hold; it is cached).
-
-    A ``Dataset``/``DataLoader`` may yield ``x`` or ``(x, y)``; labels are dropped.
-    """
-    if isinstance(data, torch.Tensor):
-        return data.detach().cpu()
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=512)
-    batches = [batch[0] if isinstance(batch, list | tuple) else batch for batch in loader]
-    if not batches:
-        raise ValueError("proxy_data is empty")
-    return torch.cat(batches).cpu()
-
-
-def labelled_tensors(
-    data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation data as (inputs, int64 labels) on the CPU."""
-    if isinstance(data, tuple):
-        return data[0].detach().cpu(), data[1].detach().cpu().long()
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=512)
-    xs, ys = zip(*[(b[0], b[1]) for b in loader], strict=True)
-    return torch.cat(xs).cpu(), torch.cat(ys).cpu().long()

@@ -53,7 +53,12 @@ def probe_channels_last(model: nn.Module, sample: torch.Tensor) -> bool:
     if kind not in _SAFE:
         _SAFE[kind] = has_conv2d(model) and sample.dim() == 4 and _same_both_ways(model, sample)
         if has_conv2d(model) and not _SAFE[kind]:
-            log(INFO, "%s runs in PyTorch's default memory layout (not channels-last)", kind)
+            log(
+                INFO,
+                "%s runs in PyTorch's default memory layout: its forward fails or differs "
+                "channels-last (e.g. .view() of a conv output)",
+                kind.__name__,
+            )
     return _SAFE[kind]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from fl_ec.launch import FlowerCli, merge_overrides
@@ -38,6 +39,18 @@ def completed_run(
     return metrics
 
 
+def quickstart_app(tmp_path: Path, serverapp: str, clientapp: str = "client_app") -> Path:
+    """A copy of tests/quickstart_app whose components are the named modules."""
+    app = tmp_path / "quickstart_app"
+    shutil.copytree(ROOT / "tests" / "quickstart_app", app)
+    pyproject = app / "pyproject.toml"
+    text = pyproject.read_text()
+    text = text.replace("quickstart_app.server_app:app", f"quickstart_app.{serverapp}:app")
+    text = text.replace("quickstart_app.client_app:app", f"quickstart_app.{clientapp}:app")
+    pyproject.write_text(text)
+    return app
+
+
 def model_bytes(metrics: dict) -> int:
     """Serialised bytes of one copy of the global model, from the saved final model."""
     import numpy as np
@@ -49,4 +62,4 @@ def model_bytes(metrics: dict) -> int:
     return sum(len(Array(np.asarray(t.numpy())).data) for t in state.values())
 
 
-__all__ = ["FlowerCli", "completed_run", "model_bytes", "run_config"]
+__all__ = ["FlowerCli", "completed_run", "model_bytes", "quickstart_app", "run_config"]

@@ -1,58 +1,66 @@
-"""quickstart-pytorch's ServerApp with FedAvg swapped for FedEC -- nothing else changed.
-
-strategy = FedAvg(fraction_train=fraction_train)                       # before
-strategy = FedEC(fraction_train=fraction_train,                        # after
-                 model_builder=Net, proxy_data=proxy_images())
-"""
+"""pytorchexample: A Flower / PyTorch app."""
 
 import json
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
-from fl_ec.data.sources import make_synthetic
-from fl_ec.distill import DistillSettings
-from fl_ec.strategies import FedEC
-from quickstart_app.task import Net
+from quickstart_app.task import Net, load_centralized_dataset, test
 
+# Create ServerApp
 app = ServerApp()
-
-
-def proxy_images():
-    # Unlabeled server-side inputs (a different seed from the clients' data).
-    proxy, _ = make_synthetic(num_train=300, num_test=1, seed=9)
-    return proxy.normalize(proxy.images)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    fraction_train: float = context.run_config["fraction-train"]
-    num_rounds: int = context.run_config["num-server-rounds"]
-    lr: float = context.run_config["lr"]
+    """Main entry point for the ServerApp."""
 
+    # Read run config
+    fraction_evaluate: float = context.run_config["fraction-evaluate"]
+    num_rounds: int = context.run_config["num-server-rounds"]
+    lr: float = context.run_config["learning-rate"]
+    torch.manual_seed(context.run_config["seed"])  # the benchmark's seeds
+
+    # Load global model
     global_model = Net()
     arrays = ArrayRecord(global_model.state_dict())
 
-    strategy = FedEC(
-        fraction_train=fraction_train,
-        model_builder=Net,
-        proxy_data=proxy_images(),
-        distill=DistillSettings(steps=30, batch_size=32),
-    )
+    # Initialize FedAvg strategy
+    strategy = FedAvg(fraction_evaluate=fraction_evaluate)
 
+    # Start strategy, run FedAvg for `num_rounds`
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays,
         train_config=ConfigRecord({"lr": lr}),
         num_rounds=num_rounds,
+        evaluate_fn=global_evaluate,
     )
 
+    # Save final model and the server-side accuracy of every round to disk
+    print("\nSaving final model to disk...")
     state_dict = result.arrays.to_torch_state_dict()
     torch.save(state_dict, context.run_config["results-file"] + ".pt")
-    summary = {
-        "rounds": sorted(result.train_metrics_clientapp),
-        "server-metrics": strategy.server_metrics,
-    }
-    with open(context.run_config["results-file"] + ".json", "w") as handle:
-        json.dump(summary, handle)
+    with open(context.run_config["results-file"] + ".json", "w") as f:
+        json.dump({r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()}, f)
+
+
+def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    """Evaluate model on central data."""
+
+    # Load the model and initialize it with the received weights
+    model = Net()
+    model.load_state_dict(arrays.to_torch_state_dict())
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    # Load entire test set
+    test_dataloader = load_centralized_dataset()
+
+    # Evaluate the global model on the test set
+    test_loss, test_acc = test(model, test_dataloader, device)
+
+    # Return the evaluation metrics
+    return MetricRecord({"accuracy": test_acc, "loss": test_loss})

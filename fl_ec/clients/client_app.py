@@ -21,7 +21,6 @@ instead of a traceback in the node's log.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 
@@ -31,10 +30,11 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fl_ec.calibration import CalibrationSettings
-from fl_ec.compression import enable_weight_fake_quant, unpack_state_dict
+from fl_ec.clients.variants import received_state
+from fl_ec.compression import enable_weight_fake_quant
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
+from fl_ec.errors import ConfigError, FlEcError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
@@ -63,7 +63,6 @@ from fl_ec.protocol import (
     TRAINER_STAGES_KEY,
     VARIANT_BITS_KEY,
     VARIANT_KEY,
-    WIRE_MANIFEST_KEY,
 )
 from fl_ec.training import (
     TrainResult,
@@ -154,20 +153,9 @@ def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
     """
     round_config = content[CONFIG_RECORD_KEY]
     spec = ArchSpec.from_json(str(round_config[ARCH_SPEC_KEY]))
-    model = build_from_state_dict(spec, _received_state(content[ARRAY_RECORD_KEY], round_config))
+    model = build_from_state_dict(spec, received_state(content[ARRAY_RECORD_KEY], round_config))
     enable_weight_fake_quant(model, int(round_config.get(VARIANT_BITS_KEY, 0)))
     return spec, model
-
-
-def _received_state(arrays: ArrayRecord, round_config: ConfigRecord) -> dict[str, torch.Tensor]:
-    """The sent weights; quantized variants arrive as packed integers plus scales."""
-    if WIRE_MANIFEST_KEY not in round_config:
-        return arrays.to_torch_state_dict()
-    try:
-        manifest = json.loads(str(round_config[WIRE_MANIFEST_KEY]))
-        return unpack_state_dict({k: a.numpy() for k, a in arrays.items()}, manifest)
-    except (ValueError, TypeError) as err:
-        raise ModelSpecError(f"malformed quantized payload from the server: {err}") from None
 
 
 def _train(msg: Message, context: Context) -> Message:

@@ -1,7 +1,13 @@
 """Compression toolkit, usable without Flower: structured pruning, weight quantization
 (fake-quant for training, packed integers for the wire), and an int8 CPU export."""
 
-from fl_ec.compression.pruning import PrunedStructure, fold_into_full, prune_structured
+from fl_ec.compression.pruning import (
+    PrunedStructure,
+    fold_into_full,
+    probe_prunable_layers,
+    prune_structured,
+    replay_pruning,
+)
 from fl_ec.compression.quantization import (
     enable_weight_fake_quant,
     fake_quantize,
@@ -20,8 +26,10 @@ __all__ = [
     "pack_state_dict",
     "packed_nbytes",
     "parse_variants",
+    "probe_prunable_layers",
     "prune_structured",
     "quantize_per_channel",
+    "replay_pruning",
     "unpack_state_dict",
     "weight_bits",
 ]

@@ -12,12 +12,23 @@ dimension. That record is what makes the rest of fl-ec work without pickles:
   (HeteroFL-style) through the same maps;
 * the pruned model travels as plain arrays; :func:`fl_ec.models.spec.build_from_state_dict`
   rebuilds it from the array shapes.
+
+For a model fl-ec has no spec of (a user's ``nn.Module`` class), the decision is also kept
+per layer -- which original output and input channels of each pruned layer survive -- as
+JSON (:meth:`PrunedStructure.decision_json`). :func:`replay_pruning` cuts a freshly built
+model to that decision with torch-pruning's per-layer functions, so any side that can
+build the model can build its pruned variant. :func:`probe_prunable_layers` finds the
+layers whose pruning a model's forward cannot take (a ``.view`` to a fixed size, the
+output layer) so that pruning leaves them whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch_pruning as tp
@@ -25,13 +36,22 @@ from torch import nn
 
 # kept[key][dim] = original indices kept along that dim, or None when the dim is whole.
 IndexMaps = dict[str, list[list[int] | None]]
+# layers[module name][side] = original indices kept on that side ("out" or "in").
+LayerCuts = dict[str, dict[str, list[int]]]
+
+_SIDES = {"out": "prune_out_channels", "in": "prune_in_channels"}
 
 
 @dataclass
 class PrunedStructure:
-    """Which original indices of each state_dict entry a pruned variant keeps."""
+    """Which original indices of each state_dict entry a pruned variant keeps.
+
+    ``layers`` is the same decision per layer (module name -> kept output / input
+    channels), the form :func:`replay_pruning` applies to a fresh model.
+    """
 
     kept: IndexMaps
+    layers: LayerCuts = field(default_factory=dict)
 
     def slice(self, full_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pruned variant's state cut out of a full-size ``full_state``."""
@@ -55,6 +75,21 @@ class PrunedStructure:
             }
         )
 
+    def decision_json(self) -> str:
+        """The per-layer decision as compact JSON, what :func:`replay_pruning` reads."""
+        return json.dumps(self.layers, sort_keys=True, separators=(",", ":"))
+
+    def shapes(self, full_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        """The pruned variant's state shapes, given the full model's."""
+        out = {}
+        for key, shape in full_shapes.items():
+            maps = self.kept.get(key, [None] * len(shape))
+            out[key] = tuple(
+                size if index is None else len(index)
+                for size, index in zip(shape, maps, strict=True)
+            )
+        return out
+
 
 def prune_structured(
     model: nn.Module,
@@ -66,7 +101,8 @@ def prune_structured(
 
     Channel groups are ranked by the group L2 norm of their weights. Modules named in
     ``keep`` are never pruned on their outputs, so the logits keep their shape. The
-    result is checked with a forward pass.
+    result is checked with a forward pass (``RuntimeError`` if it fails or changes the
+    output's shape).
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio {ratio} must be within [0, 1)")
@@ -76,8 +112,9 @@ def prune_structured(
     names = {module: name for name, module in model.named_modules()}
     shapes = {key: tuple(v.shape) for key, v in model.state_dict().items()}
     kept: IndexMaps = {key: [None] * len(shape) for key, shape in shapes.items()}
+    layers: LayerCuts = {}
     if ratio == 0.0:
-        return PrunedStructure(kept)
+        return PrunedStructure(kept, layers)
     ignored = [m for n, m in model.named_modules() if n in keep]
     pruner = tp.pruner.MetaPruner(
         model,
@@ -92,24 +129,164 @@ def prune_structured(
             if module not in names:  # ReLU / flatten / add nodes carry no state
                 continue
             handler = item.dep.handler.__name__
-            _record(kept, shapes, names[module], module, handler, item.idxs)
+            _record(kept, layers, shapes, names[module], module, handler, item.idxs)
         group.prune()
-    with torch.no_grad():
-        out = model(example_inputs)
+    try:
+        with torch.no_grad():
+            out = model(example_inputs)
+    except Exception as err:  # the model's own forward: any error means it cannot run pruned
+        raise RuntimeError(f"pruned model does not run: {_first_line(err)}") from None
     if out.shape != reference_shape or not torch.isfinite(out).all():
         raise RuntimeError(f"pruned model is broken: output {tuple(out.shape)}")
-    return PrunedStructure(kept)
+    return PrunedStructure(kept, layers)
+
+
+def replay_pruning(model: nn.Module, decision: str | Mapping[str, Any]) -> PrunedStructure:
+    """Prune a freshly built ``model`` in place to a recorded decision; its index maps.
+
+    ``decision`` is :meth:`PrunedStructure.decision_json` (or its parsed dict): for each
+    pruned layer, the original output (``out``) and input (``in``) channels it keeps.
+    Each layer is cut with torch-pruning's function for its type, so the module's
+    attributes (``out_channels``, ``in_features``, ...) follow its weights and the
+    model is the one the decision was taken on, at the pruned width. Raises
+    ``ValueError`` when the decision does not fit the model.
+    """
+    layers = _parse_decision(decision)
+    modules = dict(model.named_modules())
+    shapes = {key: tuple(v.shape) for key, v in model.state_dict().items()}
+    kept: IndexMaps = {key: [None] * len(shape) for key, shape in shapes.items()}
+    recorded: LayerCuts = {}
+    cuts = []
+    # All removals are computed on the unpruned widths first: cutting a layer's outputs
+    # changes what its pruner reports, and the decision is in original indices.
+    for name, sides in layers.items():
+        module = modules.get(name)
+        pruner = (
+            None if module is None else tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
+        )
+        if module is None or pruner is None:
+            what = (
+                "the model has no such layer"
+                if module is None
+                else f"torch-pruning cannot cut a {type(module).__name__}"
+            )
+            raise ValueError(f"pruning decision names layer {name!r}: {what}")
+        for side, keep in sides.items():
+            size = (pruner.get_out_channels if side == "out" else pruner.get_in_channels)(module)
+            if size is None or not keep or keep[-1] >= size:
+                raise ValueError(
+                    f"pruning decision keeps {len(keep)} {side} channels up to index "
+                    f"{keep[-1] if keep else None} of layer {name!r}, which has {size}"
+                )
+            removed = sorted(set(range(size)) - set(keep))
+            _record(kept, recorded, shapes, name, module, _SIDES[side], removed)
+            cuts.append((module, getattr(pruner, _SIDES[side]), removed))
+    for module, cut, removed in cuts:
+        if removed:
+            cut(module, removed)
+    structure = PrunedStructure(kept, recorded)
+    got = {key: tuple(v.shape) for key, v in model.state_dict().items()}
+    if got != structure.shapes(shapes):
+        wrong = next(k for k, v in structure.shapes(shapes).items() if got.get(k) != v)
+        raise ValueError(f"replaying the pruning decision gives {wrong!r} the wrong shape")
+    return structure
+
+
+class LayerProbe(NamedTuple):
+    """Which layers' outputs a model can and cannot have pruned (module names)."""
+
+    prunable: list[str]
+    blocked: list[str]
+
+
+def probe_prunable_layers(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    ratio: float,
+    keep: Sequence[str] = (),
+) -> LayerProbe:
+    """Try pruning each channel group of ``model`` alone; report which ones it can take.
+
+    For every torch-pruning group (a Conv/Linear layer's outputs and everything coupled
+    to them), a copy of ``model`` loses ``ratio`` of that group's channels (at least
+    one) and runs ``example_inputs``. The group is *blocked* when the forward fails or
+    its output changes shape: a forward that reshapes a conv output to a hard-coded
+    size fails once that conv is narrower, and pruning the output layer changes the
+    logits. ``model`` itself is not changed; layers named in ``keep`` are not tried.
+    Pass ``blocked`` as :func:`prune_structured`'s ``keep`` to prune only the rest.
+    """
+    model.eval()
+    with torch.no_grad():
+        reference = model(example_inputs)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs)
+    names = {module: name for name, module in model.named_modules()}
+    shapes = {key: tuple(v.shape) for key, v in model.state_dict().items()}
+    ignored = [m for n, m in model.named_modules() if n in keep]
+    prunable, blocked = [], []
+    for group in graph.get_all_groups(ignored_layers=ignored):
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        width = graph.get_pruner_of_module(root).get_out_channels(root)
+        count = min(width - 1, max(1, int(width * ratio)))
+        if count < 1:  # one channel: nothing to prune
+            blocked.append(names[root])
+            continue
+        trial = graph.get_pruning_group(root, handler, list(range(width - count, width)))
+        kept: IndexMaps = {key: [None] * len(shape) for key, shape in shapes.items()}
+        layers: LayerCuts = {}
+        candidate = copy.deepcopy(model)
+        try:
+            for item in trial:
+                module = item.dep.target.module
+                if module in names:
+                    handler_name = item.dep.handler.__name__
+                    _record(kept, layers, shapes, names[module], module, handler_name, item.idxs)
+            replay_pruning(candidate, layers)
+            with torch.no_grad():
+                out = candidate(example_inputs)
+            works = out.shape == reference.shape and bool(torch.isfinite(out).all())
+        except Exception:  # a layer the maps cannot record, or the user's forward failing
+            works = False
+        (prunable if works else blocked).append(names[root])
+    return LayerProbe(prunable, blocked)
+
+
+def _parse_decision(decision: str | Mapping[str, Any]) -> LayerCuts:
+    """A decision (JSON text or dict) as ``LayerCuts``; ``ValueError`` if malformed."""
+    try:
+        data = json.loads(decision) if isinstance(decision, str) else decision
+        layers = {
+            str(name): {str(side): [int(i) for i in keep] for side, keep in sides.items()}
+            for name, sides in data.items()
+        }
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"malformed pruning decision: {err}") from None
+    for name, sides in layers.items():
+        for side, keep in sides.items():
+            increasing = all(a < b for a, b in zip(keep, keep[1:], strict=False))
+            if side not in _SIDES or not increasing or (keep and keep[0] < 0):
+                raise ValueError(f"malformed pruning decision for layer {name!r} ({side!r})")
+    return layers
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _record(
     kept: IndexMaps,
+    layers: LayerCuts,
     shapes: Mapping[str, tuple[int, ...]],
     name: str,
     module: nn.Module,
     handler: str,
     removed: list[int],
 ) -> None:
-    """Apply one torch-pruning removal to the index maps of ``module``'s entries."""
+    """Apply one torch-pruning removal to the index maps of ``module``'s entries.
+
+    ``layers`` gets the same removal per layer: the original indices ``module`` keeps
+    on that side.
+    """
     if handler == "prune_out_channels":
         dims = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
     elif handler == "prune_in_channels":
@@ -118,6 +295,7 @@ def _record(
     else:
         raise RuntimeError(f"unexpected torch-pruning handler {handler} on {name}")
     gone = set(int(i) for i in removed)
+    side = "out" if handler == "prune_out_channels" else "in"
     for suffix, dim in dims.items():
         key = f"{name}.{suffix}" if name else suffix
         if key not in kept:
@@ -125,7 +303,9 @@ def _record(
         current = kept[key][dim]
         if current is None:
             current = list(range(shapes[key][dim]))
-        kept[key][dim] = [orig for pos, orig in enumerate(current) if pos not in gone]
+        remaining = [orig for pos, orig in enumerate(current) if pos not in gone]
+        kept[key][dim] = remaining
+        layers.setdefault(name, {})[side] = list(remaining)
 
 
 def fold_into_full(

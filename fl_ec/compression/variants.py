@@ -4,19 +4,28 @@
 quantize the remaining weights to 4 bits. A :class:`Variant` is only the recipe;
 :class:`VariantFactory` turns a full model into the variant and remembers the pruning
 decision, so the architecture of a variant stays the same across rounds.
+:class:`ReplayVariantFactory` does the same for a model fl-ec has no spec of, built by
+a user's ``model_builder``: a pruned variant is that model with the decision replayed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fl_ec.compression.pruning import PrunedStructure, prune_structured
+from fl_ec.compression.pruning import (
+    LayerProbe,
+    PrunedStructure,
+    probe_prunable_layers,
+    prune_structured,
+    replay_pruning,
+)
 from fl_ec.compression.quantization import SUPPORTED_BITS, enable_weight_fake_quant
+from fl_ec.errors import ModelSpecError
 
 _PART = re.compile(r"^(?:prune-(0(?:\.\d+)?)|int(\d+)|full)$")
 
@@ -77,9 +86,11 @@ class VariantFactory:
         self,
         build: Callable[[dict[str, torch.Tensor]], nn.Module],  # shapes from the arrays
         example_inputs: torch.Tensor,
+        keep: Sequence[str] = ("classifier",),
     ) -> None:
         self.build = build
         self.example_inputs = example_inputs
+        self.keep = tuple(keep)  # layers whose outputs are never pruned
         self.structures: dict[str, PrunedStructure] = {}
 
     def structure(self, variant: Variant) -> PrunedStructure | None:
@@ -95,7 +106,7 @@ class VariantFactory:
         if variant.is_pruned and (reprune or variant.name not in self.structures):
             model = self.build(dict(full_state))
             self.structures[variant.name] = prune_structured(
-                model, self.example_inputs, variant.prune_ratio
+                model, self.example_inputs, variant.prune_ratio, self._keep(variant)
             )
         structure = self.structure(variant)
         state = (
@@ -103,4 +114,87 @@ class VariantFactory:
             if structure
             else {k: v.clone() for k, v in full_state.items()}
         )
-        return enable_weight_fake_quant(self.build(state), variant.bits)
+        return enable_weight_fake_quant(self._model(state, structure), variant.bits)
+
+    def _keep(self, variant: Variant) -> tuple[str, ...]:
+        return self.keep
+
+    def _model(
+        self, state: dict[str, torch.Tensor], structure: PrunedStructure | None
+    ) -> nn.Module:
+        return self.build(state)
+
+
+class ReplayVariantFactory(VariantFactory):
+    """Variants of a user's model, built by ``model_builder`` instead of an fl-ec spec.
+
+    A pruned variant is a fresh ``model_builder()`` cut to its pruning decision
+    (:func:`~fl_ec.compression.pruning.replay_pruning`), then loaded. Which layers can be
+    pruned is found once per variant by trying each on ``example_inputs``
+    (:func:`~fl_ec.compression.pruning.probe_prunable_layers`): a layer whose pruning
+    breaks the forward (a ``.view`` to a fixed size) or changes the output (the output
+    layer) is kept whole. Raises ``ValueError`` in one line, naming the variants that
+    work with this model, when a pruned variant has no layer left to prune.
+    """
+
+    def __init__(
+        self,
+        model_builder: Callable[[], nn.Module],
+        example_inputs: torch.Tensor,
+        variants: Iterable[Variant],
+    ) -> None:
+        super().__init__(self._load_full, example_inputs, keep=())
+        self.model_builder = model_builder
+        self.full_shapes = {k: tuple(v.shape) for k, v in model_builder().state_dict().items()}
+        self.blocked: dict[str, tuple[str, ...]] = {}
+        variants = list(variants)
+        probes: dict[float, LayerProbe] = {}  # prune-0.5 and prune-0.5+int8 probe alike
+        unprunable = []
+        for variant in variants:
+            if variant.is_pruned:
+                ratio = variant.prune_ratio
+                if ratio not in probes:
+                    probes[ratio] = probe_prunable_layers(model_builder(), example_inputs, ratio)
+                self.blocked[variant.name] = tuple(probes[ratio].blocked)
+                if not probes[ratio].prunable:
+                    unprunable.append(variant.name)
+        if unprunable:
+            working = [v.name for v in variants if v.name not in unprunable]
+            raise ValueError(
+                f"{', '.join(unprunable)} cannot be built from this model: pruning any of its "
+                "layers breaks its forward (e.g. a .view to a fixed size) or changes its "
+                f"output; variants that work with it: {', '.join(working) or 'full, int8, int4'}"
+            )
+
+    def rebuild(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The model ``state`` is a state of: the full model or a pruned variant's.
+
+        The variant is found by the state's shapes; raises ``ModelSpecError`` when they
+        fit none.
+        """
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes == self.full_shapes:
+            return self._model(dict(state), None)
+        for structure in self.structures.values():
+            if structure.shapes(self.full_shapes) == shapes:
+                return self._model(dict(state), structure)
+        raise ModelSpecError("arrays fit neither model_builder's model nor a pruned variant of it")
+
+    def _keep(self, variant: Variant) -> tuple[str, ...]:
+        return self.blocked[variant.name]
+
+    def _load_full(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        return self._model(state, None)
+
+    def _model(
+        self, state: dict[str, torch.Tensor], structure: PrunedStructure | None
+    ) -> nn.Module:
+        model = self.model_builder()
+        if structure is not None:
+            replay_pruning(model, structure.layers)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # keys/shapes that do not fit the builder's model
+            first = str(err).strip().splitlines()[0]
+            raise ModelSpecError(f"arrays do not fit model_builder's model: {first}") from None
+        return model

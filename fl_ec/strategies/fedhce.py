@@ -28,14 +28,20 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
-from fl_ec.compression.variants import VariantFactory
+from fl_ec.compression.variants import ReplayVariantFactory, VariantFactory
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
 from fl_ec.diversity import VariantEnsemble, check_diversity_weight, diversity_loss_fn
 from fl_ec.hce import evaluate_variants, save_variants
 from fl_ec.models.layout import channels_last
-from fl_ec.models.spec import build_from_state_dict
-from fl_ec.protocol import CAPABILITY_KEY, VARIANT_BITS_KEY, VARIANT_KEY, WIRE_MANIFEST_KEY
+from fl_ec.models.spec import ArchSpec, build_from_state_dict
+from fl_ec.protocol import (
+    CAPABILITY_KEY,
+    PRUNING_KEY,
+    VARIANT_BITS_KEY,
+    VARIANT_KEY,
+    WIRE_MANIFEST_KEY,
+)
 from fl_ec.results import RunRecorder
 from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedec import FedEC
@@ -91,7 +97,14 @@ class FedHCE(FedEC):
         model's, so the calibrated global classifier does not fit them. Off: variants
         inherit the global model's classifier.
     **fedec_kwargs
-        Every :class:`FedEC` (and so ``FedAvg``) argument; ``arch_spec`` is required.
+        Every :class:`FedEC` (and so ``FedAvg``) argument, with ``arch_spec`` or
+        ``model_builder``. With ``model_builder`` (a user's own model class), a pruned
+        variant is that model cut to its pruning decision, which travels as JSON in the
+        train config (``pruning``) for the client to replay
+        (:func:`fl_ec.clients.receive_variant`). Layers whose pruning the model's
+        forward cannot take (a ``.view`` to a fixed size, the output layer) are found
+        on a ``proxy_data`` sample and kept whole; a pruned variant with no layer left
+        to prune raises ``ValueError`` naming the variants that work.
         With ``client_start="average"`` the clients train plain compressed copies of
         the round's (rebased, folded) parameter average, while the served global
         model (distilled, calibrated) and the variants derived from it
@@ -115,8 +128,6 @@ class FedHCE(FedEC):
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
-        if self.arch_spec is None:
-            raise ValueError("FedHCE needs arch_spec: variants are rebuilt from arrays + spec")
         parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
         if not parsed:
             raise ValueError("FedHCE needs at least one variant")
@@ -133,9 +144,15 @@ class FedHCE(FedEC):
         self.reprune = reprune
         self.pack_quantized = pack_quantized
         self.calibrate_variants = calibrate_variants
-        self.factory = VariantFactory(
-            lambda state: build_from_state_dict(self.arch_spec, state), self.proxy_inputs[:2]
-        )
+        example = self.proxy_inputs[:2]  # what pruning traces the model with
+        if self.arch_spec is not None:
+            self.factory = VariantFactory(
+                lambda state: build_from_state_dict(self.arch_spec, state), example
+            )
+        elif not len(example) and any(v.is_pruned for v in parsed):
+            raise ValueError("FedHCE's pruned variants of model_builder's model need proxy_data")
+        else:
+            self.factory = ReplayVariantFactory(self.model_builder, example, parsed)
         # The variants that serve inference (validation metrics, the HCE ensemble)...
         self.variant_models: dict[str, nn.Module] = {}
         # ... and those the clients were sent, fp32, to rebase their changes on: the same
@@ -288,12 +305,26 @@ class FedHCE(FedEC):
         return name
 
     def _variant_config(self, name: str, payload: Payload) -> dict[str, Any]:
-        """What a client needs, besides the arrays, to rebuild and run variant ``name``."""
-        return {
+        """What a client needs, besides the arrays, to rebuild and run variant ``name``.
+
+        Without a spec, a pruned variant's shape is its pruning decision on the user's
+        model: the client replays it on a fresh ``model_builder()``.
+        """
+        config: dict[str, Any] = {
             VARIANT_KEY: name,
             VARIANT_BITS_KEY: self.variants[name].bits,
             WIRE_MANIFEST_KEY: payload.manifest_json,
         }
+        structure = self.factory.structure(self.variants[name])
+        if self.arch_spec is None and structure is not None:
+            config[PRUNING_KEY] = structure.decision_json()
+        return config
+
+    def _build(self, spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A model from arrays: by spec, else model_builder's, pruned as the arrays' variant."""
+        if spec is None and isinstance(self.factory, ReplayVariantFactory):
+            return self.factory.rebuild(state)
+        return super()._build(spec, state)
 
     def _derive_variants(
         self,

@@ -30,3 +30,12 @@ def test_the_test_app_is_flowers_example_not_a_friendlier_one():
     assert "x.view(-1, 16 * 4 * 4)" in task
     assert 'batch["img"]' in task and "IidPartitioner" in task
     assert "fl_ec" not in (APP / "client_app.py").read_text()
+
+
+def test_fedhce_replaces_fedavg_in_the_same_lines_and_two_client_lines():
+    added = _added_lines("server_app.py", "server_app_fedhce.py")
+    assert len([line for line in added if "hold_out" not in line]) <= 3, added
+    client = _added_lines("client_app.py", "client_app_fedhce.py")
+    calls = [line for line in client if not line.startswith("from ")]
+    assert len(calls) == 2 and "receive_variant(msg, Net)" in calls[0], client
+    assert "reply_variant(" in calls[1]

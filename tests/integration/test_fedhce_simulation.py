@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from fl_ec.hce import evaluate_variants, load_variants
 from tests.conftest import requires_fashion_mnist
-from tests.integration.helpers import completed_run
+from tests.integration.helpers import completed_run, quickstart_app
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +59,20 @@ def test_fedhce_sends_each_node_the_variant_its_policy_names(cli, tmp_path):
     )
     assert reports[-1].name == "HCE{int8, prune-0.5+int4}"
     assert reports[-1].wire_bytes == sum(e["wire-bytes"] for e in index if e["hce"])
+
+
+@requires_fashion_mnist
+def test_flowers_quickstart_app_runs_fedhce_with_two_client_lines(cli, tmp_path):
+    # Flower's quickstart-pytorch with FedHCE in its ServerApp and receive_variant /
+    # reply_variant in its ClientApp: the stock Net (with .view) trains a pruned int4 variant.
+    app = quickstart_app(tmp_path, "server_app_fedhce", "client_app_fedhce")
+    results = tmp_path / "quickstart"
+    run_id = cli.submit(app, f'num-server-rounds=2 results-file="{results}"', num_supernodes=3)
+    outcome = cli.wait(run_id, timeout=600)
+    logs = cli.logs(run_id)
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{logs[-3000:]}"
+    assert "dropped reply" not in logs  # every pruned, fake-quantized reply was accepted
+    accuracy = json.loads(results.with_suffix(".json").read_text())
+    assert accuracy["2"]["accuracy"] > 0.5
+    state = torch.load(results.with_suffix(".pt"), weights_only=True)
+    assert state["fc1.weight"].shape == (120, 256)  # the global model stays full width

@@ -160,16 +160,26 @@ def test_bad_replies_are_dropped_and_the_round_goes_on(task_identity, data, capl
         assert f"node {node}" in text and reason in text, (node, reason, text)
 
 
-def test_too_few_valid_replies_keep_the_previous_model(task_identity, data):
-    strategy = _strategy(data)
-    _start_round(strategy, _global())
+def test_a_round_aggregates_what_arrives_unless_a_quorum_is_asked_for(task_identity, data, caplog):
     state = {k: v.clone() for k, v in _global(seed=3).state_dict().items()}
     state["conv1.weight"].fill_(float("inf"))
-    arrays, metrics = strategy.aggregate_train(
-        1, [_reply(1, _global(1)), _reply(2, None, state=state)]
-    )
-    assert arrays is None and metrics is None
+    replies = [_reply(1, _global(1)), _reply(2, None, state=state)]
+    # As FedAvg: min_train_nodes=2 samples two nodes; the one valid reply is aggregated.
+    strategy = _strategy(data, distill=DistillSettings(steps=0))
+    _start_round(strategy, _global())
+    arrays, metrics = strategy.aggregate_train(1, replies)
     assert strategy.server_metrics[1]["valid-replies"] == 1
+    assert torch.equal(arrays.to_torch_state_dict()["fc1.weight"], _global(1).fc1.weight)
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    # min_valid_replies: a round with fewer accepted replies keeps the global model.
+    quorum = _strategy(data, min_valid_replies=2)
+    _start_round(quorum, _global())
+    with caplog.at_level(logging.WARNING):
+        assert quorum.aggregate_train(1, replies) == (None, None)
+    assert quorum.server_metrics[1]["valid-replies"] == 1
+    assert "1 of 2 replies accepted, fewer than min_valid_replies=2" in caplog.text
+    with pytest.raises(ValueError, match="min_valid_replies=0"):
+        _strategy(data, min_valid_replies=0)
 
 
 def test_mixed_architectures_join_the_teacher_but_not_the_average(task_identity, data):
@@ -397,25 +407,46 @@ def test_prior_correction_matches_the_served_model_to_the_federations_labels(tas
     assert stats["prior-correction-max-offset"] > 0
 
 
+def _warnings(caplog, text):
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and text in r.getMessage()
+    ]
+
+
 def test_prior_correction_is_skipped_without_class_counts(task_identity, data, caplog):
     strategy = _strategy(data, calibration="prior", teacher_rule="mean-logits")
-    _start_round(strategy, _global())
+    counts = [10.0] * 10
     with caplog.at_level(logging.WARNING):
-        strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
-    assert strategy.server_metrics[1]["prior-correction-applied"] == 0.0
-    assert "prior correction skipped" in caplog.text
+        for server_round in (1, 2):  # said once per run, not every round
+            _start_round(strategy, _global())
+            replies = [_reply(1, _global(1), class_counts=counts), _reply(2, _global(2))]
+            strategy.aggregate_train(server_round, replies)
+            assert strategy.server_metrics[server_round]["prior-correction-applied"] == 0.0
+    (warning,) = _warnings(caplog, "calibration 'prior' is skipped")
+    assert "node(s) [2] carry no class counts" in warning
+    assert "'train-info'" in warning and "'class-counts'" in warning
 
 
 @pytest.mark.parametrize("rule", ["label-aware", "gated"])
 def test_count_weighted_rules_fall_back_to_the_mean_without_class_counts(
     task_identity, data, caplog, rule
 ):
-    strategy = _strategy(data, teacher_rule=rule)
-    _start_round(strategy, _global())
+    strategy = _strategy(data, teacher_rule=rule, distill=DistillSettings(steps=0))
+    expected = f"teacher rule '{rule}' runs as 'mean-logits'"
     with caplog.at_level(logging.WARNING):
-        arrays, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
-    assert arrays is not None
-    assert "teacher rule falls back to 'mean-logits'" in caplog.text
+        for run in range(2):
+            strategy.begin_run(2)  # as start() does: each run says it once
+            for server_round in (1, 2):
+                _start_round(strategy, _global())
+                replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
+                arrays, _ = strategy.aggregate_train(server_round, replies)
+                assert arrays is not None
+            assert len(_warnings(caplog, expected)) == run + 1
+    warning = _warnings(caplog, expected)[0]
+    assert "node(s) [1, 2] carry no class counts" in warning
+    assert "'train-info'" in warning and "'class-counts'" in warning
 
 
 def _trained_clients():
@@ -579,6 +610,44 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
     assert served is not None
     assert strategy.server_metrics[1]["feature-calibration-applied"] == 0.0
     assert strategy.server_metrics[1]["calibration-valid-replies"] == 0
+
+
+def test_clients_without_a_statistics_query_handler_are_reported_once(task_identity, data, caplog):
+    # A stock ClientApp registers no query function: Flower answers with this error.
+    no_handler = "<class 'ValueError'>:<'No query function registered with name 'default''>"
+    proxy, (val_x, val_y) = data
+    strategy = FedEC(
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        calibration="classifier",
+        teacher_rule="mean-logits",
+        min_train_nodes=2,
+    )
+    strategy.grid = FeatureStatsGrid({1: (val_x, val_y)}, broken={2: no_handler, 3: no_handler})
+    with caplog.at_level(logging.WARNING):
+        for server_round in (1, 2):
+            _start_round(strategy, _global())
+            served, _ = strategy.aggregate_train(
+                server_round, [_reply(n, _global(seed=n)) for n in (1, 2, 3)]
+            )
+            stats = strategy.server_metrics[server_round]
+            assert served is not None and stats["feature-calibration-applied"] == 1.0
+            assert stats["calibration-valid-replies"] == 1
+    (warning,) = _warnings(caplog, "answer no feature-statistics query")
+    assert "node(s) [2, 3]" in warning and "no query handler" in warning
+    assert "@app.query()" in warning and "'feature-stats'" in warning
+    assert not _warnings(caplog, "dropped feature statistics")  # not per node, per round
+    # Without any client that answers, rounds serve the uncalibrated model, said once.
+    caplog.clear()
+    strategy.begin_run(4)  # a new run: said once again
+    strategy.grid = FeatureStatsGrid({}, broken={1: no_handler, 2: no_handler})
+    with caplog.at_level(logging.WARNING):
+        for server_round in (3, 4):
+            _start_round(strategy, _global())
+            strategy.aggregate_train(server_round, [_reply(n, _global(seed=n)) for n in (1, 2)])
+            assert strategy.server_metrics[server_round]["feature-calibration-applied"] == 0.0
+    assert [r.levelno for r in caplog.records if r.levelno >= logging.WARNING] == [logging.WARNING]
 
 
 def test_calibration_takes_a_preset_name_or_settings(data):

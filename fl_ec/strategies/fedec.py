@@ -13,7 +13,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 import torch
@@ -41,11 +41,13 @@ from fl_ec.models.layout import probe_channels_last
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
+    CLASS_COUNTS_KEY,
     SERVER_ROUND_KEY,
     STATS_COMPONENTS_KEY,
     STATS_LAYERS_KEY,
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
+    TRAIN_INFO_KEY,
     TRAIN_SECONDS_KEY,
 )
 from fl_ec.results import RunRecorder
@@ -53,14 +55,30 @@ from fl_ec.scoring import accuracy, model_accuracy, model_hits
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
-    average_metrics,
+    aggregatable_metrics,
     group_by_spec,
+    missing_stats_support,
     parse_reply,
     parse_stats_reply,
+    reply_weight,
     weighted_average,
 )
 from fl_ec.strategies.wrapper import BeginsRunOnStart
 from fl_ec.training import select_device
+
+# What a ClientApp adds to its train reply for the teacher rules and the prior correction
+# that need class counts.
+ADD_CLASS_COUNTS = (
+    f"a ClientApp adds them to its train reply as a ConfigRecord {TRAIN_INFO_KEY!r} "
+    f"holding {CLASS_COUNTS_KEY!r}, its training examples per class (or replies with "
+    "fl_ec.clients.reply_variant(msg, model, metrics, class_counts=...))"
+)
+# What a ClientApp adds to answer feature calibration's statistics query.
+ADD_FEATURE_STATS = (
+    "a ClientApp answers it with a query handler (@app.query()) that replies with the "
+    f"{STATS_RECORD_KEY!r} ArrayRecord of fl_ec.calibration.FeatureStatistics.to_arrays, "
+    "as fl-ec's ClientApp (fl_ec.clients.client_app.query_handler) does"
+)
 
 
 class FedEC(BeginsRunOnStart, FedAvg):
@@ -69,6 +87,50 @@ class FedEC(BeginsRunOnStart, FedAvg):
     Beyond ``FedAvg``'s result it reports to the ServerApp
     (:class:`~fl_ec.strategies.reporting.RunReporter`): ``server_metrics`` per round,
     and :meth:`save_artifacts`, EC-DNN's ensemble of the last round's client models.
+
+    It keeps ``FedAvg``'s contract: given the same replies, FedEC with
+    ``distill.steps=0``, no calibration and a model without BatchNorm returns
+    ``FedAvg``'s arrays bit for bit, and with any settings the same train and evaluate
+    metrics (``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn`` over the
+    accepted replies, the weighting key not reported). It aggregates whatever
+    replies arrive, a single one included; with none it returns ``(None, None)``, so
+    an evaluation-only run (``fraction_train=0.0``) works.
+
+    Differences from FedAvg
+    -----------------------
+    * **Replies are checked one by one.** Where ``FedAvg`` raises
+      ``InconsistentMessageReplies`` (and the run ends) because of one malformed
+      reply, FedEC logs a warning with the node id and the reason and drops that reply
+      alone; the round goes on with the others. Dropped: error replies; a reply without
+      exactly one MetricRecord, or whose ``weighted_by_key`` is missing, a list, not
+      finite or not positive (a weight of 0 adds nothing to ``FedAvg``'s average
+      either); unreadable arrays; non-finite values; arrays that do not build the
+      model (the reply's ``train-info`` spec, ``arch_spec``, or ``model_builder``);
+      malformed class counts. Evaluation replies get the same checks of their
+      MetricRecord. ``FedAvg`` logs error replies at INFO; FedEC at WARNING.
+    * **Replies may differ where FedAvg needs them alike.** A reply's only
+      ArrayRecord is its model whatever its name, as in ``FedAvg``, and the names may
+      differ between replies; with several ArrayRecords, the one named
+      ``arrayrecord_key`` is used. Replies of another architecture join the teacher and
+      stay out of the parameter average. A metric that not every accepted reply
+      reports alike (same key, a number in all or a list of one length in all) is left
+      out of the aggregated metrics with a warning, where ``FedAvg`` fails the round.
+      A custom ``*_metrics_aggr_fn`` that raises ends the round, as in ``FedAvg``.
+    * **An optional quorum.** ``min_valid_replies`` (default 1: ``FedAvg``'s
+      behaviour) keeps the global model unchanged, ``(None, None)``, in a round with
+      fewer accepted replies. ``min_train_nodes`` means what it means to ``FedAvg``:
+      the fewest nodes sampled.
+    * **The served model is the distilled student.** With ``distill.steps=0`` it is
+      the parameter average, except that BatchNorm running statistics are re-estimated
+      on the proxy set (``DistillSettings.recalibrate_bn``), integer buffers are
+      rounded back to their dtype (``FedAvg`` returns them as float64), and a
+      calibration, when configured, changes the head.
+    * **Features that need client support degrade.** The ``gated`` and ``label-aware``
+      teachers and the ``prior`` correction need class counts in the replies, feature
+      calibration needs clients that answer its statistics query. A stock ClientApp
+      (arrays and metrics only) works: the teacher runs as ``mean-logits``, the
+      correction or calibration is skipped, and a warning says once per run which
+      feature is off and what the ClientApp must add.
 
     Parameters
     ----------
@@ -94,7 +156,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
     teacher_rule : str (default: "gated")
         One of ``mean-logits``, ``label-aware``, ``gated`` (see :mod:`fl_ec.ensemble`).
         ``label-aware`` and ``gated`` fall back to ``mean-logits`` in a round where
-        some reply lacks class counts.
+        some reply lacks class counts (a warning, once per run, says so).
     client_start : str (default: "average")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
@@ -118,8 +180,8 @@ class FedEC(BeginsRunOnStart, FedAvg):
         uncorrected student compete on validation accuracy: the uncorrected student is
         served only when it is *significantly* more accurate than the better corrected
         candidate, McNemar's paired z over the samples the two disagree on above
-        :data:`~fl_ec.strategies.fedec_calibration.REVERT_Z`. Skipped (with a warning)
-        when a reply lacks class counts.
+        :data:`~fl_ec.strategies.fedec_calibration.REVERT_Z`. Skipped in a round
+        where a reply lacks class counts (a warning, once per run, says so).
 
         Method ``features``: after each calibrated round's aggregation, ask the
         clients for the class-conditional statistics of the served model's classifier
@@ -131,14 +193,16 @@ class FedEC(BeginsRunOnStart, FedAvg):
         :meth:`~fl_ec.calibration.CalibrationSettings.statistics` is the kind of
         statistics asked for, pooled and calibrated from. With validation data the
         calibrated layers are kept unless the uncalibrated ones are significantly more
-        accurate (the same test as the prior correction's). Clients without a query
-        handler, or replies that fail the checks, are logged and left out; without any
-        valid statistics the round serves the uncalibrated model. The settings'
-        ``rounds``: ``all`` calibrates (and queries the clients) every round, ``last``
-        only the last round of ``start()``, which saves a query per round, ``every-N``
-        rounds N, 2N, ... and the last; with ``client_start="average"`` the served
-        model does not steer training, so all end with the same final model. Its
-        ``nodes``: the round's ``sampled`` clients or ``all`` connected nodes.
+        accurate (the same test as the prior correction's). Replies that fail the checks
+        are logged with the node and left out; clients that cannot answer the query (a
+        stock ClientApp has no query handler) are left out too, named in a warning once
+        per run. Without any valid statistics the round serves the uncalibrated model.
+        The settings' ``rounds``: ``all`` calibrates (and queries the clients) every
+        round, ``last`` only the last round of ``start()``, which saves a query per
+        round, ``every-N`` rounds N, 2N, ... and the last; with
+        ``client_start="average"`` the served model does not steer training, so all end
+        with the same final model. Its ``nodes``: the round's ``sampled`` clients or
+        ``all`` connected nodes.
     proxy_per_round : int (default: 0)
         Use a fresh seeded random subset of this many proxy samples each round for the
         teacher and distillation (0: the whole proxy set). Bounds server time per round
@@ -153,9 +217,15 @@ class FedEC(BeginsRunOnStart, FedAvg):
         Replaces the Adam distillation: ``student_trainer(student, proxy, teacher_logits)``
         trains the student in place (e.g. the layer-parallel trainer with a KL loss);
         the better of start and result on validation is kept.
+    min_valid_replies : int (default: 1)
+        The fewest accepted replies a round aggregates; with fewer, ``aggregate_train``
+        returns ``(None, None)`` and the global model stays. 1 aggregates whatever
+        valid replies arrive, as ``FedAvg`` does.
     **fedavg_kwargs
         Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
-        ``weighted_by_key``, ``arrayrecord_key``, ...), passed through unchanged.
+        ``weighted_by_key``, ``arrayrecord_key``, ``train_metrics_aggr_fn``,
+        ``evaluate_metrics_aggr_fn``, ...), passed to ``FedAvg`` unchanged and used as
+        ``FedAvg`` uses them.
     """
 
     def __init__(
@@ -174,9 +244,15 @@ class FedEC(BeginsRunOnStart, FedAvg):
         device: str = "auto",
         seed: int = 42,
         student_trainer: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
+        min_valid_replies: int = 1,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if min_valid_replies < 1:
+            raise ValueError(f"min_valid_replies={min_valid_replies} must be >= 1")
+        self.min_valid_replies = min_valid_replies
+        # Keys of the degraded features already reported this run (_warn_once).
+        self.reported: set[str] = set()
         if arch_spec is None and model_builder is None:
             raise ValueError("FedEC needs arch_spec or model_builder to rebuild client models")
         if teacher_rule not in RULES:
@@ -228,21 +304,25 @@ class FedEC(BeginsRunOnStart, FedAvg):
         log(
             INFO,
             "\t└──> FedEC: teacher=%s on %d proxy samples (%s per round), "
-            "clients start from the %s, calibration=%s, distill=%s",
+            "clients start from the %s, calibration=%s, distill=%s, "
+            "min_valid_replies=%d",
             self.teacher_rule,
             len(self.proxy_inputs),
             self.proxy_per_round or "all",
             self.client_start,
             self.calibration,
             self.distill_settings,
+            self.min_valid_replies,
         )
 
     # -- Flower hooks -------------------------------------------------------------
     def begin_run(self, num_rounds: int) -> None:
         """Note the run's length (calibration ``rounds="last"``); ``start`` calls it, and
         so does a wrapper's ``start`` (:class:`~fl_ec.strategies.wrapper.StrategyWrapper`).
+        A new run reports each degraded feature again, once.
         """
         self.num_rounds = num_rounds
+        self.reported.clear()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -256,28 +336,73 @@ class FedEC(BeginsRunOnStart, FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, stats = self._accept(server_round, replies)
-        if len(accepted) < self.min_train_nodes:
-            log(
-                WARNING,
-                "round %d: %d valid replies < min_train_nodes=%d; keeping the "
-                "previous global model",
-                server_round,
-                len(accepted),
-                self.min_train_nodes,
-            )
-            self.server_metrics[server_round] = stats
+        """The served model and the accepted replies' train metrics.
+
+        Bad replies are dropped (logged with node and reason). The metrics are
+        ``train_metrics_aggr_fn`` over the accepted replies, as ``FedAvg`` aggregates
+        them. ``(None, None)`` when fewer than ``min_valid_replies`` are accepted (none,
+        by default): the global model stays.
+        """
+        replies = list(replies)
+        accepted, contents, stats = self._accept(server_round, replies)
+        self.server_metrics[server_round] = stats
+        if len(accepted) < self.min_valid_replies:
+            if replies or self.fraction_train > 0:  # evaluation-only runs train nothing
+                log(
+                    WARNING,
+                    "round %d: %d of %d replies accepted, fewer than min_valid_replies=%d; "
+                    "the global model stays",
+                    server_round,
+                    len(accepted),
+                    len(replies),
+                    self.min_valid_replies,
+                )
             return None, None
         student, stats = self._compress(server_round, accepted, stats)
         self.server_metrics[server_round] = stats
         self.last_client_models = accepted
-        return ArrayRecord(student.state_dict()), MetricRecord(average_metrics(accepted))
+        metrics = self._aggregate_metrics(server_round, contents, self.train_metrics_aggr_fn)
+        return ArrayRecord(student.state_dict()), metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """``evaluate_metrics_aggr_fn`` over the valid evaluation replies, as ``FedAvg``.
+
+        A reply that is an error or whose MetricRecord fails ``FedAvg``'s checks
+        (:func:`~fl_ec.strategies.fedec_utils.reply_weight`) is dropped with a warning
+        naming the node and the reason. None without valid replies.
+        """
+        contents = []
+        for reply in replies:
+            try:
+                if reply.has_error():
+                    raise ValueError(f"error reply: {reply.error.reason}")
+                reply_weight(reply.content, self.weighted_by_key)
+            except ValueError as reason:
+                log(
+                    WARNING,
+                    "round %d: dropped evaluate reply from node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reason,
+                )
+                continue
+            contents.append(reply.content)
+        if not contents:
+            return None
+        return self._aggregate_metrics(server_round, contents, self.evaluate_metrics_aggr_fn)
 
     # -- the round's steps ----------------------------------------------------------
     def _accept(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[list[ClientModel], dict[str, float]]:
-        accepted, dropped = [], 0
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[list[ClientModel], list[RecordDict], dict[str, float]]:
+        """The valid replies as client models, their contents (same order), the stats.
+
+        Error replies are logged but not counted as invalid (Flower counts them as
+        failures); every other dropped reply is.
+        """
+        accepted, contents, dropped = [], [], 0
         for reply in replies:
             try:
                 client_model = parse_reply(
@@ -289,6 +414,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
                 )
                 self._prepare_client_model(client_model)
                 accepted.append(client_model)
+                contents.append(reply.content)
             except ValueError as reason:
                 dropped += not reply.has_error()
                 log(
@@ -306,7 +432,37 @@ class FedEC(BeginsRunOnStart, FedAvg):
                 m.metrics.get(TRAIN_SECONDS_KEY, 0.0) for m in accepted
             ),
         }
-        return accepted, stats
+        log(
+            INFO,
+            "aggregate_train: round %d: %d replies accepted, %d dropped, %d error replies",
+            server_round,
+            len(accepted),
+            dropped,
+            sum(reply.has_error() for reply in replies),
+        )
+        return accepted, contents, stats
+
+    def _aggregate_metrics(
+        self,
+        server_round: int,
+        contents: list[RecordDict],
+        aggregate: Callable[[list[RecordDict], str], MetricRecord],
+    ) -> MetricRecord:
+        """``aggregate(contents, weighted_by_key)``: a ``*_metrics_aggr_fn`` of FedAvg's.
+
+        Metrics that not every reply reports alike are left out first, with a warning
+        (:func:`~fl_ec.strategies.fedec_utils.aggregatable_metrics`).
+        """
+        usable, left_out = aggregatable_metrics(contents, self.weighted_by_key)
+        if left_out:
+            log(
+                WARNING,
+                "round %d: metric(s) %s not reported alike by every reply; left out of "
+                "the aggregated metrics",
+                server_round,
+                ", ".join(left_out),
+            )
+        return aggregate(usable, self.weighted_by_key)
 
     def _compress(
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, float]
@@ -339,11 +495,15 @@ class FedEC(BeginsRunOnStart, FedAvg):
             # Replies from clients that do not report class counts (e.g. a stock
             # quickstart ClientApp): use the plain mean, which needs no counts.
             rule = "mean-logits"
-            log(
-                WARNING,
-                "round %d: some replies lack class-counts; teacher rule falls back to %r",
+            self._warn_once(
+                "teacher-rule",
+                "round %d: replies from node(s) %s carry no class counts: teacher rule %r "
+                "runs as %r in rounds with such replies; %s",
                 server_round,
+                self._nodes_without_counts(accepted),
+                self.teacher_rule,
                 rule,
+                ADD_CLASS_COUNTS,
             )
         combine_members = functools.partial(
             teacher_logits,
@@ -480,9 +640,13 @@ class FedEC(BeginsRunOnStart, FedAvg):
             self.grid.send_and_receive(self._construct_messages(record, nodes, MessageType.QUERY))
         )
         query_seconds = time.perf_counter() - start
-        parts = []
+        parts, unsupported = [], {}
         num_classes, dim = self.feature_statistics.dims(model)
         for reply in replies:
+            missing = missing_stats_support(reply)
+            if missing is not None:
+                unsupported[reply.metadata.src_node_id] = missing
+                continue
             try:
                 parts.append(parse_stats_reply(reply, num_classes, dim, self.feature_statistics))
             except ValueError as reason:
@@ -493,8 +657,21 @@ class FedEC(BeginsRunOnStart, FedAvg):
                     reply.metadata.src_node_id,
                     reason,
                 )
+        if unsupported:
+            self._warn_once(
+                "feature-statistics",
+                "round %d: node(s) %s answer no feature-statistics query (%s): feature "
+                "calibration runs without them, and a round without any statistics serves "
+                "the uncalibrated model; %s",
+                server_round,
+                sorted(unsupported),
+                "; ".join(sorted(set(unsupported.values()))),
+                ADD_FEATURE_STATS,
+            )
         if not parts:
-            log(WARNING, "round %d: no valid feature statistics; not calibrated", server_round)
+            # Clients known to lack the query were reported once: no warning per round.
+            level = DEBUG if replies and len(unsupported) == len(replies) else WARNING
+            log(level, "round %d: no valid feature statistics; not calibrated", server_round)
         stats = {
             "calibration-query-seconds": query_seconds,
             "calibration-valid-replies": float(len(parts)),
@@ -548,10 +725,13 @@ class FedEC(BeginsRunOnStart, FedAvg):
         """
         counts = self._class_counts(accepted)
         if counts is None:
-            log(
-                WARNING,
-                "round %d: some replies lack class-counts; prior correction skipped",
+            self._warn_once(
+                "prior-correction",
+                "round %d: replies from node(s) %s carry no class counts: calibration "
+                "'prior' is skipped in rounds with such replies; %s",
                 server_round,
+                self._nodes_without_counts(accepted),
+                ADD_CLASS_COUNTS,
             )
             return {"prior-correction-applied": 0.0}
         start = None
@@ -656,6 +836,21 @@ class FedEC(BeginsRunOnStart, FedAvg):
         if self.global_arrays is None:
             raise RuntimeError("FedEC.aggregate_train called before configure_train")
         return self._build(self._global_spec(), self.global_arrays.to_torch_state_dict())
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        """Log a degraded feature's ``message`` as a warning the first time in a run.
+
+        Later rounds log it at DEBUG: a stock ClientApp stays one all run long.
+        """
+        if key in self.reported:
+            log(DEBUG, message, *args)
+            return
+        self.reported.add(key)
+        log(WARNING, message + " (reported once per run)", *args)
+
+    @staticmethod
+    def _nodes_without_counts(models: list[ClientModel]) -> list[int]:
+        return sorted(m.node_id for m in models if m.class_counts is None)
 
     @staticmethod
     def _class_counts(models: list[ClientModel]) -> list[list[float]] | None:

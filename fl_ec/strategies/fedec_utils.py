@@ -1,7 +1,10 @@
 """Small pure helpers of FedEC: validate replies, group by architecture, average, metrics.
 
 Kept apart from the strategy (as Flower keeps ``strategy_utils`` apart from ``FedAvg``)
-so each can be tested by building replies by hand.
+so each can be tested by building replies by hand. A reply is checked on its own
+(:func:`reply_arrays`, :func:`reply_weight`, :func:`parse_reply`): every reply that
+Flower's ``validate_message_reply_consistency`` lets through passes, and a bad one
+raises ``ValueError`` naming its defect instead of failing the whole round.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fl_ec.calibration import FeatureStatistics, FeatureStats
 from fl_ec.errors import ModelSpecError
@@ -53,6 +56,44 @@ class ClientModel:
     variant: str = ""  # the compressed variant the client trained (FedHCE), if any
 
 
+def reply_arrays(content: RecordDict, arrayrecord_key: str = ARRAY_RECORD_KEY) -> ArrayRecord:
+    """A train reply's model arrays, found as ``FedAvg`` finds them, or ``ValueError``.
+
+    The reply's only ArrayRecord, whatever its name (``FedAvg`` aggregates the one
+    ArrayRecord of each reply and ignores its name); with several, the one named
+    ``arrayrecord_key``, where ``FedAvg`` would reject the round.
+    """
+    records = content.array_records
+    if len(records) == 1:
+        return next(iter(records.values()))
+    if arrayrecord_key in records:
+        return records[arrayrecord_key]
+    if not records:
+        raise ValueError("no ArrayRecord in the reply")
+    raise ValueError(
+        f"{len(records)} ArrayRecords ({', '.join(sorted(records))}) and none named "
+        f"{arrayrecord_key!r}"
+    )
+
+
+def reply_weight(content: RecordDict, weighted_by_key: str = NUM_EXAMPLES_KEY) -> float:
+    """A reply's weight from its only MetricRecord, or ``ValueError`` naming the defect.
+
+    As ``FedAvg`` requires: exactly one MetricRecord, holding ``weighted_by_key`` as a
+    single number. Beyond it: the number must be finite and positive (a reply of weight
+    0 adds nothing to ``FedAvg``'s average either).
+    """
+    metric_records = list(content.metric_records.values())
+    if len(metric_records) != 1:
+        raise ValueError(f"expected exactly one MetricRecord, found {len(metric_records)}")
+    if weighted_by_key not in metric_records[0]:
+        raise ValueError(f"missing metric {weighted_by_key!r}")
+    weight = metric_records[0][weighted_by_key]
+    if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{weighted_by_key}={weight!r} must be a positive number")
+    return float(weight)
+
+
 def parse_reply(
     message: Message,
     default_spec: ArchSpec | None,
@@ -62,22 +103,17 @@ def parse_reply(
 ) -> ClientModel:
     """Turn a reply into a :class:`ClientModel`, or raise ``ValueError`` naming the defect.
 
-    Checks, in order: error reply; exactly the expected ArrayRecord; a positive weight
-    in a MetricRecord; a well-formed spec (the reply's own ``train-info`` spec, or the
-    global one); finite values; keys and shapes that build the declared architecture.
+    Checks, in order: error reply; the model's ArrayRecord (:func:`reply_arrays`); its
+    weight (:func:`reply_weight`); a well-formed spec (the reply's own ``train-info``
+    spec, or the global one); finite values; keys and shapes that build the declared
+    architecture.
     """
     if message.has_error():
         raise ValueError(f"error reply: {message.error.reason}")
     content = message.content
-    if arrayrecord_key not in content.array_records:
-        raise ValueError(f"missing ArrayRecord {arrayrecord_key!r}")
-    metric_records = list(content.metric_records.values())
-    if len(metric_records) != 1 or weighted_by_key not in metric_records[0]:
-        raise ValueError(f"missing metric {weighted_by_key!r}")
-    metrics = metric_records[0]
-    weight = metrics[weighted_by_key]
-    if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
-        raise ValueError(f"{weighted_by_key}={weight!r} must be a positive number")
+    arrays = reply_arrays(content, arrayrecord_key)
+    weight = reply_weight(content, weighted_by_key)
+    metrics = next(iter(content.metric_records.values()))
     spec, class_counts, variant = default_spec, None, ""
     if TRAIN_INFO_KEY in content.config_records:
         info = content.config_records[TRAIN_INFO_KEY]
@@ -88,11 +124,14 @@ def parse_reply(
             except ModelSpecError as err:
                 raise ValueError(str(err)) from None
         if CLASS_COUNTS_KEY in info:
-            class_counts = [float(v) for v in info[CLASS_COUNTS_KEY]]  # type: ignore[union-attr]
-            if min(class_counts, default=-1) < 0:
+            counts = info[CLASS_COUNTS_KEY]
+            if not isinstance(counts, list) or not counts:
+                raise ValueError(f"{CLASS_COUNTS_KEY}={counts!r} must be a list of counts")
+            class_counts = [float(v) for v in counts]  # type: ignore[arg-type]
+            if not all(np.isfinite(c) and c >= 0 for c in class_counts):
                 raise ValueError(f"{CLASS_COUNTS_KEY} {class_counts} must be non-negative")
     try:
-        state = content[arrayrecord_key].to_torch_state_dict()
+        state = arrays.to_torch_state_dict()
     except Exception as err:  # malformed array payloads raise a variety of errors
         raise ValueError(f"unreadable arrays ({err})") from None
     for key, tensor in state.items():
@@ -114,7 +153,7 @@ def parse_reply(
         spec,
         state,
         model,
-        float(weight),
+        weight,
         class_counts,
         numeric,
         variant,
@@ -161,17 +200,58 @@ def weighted_average(models: list[ClientModel]) -> dict[str, torch.Tensor]:
     return average
 
 
-def average_metrics(models: list[ClientModel], exclude: str = NUM_EXAMPLES_KEY) -> dict[str, float]:
-    """Example-weighted mean of every numeric metric that all replies report."""
-    if not models:
-        return {}
-    shared = set.intersection(*(set(m.metrics) for m in models)) - {exclude}
-    total = sum(m.num_examples for m in models)
-    return {k: sum(m.metrics[k] * m.num_examples for m in models) / total for k in sorted(shared)}
+def aggregatable_metrics(
+    contents: list[RecordDict], weighted_by_key: str = NUM_EXAMPLES_KEY
+) -> tuple[list[RecordDict], list[str]]:
+    """The replies as a metric aggregation function can take them, and the keys left out.
+
+    Each reply holds one MetricRecord (:func:`reply_weight`). When every reply reports
+    the same metric keys, each key a number in all or a list of one length in all (what
+    ``FedAvg`` needs of its replies), ``contents`` are returned as they are. Otherwise
+    a copy of each reply keeps only the metrics that all report alike, and the others
+    are named, so that no reply can make the aggregation fail.
+    """
+    if not contents:
+        return [], []
+
+    def kinds(content: RecordDict) -> dict[str, int | None]:
+        record = next(iter(content.metric_records.values()))
+        return {k: len(v) if isinstance(v, list) else None for k, v in record.items()}
+
+    each = [kinds(content) for content in contents]
+    shared = {k for k, kind in each[0].items() if all(k in o and o[k] == kind for o in each)}
+    if all(set(o) == shared for o in each):
+        return contents, []
+    left_out = sorted(set().union(*each) - shared - {weighted_by_key})
+    usable = []
+    for content in contents:
+        name, record = next(iter(content.metric_records.items()))
+        reduced = RecordDict(dict(content.items()))
+        reduced[name] = MetricRecord({k: v for k, v in record.items() if k in shared})
+        usable.append(reduced)
+    return usable, left_out
 
 
 def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in arrays.items()}
+
+
+# How Flower answers a message type that a ClientApp registered no function for.
+NO_HANDLER_REASON = "No query function registered"
+
+
+def missing_stats_support(message: Message) -> str | None:
+    """Why a statistics-query reply shows its client cannot answer the query, else None.
+
+    A stock ClientApp has no query handler (Flower's error reply says so); a query
+    handler of another app replies without the statistics record. Other errors and
+    malformed statistics are not a missing feature: :func:`parse_stats_reply` names them.
+    """
+    if message.has_error():
+        return "no query handler" if NO_HANDLER_REASON in message.error.reason else None
+    if STATS_RECORD_KEY not in message.content.array_records:
+        return f"no {STATS_RECORD_KEY!r} ArrayRecord in the reply"
+    return None
 
 
 def parse_stats_reply(

@@ -48,6 +48,8 @@ def app_copy(workdir: Path, method: str) -> Path:
     """tests/quickstart_app with the method's ServerApp and ClientApp as components."""
     server, client = METHODS[method]
     app = workdir / f"app-{method}"
+    if app.exists():  # made for an earlier seed
+        return app
     shutil.copytree(APP, app)
     pyproject = app / "pyproject.toml"
     text = pyproject.read_text()

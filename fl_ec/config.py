@@ -27,6 +27,7 @@ from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError, SettingError
 from fl_ec.layer_parallel.objectives import LPSettings
 from fl_ec.models.spec import is_known_model
+from fl_ec.robust import StartRule, parse_start_rule
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
@@ -152,6 +153,9 @@ class ExperimentConfig:
     fold_pruned: bool = True
     calibrate_variants: bool = True
     simulated_tiers: str = "gpu=3,edge=7"
+    # Robustness tests: simulated partitions 0..count-1 attack ("sign-flip:2"), or none
+    attack: str = ""
+    robust_start: str = "mean"  # FedEC's average: mean, median, trimmed-mean:<n>, clipped-mean
     # Layer-parallel training (ResNets): for clients and/or the server's distillation
     trainer: str = "sgd"
     distill_trainer: str = "adam"
@@ -193,6 +197,17 @@ class ExperimentConfig:
         config = cls(**values, extra=extra)
         config.validate()
         return config
+
+    def start_rule(self) -> StartRule:
+        """FedEC's rule for the student's start and the clients' next model."""
+        try:
+            return parse_start_rule(self.robust_start)
+        except ValueError as err:
+            raise ConfigError(f"robust-start: {err}") from None
+
+    def attack_settings(self) -> tuple[str, int]:
+        """The simulated attack and how many partitions run it (:func:`parse_attack`)."""
+        return parse_attack(self.attack)
 
     def _validate_fedhce(self) -> None:
         """The FedHCE knobs, parsed by the code that uses them, and their cross-references."""
@@ -243,6 +258,8 @@ class ExperimentConfig:
         self.distill_settings()
         self.variant_distill_settings()
         self._validate_fedhce()
+        self.attack_settings()
+        self.start_rule()
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         self.lp_settings()  # checked whatever the trainers: a bad lp-* value fails every run
@@ -396,6 +413,21 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
     else:
         return raw
     raise ConfigError(f"run-config {key}={raw!r} is not a valid {kind}")
+
+
+def parse_attack(text: str) -> tuple[str, int]:
+    """``"sign-flip:2"`` -> (attack, number of attacking partitions); ``""`` -> no attack."""
+    from fl_ec.clients.attacks import ATTACKS
+
+    if not text.strip():
+        return "", 0
+    name, _, count = text.strip().partition(":")
+    if name not in ATTACKS or not count.isdigit() or int(count) < 1:
+        raise ConfigError(
+            f"attack={text!r} must look like kind:count with kind one of "
+            f'{", ".join(ATTACKS)} (e.g. "sign-flip:2"), or be empty'
+        )
+    return name, int(count)
 
 
 def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]:

@@ -158,7 +158,10 @@ def central_evaluation(
         server_metrics = (
             dict(reporter.server_metrics.get(server_round, {})) if reporter is not None else {}
         )
-        invalid = int(server_metrics.pop("invalid-replies", 0))
+        # Error replies were counted as rejected when they arrived (MeteredGrid).
+        invalid = int(server_metrics.pop("rejected-replies", 0)) - int(
+            server_metrics.pop("error-replies", 0)
+        )
         record.rejected_replies += invalid
         record.train_replies -= invalid
         record = recorder.close_round(

@@ -144,8 +144,8 @@ def test_a_reply_with_an_unknown_or_misshaped_variant_is_dropped(task_identity, 
     caplog.set_level(logging.WARNING, logger="flwr")
     arrays, _ = strategy.aggregate_train(1, good + [bad])
     assert arrays is not None
-    assert strategy.server_metrics[1]["invalid-replies"] == 1
-    assert "node 3" in caplog.text and "unknown variant 'prune-0.9'" in caplog.text
+    assert strategy.server_metrics[1]["rejected-replies"] == 1
+    assert "node 3" in caplog.text and "returned variant 'prune-0.9', but was sent" in caplog.text
 
 
 def test_fold_pruned_updates_into_full_coordinates(task_identity, data):

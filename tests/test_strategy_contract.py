@@ -388,7 +388,7 @@ MALFORMED = {
     "no weighting key": (_without_weight, "missing metric 'num-examples'"),
     "list-valued weight": (_list_weight, "must be a positive number"),
     "two ArrayRecords, none named arrays": (_two_unnamed_array_records, "2 ArrayRecords"),
-    "array keys unlike the others'": (_mismatched_array_keys, "do not fit"),
+    "array keys unlike the others'": (_mismatched_array_keys, "array keys do not fit"),
 }
 
 
@@ -407,8 +407,8 @@ def test_a_malformed_train_reply_fails_fedavg_and_is_dropped_by_fedec(steps, cas
     assert dict(metrics) == dict(expected)
     if steps == 0:
         _assert_same_arrays(arrays, expected_arrays)
-    assert strategy.server_metrics[1]["invalid-replies"] == 1
-    dropped = [r.getMessage() for r in caplog.records if "dropped reply" in r.getMessage()]
+    assert strategy.server_metrics[1]["rejected-replies"] == 1
+    dropped = [r.getMessage() for r in caplog.records if "rejected reply" in r.getMessage()]
     assert len(dropped) == 1 and "node 9" in dropped[0] and reason in dropped[0], dropped
 
 
@@ -419,7 +419,7 @@ def test_fedec_drops_what_fedavg_would_average_into_garbage(caplog):
     nan_state["fc1.bias"][0] = float("nan")
     for bad, reason in (
         (_train_reply(9, state=nan_state), "non-finite"),
-        (_wrong_dtype(9), "do not fit"),
+        (_wrong_dtype(9), "does not fit"),
     ):
         caplog.clear()
         strategy = _prepared(_fedec(0))

@@ -30,11 +30,12 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fl_ec.calibration import CalibrationSettings
-from fl_ec.clients.variants import received_state
+from fl_ec.clients.attacks import attack_for
+from fl_ec.clients.variants import received_state, variant_bits
 from fl_ec.compression import enable_weight_fake_quant
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.errors import ConfigError, FlEcError
+from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
@@ -61,7 +62,6 @@ from fl_ec.protocol import (
     TRAIN_LOSS_KEY,
     TRAIN_SECONDS_KEY,
     TRAINER_STAGES_KEY,
-    VARIANT_BITS_KEY,
     VARIANT_KEY,
 )
 from fl_ec.training import (
@@ -151,10 +151,14 @@ def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
     Quantized variants (FedHCE) arrive packed and run with fake-quant weights, as they
     train (straight-through estimator) and as the server measures them.
     """
+    if CONFIG_RECORD_KEY not in content.config_records or ARRAY_RECORD_KEY not in content:
+        raise ModelSpecError(f"the message lacks {CONFIG_RECORD_KEY!r} or {ARRAY_RECORD_KEY!r}")
     round_config = content[CONFIG_RECORD_KEY]
+    if ARCH_SPEC_KEY not in round_config:
+        raise ModelSpecError(f"the message's config has no {ARCH_SPEC_KEY!r}")
     spec = ArchSpec.from_json(str(round_config[ARCH_SPEC_KEY]))
     model = build_from_state_dict(spec, received_state(content[ARRAY_RECORD_KEY], round_config))
-    enable_weight_fake_quant(model, int(round_config.get(VARIANT_BITS_KEY, 0)))
+    enable_weight_fake_quant(model, variant_bits(round_config))
     return spec, model
 
 
@@ -163,19 +167,31 @@ def _train(msg: Message, context: Context) -> Message:
     device = select_device(config.device)
     round_config = msg.content[CONFIG_RECORD_KEY]
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
+    kind, attackers = config.attack_settings()
+    attack = attack_for(node.partition_id, attackers, kind, in_simulation())
+    sent = {k: v.detach().clone() for k, v in model.state_dict().items()} if attack else {}
+    train_data = data
+    if attack is not None:  # trains on what the attack makes of its labels
+        labels = attack.labels(data.train.labels, data.train.num_classes)
+        train_data = dataclasses.replace(data, train=dataclasses.replace(data.train, labels=labels))
     if config.trainer == "layer-parallel":
-        result = _train_layer_parallel(model, spec, data, config, round_config, node, server_round)
-        return _reply(msg, model, spec, data, node, device, result)
-    result = train_locally(
-        model,
-        data,
-        config,
-        node.partition_id,
-        server_round,
-        epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
-        lr=float(round_config.get(LR_KEY, config.lr)),
-        device=device,
-    )
+        result = _train_layer_parallel(
+            model, spec, train_data, config, round_config, node, server_round
+        )
+    else:
+        result = train_locally(
+            model,
+            train_data,
+            config,
+            node.partition_id,
+            server_round,
+            epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
+            lr=float(round_config.get(LR_KEY, config.lr)),
+            device=device,
+        )
+    if attack is not None:
+        attack.poison(model, sent, local_seed(config, node.partition_id, server_round))
+    # The reply reports the honest partition's class counts, as an attacker would.
     return _reply(msg, model, spec, data, node, device, result)
 
 

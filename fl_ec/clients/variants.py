@@ -72,7 +72,15 @@ def receive_variant(msg: Message, model_builder: Callable[[], nn.Module]) -> nn.
     except RuntimeError as err:  # keys/shapes the builder's model does not have
         first = str(err).strip().splitlines()[0]
         raise ModelSpecError(f"the received arrays do not fit this model: {first}") from None
-    return enable_weight_fake_quant(model, int(config.get(VARIANT_BITS_KEY, 0)))
+    return enable_weight_fake_quant(model, variant_bits(config))
+
+
+def variant_bits(config: Mapping[str, Any]) -> int:
+    """The weight bits of the variant a message carries (0: fp32), or ``ModelSpecError``."""
+    bits = config.get(VARIANT_BITS_KEY, 0)
+    if bits not in (0, 2, 4, 8) or isinstance(bits, bool):
+        raise ModelSpecError(f"malformed {VARIANT_BITS_KEY}={bits!r} from the server")
+    return int(bits)
 
 
 def received_state(arrays: ArrayRecord, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -82,7 +90,7 @@ def received_state(arrays: ArrayRecord, config: Mapping[str, Any]) -> dict[str, 
     try:
         manifest = json.loads(str(config[WIRE_MANIFEST_KEY]))
         return unpack_state_dict({k: a.numpy() for k, a in arrays.items()}, manifest)
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - any malformed payload is one clear error
         raise ModelSpecError(f"malformed quantized payload from the server: {err}") from None
 
 

@@ -10,6 +10,7 @@ fake-quantized model computes with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -58,10 +59,15 @@ def pack_state_dict(
     return arrays, manifest
 
 
-def unpack_state_dict(
-    arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_state_dict`; raises ``ValueError`` on malformed input."""
+def unpack_state_dict(arrays: Mapping[str, np.ndarray], manifest: Any) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_state_dict`; raises ``ValueError`` on malformed input.
+
+    The manifest and every packed entry are checked before anything is unpacked: a
+    mapping of entries with ``bits`` in 2 / 4 / 8 and a non-empty shape of positive
+    sizes, a 1-D scale per output channel, and exactly the bytes the shape needs.
+    """
+    if not isinstance(manifest, Mapping):
+        raise ValueError("the manifest must map keys to {bits, shape}")
     state: dict[str, torch.Tensor] = {}
     for key, array in arrays.items():
         if key.endswith(SCALE_SUFFIX):
@@ -69,32 +75,41 @@ def unpack_state_dict(
         if key not in manifest:
             state[key] = torch.from_numpy(np.array(array, copy=True))
             continue
-        try:
-            bits = int(manifest[key]["bits"])
-            shape = tuple(int(s) for s in manifest[key]["shape"])
-            scale = torch.from_numpy(np.asarray(arrays[key + SCALE_SUFFIX], np.float32).copy())
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"packed entry {key!r} is malformed: {err}") from None
-        count = int(np.prod(shape))
-        if bits == 8:
-            values = np.asarray(array, np.int8).astype(np.int16)
-        elif bits in (2, 4):
-            try:
-                values = _unpack_signed(array, bits, count)
-            except ValueError:  # too few bytes for the shape
-                raise ValueError(
-                    f"packed entry {key!r} does not match its shape {list(shape)}"
-                ) from None
-        else:
-            raise ValueError(f"packed entry {key!r} has unsupported bits={bits}")
-        if values.size != count or scale.numel() != shape[0]:
+        bits, shape = _entry(key, manifest[key])
+        count = math.prod(shape)
+        scale = np.asarray(arrays.get(key + SCALE_SUFFIX, np.zeros(0)))
+        packed = np.asarray(array)
+        if scale.shape != (shape[0],) or scale.dtype.kind != "f":
+            raise ValueError(f"packed entry {key!r} needs {shape[0]} float scales")
+        wanted = count if bits == 8 else -(-count * bits // 8)
+        if packed.ndim != 1 or packed.size != wanted or packed.dtype.itemsize != 1:
             raise ValueError(f"packed entry {key!r} does not match its shape {list(shape)}")
+        if bits == 8:
+            values = packed.view(np.int8).astype(np.int16)
+        else:
+            values = _unpack_signed(packed, bits, count)
         q = torch.from_numpy(values.reshape(shape).astype(np.int8))
-        state[key] = dequantize(q, scale)
+        state[key] = dequantize(q, torch.from_numpy(scale.astype(np.float32)))
     missing = [k for k in manifest if k not in state]
     if missing:
         raise ValueError(f"packed state lacks {missing[:3]}")
     return state
+
+
+def _entry(key: str, entry: Any) -> tuple[int, tuple[int, ...]]:
+    """A manifest entry's bits and shape, checked."""
+    try:
+        bits = entry["bits"]
+        shape = tuple(entry["shape"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"packed entry {key!r} is malformed: {err}") from None
+    if bits not in (2, 4, 8) or isinstance(bits, bool):
+        raise ValueError(f"packed entry {key!r} has unsupported bits={bits!r}")
+    if not shape or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+    ):
+        raise ValueError(f"packed entry {key!r} has a malformed shape {list(shape)}")
+    return bits, shape
 
 
 def packed_nbytes(arrays: Mapping[str, np.ndarray]) -> int:

@@ -60,7 +60,7 @@ class ArchSpec:
                 widths=tuple(data.get("widths", ())),
                 extra=dict(data.get("extra", {})),
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as err:
             raise ModelSpecError(f"malformed architecture spec ({err}): {text[:120]!r}") from None
 
 
@@ -69,6 +69,17 @@ def is_known_model(name: str) -> bool:
         return True
     match = _RESNET.match(name)
     return bool(match) and int(match.group(1)) >= 8 and (int(match.group(1)) - 2) % 6 == 0
+
+
+def family(name: str) -> str:
+    """``cnn`` or ``resnet``: models of one family differ only in depth and widths."""
+    return "cnn" if name == "cnn" else "resnet"
+
+
+def resnet_depth(name: str) -> int:
+    """A ResNet's depth from its name (``resnet20``: 20); 0 for other models."""
+    match = _RESNET.match(name)
+    return int(match.group(1)) if match else 0
 
 
 def _default_widths(name: str) -> tuple[int, int, int]:

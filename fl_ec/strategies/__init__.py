@@ -13,6 +13,7 @@ from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy
 from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation, payload_bytes
+from fl_ec.strategies.replies import ReplyLimits
 from fl_ec.strategies.sampling import SeededSampler, SeededSampling
 from fl_ec.strategies.wrapper import StrategyWrapper
 
@@ -22,6 +23,7 @@ __all__ = [
     "FedEC",
     "FedHCE",
     "MeteredGrid",
+    "ReplyLimits",
     "SeededSampler",
     "SeededSampling",
     "StrategyWrapper",

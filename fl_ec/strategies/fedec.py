@@ -41,44 +41,44 @@ from fl_ec.models.layout import probe_channels_last
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, state_shapes
 from fl_ec.protocol import (
     ARCH_SPEC_KEY,
-    CLASS_COUNTS_KEY,
     SERVER_ROUND_KEY,
     STATS_COMPONENTS_KEY,
     STATS_LAYERS_KEY,
     STATS_RANK_KEY,
     STATS_RECORD_KEY,
-    TRAIN_INFO_KEY,
-    TRAIN_SECONDS_KEY,
 )
 from fl_ec.results import RunRecorder
+from fl_ec.robust import StartRule, WeightedMean
 from fl_ec.scoring import accuracy, model_accuracy, model_hits
+from fl_ec.strategies.acceptance import (
+    AcceptedReplies,
+    accept_evaluate_replies,
+    accept_stats_replies,
+    accept_train_replies,
+)
+from fl_ec.strategies.degraded import (
+    ADD_CLASS_COUNTS,
+    ADD_FEATURE_STATS,
+    DegradedFeatures,
+    all_class_counts,
+    nodes_without_counts,
+)
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated, serve_prior_corrected
 from fl_ec.strategies.fedec_utils import (
     ClientModel,
     aggregatable_metrics,
     group_by_spec,
-    missing_stats_support,
-    parse_reply,
+)
+from fl_ec.strategies.replies import (
+    Expected,
+    ReplyLimits,
     parse_stats_reply,
-    reply_weight,
-    weighted_average,
+    parse_train_reply,
+    shapes_of_state,
+    spec_bounds,
 )
 from fl_ec.strategies.wrapper import BeginsRunOnStart
 from fl_ec.training import select_device
-
-# What a ClientApp adds to its train reply for the teacher rules and the prior correction
-# that need class counts.
-ADD_CLASS_COUNTS = (
-    f"a ClientApp adds them to its train reply as a ConfigRecord {TRAIN_INFO_KEY!r} "
-    f"holding {CLASS_COUNTS_KEY!r}, its training examples per class (or replies with "
-    "fl_ec.clients.reply_variant(msg, model, metrics, class_counts=...))"
-)
-# What a ClientApp adds to answer feature calibration's statistics query.
-ADD_FEATURE_STATS = (
-    "a ClientApp answers it with a query handler (@app.query()) that replies with the "
-    f"{STATS_RECORD_KEY!r} ArrayRecord of fl_ec.calibration.FeatureStatistics.to_arrays, "
-    "as fl-ec's ClientApp (fl_ec.clients.client_app.query_handler) does"
-)
 
 
 class FedEC(BeginsRunOnStart, FedAvg):
@@ -98,20 +98,18 @@ class FedEC(BeginsRunOnStart, FedAvg):
 
     Differences from FedAvg
     -----------------------
-    * **Replies are checked one by one.** Where ``FedAvg`` raises
-      ``InconsistentMessageReplies`` (and the run ends) because of one malformed
-      reply, FedEC logs a warning with the node id and the reason and drops that reply
-      alone; the round goes on with the others. Dropped: error replies; a reply without
-      exactly one MetricRecord, or whose ``weighted_by_key`` is missing, a list, not
-      finite or not positive (a weight of 0 adds nothing to ``FedAvg``'s average
-      either); unreadable arrays; non-finite values; arrays that do not build the
-      model (the reply's ``train-info`` spec, ``arch_spec``, or ``model_builder``);
-      malformed class counts. Evaluation replies get the same checks of their
-      MetricRecord. ``FedAvg`` logs error replies at INFO; FedEC at WARNING.
+    * **Replies are checked one by one, before anything is built from them**
+      (:mod:`~fl_ec.strategies.replies`: metrics, spec, class counts, array headers,
+      then finite values). Where ``FedAvg`` raises ``InconsistentMessageReplies`` (and
+      the run ends) because of one malformed reply, FedEC rejects that reply alone,
+      logs the node id and the reason, counts it in the round's ``rejected-replies``
+      and goes on; a node's second reply in a round is rejected too. An aggregate
+      that is not finite keeps the global model. ``FedAvg`` logs error replies at
+      INFO; FedEC at WARNING.
     * **Replies may differ where FedAvg needs them alike.** A reply's only
       ArrayRecord is its model whatever its name, as in ``FedAvg``, and the names may
       differ between replies; with several ArrayRecords, the one named
-      ``arrayrecord_key`` is used. Replies of another architecture join the teacher and
+      ``arrayrecord_key`` is used. Replies of a smaller architecture join the teacher and
       stay out of the parameter average. A metric that not every accepted reply
       reports alike (same key, a number in all or a list of one length in all) is left
       out of the aggregated metrics with a warning, where ``FedAvg`` fails the round.
@@ -160,49 +158,24 @@ class FedEC(BeginsRunOnStart, FedAvg):
     client_start : str (default: "average")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
-        the clients follow FedAvg's trajectory while the distilled student is the
-        global model that is evaluated, served and returned ("train the average, serve
-        the student"). Measured at alpha=0.1, clients that start from a distilled
-        student average to a *worse* model than clients that start from the previous
-        average, so the distilled run tracks its teacher's ceiling instead of FedAvg's
-        climb; ``average`` keeps the climb and still serves the distilled gain.
+        the clients follow FedAvg's trajectory while the distilled (and calibrated)
+        student is the global model that is evaluated, served and returned ("train the
+        average, serve the student"); BENCHMARKS.md compares the two.
     calibration : str | CalibrationSettings | None (default: None, no calibration)
         What is done to the served model after distillation: a preset name of
-        :meth:`~fl_ec.calibration.CalibrationSettings.preset`
-        (``none``, ``prior``, ``classifier``, ``dense``, ``dense-mixture``) or the
-        settings themselves.
-
-        Method ``prior``: shift the served model's classifier bias so that its mean
-        prediction over the round's proxy inputs equals the federation's label
-        distribution (pooled from the clients' reported class counts); see
-        :mod:`fl_ec.calibration.prior`. Uses no labels. With validation data, the corrected
-        student, the corrected start of distillation (the parameter average) and the
-        uncorrected student compete on validation accuracy: the uncorrected student is
-        served only when it is *significantly* more accurate than the better corrected
-        candidate, McNemar's paired z over the samples the two disagree on above
-        :data:`~fl_ec.strategies.fedec_calibration.REVERT_Z`. Skipped in a round
-        where a reply lacks class counts (a warning, once per run, says so).
-
-        Method ``features``: after each calibrated round's aggregation, ask the
-        clients for the class-conditional statistics of the served model's classifier
-        inputs on their data (a ``query`` message: one forward pass, no training),
-        pool them, and fine-tune the served model's classifier on virtual features
-        drawn from them (CCVR; see :mod:`fl_ec.calibration.gaussian`) -- or, with
-        ``layers="dense"``, every dense layer on virtual inputs of the first one, from
-        low-rank statistics (:mod:`fl_ec.calibration.low_rank`). The settings'
-        :meth:`~fl_ec.calibration.CalibrationSettings.statistics` is the kind of
-        statistics asked for, pooled and calibrated from. With validation data the
-        calibrated layers are kept unless the uncalibrated ones are significantly more
-        accurate (the same test as the prior correction's). Replies that fail the checks
-        are logged with the node and left out; clients that cannot answer the query (a
-        stock ClientApp has no query handler) are left out too, named in a warning once
-        per run. Without any valid statistics the round serves the uncalibrated model.
-        The settings' ``rounds``: ``all`` calibrates (and queries the clients) every
-        round, ``last`` only the last round of ``start()``, which saves a query per
-        round, ``every-N`` rounds N, 2N, ... and the last; with
-        ``client_start="average"`` the served model does not steer training, so all end
-        with the same final model. Its ``nodes``: the round's ``sampled`` clients or
-        ``all`` connected nodes.
+        :meth:`~fl_ec.calibration.CalibrationSettings.preset` (``none``, ``prior``,
+        ``classifier``, ``dense``, ``dense-mixture``) or the settings themselves.
+        ``prior`` shifts the classifier bias to the federation's label distribution,
+        pooled from the replies' class counts (:mod:`fl_ec.calibration.prior`).
+        ``features`` methods ask the clients for class-conditional statistics of the
+        served model's features in a ``query`` message after the round's aggregation,
+        and retrain the head on virtual features drawn from them
+        (:mod:`fl_ec.calibration.gaussian`, :mod:`fl_ec.calibration.low_rank`). With
+        validation data a calibration is reverted when the uncalibrated model is
+        significantly more accurate (McNemar's paired test). The settings' ``rounds``
+        (``all``, ``last``, ``every-N``) say which rounds are calibrated, its ``nodes``
+        which clients are asked (``sampled`` or ``all``). Clients that cannot answer
+        are left out, named once per run. docs/calibration.md explains each method.
     proxy_per_round : int (default: 0)
         Use a fresh seeded random subset of this many proxy samples each round for the
         teacher and distillation (0: the whole proxy set). Bounds server time per round
@@ -221,6 +194,13 @@ class FedEC(BeginsRunOnStart, FedAvg):
         The fewest accepted replies a round aggregates; with fewer, ``aggregate_train``
         returns ``(None, None)`` and the global model stays. 1 aggregates whatever
         valid replies arrive, as ``FedAvg`` does.
+    reply_limits : ReplyLimits | None
+        What one reply may claim: the largest ``num-examples`` and how closely class
+        counts must sum to it (:class:`~fl_ec.strategies.replies.ReplyLimits`).
+    start_rule : StartRule | None (default: ``WeightedMean()``, FedAvg's)
+        How the same-architecture replies are averaged into the student's start (and,
+        with ``client_start="average"``, the clients' next model); the robust rules of
+        :mod:`fl_ec.robust` bound what a few malicious replies can do.
     **fedavg_kwargs
         Every ``FedAvg`` argument (``fraction_train``, ``min_train_nodes``,
         ``weighted_by_key``, ``arrayrecord_key``, ``train_metrics_aggr_fn``,
@@ -245,14 +225,17 @@ class FedEC(BeginsRunOnStart, FedAvg):
         seed: int = 42,
         student_trainer: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
         min_valid_replies: int = 1,
+        reply_limits: ReplyLimits | None = None,
+        start_rule: StartRule | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         if min_valid_replies < 1:
             raise ValueError(f"min_valid_replies={min_valid_replies} must be >= 1")
         self.min_valid_replies = min_valid_replies
-        # Keys of the degraded features already reported this run (_warn_once).
-        self.reported: set[str] = set()
+        self.reply_limits = reply_limits or ReplyLimits()
+        self.start_rule = start_rule or WeightedMean()
+        self.degraded = DegradedFeatures()
         if arch_spec is None and model_builder is None:
             raise ValueError("FedEC needs arch_spec or model_builder to rebuild client models")
         if teacher_rule not in RULES:
@@ -263,9 +246,14 @@ class FedEC(BeginsRunOnStart, FedAvg):
         self.model_builder = model_builder
         self.proxy_inputs = input_tensor(proxy_data, name="proxy_data")
         self.validation = labelled_tensors(validation_data) if validation_data is not None else None
+        # What a reply's arrays must be, fixed now so that a reply is checked against
+        # the configured model, not against anything a client sent.
+        reference = build_model(self.arch_spec) if self.arch_spec else model_builder()  # type: ignore[misc]
+        self.reference_bounds = shapes_of_state(reference.state_dict())
+        self.num_classes = _num_outputs(reference)
         if arch_spec is None and len(self.proxy_inputs):
             # A user's model may .view() a conv output, which fails channels-last.
-            probe_channels_last(model_builder(), self.proxy_inputs[:8])  # type: ignore[misc]
+            probe_channels_last(reference, self.proxy_inputs[:8])
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
         self.client_start = client_start
@@ -322,7 +310,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         A new run reports each degraded feature again, once.
         """
         self.num_rounds = num_rounds
-        self.reported.clear()
+        self.degraded.new_run()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -344,7 +332,8 @@ class FedEC(BeginsRunOnStart, FedAvg):
         by default): the global model stays.
         """
         replies = list(replies)
-        accepted, contents, stats = self._accept(server_round, replies)
+        round_replies = self._accept(server_round, replies)
+        accepted, stats = round_replies.models, round_replies.stats()
         self.server_metrics[server_round] = stats
         if len(accepted) < self.min_valid_replies:
             if replies or self.fraction_train > 0:  # evaluation-only runs train nothing
@@ -360,87 +349,55 @@ class FedEC(BeginsRunOnStart, FedAvg):
             return None, None
         student, stats = self._compress(server_round, accepted, stats)
         self.server_metrics[server_round] = stats
+        served = student.state_dict()
+        if not all(bool(torch.isfinite(v).all()) for v in served.values() if v.is_floating_point()):
+            # Accepted replies are finite; this guards the arithmetic on them.
+            log(
+                WARNING,
+                "round %d: the aggregate is not finite; the global model stays",
+                server_round,
+            )
+            stats["non-finite-aggregate"] = 1.0
+            self.client_start_arrays = None
+            return None, None
         self.last_client_models = accepted
-        metrics = self._aggregate_metrics(server_round, contents, self.train_metrics_aggr_fn)
-        return ArrayRecord(student.state_dict()), metrics
+        metrics = self._aggregate_metrics(
+            server_round, round_replies.contents, self.train_metrics_aggr_fn
+        )
+        return ArrayRecord(served), metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """``evaluate_metrics_aggr_fn`` over the valid evaluation replies, as ``FedAvg``.
 
-        A reply that is an error or whose MetricRecord fails ``FedAvg``'s checks
-        (:func:`~fl_ec.strategies.fedec_utils.reply_weight`) is dropped with a warning
-        naming the node and the reason. None without valid replies.
+        A reply that is an error, repeats a node, or whose MetricRecord fails
+        ``FedAvg``'s checks or holds a non-finite metric
+        (:func:`~fl_ec.strategies.acceptance.accept_evaluate_replies`) is rejected with a
+        warning naming the node and the reason. None without valid replies.
         """
-        contents = []
-        for reply in replies:
-            try:
-                if reply.has_error():
-                    raise ValueError(f"error reply: {reply.error.reason}")
-                reply_weight(reply.content, self.weighted_by_key)
-            except ValueError as reason:
-                log(
-                    WARNING,
-                    "round %d: dropped evaluate reply from node %d: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reason,
-                )
-                continue
-            contents.append(reply.content)
+        contents = accept_evaluate_replies(server_round, replies, self.weighted_by_key)
         if not contents:
             return None
         return self._aggregate_metrics(server_round, contents, self.evaluate_metrics_aggr_fn)
 
     # -- the round's steps ----------------------------------------------------------
-    def _accept(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[list[ClientModel], list[RecordDict], dict[str, float]]:
-        """The valid replies as client models, their contents (same order), the stats.
+    def _accept(self, server_round: int, replies: list[Message]) -> AcceptedReplies:
+        """The round's replies that pass every check, at most one per node."""
+        return accept_train_replies(server_round, replies, self._parse)
 
-        Error replies are logged but not counted as invalid (Flower counts them as
-        failures); every other dropped reply is.
-        """
-        accepted, contents, dropped = [], [], 0
-        for reply in replies:
-            try:
-                client_model = parse_reply(
-                    reply,
-                    self._global_spec(),
-                    self._build,
-                    self.weighted_by_key,
-                    self.arrayrecord_key,
-                )
-                self._prepare_client_model(client_model)
-                accepted.append(client_model)
-                contents.append(reply.content)
-            except ValueError as reason:
-                dropped += not reply.has_error()
-                log(
-                    WARNING,
-                    "round %d: dropped reply from node %d: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reason,
-                )
-        stats = {
-            "invalid-replies": float(dropped),
-            "valid-replies": float(len(accepted)),
-            # Compared against the server's own cost in the benchmark.
-            "client-train-seconds-sum": sum(
-                m.metrics.get(TRAIN_SECONDS_KEY, 0.0) for m in accepted
-            ),
-        }
-        log(
-            INFO,
-            "aggregate_train: round %d: %d replies accepted, %d dropped, %d error replies",
-            server_round,
-            len(accepted),
-            dropped,
-            sum(reply.has_error() for reply in replies),
+    def _parse(self, reply: Message) -> ClientModel:
+        """One train reply as a client model, or ``RejectedReplyError`` naming its defect."""
+        client_model = parse_train_reply(
+            reply,
+            self._expect,
+            self._build,
+            self.weighted_by_key,
+            self.arrayrecord_key,
+            self.reply_limits,
         )
-        return accepted, contents, stats
+        self._prepare_client_model(client_model)
+        return client_model
 
     def _aggregate_metrics(
         self,
@@ -463,6 +420,19 @@ class FedEC(BeginsRunOnStart, FedAvg):
                 ", ".join(left_out),
             )
         return aggregate(usable, self.weighted_by_key)
+
+    def _expect(self, claimed: ArchSpec | None, variant: str, node: int) -> Expected:
+        """What a reply claiming architecture ``claimed`` must hold.
+
+        With a global spec: the claimed one (else the global one), if no larger
+        (:func:`~fl_ec.strategies.replies.spec_bounds`); its arrays may be channel-pruned.
+        With ``model_builder``: exactly the builder's arrays, whatever is claimed.
+        """
+        if self.arch_spec is None:
+            return Expected(None, self.reference_bounds, True, self.num_classes)
+        if claimed is None or claimed == self.arch_spec:
+            return Expected(self.arch_spec, self.reference_bounds, False, self.num_classes)
+        return Expected(claimed, spec_bounds(claimed, self.arch_spec), False, self.num_classes)
 
     def _compress(
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, float]
@@ -489,18 +459,18 @@ class FedEC(BeginsRunOnStart, FedAvg):
                 len(proxy), generator=torch.Generator().manual_seed(generator_seed)
             )[: self.proxy_per_round]
             proxy = proxy[chosen]
-        class_counts = self._class_counts(accepted)
+        class_counts = all_class_counts(accepted)
         rule = self.teacher_rule
         if rule in WEIGHTED_RULES and class_counts is None:
             # Replies from clients that do not report class counts (e.g. a stock
             # quickstart ClientApp): use the plain mean, which needs no counts.
             rule = "mean-logits"
-            self._warn_once(
+            self.degraded.warn(
                 "teacher-rule",
                 "round %d: replies from node(s) %s carry no class counts: teacher rule %r "
                 "runs as %r in rounds with such replies; %s",
                 server_round,
-                self._nodes_without_counts(accepted),
+                nodes_without_counts(accepted),
                 self.teacher_rule,
                 rule,
                 ADD_CLASS_COUNTS,
@@ -640,25 +610,16 @@ class FedEC(BeginsRunOnStart, FedAvg):
             self.grid.send_and_receive(self._construct_messages(record, nodes, MessageType.QUERY))
         )
         query_seconds = time.perf_counter() - start
-        parts, unsupported = [], {}
         num_classes, dim = self.feature_statistics.dims(model)
-        for reply in replies:
-            missing = missing_stats_support(reply)
-            if missing is not None:
-                unsupported[reply.metadata.src_node_id] = missing
-                continue
-            try:
-                parts.append(parse_stats_reply(reply, num_classes, dim, self.feature_statistics))
-            except ValueError as reason:
-                log(
-                    WARNING,
-                    "round %d: dropped feature statistics from node %d: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reason,
-                )
+        parts, unsupported = accept_stats_replies(
+            server_round,
+            replies,
+            lambda reply: parse_stats_reply(
+                reply, num_classes, dim, self.feature_statistics, self.reply_limits
+            ),
+        )
         if unsupported:
-            self._warn_once(
+            self.degraded.warn(
                 "feature-statistics",
                 "round %d: node(s) %s answer no feature-statistics query (%s): feature "
                 "calibration runs without them, and a round without any statistics serves "
@@ -723,14 +684,14 @@ class FedEC(BeginsRunOnStart, FedAvg):
         The corrected student and the corrected start of distillation compete on
         validation (:func:`~fl_ec.strategies.fedec_calibration.serve_prior_corrected`).
         """
-        counts = self._class_counts(accepted)
+        counts = all_class_counts(accepted)
         if counts is None:
-            self._warn_once(
+            self.degraded.warn(
                 "prior-correction",
                 "round %d: replies from node(s) %s carry no class counts: calibration "
                 "'prior' is skipped in rounds with such replies; %s",
                 server_round,
-                self._nodes_without_counts(accepted),
+                nodes_without_counts(accepted),
                 ADD_CLASS_COUNTS,
             )
             return {"prior-correction-applied": 0.0}
@@ -776,16 +737,24 @@ class FedEC(BeginsRunOnStart, FedAvg):
         ``start`` is this round's student before distillation. Without a
         same-architecture group there is no average: clients get the student (None).
         """
-        return ArrayRecord(weighted_average(same_arch)) if same_arch else None
+        return ArrayRecord(start.state_dict()) if same_arch else None
 
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module
     ) -> nn.Module:
-        """The model distillation starts from (FedDF): the example-weighted parameter
-        average of the replies that share the global architecture, else ``previous``."""
-        if same_arch:
-            return self._build(self._global_spec(), weighted_average(same_arch))
-        return previous
+        """The model distillation starts from (FedDF): the replies that share the global
+        architecture averaged by ``start_rule`` (FedAvg's weighted mean by default),
+        else ``previous``."""
+        if not same_arch:
+            return previous
+        # What the clients trained from: their updates are measured from it.
+        sent = previous.state_dict()
+        if self.client_start == "average" and self.client_start_arrays is not None:
+            sent = self.client_start_arrays.to_torch_state_dict()
+        state = self.start_rule.combine(
+            [m.state for m in same_arch], [m.num_examples for m in same_arch], sent
+        )
+        return self._build(self._global_spec(), state)
 
     # -- EC-DNN's inference-time ensemble -------------------------------------------
     def ensemble_members(self) -> list[nn.Module]:
@@ -837,23 +806,8 @@ class FedEC(BeginsRunOnStart, FedAvg):
             raise RuntimeError("FedEC.aggregate_train called before configure_train")
         return self._build(self._global_spec(), self.global_arrays.to_torch_state_dict())
 
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        """Log a degraded feature's ``message`` as a warning the first time in a run.
 
-        Later rounds log it at DEBUG: a stock ClientApp stays one all run long.
-        """
-        if key in self.reported:
-            log(DEBUG, message, *args)
-            return
-        self.reported.add(key)
-        log(WARNING, message + " (reported once per run)", *args)
-
-    @staticmethod
-    def _nodes_without_counts(models: list[ClientModel]) -> list[int]:
-        return sorted(m.node_id for m in models if m.class_counts is None)
-
-    @staticmethod
-    def _class_counts(models: list[ClientModel]) -> list[list[float]] | None:
-        if any(m.class_counts is None for m in models):
-            return None
-        return [list(m.class_counts) for m in models]  # type: ignore[arg-type]
+def _num_outputs(model: nn.Module) -> int | None:
+    """The number of classes: the last linear layer's outputs (None without one)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

@@ -57,6 +57,12 @@ from fl_ec.strategies.fedhce_utils import (
     rebase_update,
     sent_state,
 )
+from fl_ec.strategies.replies import (
+    Expected,
+    RejectedReplyError,
+    check_capability,
+    shapes_of_state,
+)
 
 FULL = "full"
 
@@ -203,11 +209,6 @@ class FedHCE(FedEC):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for reply in replies:
-            if not reply.has_error() and CAPABILITY_KEY in reply.content.config_records:
-                capability = reply.content.config_records[CAPABILITY_KEY]
-                self.capabilities[reply.metadata.src_node_id] = dict(capability)
         arrays, metrics = super().aggregate_train(server_round, replies)
         stats = self.server_metrics.setdefault(server_round, {})
         stats["variant-by-node"] = {str(k): v for k, v in self.assignment.items()}
@@ -217,18 +218,37 @@ class FedHCE(FedEC):
         return arrays, metrics
 
     # -- FedEC hooks ----------------------------------------------------------------
+    def _parse(self, reply: Message) -> ClientModel:
+        """FedEC's checks, the node's capability's; the capability is kept once accepted."""
+        records = reply.content.config_records if not reply.has_error() else {}
+        capability = (
+            check_capability(records[CAPABILITY_KEY]) if CAPABILITY_KEY in records else None
+        )
+        client_model = super()._parse(reply)
+        if capability is not None:
+            self.capabilities[client_model.node_id] = capability
+        return client_model
+
+    def _expect(self, claimed: ArchSpec | None, variant: str, node: int) -> Expected:
+        """Exactly the arrays of the variant the node was sent this round."""
+        name = variant or FULL
+        sent = self.assignment.get(node)
+        if sent is None:
+            raise RejectedReplyError("the node was sent no model this round")
+        if name != sent:
+            raise RejectedReplyError(f"returned variant {name!r}, but was sent {sent!r}")
+        if claimed is not None and claimed != self.arch_spec:
+            raise RejectedReplyError("the reply's spec is not the one its variant was sent with")
+        model = self.variant_models.get(name)
+        if model is None:
+            return super()._expect(claimed, variant, node)
+        return Expected(self.arch_spec, shapes_of_state(model.state_dict()), True, self.num_classes)
+
     def _prepare_client_model(self, client_model: ClientModel) -> None:
         """Run a returned variant as it was trained: quantized ones with fake-quant on."""
-        name = client_model.variant or FULL
-        if name not in self.variants:
-            raise ValueError(f"unknown variant {name!r} (expected one of {list(self.variants)})")
-        expected = self.variant_models.get(name)
-        if expected is not None:
-            want = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
-            got = {k: tuple(v.shape) for k, v in client_model.state.items()}
-            if want != got:
-                raise ValueError(f"arrays do not have the shapes of variant {name!r}")
-        enable_weight_fake_quant(client_model.model, self.variants[name].bits)
+        enable_weight_fake_quant(
+            client_model.model, self.variants[client_model.variant or FULL].bits
+        )
 
     def _student_start(
         self, same_arch: list[ClientModel], accepted: list[ClientModel], previous: nn.Module

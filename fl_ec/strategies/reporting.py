@@ -24,9 +24,9 @@ class RunReporter(Protocol):
 
     ``server_metrics``: per round number, the server's own measurements of that round
     (numbers, or small per-node / per-variant tables as dicts). The ServerApp merges
-    them into the round's record in ``metrics.json``; ``invalid-replies`` counts the
-    training replies the strategy rejected, moved from the round's accepted replies
-    to its rejected ones.
+    them into the round's record in ``metrics.json``; ``rejected-replies`` counts the
+    training replies the strategy rejected, ``error-replies`` those of them that were
+    error replies (already counted as rejected when they arrived).
     """
 
     server_metrics: dict[int, dict[str, Any]]

@@ -1,0 +1,22 @@
+"""A Byzantine node in a real `flwr run` simulation: its reply is well-formed, and felt."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import requires_fashion_mnist
+from tests.integration.helpers import completed_run
+
+pytestmark = pytest.mark.integration
+
+
+@requires_fashion_mnist
+def test_a_sign_flipping_node_passes_the_checks_and_wrecks_plain_averaging(cli, tmp_path):
+    # Partition 0 negates its weights: every check passes (it is a finite model of the
+    # right shapes with honest counts), so only robust aggregation could stop it. The
+    # average of w and -w' is close to zero: a model that mostly guesses.
+    clean = completed_run(cli, tmp_path / "results", "clean")["rounds"][-1]
+    attacked = completed_run(cli, tmp_path / "results", "attacked", 'attack="sign-flip:1"')
+    final = attacked["rounds"][-1]
+    assert final["train-replies"] == 2 and final["rejected-replies"] == 0
+    assert final["test-accuracy"] < clean["test-accuracy"] - 0.2

@@ -1,0 +1,55 @@
+"""Start rules: the weighted mean is FedAvg's; robust rules bound what a minority can do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fl_ec.robust import (
+    ClippedMean,
+    CoordinateMedian,
+    TrimmedMean,
+    WeightedMean,
+    parse_start_rule,
+)
+
+
+def _states(values):
+    return [
+        {"w": torch.tensor([v, 2 * v]), "n": torch.tensor(3, dtype=torch.int64)} for v in values
+    ]
+
+
+def test_the_weighted_mean_weights_by_examples_and_rounds_integer_buffers():
+    out = WeightedMean().combine(_states([1.0, 4.0]), [3.0, 1.0], None)
+    assert torch.allclose(out["w"], torch.tensor([1.75, 3.5]))
+    assert out["n"].dtype == torch.int64 and out["n"].item() == 3
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [(CoordinateMedian(), 1.5), (TrimmedMean(1), 1.5), (TrimmedMean(2), 1.5)],
+)
+def test_a_scaled_attacker_does_not_move_coordinatewise_rules(rule, expected):
+    honest = [1.0, 1.0, 2.0, 2.0]
+    out = rule.combine(_states(honest + [1e6]), [1.0] * 5, None)
+    mean = WeightedMean().combine(_states(honest + [1e6]), [1.0] * 5, None)
+    assert out["w"][0].item() == pytest.approx(expected, abs=0.5)
+    assert mean["w"][0].item() > 1e5
+
+
+def test_the_clipped_mean_bounds_a_boosted_update_and_an_inflated_weight():
+    previous = {"w": torch.zeros(2), "n": torch.tensor(3)}
+    states = _states([1.0, 1.0, 1.0, -1000.0])
+    out = ClippedMean().combine(states, [10.0, 10.0, 10.0, 1e6], previous)
+    # The attacker's update is clipped to norm |(1, 2)| and its weight to 20 of 50.
+    assert out["w"][0].item() == pytest.approx((30 - 20) / 50)
+
+
+def test_start_rules_parse_from_the_run_config():
+    assert parse_start_rule("trimmed-mean:2") == TrimmedMean(2)
+    assert isinstance(parse_start_rule("median"), CoordinateMedian)
+    with pytest.raises(ValueError, match="unknown"):
+        parse_start_rule("trimmed-mean")
+    with pytest.raises(ValueError, match=">= 1"):
+        TrimmedMean(0)

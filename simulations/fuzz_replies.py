@@ -1,18 +1,19 @@
 """Fuzz FedEC's and FedHCE's ``aggregate_train`` with malformed replies among valid ones.
 
-Each round hands a strategy 2-4 valid replies and one malformed reply (a defect of
-one kind from ``malformed_replies.MAKERS``, or a second reply from a node that already
-replied), and counts:
+Each round hands a strategy 2-4 valid replies and ``--per-round`` malformed ones (each
+a defect of one kind from ``malformed_replies.MAKERS``, or a second reply from a node
+that already replied), and counts:
 
 * **crashes**: an exception escapes ``aggregate_train``;
-* **accepted**: the malformed reply is among the round's accepted replies;
+* **accepted**: the reply checks alone let the malformed reply through, or (a second
+  reply from a node) the round accepted more replies than were valid;
 * **non-finite**: the returned model holds a NaN or infinity;
 * the **cost** of rejecting it: seconds and peak resident memory of checking the reply
   alone (peak measured with ``/proc/self/clear_refs``);
 
 and, on clean rounds, what share of ``aggregate_train``'s time the reply checks take.
 
-    python simulations/fuzz_replies.py --replies 1040 --seed 0
+    python simulations/fuzz_replies.py --replies 1040 --seed 0 --per-round 2
 
 Writes a section to BENCHMARKS.md (``--section``) and the raw rows to ``--out``.
 """
@@ -79,7 +80,8 @@ def finite(arrays: ArrayRecord | None) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in arrays.to_torch_state_dict().values())
 
 
-def fuzz(replies: int, seed: int) -> dict:
+def fuzz(replies: int, seed: int, per_round: int = 2) -> dict:
+    """``replies`` malformed replies, ``per_round`` of them in each round among 2-4 valid."""
     from flwr.supercore.task_identity import TaskIdentity
 
     # Flower stamps run and node ids on every Message it creates, as inside a run.
@@ -92,52 +94,63 @@ def fuzz(replies: int, seed: int) -> dict:
     model = build_model(SPEC)
     kinds = [*MAKERS, DUPLICATE]
     rows, clean = [], defaultdict(list)
-    for index in range(replies):
+    rounds = -(-replies // per_round)
+    for index in range(rounds):
         name = ("FedEC", "FedHCE")[index % 2]
-        kinds_here = [k for k in kinds if name == "FedHCE" or k not in FEDHCE_ONLY]
-        kind = kinds_here[int(rng.integers(len(kinds_here)))]
         strategy = by_name[name]
+        kinds_here = [k for k in kinds if name == "FedHCE" or k not in FEDHCE_ONLY]
         server_round = index + 1
-        nodes = list(range(1, 2 + int(rng.integers(2, 5))))
-        requests = requests_for(strategy, server_round, nodes, model)
-        good = [valid_reply(r, rng) for r in requests[:-1]]
-        if kind == DUPLICATE:
-            bad = valid_reply(requests[0], rng)
-        else:
-            parts = parts_of(valid_reply(requests[-1], rng), requests[-1])
-            bad = MAKERS[kind](parts, rng).message()
-        if kind != DUPLICATE:
-            seconds, peak = measure(lambda b=bad, s=strategy: s._parse(b))
-        else:
-            seconds, peak = 0.0, 0
-        row = {"strategy": name, "kind": kind, "seconds": seconds, "peak-bytes": peak}
+        num_good = int(rng.integers(2, 5))
+        requests = requests_for(
+            strategy, server_round, list(range(1, 1 + num_good + per_round)), model
+        )
+        good = [valid_reply(r, rng) for r in requests[:num_good]]
+        bad, round_rows = [], []
+        for request in requests[num_good:]:
+            kind = kinds_here[int(rng.integers(len(kinds_here)))]
+            row = {"strategy": name, "kind": kind, "seconds": 0.0, "peak-bytes": 0}
+            if kind == DUPLICATE:  # a second reply from a node that already replied
+                reply = valid_reply(requests[0], rng)
+                row["accepted"] = None  # known only from the round
+            else:
+                reply = MAKERS[kind](parts_of(valid_reply(request, rng), request), rng).message()
+                outcome: list[bool] = []
+                row["seconds"], row["peak-bytes"] = measure(
+                    lambda r=reply, o=outcome, s=strategy: o.append(bool(s._parse(r)))
+                )
+                row["accepted"] = bool(outcome)  # the checks alone let it through
+            bad.append(reply)
+            round_rows.append(row)
         try:
-            arrays, _ = strategy.aggregate_train(server_round, [*good, bad])
+            arrays, _ = strategy.aggregate_train(server_round, [*good, *bad])
         except Exception as err:  # noqa: BLE001 - what the fuzzer counts
-            row.update(crash=f"{type(err).__name__}: {err}"[:200], accepted=False, finite=True)
-            row["valid-rejected"] = False
+            outcome_row = {"crash": f"{type(err).__name__}: {err}"[:200], "finite": True}
+            outcome_row.update({"round-accepted-bad": 0, "valid-rejected": False})
         else:
-            # Every valid reply is accepted (counted apart if not): one more is the bad one.
-            valid = strategy.server_metrics[server_round]["valid-replies"]
-            row["crash"] = ""
-            row["accepted"] = valid > len(good)
-            row["valid-rejected"] = valid < len(good)
-            row["finite"] = finite(arrays)
+            # Every valid reply should be accepted: more than that are bad ones.
+            valid = int(strategy.server_metrics[server_round]["valid-replies"])
+            outcome_row = {"crash": "", "finite": finite(arrays)}
+            outcome_row["round-accepted-bad"] = max(0, valid - len(good))
+            outcome_row["valid-rejected"] = valid < len(good)
             if arrays is not None:
                 model = build_model(SPEC)
                 model.load_state_dict(arrays.to_torch_state_dict())
-        rows.append(row)
-        if index % 50 == 0:
+        for row in round_rows:
+            row.update(outcome_row)
+            if row["accepted"] is None:
+                row["accepted"] = outcome_row["round-accepted-bad"] > 0
+        rows += round_rows
+        if index % 25 == 0:
             # A clean round: what the reply checks cost against the whole aggregation.
-            requests = requests_for(strategy, server_round + replies, nodes, model)
+            requests = requests_for(strategy, server_round + rounds, [1, 2, 3, 4], model)
             good = [valid_reply(r, rng) for r in requests]
             start = time.perf_counter()
             checks = _time_checks(strategy, good)
-            strategy.aggregate_train(server_round + replies, good)
+            strategy.aggregate_train(server_round + rounds, good)
             total = time.perf_counter() - start - checks
             clean[name].append((checks, total))
-        if index % 100 == 99:
-            print(f"[fuzz] {index + 1}/{replies} replies", flush=True)
+        if index % 50 == 49:
+            print(f"[fuzz] {len(rows)}/{replies} replies", flush=True)
     return {"rows": rows, "clean": {k: v for k, v in clean.items()}}
 
 
@@ -210,11 +223,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replies", type=int, default=1040)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-round", type=int, default=2, help="malformed replies per round")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "fuzz-replies.json")
     parser.add_argument("--section", default="")
     args = parser.parse_args()
     started = dt.datetime.now()
-    result = fuzz(args.replies, args.seed)
+    result = fuzz(args.replies, args.seed, args.per_round)
     minutes = (dt.datetime.now() - started).total_seconds() / 60
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -225,11 +239,11 @@ def main() -> None:
 
         body = "\n".join(
             [
-                f"## {args.section} (malformed train replies, one per round among 2-4 valid "
-                "ones, alternately to FedEC and FedHCE)",
+                f"## {args.section} (malformed train replies, {args.per_round} per round "
+                "among 2-4 valid ones, alternately to FedEC and FedHCE)",
                 "",
                 f"- Command: `python simulations/fuzz_replies.py --replies {args.replies} "
-                f"--seed {args.seed}`",
+                f"--seed {args.seed} --per-round {args.per_round}`",
                 f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min",
                 f"- Machine: {platform.platform()}, {os.cpu_count()} cores, "
                 f"torch {torch.__version__}, CPU",

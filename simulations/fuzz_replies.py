@@ -53,6 +53,7 @@ from fl_ec.models import build_model  # noqa: E402
 from fl_ec.protocol import TRAIN_INFO_KEY  # noqa: E402
 from fl_ec.strategies import FedEC  # noqa: E402
 from fl_ec.strategies import replies as reply_checks  # noqa: E402
+from fl_ec.strategies.fedec_utils import is_finite_state  # noqa: E402
 
 DUPLICATE = "duplicate-node"
 
@@ -75,9 +76,7 @@ def measure(check) -> tuple[float, int]:
 
 
 def finite(arrays: ArrayRecord | None) -> bool:
-    if arrays is None:
-        return True
-    return all(bool(torch.isfinite(v).all()) for v in arrays.to_torch_state_dict().values())
+    return arrays is None or is_finite_state(arrays.to_torch_state_dict())
 
 
 def fuzz(replies: int, seed: int, per_round: int = 2) -> dict:

@@ -316,7 +316,7 @@ def bad_class_counts(parts: ReplyParts, rng: np.random.Generator) -> ReplyParts:
 
 
 def bad_num_examples(parts: ReplyParts, rng: np.random.Generator) -> ReplyParts:
-    choice = [1e30, 2**62, 0, -1, float("nan"), float("inf"), True, [100]]
+    choice = [1e30, 2**62, 0, -1, float("nan"), float("inf"), [100], 100.5e9]
     value = choice[int(rng.integers(len(choice)))]
     metrics = {**parts.metrics, NUM_EXAMPLES_KEY: value}
     info = {k: v for k, v in parts.info.items() if k != CLASS_COUNTS_KEY}  # nothing to bound it

@@ -68,6 +68,7 @@ from fl_ec.strategies.fedec_utils import (
     ClientModel,
     aggregatable_metrics,
     group_by_spec,
+    is_finite_state,
 )
 from fl_ec.strategies.replies import (
     Expected,
@@ -350,7 +351,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         student, stats = self._compress(server_round, accepted, stats)
         self.server_metrics[server_round] = stats
         served = student.state_dict()
-        if not all(bool(torch.isfinite(v).all()) for v in served.values() if v.is_floating_point()):
+        if not is_finite_state(served):
             # Accepted replies are finite; this guards the arithmetic on them.
             log(
                 WARNING,

@@ -57,6 +57,11 @@ def weighted_average(models: list[ClientModel]) -> dict[str, torch.Tensor]:
     return WeightedMean().combine([m.state for m in models], [m.num_examples for m in models], None)
 
 
+def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating tensor of ``state`` is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
 def aggregatable_metrics(
     contents: list[RecordDict], weighted_by_key: str = NUM_EXAMPLES_KEY
 ) -> tuple[list[RecordDict], list[str]]:

@@ -46,7 +46,7 @@ from fl_ec.results import RunRecorder
 from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated
-from fl_ec.strategies.fedec_utils import ClientModel
+from fl_ec.strategies.fedec_utils import ClientModel, is_finite_state
 from fl_ec.strategies.fedhce_utils import (
     AssignmentPolicy,
     Payload,
@@ -297,6 +297,8 @@ class FedHCE(FedEC):
         self, server_round: int, accepted: list[ClientModel], stats: dict[str, Any]
     ) -> tuple[nn.Module, dict[str, Any]]:
         student, stats = super()._compress(server_round, accepted, stats)
+        if not is_finite_state(student.state_dict()):
+            return student, stats  # FedEC keeps the global model; the variants stay too
         train_state = None
         if self.client_start == "average" and self.client_start_arrays is not None:
             train_state = self.client_start_arrays.to_torch_state_dict()

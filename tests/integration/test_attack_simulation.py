@@ -20,3 +20,19 @@ def test_a_sign_flipping_node_passes_the_checks_and_wrecks_plain_averaging(cli, 
     final = attacked["rounds"][-1]
     assert final["train-replies"] == 2 and final["rejected-replies"] == 0
     assert final["test-accuracy"] < clean["test-accuracy"] - 0.2
+
+
+@requires_fashion_mnist
+def test_the_coordinate_median_of_three_outvotes_one_sign_flipping_node(cli, tmp_path):
+    attack = 'attack="sign-flip:1" local-epochs=2 train-subset=6000 '
+    plain = completed_run(cli, tmp_path / "results", "mean", attack, num_supernodes=3)
+    robust = completed_run(
+        cli,
+        tmp_path / "results",
+        "median",
+        attack + 'strategy="fedec" distill-steps=0 robust-start="median"',
+        num_supernodes=3,
+    )
+    plain_accuracy = plain["rounds"][-1]["test-accuracy"]
+    assert robust["rounds"][-1]["train-replies"] == 3
+    assert robust["rounds"][-1]["test-accuracy"] > plain_accuracy + 0.15

@@ -155,6 +155,7 @@ class ExperimentConfig:
     simulated_tiers: str = "gpu=3,edge=7"
     # Robustness tests: simulated partitions 0..count-1 attack ("sign-flip:2"), or none
     attack: str = ""
+    teacher_trim: int = 0  # per sample, leave out the clients farthest from the median
     robust_start: str = "mean"  # FedEC's average: mean, median, trimmed-mean:<n>, clipped-mean
     # Layer-parallel training (ResNets): for clients and/or the server's distillation
     trainer: str = "sgd"
@@ -260,6 +261,8 @@ class ExperimentConfig:
         self._validate_fedhce()
         self.attack_settings()
         self.start_rule()
+        if self.teacher_trim < 0:
+            raise ConfigError(f"teacher-trim={self.teacher_trim} must be >= 0 (0: no trimming)")
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         self.lp_settings()  # checked whatever the trainers: a bad lp-* value fails every run

@@ -118,22 +118,53 @@ def _count_matrix(
     return counts
 
 
-def combine(stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply ``rule`` over dim 0 of ``stacked`` logits ``(K, B, C)`` -> ``(B, C)``."""
+def combine(
+    stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None, trim: int = 0
+) -> torch.Tensor:
+    """Apply ``rule`` over dim 0 of ``stacked`` logits ``(K, B, C)`` -> ``(B, C)``.
+
+    ``trim``: per sample, the ``trim`` members whose outputs lie farthest (L1) from the
+    members' coordinate-wise median are left out (:func:`kept_members`); the rule
+    combines the rest, its weights renormalised over them.
+    """
+    if rule not in RULES:
+        raise ValueError(f"teacher rule {rule!r} is unknown: choose one of {', '.join(RULES)}")
+    if rule in WEIGHTED_RULES and weights is None:
+        raise ValueError(f"rule {rule!r} needs the models' class-count weights")
     if rule == "mean-logits":
-        return stacked.mean(0)
+        if not trim:
+            return stacked.mean(0)
+        keep = kept_members(stacked, trim)
+        return (stacked * keep).sum(0) / keep.sum(0)
     if rule == "label-aware":
-        if weights is None:
-            raise ValueError(f"rule {rule!r} needs weights")
-        return (stacked * weights.to(stacked).unsqueeze(1)).sum(0)
-    if rule == "gated":
-        if weights is None:
-            raise ValueError("rule 'gated' needs the models' log class priors")
-        probs = (stacked - weights.to(stacked).unsqueeze(1)).softmax(-1)
-        confidence = probs.amax(-1, keepdim=True)  # (K, B, 1)
-        combined = (probs * confidence).sum(0) / confidence.sum(0)
-        return combined.clamp_min(1e-12).log()
-    raise ValueError(f"teacher rule {rule!r} is unknown: choose one of {', '.join(RULES)}")
+        votes = weights.to(stacked).unsqueeze(1)  # type: ignore[union-attr]  # sum to 1
+        if not trim:
+            return (stacked * votes).sum(0)
+        votes = votes * kept_members(stacked, trim)
+        return (stacked * votes).sum(0) / votes.sum(0).clamp_min(1e-12)
+    # gated: prior-corrected probabilities, each voting with its own confidence.
+    probs = (stacked - weights.to(stacked).unsqueeze(1)).softmax(-1)  # type: ignore[union-attr]
+    confidence = probs.amax(-1, keepdim=True)  # (K, B, 1)
+    if trim:
+        confidence = confidence * kept_members(probs, trim)
+    combined = (probs * confidence).sum(0) / confidence.sum(0)
+    return combined.clamp_min(1e-12).log()
+
+
+def kept_members(outputs: torch.Tensor, trim: int) -> torch.Tensor:
+    """``(K, B, 1)`` mask: 0 for each sample's ``trim`` members farthest from the median.
+
+    The median is coordinate-wise over the members; with ``2 * trim >= K`` nothing is
+    left out (the median of too few members says nothing about which are outliers).
+    """
+    members = outputs.shape[0]
+    if trim < 1 or 2 * trim >= members:
+        return torch.ones_like(outputs[..., :1])
+    median = outputs.median(0).values
+    distance = (outputs - median).abs().sum(-1)  # (K, B)
+    farthest = distance.topk(trim, dim=0).indices
+    mask = torch.ones_like(distance).scatter_(0, farthest, 0.0)
+    return mask.unsqueeze(-1)
 
 
 @torch.inference_mode()
@@ -146,12 +177,14 @@ def teacher_logits(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     storage_dtype: torch.dtype = torch.float32,
+    trim: int = 0,
 ) -> TeacherOutputs:
     """Run every model once over the proxy inputs and combine their logits with ``rule``.
 
     ``proxy_batches`` is a normalised input tensor ``(N, ...)`` (split into
     ``batch_size`` chunks here) or an iterable of ready batches. Models are put in
     eval mode: BatchNorm uses each client's running statistics, as at inference.
+    ``trim`` leaves out, per sample, the members farthest from the median (:func:`combine`).
     """
     if not models:
         raise ValueError("the teacher needs at least one model")
@@ -171,7 +204,7 @@ def teacher_logits(
             stacked = torch.stack([model(batch).float() for model in models])
             if weights is None and rule in WEIGHTED_RULES:
                 weights = client_weights(rule, len(models), stacked.shape[-1], class_counts)
-            outputs.append(combine(stacked, rule, weights).to("cpu", storage_dtype))
+            outputs.append(combine(stacked, rule, weights, trim).to("cpu", storage_dtype))
             seen += batch.shape[0]
     seconds = time.perf_counter() - start
     logits = torch.cat(outputs)

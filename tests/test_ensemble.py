@@ -93,3 +93,20 @@ def test_extra_members_vote_like_an_average_client():
     assert counts == [[1, 3], [5, 1], [3.0, 2.0], [3.0, 2.0]]
     assert with_extra_members(None, extra=1) is None
     assert with_extra_members([[1, 2]], extra=0) == [[1, 2]]
+
+
+def test_a_trimmed_teacher_leaves_out_the_member_farthest_from_the_median():
+    honest = torch.tensor([[2.0, 0.0, -1.0]]).expand(4, 1, 3)
+    attacker = torch.tensor([[[-200.0, 300.0, 0.0]]])
+    stacked = torch.cat([honest + 0.1 * torch.arange(4.0).view(4, 1, 1), attacker])
+    for rule, weights in (
+        ("mean-logits", None),
+        ("label-aware", torch.full((5, 3), 0.2)),
+        ("gated", torch.zeros(5, 3)),
+    ):
+        trimmed = combine(stacked, rule, weights, trim=1)
+        plain = combine(stacked, rule, weights)
+        assert trimmed.argmax(-1).item() == 0, rule  # the honest members' class
+        assert plain.argmax(-1).item() == 1 or rule == "gated", rule
+    # Too few members to tell an outlier: nothing is left out.
+    assert torch.equal(combine(stacked[:2], "mean-logits", trim=1), stacked[:2].mean(0))

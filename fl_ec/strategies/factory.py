@@ -41,6 +41,7 @@ def build_strategy(
             validation_data=(validation.normalize(validation.images), validation.labels),
             distill=config.distill_settings(),
             teacher_rule=config.teacher_rule,
+            teacher_trim=config.teacher_trim,
             start_rule=config.start_rule(),
             client_start=config.client_start,
             calibration=config.calibration_settings(),

@@ -156,6 +156,10 @@ class FedEC(BeginsRunOnStart, FedAvg):
         One of ``mean-logits``, ``label-aware``, ``gated`` (see :mod:`fl_ec.ensemble`).
         ``label-aware`` and ``gated`` fall back to ``mean-logits`` in a round where
         some reply lacks class counts (a warning, once per run, says so).
+    teacher_trim : int (default: 0)
+        Per proxy sample, the teacher leaves out the ``teacher_trim`` client models whose
+        outputs lie farthest from the clients' median (:func:`fl_ec.ensemble.combine`):
+        the number of malicious clients the teacher tolerates.
     client_start : str (default: "average")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
@@ -218,6 +222,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         validation_data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader | None = None,
         distill: DistillSettings | None = None,
         teacher_rule: str = "gated",
+        teacher_trim: int = 0,
         client_start: str = "average",
         calibration: str | CalibrationSettings | None = None,
         proxy_per_round: int = 0,
@@ -257,6 +262,9 @@ class FedEC(BeginsRunOnStart, FedAvg):
             probe_channels_last(reference, self.proxy_inputs[:8])
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
+        if teacher_trim < 0:
+            raise ValueError(f"teacher_trim={teacher_trim} must be >= 0 (0: no trimming)")
+        self.teacher_trim = teacher_trim
         self.client_start = client_start
         # With client_start="average": the model the next round's clients train from.
         self.client_start_arrays: ArrayRecord | None = None
@@ -483,6 +491,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
             batch_size=self.proxy_batch_size,
             device=self.device,
             class_counts=class_counts,
+            trim=self.teacher_trim,
         )
         if self._uses_round_teacher():
             teacher = combine_members(proxy)

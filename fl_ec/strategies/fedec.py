@@ -278,11 +278,9 @@ class FedEC(BeginsRunOnStart, FedAvg):
         self.num_rounds: int | None = None  # known once begin_run() / start() runs
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if calibration.method != "none":  # fail now if the head has no bias
-            spec = self.arch_spec
-            probe = build_model(spec) if spec is not None else model_builder()  # type: ignore[misc]
-            classifier_of(probe)
+            classifier_of(reference)
             if self.calibrates_features:  # and without a dense head to calibrate
-                self.feature_statistics.layers(probe)
+                self.feature_statistics.layers(reference)
         if proxy_per_round < 0:
             raise ValueError(f"proxy_per_round={proxy_per_round} must be >= 0 (0: all)")
         self.proxy_per_round = proxy_per_round

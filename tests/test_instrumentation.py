@@ -21,7 +21,12 @@ from flwr.serverapp.strategy import FedAvg
 from fl_ec.errors import FlEcError
 from fl_ec.models import ArchSpec
 from fl_ec.results import RunRecorder
-from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation, payload_bytes
+from fl_ec.strategies.instrumentation import (
+    MeteredGrid,
+    TimedAggregation,
+    _round_of,
+    payload_bytes,
+)
 
 
 class ScriptedGrid(Grid):
@@ -113,6 +118,30 @@ def test_a_round_where_every_client_failed_stops_the_run(task_identity, recorder
 
     with pytest.raises(FlEcError, match="all 3 clients failed.*alpha=0.0 must be > 0"):
         MeteredGrid(ScriptedGrid(reply), recorder).send_and_receive(_train_messages(1))
+
+
+def test_after_a_good_round_a_failed_round_keeps_going_until_three_in_a_row(
+    task_identity, recorder, caplog
+):
+    failing = {2, 3, 4}  # rounds in which every client answers with an error
+
+    def reply(message):
+        if _round_of(message, default=0) in failing:
+            return Message(Error(code=100, reason="hostile node"), reply_to=message)
+        return _ok_reply(message)
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    grid = MeteredGrid(ScriptedGrid(reply), recorder)
+    grid.send_and_receive(_train_messages(1))
+    for server_round in (2, 3):
+        replies = grid.send_and_receive(_train_messages(server_round))
+        assert all(r.has_error() for r in replies)  # handed to the strategy, which keeps
+    assert sum("global model stays" in r.getMessage() for r in caplog.records) == 2
+    with pytest.raises(FlEcError, match=r"round 4: all 3 clients failed \(3 rounds in a row\)"):
+        grid.send_and_receive(_train_messages(4))
+    failing.clear()  # a good round resets the count
+    grid.send_and_receive(_train_messages(5))
+    assert grid.failed_rounds == 0
 
 
 def test_aggregation_is_timed_and_rounds_are_written(task_identity, recorder):

@@ -4,8 +4,11 @@
 the strategy sends and every reply it receives passes through it, so the bytes are
 those of the arrays actually sent (``len(Array.data)``, the serialised payload) --
 whatever the strategy, including ones that send different arrays to each node. It
-also logs failed replies with their node id and reason, and stops the run when *every*
-training reply of a round failed (a misconfiguration, not a flaky node).
+also logs failed replies with their node id and reason. A round in which *every*
+training reply failed keeps the global model as it was; the run stops only when that
+happens before any round succeeded (a misconfiguration: every ClientApp crashes) or
+in :data:`MAX_FAILED_ROUNDS` rounds in a row (the federation is gone), so that one
+node answering with errors cannot end the run.
 
 :class:`TimedAggregation` wraps a strategy to time its ``aggregate_train`` and to record
 the clients' aggregated train metrics (``client-train-loss``, ...); time spent waiting
@@ -27,6 +30,8 @@ from fl_ec.errors import FlEcError
 from fl_ec.protocol import SERVER_ROUND_KEY
 from fl_ec.results import RunRecorder
 from fl_ec.strategies.wrapper import StrategyWrapper
+
+MAX_FAILED_ROUNDS = 3  # training rounds in a row in which every reply failed
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -76,6 +81,8 @@ class MeteredGrid(DelegatingGrid):
     def __init__(self, inner: Grid, recorder: RunRecorder) -> None:
         super().__init__(inner)
         self.recorder = recorder
+        self.trained_once = False  # some round had a training reply that did not fail
+        self.failed_rounds = 0  # rounds in a row in which every training reply failed
 
     # -- the metered path ------------------------------------------------------
     def send_and_receive(
@@ -113,15 +120,31 @@ class MeteredGrid(DelegatingGrid):
             record.train_replies += len(replies) - len(failed)
             record.rejected_replies += len(failed)
             if replies and len(failed) == len(replies):
-                raise FlEcError(
-                    f"round {server_round}: all {len(replies)} clients failed; first "
-                    f"(node {failed[0].metadata.src_node_id}): {failed[0].error.reason}"
-                )
+                self._every_reply_failed(server_round, failed)
+            elif replies:
+                self.trained_once, self.failed_rounds = True, 0
         elif message_type == MessageType.QUERY:  # e.g. FedEC's feature statistics
             record.client_query_seconds += elapsed
         else:
             record.client_evaluate_seconds += elapsed
         return replies
+
+    def _every_reply_failed(self, server_round: int, failed: list[Message]) -> None:
+        """Stop the run on a misconfiguration or a lost federation; else say so and go on."""
+        self.failed_rounds += 1
+        first = f"first (node {failed[0].metadata.src_node_id}): {failed[0].error.reason}"
+        if not self.trained_once or self.failed_rounds >= MAX_FAILED_ROUNDS:
+            in_a_row = f" ({self.failed_rounds} rounds in a row)" if self.trained_once else ""
+            raise FlEcError(
+                f"round {server_round}: all {len(failed)} clients failed{in_a_row}; {first}"
+            )
+        log(
+            WARNING,
+            "round %d: all %d clients failed, the global model stays as it was; %s",
+            server_round,
+            len(failed),
+            first,
+        )
 
 
 def _round_of(message: Message, default: int) -> int:

@@ -27,7 +27,7 @@ from fl_ec.ensemble import RULES
 from fl_ec.errors import ConfigError, SettingError
 from fl_ec.layer_parallel.objectives import LPSettings
 from fl_ec.models.spec import is_known_model
-from fl_ec.robust import StartRule, parse_start_rule
+from fl_ec.robust import StartRule, check_trim, parse_start_rule
 
 STRATEGIES = ("fedavg", "fedec", "fedhce")
 TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
@@ -155,7 +155,8 @@ class ExperimentConfig:
     simulated_tiers: str = "gpu=3,edge=7"
     # Robustness tests: simulated partitions 0..count-1 attack ("sign-flip:2"), or none
     attack: str = ""
-    teacher_trim: int = 0  # per sample, leave out the clients farthest from the median
+    # per sample, leave out the clients farthest from the median: a count or a fraction
+    teacher_trim: float = 0
     robust_start: str = "mean"  # FedEC's average: mean, median, trimmed-mean:<n>, clipped-mean
     # Layer-parallel training (ResNets): for clients and/or the server's distillation
     trainer: str = "sgd"
@@ -261,8 +262,10 @@ class ExperimentConfig:
         self._validate_fedhce()
         self.attack_settings()
         self.start_rule()
-        if self.teacher_trim < 0:
-            raise ConfigError(f"teacher-trim={self.teacher_trim} must be >= 0 (0: no trimming)")
+        try:
+            check_trim(self.teacher_trim)
+        except ValueError as err:
+            raise ConfigError(f"teacher-trim: {err}") from None
         _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
         _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
         self.lp_settings()  # checked whatever the trainers: a bad lp-* value fails every run

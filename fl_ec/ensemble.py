@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fl_ec.models.layout import channels_last
+from fl_ec.robust import trim_count
 
 RULES = ("mean-logits", "label-aware", "gated")
 # Rules whose per-model weights come from class_counts.
@@ -118,50 +119,84 @@ def _count_matrix(
     return counts
 
 
+def holder_shares(
+    class_counts: Sequence[Sequence[float]], num_models: int, num_classes: int
+) -> torch.Tensor:
+    """``(K, C)``: each model's share of all the models' examples of each class.
+
+    What keeps the few holders of a rare class from being trimmed (:func:`combine`).
+    Each model's counts are first capped at the median model's total, so a client that
+    reports an inflated ``num-examples`` cannot make itself a class's main holder. A
+    class nobody holds gives nobody a share.
+    """
+    counts = _count_matrix("teacher-trim", class_counts, num_models, num_classes).clamp_min(0)
+    capped = counts.clamp(max=float(counts.sum(1).median()))
+    return capped / capped.sum(0, keepdim=True).clamp_min(1e-12)
+
+
 def combine(
-    stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None, trim: int = 0
+    stacked: torch.Tensor,
+    rule: str,
+    weights: torch.Tensor | None = None,
+    trim: float = 0,
+    shares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply ``rule`` over dim 0 of ``stacked`` logits ``(K, B, C)`` -> ``(B, C)``.
 
-    ``trim``: per sample, the ``trim`` members whose outputs lie farthest (L1) from the
-    members' coordinate-wise median are left out (:func:`kept_members`); the rule
-    combines the rest, its weights renormalised over them.
+    ``trim``: per sample, that many members (a count, or a fraction of the ``K``)
+    whose outputs lie farthest (L1) from the members' coordinate-wise median are left
+    out (:func:`kept_members`); the rule combines the rest, its weights renormalised
+    over them. ``shares`` (:func:`holder_shares`): a member's distance shrinks by its
+    share of the sample's class -- the class the members' share-weighted vote picks --
+    so a rare class's few holders, who disagree with the median on exactly its
+    samples, are not the ones trimmed.
     """
     if rule not in RULES:
         raise ValueError(f"teacher rule {rule!r} is unknown: choose one of {', '.join(RULES)}")
     if rule in WEIGHTED_RULES and weights is None:
         raise ValueError(f"rule {rule!r} needs the models' class-count weights")
+    count = trim_count(trim, stacked.shape[0]) if trim else 0
+    protection = None
+    if count and shares is not None:
+        shares = shares.to(stacked)
+        consensus = (stacked.softmax(-1) * shares.unsqueeze(1)).sum(0).argmax(-1)  # (B,)
+        protection = shares[:, consensus]  # (K, B)
     if rule == "mean-logits":
-        if not trim:
+        if not count:
             return stacked.mean(0)
-        keep = kept_members(stacked, trim)
+        keep = kept_members(stacked, count, protection)
         return (stacked * keep).sum(0) / keep.sum(0)
     if rule == "label-aware":
         votes = weights.to(stacked).unsqueeze(1)  # type: ignore[union-attr]  # sum to 1
-        if not trim:
+        if not count:
             return (stacked * votes).sum(0)
-        votes = votes * kept_members(stacked, trim)
+        votes = votes * kept_members(stacked, count, protection)
         return (stacked * votes).sum(0) / votes.sum(0).clamp_min(1e-12)
     # gated: prior-corrected probabilities, each voting with its own confidence.
     probs = (stacked - weights.to(stacked).unsqueeze(1)).softmax(-1)  # type: ignore[union-attr]
     confidence = probs.amax(-1, keepdim=True)  # (K, B, 1)
-    if trim:
-        confidence = confidence * kept_members(probs, trim)
+    if count:
+        confidence = confidence * kept_members(probs, count, protection)
     combined = (probs * confidence).sum(0) / confidence.sum(0)
     return combined.clamp_min(1e-12).log()
 
 
-def kept_members(outputs: torch.Tensor, trim: int) -> torch.Tensor:
+def kept_members(
+    outputs: torch.Tensor, trim: int, protection: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(K, B, 1)`` mask: 0 for each sample's ``trim`` members farthest from the median.
 
     The median is coordinate-wise over the members; with ``2 * trim >= K`` nothing is
     left out (the median of too few members says nothing about which are outliers).
+    ``protection`` ``(K, B)`` in [0, 1] scales each member's distance by ``1 - it``.
     """
     members = outputs.shape[0]
     if trim < 1 or 2 * trim >= members:
         return torch.ones_like(outputs[..., :1])
     median = outputs.median(0).values
     distance = (outputs - median).abs().sum(-1)  # (K, B)
+    if protection is not None:
+        distance = distance * (1 - protection)
     farthest = distance.topk(trim, dim=0).indices
     mask = torch.ones_like(distance).scatter_(0, farthest, 0.0)
     return mask.unsqueeze(-1)
@@ -177,14 +212,15 @@ def teacher_logits(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     storage_dtype: torch.dtype = torch.float32,
-    trim: int = 0,
+    trim: float = 0,
 ) -> TeacherOutputs:
     """Run every model once over the proxy inputs and combine their logits with ``rule``.
 
     ``proxy_batches`` is a normalised input tensor ``(N, ...)`` (split into
     ``batch_size`` chunks here) or an iterable of ready batches. Models are put in
     eval mode: BatchNorm uses each client's running statistics, as at inference.
-    ``trim`` leaves out, per sample, the members farthest from the median (:func:`combine`).
+    ``trim`` leaves out, per sample, the members farthest from the median (:func:`combine`),
+    sparing the holders of the sample's class when ``class_counts`` are given.
     """
     if not models:
         raise ValueError("the teacher needs at least one model")
@@ -196,6 +232,7 @@ def teacher_logits(
     if isinstance(proxy_batches, torch.Tensor):
         proxy_batches = proxy_batches.split(batch_size)
     weights: torch.Tensor | None = None
+    shares: torch.Tensor | None = None
     outputs: list[torch.Tensor] = []
     seen = 0
     with channels_last(*models):
@@ -204,7 +241,9 @@ def teacher_logits(
             stacked = torch.stack([model(batch).float() for model in models])
             if weights is None and rule in WEIGHTED_RULES:
                 weights = client_weights(rule, len(models), stacked.shape[-1], class_counts)
-            outputs.append(combine(stacked, rule, weights, trim).to("cpu", storage_dtype))
+            if shares is None and trim and class_counts is not None:
+                shares = holder_shares(class_counts, len(models), stacked.shape[-1])
+            outputs.append(combine(stacked, rule, weights, trim, shares).to("cpu", storage_dtype))
             seen += batch.shape[0]
     seconds = time.perf_counter() - start
     logits = torch.cat(outputs)

@@ -9,7 +9,8 @@ a minority can do:
 
 * :class:`CoordinateMedian` -- each coordinate's median over the clients;
 * :class:`TrimmedMean` -- each coordinate's mean after dropping the ``trim`` largest
-  and ``trim`` smallest values (``trim`` = the number of attackers tolerated);
+  and ``trim`` smallest values (``trim`` = the number of attackers tolerated, or a
+  fraction of the round's clients: :func:`trim_count`);
 * :class:`ClippedMean` -- each client's update (its model minus the previous global
   model) clipped to the median update norm, and each self-reported weight capped at
   twice the median weight, then averaged by weight.
@@ -28,6 +29,24 @@ from typing import ClassVar
 import torch
 
 State = dict[str, torch.Tensor]
+
+
+def check_trim(trim: float) -> None:
+    """``ValueError`` unless ``trim`` is 0, a whole number of clients, or a fraction in (0, 1)."""
+    if not (trim == 0 or 0 < trim < 1 or (trim >= 1 and float(trim).is_integer())):
+        raise ValueError(
+            f"trim {trim:g} is neither a number of clients (1, 2, ...) nor a fraction of "
+            "them (0 < trim < 1)"
+        )
+
+
+def trim_count(trim: float, members: int) -> int:
+    """How many of ``members`` a trim stands for: ``trim`` itself if >= 1, else that
+    fraction of them, rounded down (a fraction tolerates as many attackers as the
+    round has clients for, whether a round samples 5 of them or 50)."""
+    check_trim(trim)
+    # The epsilon keeps e.g. 0.29 x 100 (28.999...) from rounding down to 28.
+    return int(trim) if trim >= 1 else int(trim * members + 1e-9)
 
 
 class StartRule:
@@ -108,25 +127,29 @@ class CoordinateMedian(StartRule):
 class TrimmedMean(StartRule):
     """Each coordinate's mean without its ``trim`` largest and ``trim`` smallest values.
 
-    With ``2 * trim`` clients or fewer nothing would be left: the median is taken.
+    ``trim``: a number of clients per side, or a fraction of the round's clients
+    (:func:`trim_count`). With ``2 * trim`` clients or fewer nothing would be left: the
+    median is taken.
     """
 
     name: ClassVar[str] = "trimmed-mean"
-    trim: int = 1
+    trim: float = 1
 
     def __post_init__(self) -> None:
-        if self.trim < 1:
-            raise ValueError(f"trimmed-mean trims trim={self.trim} clients per side: give >= 1")
+        check_trim(self.trim)
+        if self.trim <= 0:
+            raise ValueError("trimmed-mean needs a trim > 0 (a count or a fraction)")
 
     def combine(
         self, states: Sequence[State], weights: Sequence[float], previous: State | None
     ) -> State:
-        if len(states) <= 2 * self.trim:
+        count = trim_count(self.trim, len(states))
+        if len(states) <= 2 * count:
             return CoordinateMedian().combine(states, weights, previous)
 
         def trimmed(values: list[torch.Tensor]) -> torch.Tensor:
             ordered = torch.stack(values).sort(0).values
-            return ordered[self.trim : ordered.shape[0] - self.trim].mean(0)
+            return ordered[count : ordered.shape[0] - count].mean(0)
 
         return _per_key(states, weights, trimmed)
 
@@ -168,14 +191,20 @@ class ClippedMean(StartRule):
         return out
 
 
-START_RULES = ("mean", "median", "trimmed-mean:<n>", "clipped-mean")
+START_RULES = ("mean", "median", "trimmed-mean:<n or fraction>", "clipped-mean")
 
 
 def parse_start_rule(text: str) -> StartRule:
-    """``mean``, ``median``, ``trimmed-mean:2`` or ``clipped-mean``; ``ValueError`` else."""
+    """``mean``, ``median``, ``trimmed-mean:2``, ``trimmed-mean:0.2`` or ``clipped-mean``.
+
+    ``ValueError`` for anything else.
+    """
     name, _, argument = text.strip().partition(":")
-    if name == "trimmed-mean" and argument.isdigit():
-        return TrimmedMean(int(argument))
+    if name == "trimmed-mean" and argument:
+        try:
+            return TrimmedMean(float(argument))
+        except ValueError as err:
+            raise ValueError(f"robust start rule {text!r}: {err}") from None
     simple = {"mean": WeightedMean, "median": CoordinateMedian, "clipped-mean": ClippedMean}
     if name in simple and not argument:
         return simple[name]()

@@ -110,3 +110,37 @@ def test_a_trimmed_teacher_leaves_out_the_member_farthest_from_the_median():
         assert plain.argmax(-1).item() == 1 or rule == "gated", rule
     # Too few members to tell an outlier: nothing is left out.
     assert torch.equal(combine(stacked[:2], "mean-logits", trim=1), stacked[:2].mean(0))
+
+
+def test_trimming_spares_the_sole_holder_of_a_rare_class_but_not_the_attackers():
+    from fl_ec.ensemble import holder_shares
+
+    # One sample of class 2. Member 0 alone trained on class 2 and says so; members
+    # 1-7 never saw it and agree on class 0; members 8-9 attack. Trimming 3: without
+    # the class counts the holder is as far from the median as the attackers.
+    holder = torch.tensor([[[0.0, 0.0, 5.0]]])
+    others = torch.tensor([[2.0, 0.0, -1.0]]).expand(7, 1, 3) + 0.05 * torch.arange(
+        7.0
+    ).view(7, 1, 1)
+    attackers = torch.tensor([[[-200.0, 300.0, 0.0]]]).expand(2, 1, 3)
+    stacked = torch.cat([holder, others, attackers])
+    counts = [[0, 0, 100]] + [[50, 50, 0]] * 9
+    weights = client_weights("label-aware", 10, 3, counts)
+    shares = holder_shares(counts, 10, 3)
+    spared = combine(stacked, "label-aware", weights, trim=3, shares=shares)
+    blind = combine(stacked, "label-aware", weights, trim=3)
+    assert spared.argmax(-1).item() == 2  # the holder's vote on its class stays
+    assert blind.argmax(-1).item() == 0  # the holder was trimmed with the attackers
+    assert spared[0, 1] < 1.0 and blind[0, 1] < 1.0  # the attackers' class 1 is gone
+    # A fraction of the members trims the same number.
+    assert torch.equal(combine(stacked, "label-aware", weights, trim=0.3, shares=shares), spared)
+
+
+def test_an_inflated_count_does_not_buy_a_larger_share_of_a_class():
+    from fl_ec.ensemble import holder_shares
+
+    honest = [[60, 40]] * 4
+    shares = holder_shares([*honest, [1e8, 0]], 5, 2)
+    # Capped at the median client's 100 examples: 100 of 340 class-0 examples.
+    assert shares[4, 0].item() == pytest.approx(100 / 340)
+    assert torch.allclose(shares.sum(0), torch.ones(2))

@@ -11,6 +11,7 @@ from fl_ec.robust import (
     TrimmedMean,
     WeightedMean,
     parse_start_rule,
+    trim_count,
 )
 
 
@@ -48,8 +49,27 @@ def test_the_clipped_mean_bounds_a_boosted_update_and_an_inflated_weight():
 
 def test_start_rules_parse_from_the_run_config():
     assert parse_start_rule("trimmed-mean:2") == TrimmedMean(2)
+    assert parse_start_rule("trimmed-mean:0.2") == TrimmedMean(0.2)
     assert isinstance(parse_start_rule("median"), CoordinateMedian)
     with pytest.raises(ValueError, match="unknown"):
         parse_start_rule("trimmed-mean")
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match="number of clients"):
+        parse_start_rule("trimmed-mean:1.5")
+    with pytest.raises(ValueError, match="trim > 0"):
         TrimmedMean(0)
+
+
+def test_a_trim_is_a_number_of_clients_or_a_fraction_of_them():
+    assert trim_count(2, 10) == trim_count(2, 50) == 2
+    assert trim_count(0.2, 10) == 2 and trim_count(0.2, 50) == 10
+    assert trim_count(0.29, 100) == 29  # not 28 from 28.999...
+    assert trim_count(0.1, 5) == 0 and trim_count(0, 10) == 0
+    for bad in (-1, 1.5, 2.5):
+        with pytest.raises(ValueError, match="number of clients"):
+            trim_count(bad, 10)
+
+
+def test_a_fractional_trim_drops_that_share_of_the_clients_per_side():
+    values = [-1e6, -1e6, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1e6, 1e6]
+    out = TrimmedMean(0.2).combine(_states(values), [1.0] * 10, None)
+    assert out["w"][0].item() == pytest.approx(2.0)  # the six middle values

@@ -48,7 +48,7 @@ from fl_ec.protocol import (
     STATS_RECORD_KEY,
 )
 from fl_ec.results import RunRecorder
-from fl_ec.robust import StartRule, WeightedMean
+from fl_ec.robust import StartRule, WeightedMean, check_trim
 from fl_ec.scoring import accuracy, model_accuracy, model_hits
 from fl_ec.strategies.acceptance import (
     AcceptedReplies,
@@ -156,10 +156,12 @@ class FedEC(BeginsRunOnStart, FedAvg):
         One of ``mean-logits``, ``label-aware``, ``gated`` (see :mod:`fl_ec.ensemble`).
         ``label-aware`` and ``gated`` fall back to ``mean-logits`` in a round where
         some reply lacks class counts (a warning, once per run, says so).
-    teacher_trim : int (default: 0)
-        Per proxy sample, the teacher leaves out the ``teacher_trim`` client models whose
-        outputs lie farthest from the clients' median (:func:`fl_ec.ensemble.combine`):
-        the number of malicious clients the teacher tolerates.
+    teacher_trim : float (default: 0)
+        Per proxy sample, the teacher leaves out the ``teacher_trim`` client models (a
+        count, or a fraction of the round's clients) whose outputs lie farthest from the
+        clients' median (:func:`fl_ec.ensemble.combine`): the number of malicious
+        clients the teacher tolerates. With class counts, a client's distance shrinks
+        by its share of the sample's class, so the few holders of a rare class stay.
     client_start : str (default: "average")
         What the next round's clients train from. ``student``: the distilled model
         (FedDF, EC-DNN). ``average``: the parameter average of this round's replies, so
@@ -222,7 +224,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         validation_data: tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader | None = None,
         distill: DistillSettings | None = None,
         teacher_rule: str = "gated",
-        teacher_trim: int = 0,
+        teacher_trim: float = 0,
         client_start: str = "average",
         calibration: str | CalibrationSettings | None = None,
         proxy_per_round: int = 0,
@@ -262,8 +264,10 @@ class FedEC(BeginsRunOnStart, FedAvg):
             probe_channels_last(reference, self.proxy_inputs[:8])
         self.distill_settings = distill or DistillSettings()
         self.teacher_rule = teacher_rule
-        if teacher_trim < 0:
-            raise ValueError(f"teacher_trim={teacher_trim} must be >= 0 (0: no trimming)")
+        try:
+            check_trim(teacher_trim)
+        except ValueError as err:
+            raise ValueError(f"teacher_trim: {err}") from None
         self.teacher_trim = teacher_trim
         self.client_start = client_start
         # With client_start="average": the model the next round's clients train from.

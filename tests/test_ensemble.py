@@ -119,9 +119,9 @@ def test_trimming_spares_the_sole_holder_of_a_rare_class_but_not_the_attackers()
     # 1-7 never saw it and agree on class 0; members 8-9 attack. Trimming 3: without
     # the class counts the holder is as far from the median as the attackers.
     holder = torch.tensor([[[0.0, 0.0, 5.0]]])
-    others = torch.tensor([[2.0, 0.0, -1.0]]).expand(7, 1, 3) + 0.05 * torch.arange(
-        7.0
-    ).view(7, 1, 1)
+    others = torch.tensor([[2.0, 0.0, -1.0]]).expand(7, 1, 3) + 0.05 * torch.arange(7.0).view(
+        7, 1, 1
+    )
     attackers = torch.tensor([[[-200.0, 300.0, 0.0]]]).expand(2, 1, 3)
     stacked = torch.cat([holder, others, attackers])
     counts = [[0, 0, 100]] + [[50, 50, 0]] * 9

@@ -60,6 +60,16 @@ class StartRule:
         """The combined state; ``previous`` is the last global model (None if unknown)."""
         raise NotImplementedError
 
+    def fold(self, expanded: Sequence[State], weights: Sequence[float], base: State) -> State:
+        """:meth:`combine` over states of different widths (FedHCE's pruned variants).
+
+        ``expanded`` are the states in full-model coordinates, NaN where a client's
+        pruned model has no coordinate (:func:`fl_ec.compression.expand_to_full`):
+        each coordinate combines the clients that hold it, by this rule; one that no
+        client holds, and every integer buffer, keeps ``base``'s value.
+        """
+        raise NotImplementedError
+
 
 def _integer_mean(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     total = sum(weights)
@@ -84,6 +94,47 @@ def _per_key(
     return out
 
 
+def _fold_per_key(
+    expanded: Sequence[State],
+    base: State,
+    floating: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+) -> State:
+    """``floating(stacked, count, key)`` for each floating key of ``base``.
+
+    ``stacked`` holds the clients' values ``(U, ...)``, NaN where a client lacks the
+    coordinate; ``count`` is how many clients hold each one. Coordinates nobody holds
+    keep ``base``'s value, and so do integer buffers.
+    """
+    out: State = {}
+    for key, reference in base.items():
+        if not reference.is_floating_point():
+            out[key] = reference.clone()
+            continue
+        stacked = torch.stack([s[key].to(reference.dtype) for s in expanded])
+        count = (~stacked.isnan()).sum(0)
+        out[key] = torch.where(count > 0, floating(stacked, count, key), reference)
+    return out
+
+
+def _ordered(stacked: torch.Tensor) -> torch.Tensor:
+    """Values sorted along the clients' dim, absent ones (NaN) last."""
+    return stacked.sort(0).values  # torch sorts NaN above every number
+
+
+def _at(ordered: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``ordered[index[c], c]`` for every coordinate ``c``."""
+    index = index.clamp(0, ordered.shape[0] - 1).unsqueeze(0)
+    return ordered.gather(0, index).squeeze(0)
+
+
+def _median_of_present(ordered: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return (_at(ordered, (count - 1).clamp_min(0) // 2) + _at(ordered, count // 2)) / 2
+
+
+def _column(weights: Sequence[float], stacked: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(weights), dtype=stacked.dtype).view(-1, *[1] * (stacked.dim() - 1))
+
+
 @dataclass(frozen=True)
 class WeightedMean(StartRule):
     """``FedAvg``'s example-weighted mean, arithmetic step for step (bit for bit)."""
@@ -105,6 +156,13 @@ class WeightedMean(StartRule):
 
         return _per_key(states, weights, mean)
 
+    def fold(self, expanded: Sequence[State], weights: Sequence[float], base: State) -> State:
+        def mean(stacked: torch.Tensor, count: torch.Tensor, key: str) -> torch.Tensor:
+            present = (~stacked.isnan()).to(stacked.dtype) * _column(weights, stacked)
+            return (stacked.nan_to_num(0.0) * present).sum(0) / present.sum(0).clamp_min(1e-12)
+
+        return _fold_per_key(expanded, base, mean)
+
 
 @dataclass(frozen=True)
 class CoordinateMedian(StartRule):
@@ -121,6 +179,11 @@ class CoordinateMedian(StartRule):
             return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
 
         return _per_key(states, weights, median)
+
+    def fold(self, expanded: Sequence[State], weights: Sequence[float], base: State) -> State:
+        return _fold_per_key(
+            expanded, base, lambda stacked, count, key: _median_of_present(_ordered(stacked), count)
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +215,21 @@ class TrimmedMean(StartRule):
             return ordered[count : ordered.shape[0] - count].mean(0)
 
         return _per_key(states, weights, trimmed)
+
+    def fold(self, expanded: Sequence[State], weights: Sequence[float], base: State) -> State:
+        def trimmed(stacked: torch.Tensor, count: torch.Tensor, key: str) -> torch.Tensor:
+            ordered = _ordered(stacked)
+            if self.trim >= 1:
+                cut = torch.full_like(count, int(self.trim))
+            else:  # each coordinate trims its share of the clients that hold it
+                cut = (count * self.trim + 1e-9).floor().to(count.dtype)
+            rank = torch.arange(ordered.shape[0]).view(-1, *[1] * (ordered.dim() - 1))
+            keep = ((rank >= cut) & (rank < count - cut)).to(ordered.dtype)
+            mean = (ordered.nan_to_num(0.0) * keep).sum(0) / keep.sum(0).clamp_min(1)
+            # Too few holders to trim: their median, as combine() does.
+            return torch.where(count <= 2 * cut, _median_of_present(ordered, count), mean)
+
+        return _fold_per_key(expanded, base, trimmed)
 
 
 @dataclass(frozen=True)
@@ -189,6 +267,28 @@ class ClippedMean(StartRule):
                 acc += update[key] * (scale * weight / total)
             out[key] = acc
         return out
+
+    def fold(self, expanded: Sequence[State], weights: Sequence[float], base: State) -> State:
+        keys = [k for k, v in base.items() if v.is_floating_point()]
+        updates = [{k: s[k].to(base[k].dtype) - base[k] for k in keys} for s in expanded]
+        norms = torch.stack(
+            [
+                torch.sqrt(sum(u[k].double().nan_to_num(0.0).pow(2).sum() for k in keys))
+                for u in updates
+            ]
+        )
+        bound = norms.median()
+        cap = self.weight_cap * float(torch.tensor(list(weights)).median())
+        scales = [float(min(1.0, bound / norm)) if norm > 0 else 1.0 for norm in norms]
+        capped = [min(w, cap) for w in weights]
+
+        def clipped(stacked: torch.Tensor, count: torch.Tensor, key: str) -> torch.Tensor:
+            update = stacked - base[key]
+            present = (~update.isnan()).to(update.dtype) * _column(capped, update)
+            scaled = update.nan_to_num(0.0) * _column(scales, update)
+            return base[key] + (scaled * present).sum(0) / present.sum(0).clamp_min(1e-12)
+
+        return _fold_per_key(expanded, base, clipped)
 
 
 START_RULES = ("mean", "median", "trimmed-mean:<n or fraction>", "clipped-mean")

@@ -82,10 +82,10 @@ class NodeGrid:
         return list(self.nodes)
 
 
-def strategies(seed: int) -> dict[str, Any]:
+def strategies(seed: int, **options: Any) -> dict[str, Any]:
     """A FedEC and a FedHCE to fuzz: every step of a round runs (teacher, distillation,
     variants) on small proxy and validation sets, so that a round takes well under a
-    second on a CPU."""
+    second on a CPU. ``options``: more constructor arguments for both."""
     from fl_ec.data.sources import make_synthetic
     from fl_ec.distill import DistillSettings
     from fl_ec.strategies import FedEC, FedHCE, TierPolicy
@@ -99,6 +99,7 @@ def strategies(seed: int) -> dict[str, Any]:
         min_train_nodes=2,
         min_available_nodes=2,
         seed=seed,
+        **options,
     )
     return {
         "FedEC": FedEC(**common),

@@ -64,6 +64,36 @@ def test_fold_into_full_averages_each_coordinate_over_who_has_it():
     assert torch.allclose(only_pruned["conv1.weight"][kept_out], torch.tensor(4.0))
 
 
+def test_expanded_states_fold_like_fold_into_full_under_the_weighted_mean():
+    from fl_ec.compression import expand_to_full
+    from fl_ec.robust import CoordinateMedian, WeightedMean
+
+    _, model = _model()
+    previous = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    structure = prune_structured(model, torch.randn(1, 1, 28, 28), 0.5)
+    full_update = {
+        k: torch.randn_like(v) if v.is_floating_point() else v for k, v in previous.items()
+    }
+    pruned_update = {
+        k: torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    updates = [(full_update, None, 3.0), (pruned_update, structure, 1.0)]
+    expanded = [expand_to_full(previous, state, s) for state, s, _ in updates]
+    kept_out = structure.kept["conv1.weight"][0]
+    dropped = [i for i in range(32) if i not in kept_out]
+    assert expanded[1]["conv1.weight"][dropped].isnan().all()
+    assert torch.equal(expanded[1]["conv1.weight"][kept_out], pruned_update["conv1.weight"])
+    folded = WeightedMean().fold(expanded, [3.0, 1.0], previous)
+    reference = fold_into_full(previous, updates)
+    for key, value in reference.items():
+        assert torch.allclose(folded[key], value, atol=1e-6), key
+    # The median of one full and one pruned client: their midpoint where both hold a
+    # coordinate, the full client's value where only it does.
+    median = CoordinateMedian().fold(expanded, [3.0, 1.0], previous)["conv1.weight"]
+    assert torch.equal(median[dropped], full_update["conv1.weight"][dropped])
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_fake_quantized_weights_take_at_most_2_to_the_bits_values_per_channel(bits):
     weight = torch.randn(6, 3, 3, 3, requires_grad=True)

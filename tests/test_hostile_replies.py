@@ -51,10 +51,15 @@ LIMITS = ReplyLimits()
 
 
 @pytest.fixture(scope="module")
-def strategies():
+def identity():
+    """What Flower's Message needs outside a run."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.fixture(scope="module")
+def strategies(identity):
     return fuzz_strategies(seed=5)
 
 
@@ -116,6 +121,36 @@ def test_capabilities_come_only_from_accepted_replies(strategies):
     strategy.capabilities.pop(7, None)
     strategy.aggregate_train(900_002, [_valid_reply(r) for r in requests[:-1]] + [bad])
     assert 7 not in strategy.capabilities
+
+
+@pytest.mark.parametrize("robust", [False, True])
+def test_fedhce_folds_pruned_and_full_replies_with_the_robust_start_rule(identity, robust):
+    from fl_ec.robust import CoordinateMedian
+
+    options = {"start_rule": CoordinateMedian()} if robust else {}
+    strategy = fuzz_strategies(seed=5, **options)["FedHCE"]
+    nodes = [1, 2, 3, 4, 5, 6, 7]  # tiers by node % 3: full, pruned and int8 variants
+
+    def honest(request):  # each node reports the tier of its node id
+        return valid_reply(request, np.random.default_rng(request.metadata.dst_node_id))
+
+    strategy.aggregate_train(1, [honest(r) for r in _requests(strategy, 1, nodes)])
+    requests = _requests(strategy, 2, nodes)
+    variants = {r.metadata.dst_node_id: str(r.content["config"]["variant"]) for r in requests}
+    assert len(set(variants.values())) == 3
+    replies = [honest(r) for r in requests]
+    attacker = next(i for i in nodes if variants[i] == "full")
+    scaled = replies[nodes.index(attacker)].content["arrays"]
+    honest_largest = max(float(np.abs(a.numpy()).max()) for a in scaled.values())
+    for key in list(scaled.keys()):
+        value = scaled[key].numpy()
+        if value.dtype.kind == "f":
+            scaled[key] = Array(value * 100)
+    arrays, _ = strategy.aggregate_train(2, replies)
+    largest = max(v.abs().max().item() for v in arrays.to_torch_state_dict().values())
+    # A full-size client scaling its model x100 drags the plain fold's every coordinate
+    # it holds (by 100 / 7 of its values); the median of the holders ignores it.
+    assert (largest < 2 * honest_largest) if robust else (largest > 5 * honest_largest)
 
 
 def test_a_round_with_every_reply_rejected_keeps_the_model(strategies, caplog):

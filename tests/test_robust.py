@@ -73,3 +73,41 @@ def test_a_fractional_trim_drops_that_share_of_the_clients_per_side():
     values = [-1e6, -1e6, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1e6, 1e6]
     out = TrimmedMean(0.2).combine(_states(values), [1.0] * 10, None)
     assert out["w"][0].item() == pytest.approx(2.0)  # the six middle values
+
+
+def _expanded(values, absent=()):
+    """Full-coordinate states; the clients in ``absent`` lack coordinate 1 (pruned)."""
+    states = _states(values)
+    for i in absent:
+        states[i]["w"] = torch.tensor([values[i], float("nan")])
+    return states
+
+
+@pytest.mark.parametrize("rule", [CoordinateMedian(), TrimmedMean(1), TrimmedMean(0.2)])
+def test_folding_is_combining_when_every_client_holds_every_coordinate(rule):
+    states = _states([1.0, 3.0, -2.0, 7.0, 1e6])
+    base = {"w": torch.zeros(2), "n": torch.tensor(5)}
+    folded = rule.fold(states, [1.0] * 5, base)
+    assert torch.allclose(folded["w"], rule.combine(states, [1.0] * 5, None)["w"])
+    assert folded["n"].item() == 5  # integer buffers keep the base's
+
+
+@pytest.mark.parametrize("rule", [CoordinateMedian(), TrimmedMean(1), ClippedMean()])
+def test_a_folded_coordinate_combines_only_the_clients_that_hold_it(rule):
+    # Five clients; two pruned ones lack coordinate 1; one full-size client attacks.
+    states = _expanded([1.0, 1.5, 2.0, 1.0, 1e6], absent=(1, 3))
+    base = {"w": torch.zeros(2), "n": torch.tensor(5)}
+    folded = rule.fold(states, [1.0] * 5, base)["w"]
+    mean = WeightedMean().fold(states, [1.0] * 5, base)["w"]
+    assert mean[0].item() > 1e5 and mean[1].item() > 1e5  # the plain fold is dragged off
+    assert torch.isfinite(folded).all() and folded.abs().max().item() < 10, rule
+    # Coordinate 0: all five hold it; coordinate 1: clients 0, 2 and 4 (2.0, 4.0, 2e6).
+    if isinstance(rule, CoordinateMedian):
+        assert folded.tolist() == pytest.approx([1.5, 4.0])
+
+
+def test_a_coordinate_no_client_holds_keeps_the_base_value():
+    states = _expanded([1.0, 2.0], absent=(0, 1))
+    base = {"w": torch.tensor([9.0, 9.0]), "n": torch.tensor(1)}
+    for rule in (WeightedMean(), CoordinateMedian(), TrimmedMean(1), ClippedMean()):
+        assert rule.fold(states, [1.0, 1.0], base)["w"][1].item() == 9.0

@@ -3,6 +3,7 @@
 
 from fl_ec.compression.pruning import (
     PrunedStructure,
+    expand_to_full,
     fold_into_full,
     probe_prunable_layers,
     prune_structured,
@@ -22,6 +23,7 @@ __all__ = [
     "Variant",
     "enable_weight_fake_quant",
     "fake_quantize",
+    "expand_to_full",
     "fold_into_full",
     "pack_state_dict",
     "packed_nbytes",

@@ -308,6 +308,17 @@ def _record(
         layers.setdefault(name, {})[side] = list(remaining)
 
 
+def _full_grid(maps: list, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """Index grids placing a pruned tensor (kept indices ``maps`` per dim) in ``shape``."""
+    return torch.meshgrid(
+        *[
+            torch.arange(size) if index is None else torch.as_tensor(index)
+            for index, size in zip(maps, shape, strict=True)
+        ],
+        indexing="ij",
+    )
+
+
 def fold_into_full(
     previous_full: Mapping[str, torch.Tensor],
     updates: list[tuple[Mapping[str, torch.Tensor], PrunedStructure | None, float]],
@@ -332,15 +343,35 @@ def fold_into_full(
                 total += w * value
                 weight += w
                 continue
-            grids = torch.meshgrid(
-                *[
-                    torch.arange(size) if index is None else torch.as_tensor(index)
-                    for index, size in zip(maps, base.shape, strict=True)
-                ],
-                indexing="ij",
-            )
+            grids = _full_grid(maps, base.shape)
             total.index_put_(grids, w * value, accumulate=True)
             weight.index_put_(grids, torch.full_like(value, w), accumulate=True)
         mean = total / weight.clamp_min(1e-12)
         folded[key] = torch.where(weight > 0, mean, base.to(torch.float64)).to(base.dtype)
     return folded
+
+
+def expand_to_full(
+    previous_full: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    structure: PrunedStructure | None,
+) -> dict[str, torch.Tensor]:
+    """``state`` in full-model coordinates, NaN where the pruned model has no coordinate.
+
+    What a robust rule folds (:meth:`fl_ec.robust.StartRule.fold`): each coordinate
+    combines only the clients that hold it. Integer buffers keep ``previous_full``'s.
+    """
+    full = {}
+    for key, base in previous_full.items():
+        if not base.is_floating_point():
+            full[key] = base.clone()
+            continue
+        value = state[key].to(base.dtype)
+        maps = structure.kept.get(key) if structure is not None else None
+        if not maps or all(i is None for i in maps):
+            full[key] = value.clone()
+            continue
+        expanded = torch.full_like(base, float("nan"))
+        expanded[_full_grid(maps, base.shape)] = value
+        full[key] = expanded
+    return full

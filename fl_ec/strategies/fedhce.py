@@ -27,7 +27,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
-from fl_ec.compression import Variant, enable_weight_fake_quant, fold_into_full
+from fl_ec.compression import (
+    Variant,
+    enable_weight_fake_quant,
+    expand_to_full,
+    fold_into_full,
+)
 from fl_ec.compression.variants import ReplayVariantFactory, VariantFactory
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
@@ -43,6 +48,7 @@ from fl_ec.protocol import (
     WIRE_MANIFEST_KEY,
 )
 from fl_ec.results import RunRecorder
+from fl_ec.robust import WeightedMean
 from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedec_calibration import serve_feature_calibrated
@@ -263,7 +269,9 @@ class FedHCE(FedEC):
         Each client's change (what it returned minus what it was sent) is applied to
         the server's full-precision copy of the variant it was sent (after the
         variants' fine-tuning and calibration), so the rounding of the quantized copy
-        it started from stays out of the average.
+        it started from stays out of the average. Each coordinate combines the clients
+        that hold it by ``start_rule`` (FedAvg's weighted mean unless a robust rule is
+        set: :meth:`fl_ec.robust.StartRule.fold`).
         """
         # Without full-size replies (e.g. round 1, when every node got a pruned default)
         # folding is the only way the round's training reaches the student's start.
@@ -286,7 +294,10 @@ class FedHCE(FedEC):
                 as_sent = self.sent_models[name].state_dict()
                 state = rebase_update(state, sent, as_sent)
             updates.append((state, structure, model.num_examples))
-        return fold_into_full(base, updates)
+        if isinstance(self.start_rule, WeightedMean):
+            return fold_into_full(base, updates)  # the arithmetic FedHCE always had
+        expanded = [expand_to_full(base, state, structure) for state, structure, _ in updates]
+        return self.start_rule.fold(expanded, [weight for *_, weight in updates], base)
 
     def _uses_round_teacher(self) -> bool:
         # The variants are fine-tuned from the round's teacher even if the student is not.

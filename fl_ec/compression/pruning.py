@@ -359,7 +359,8 @@ def expand_to_full(
     """``state`` in full-model coordinates, NaN where the pruned model has no coordinate.
 
     What a robust rule folds (:meth:`fl_ec.robust.StartRule.fold`): each coordinate
-    combines only the clients that hold it. Integer buffers keep ``previous_full``'s.
+    combines only the clients that hold it. NaN can mark absence because every accepted
+    reply was checked finite. Integer buffers keep ``previous_full``'s.
     """
     full = {}
     for key, base in previous_full.items():

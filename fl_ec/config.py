@@ -116,6 +116,8 @@ class ExperimentConfig:
     fraction_train: float = 0.2
     fraction_evaluate: float = 0.0
     min_available_nodes: int = 2
+    # seconds a round waits for its replies (training, evaluation, FedEC's queries)
+    round_timeout: float = 3600.0
     # Data
     dataset: str = "fashion-mnist"
     data_dir: str = ""
@@ -286,6 +288,7 @@ class ExperimentConfig:
         _positive("classes-per-client", self.classes_per_client)
         _positive("lr", self.lr)
         _positive("min-available-nodes", self.min_available_nodes)
+        _positive("round-timeout", self.round_timeout)
         for key, value in (
             ("proxy-size", self.proxy_size),
             ("validation-size", self.validation_size),

@@ -40,6 +40,8 @@ class RoundRecord:
     rejected_replies: int = 0
     # Per-node payloads differ when a strategy sends each node its own variant.
     bytes_down_by_node: dict[int, int] = field(default_factory=dict)
+    # Nodes sent a message this round that did not answer within the round's timeout.
+    lost_nodes: set[int] = field(default_factory=set)
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +60,8 @@ class RoundRecord:
         }
         if self.bytes_down_by_node:
             out["bytes-down-by-node"] = {str(k): v for k, v in self.bytes_down_by_node.items()}
+        if self.lost_nodes:
+            out["lost-nodes"] = sorted(self.lost_nodes)
         out.update(self.metrics)
         return out
 

@@ -92,6 +92,7 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         grid=MeteredGrid(grid, recorder),
         initial_arrays=ArrayRecord(initial_model.state_dict()),
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
         train_config=round_config,
         evaluate_config=ConfigRecord({ARCH_SPEC_KEY: spec.to_json()}),
         evaluate_fn=central_evaluation(spec, server_data, config, recorder, reporter),

@@ -41,6 +41,7 @@ class FeatureStatsGrid:
     def __init__(self, node_data, broken=None):
         self.node_data, self.broken = node_data, broken or {}
         self.queries, self.replies = [], []  # every query sent; every statistics reply's arrays
+        self.timeouts = []  # each send_and_receive's timeout
 
     def get_node_ids(self):
         return list(self.node_data)
@@ -49,6 +50,7 @@ class FeatureStatsGrid:
         import torch
         from flwr.app import ArrayRecord, Error, Message, RecordDict
 
+        self.timeouts.append(timeout)
         from fl_ec.clients.client_app import _stats_settings, received_model
         from fl_ec.protocol import STATS_RECORD_KEY
 

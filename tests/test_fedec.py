@@ -609,6 +609,22 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
     assert strategy.server_metrics[1]["calibration-valid-replies"] == 0
 
 
+def test_the_statistics_query_waits_as_long_as_a_training_round(task_identity, data):
+    proxy, (val_x, val_y) = data
+    strategy = FedEC(
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        calibration="classifier",
+        min_train_nodes=2,
+    )
+    strategy.begin_run(1, timeout=42.0)  # what start(..., timeout=42.0) calls
+    _start_round(strategy, _global())
+    strategy.grid = FeatureStatsGrid({1: (val_x, val_y), 2: (val_x, val_y)})
+    strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    assert strategy.grid.timeouts == [42.0]
+
+
 def test_clients_without_a_statistics_query_handler_are_reported_once(task_identity, data, caplog):
     # A stock ClientApp registers no query function: Flower answers with this error.
     no_handler = "<class 'ValueError'>:<'No query function registered with name 'default''>"

@@ -112,6 +112,24 @@ def test_failed_replies_are_logged_with_node_and_counted(task_identity, recorder
     )
 
 
+def test_nodes_that_do_not_answer_in_time_are_recorded_and_the_round_goes_on(
+    task_identity, recorder, caplog
+):
+    class Timing(ScriptedGrid):  # node 3 never answers within the timeout
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeout = timeout
+            return [self.reply_fn(m) for m in messages if m.metadata.dst_node_id != 3]
+
+    caplog.set_level(logging.WARNING, logger="flwr")
+    grid = Timing(_ok_reply)
+    replies = MeteredGrid(grid, recorder).send_and_receive(_train_messages(1), timeout=5.0)
+    assert len(replies) == 2 and grid.timeout == 5.0
+    record = recorder.record_for(1)
+    assert record.lost_nodes == {3} and record.to_dict()["lost-nodes"] == [3]
+    assert record.train_replies == 2 and record.rejected_replies == 0
+    assert any("node(s) [3] within 5 s" in r.getMessage() for r in caplog.records)
+
+
 def test_a_round_where_every_client_failed_stops_the_run(task_identity, recorder):
     def reply(message):
         return Message(Error(code=100, reason="alpha=0.0 must be > 0"), reply_to=message)

@@ -212,6 +212,6 @@ def test_a_run_through_the_wrappers_trains_the_seeded_sample(task_identity, tmp_
 def test_wrappers_pass_the_run_length_on_to_the_inner_strategy(task_identity, tmp_path):
     fedec = FedEC(proxy_data=torch.zeros(4, 1, 28, 28), arch_spec=SPEC)
     recorder = RunRecorder(tmp_path / "run", {}, SPEC, num_rounds=1)
-    TimedAggregation(SeededSampling(fedec, SeededSampler(0)), recorder).begin_run(12)
-    assert fedec.num_rounds == 12
+    TimedAggregation(SeededSampling(fedec, SeededSampler(0)), recorder).begin_run(12, 30.0)
+    assert fedec.num_rounds == 12 and fedec.round_timeout == 30.0
     SeededSampling(FedAvg(), SeededSampler(0)).begin_run(3)  # FedAvg takes none: no-op

@@ -280,6 +280,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         self.calibrates_features = calibration.method == "features"
         self.calibration_every = calibration_every(calibration.rounds)
         self.num_rounds: int | None = None  # known once begin_run() / start() runs
+        self.round_timeout: float = 3600  # Flower's default, until begin_run() says
         self.grid: Grid | None = None  # kept from configure_train for calibration queries
         if calibration.method != "none":  # fail now if the head has no bias
             classifier_of(reference)
@@ -315,12 +316,15 @@ class FedEC(BeginsRunOnStart, FedAvg):
         )
 
     # -- Flower hooks -------------------------------------------------------------
-    def begin_run(self, num_rounds: int) -> None:
-        """Note the run's length (calibration ``rounds="last"``); ``start`` calls it, and
-        so does a wrapper's ``start`` (:class:`~fl_ec.strategies.wrapper.StrategyWrapper`).
-        A new run reports each degraded feature again, once.
+    def begin_run(self, num_rounds: int, timeout: float = 3600) -> None:
+        """Note the run's length (calibration ``rounds="last"``) and its round timeout,
+        which the feature-statistics queries wait as long as a training round does;
+        ``start`` calls it, and so does a wrapper's ``start``
+        (:class:`~fl_ec.strategies.wrapper.StrategyWrapper`). A new run reports each
+        degraded feature again, once.
         """
         self.num_rounds = num_rounds
+        self.round_timeout = timeout
         self.degraded.new_run()
 
     def configure_train(
@@ -619,7 +623,10 @@ class FedEC(BeginsRunOnStart, FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         start = time.perf_counter()
         replies = list(
-            self.grid.send_and_receive(self._construct_messages(record, nodes, MessageType.QUERY))
+            self.grid.send_and_receive(
+                self._construct_messages(record, nodes, MessageType.QUERY),
+                timeout=self.round_timeout,
+            )
         )
         query_seconds = time.perf_counter() - start
         num_classes, dim = self.feature_statistics.dims(model)

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_ec.errors import FlEcError
 from fl_ec.protocol import SERVER_ROUND_KEY
-from fl_ec.results import RunRecorder
+from fl_ec.results import RoundRecord, RunRecorder
 from fl_ec.strategies.wrapper import StrategyWrapper
 
 MAX_FAILED_ROUNDS = 3  # training rounds in a row in which every reply failed
@@ -104,6 +104,7 @@ class MeteredGrid(DelegatingGrid):
         start = time.perf_counter()
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         elapsed = time.perf_counter() - start
+        self._note_lost(server_round, message_type, messages, replies, timeout, record)
         failed = [r for r in replies if r.has_error()]
         record.bytes_up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         for reply in failed:
@@ -128,6 +129,30 @@ class MeteredGrid(DelegatingGrid):
         else:
             record.client_evaluate_seconds += elapsed
         return replies
+
+    def _note_lost(
+        self,
+        server_round: int,
+        message_type: str,
+        messages: list[Message],
+        replies: list[Message],
+        timeout: float | None,
+        record: RoundRecord,
+    ) -> None:
+        """Record and log the nodes that did not answer within ``timeout``."""
+        answered = {reply.metadata.src_node_id for reply in replies}
+        lost = sorted({m.metadata.dst_node_id for m in messages} - answered)
+        if not lost:
+            return
+        record.lost_nodes.update(lost)
+        log(
+            WARNING,
+            "round %d: no %s reply from node(s) %s within %s; the round goes on without them",
+            server_round,
+            message_type,
+            lost,
+            "the wait" if timeout is None else f"{timeout:g} s",
+        )
 
     def _every_reply_failed(self, server_round: int, failed: list[Message]) -> None:
         """Stop the run on a misconfiguration or a lost federation; else say so and go on."""

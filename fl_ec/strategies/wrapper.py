@@ -28,10 +28,11 @@ from flwr.serverapp.strategy import Result, Strategy
 
 @runtime_checkable
 class BeginsRun(Protocol):
-    """A strategy that notes the run's length before its first round."""
+    """A strategy that notes the run's length and round timeout before its first round."""
 
-    def begin_run(self, num_rounds: int) -> None:
-        """Called once before round 1 with the number of rounds ``start`` will run."""
+    def begin_run(self, num_rounds: int, timeout: float = 3600) -> None:
+        """Called once before round 1 with the number of rounds ``start`` will run and
+        how long each round waits for replies (``start``'s ``timeout``)."""
         ...
 
 
@@ -54,7 +55,7 @@ class BeginsRunOnStart:
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """The next class's ``start`` (Flower's), after :meth:`begin_run`."""
-        self.begin_run(num_rounds)
+        self.begin_run(num_rounds, timeout)
         return super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
         )
@@ -70,10 +71,10 @@ class StrategyWrapper(BeginsRunOnStart, Strategy):
         super().__init__()
         self.strategy = strategy
 
-    def begin_run(self, num_rounds: int) -> None:
-        """Pass the run's length on to the inner strategy, when it takes it."""
+    def begin_run(self, num_rounds: int, timeout: float = 3600) -> None:
+        """Pass the run's length and timeout on to the inner strategy, when it takes them."""
         if isinstance(self.strategy, BeginsRun):
-            self.strategy.begin_run(num_rounds)
+            self.strategy.begin_run(num_rounds, timeout)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -157,6 +157,8 @@ class ExperimentConfig:
     simulated_tiers: str = "gpu=3,edge=7"
     # Robustness tests: simulated partitions 0..count-1 attack ("sign-flip:2"), or none
     attack: str = ""
+    # Lost-client tests: this share of simulated partitions fails each training round
+    fail_fraction: float = 0.0
     # per sample, leave out the clients farthest from the median: a count or a fraction
     teacher_trim: float = 0
     robust_start: str = "mean"  # FedEC's average: mean, median, trimmed-mean:<n>, clipped-mean
@@ -289,6 +291,11 @@ class ExperimentConfig:
         _positive("lr", self.lr)
         _positive("min-available-nodes", self.min_available_nodes)
         _positive("round-timeout", self.round_timeout)
+        if not 0 <= self.fail_fraction < 1:
+            raise ConfigError(
+                f"fail-fraction={self.fail_fraction} must be in [0, 1): the share of "
+                "simulated nodes that fail each training round"
+            )
         for key, value in (
             ("proxy-size", self.proxy_size),
             ("validation-size", self.validation_size),

@@ -31,6 +31,7 @@ from torch import nn
 
 from fl_ec.calibration import CalibrationSettings
 from fl_ec.clients.attacks import attack_for
+from fl_ec.clients.faults import inject_fault
 from fl_ec.clients.variants import received_state, variant_bits
 from fl_ec.compression import enable_weight_fake_quant
 from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
@@ -167,6 +168,10 @@ def _train(msg: Message, context: Context) -> Message:
     device = select_device(config.device)
     round_config = msg.content[CONFIG_RECORD_KEY]
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
+    if config.fail_fraction and in_simulation():
+        inject_fault(
+            config.seed, server_round, node.partition_id, node.num_partitions, config.fail_fraction
+        )
     kind, attackers = config.attack_settings()
     attack = attack_for(node.partition_id, attackers, kind, in_simulation())
     sent = {k: v.detach().clone() for k, v in model.state_dict().items()} if attack else {}

@@ -24,7 +24,6 @@ accuracy -- what trimming a rare class's few holders away would cost.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import platform
 import shlex
@@ -76,8 +75,7 @@ def train_client(
     model = build_from_state_dict(spec, start)
     hostile = ATTACKS.get(attack)
     if hostile is not None:
-        labels = hostile.labels(data.train.labels, data.train.num_classes)
-        data = dataclasses.replace(data, train=dataclasses.replace(data.train, labels=labels))
+        data = hostile.training_data(data)
     train_locally(model, data, config, partition, server_round)
     if hostile is not None:
         hostile.poison(model, start, local_seed(config, partition, server_round))

@@ -10,11 +10,15 @@ of :mod:`fl_ec.strategies.replies` and only robust aggregation can stop it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fl_ec.data.federated import ClientData
 
 
 class Attack:
@@ -25,6 +29,11 @@ class Attack:
     def labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The labels the node trains on (honest by default)."""
         return labels
+
+    def training_data(self, data: ClientData) -> ClientData:
+        """``data`` with its training labels replaced by :meth:`labels` of them."""
+        labels = self.labels(data.train.labels, data.train.num_classes)
+        return dataclasses.replace(data, train=dataclasses.replace(data.train, labels=labels))
 
     def poison(self, model: nn.Module, sent: dict[str, torch.Tensor], seed: int) -> None:
         """Replace ``model``'s trained weights (in place) with what the node sends.

@@ -177,8 +177,7 @@ def _train(msg: Message, context: Context) -> Message:
     sent = {k: v.detach().clone() for k, v in model.state_dict().items()} if attack else {}
     train_data = data
     if attack is not None:  # trains on what the attack makes of its labels
-        labels = attack.labels(data.train.labels, data.train.num_classes)
-        train_data = dataclasses.replace(data, train=dataclasses.replace(data.train, labels=labels))
+        train_data = attack.training_data(data)
     if config.trainer == "layer-parallel":
         result = _train_layer_parallel(
             model, spec, train_data, config, round_config, node, server_round

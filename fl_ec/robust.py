@@ -243,18 +243,31 @@ class ClippedMean(StartRule):
     name: ClassVar[str] = "clipped-mean"
     weight_cap: float = 2.0  # times the median weight
 
+    def _clipping(
+        self, updates: Sequence[State], weights: Sequence[float]
+    ) -> tuple[list[float], list[float]]:
+        """Each update's scale down to the median update norm, and the capped weights.
+
+        Absent coordinates (NaN, in :meth:`fold`) count as no change in a norm.
+        """
+        norms = torch.stack(
+            [
+                torch.sqrt(sum(u.double().nan_to_num(0.0).pow(2).sum() for u in update.values()))
+                for update in updates
+            ]
+        )
+        bound = norms.median()
+        cap = self.weight_cap * float(torch.tensor(list(weights)).median())
+        scales = [float(min(1.0, bound / norm)) if norm > 0 else 1.0 for norm in norms]
+        return scales, [min(w, cap) for w in weights]
+
     def combine(
         self, states: Sequence[State], weights: Sequence[float], previous: State | None
     ) -> State:
         keys = [k for k, v in states[0].items() if v.is_floating_point()]
         base = previous or {k: torch.zeros_like(states[0][k]) for k in keys}
         updates = [{k: s[k].to(base[k].dtype) - base[k] for k in keys} for s in states]
-        norms = torch.stack(
-            [torch.sqrt(sum(u[k].double().pow(2).sum() for k in keys)) for u in updates]
-        )
-        bound = norms.median()
-        cap = self.weight_cap * float(torch.tensor(list(weights)).median())
-        capped = [min(w, cap) for w in weights]
+        scales, capped = self._clipping(updates, weights)
         total = sum(capped)
         out: State = {}
         for key, reference in states[0].items():
@@ -262,8 +275,7 @@ class ClippedMean(StartRule):
                 out[key] = _integer_mean([s[key] for s in states], capped)
                 continue
             acc = base[key].clone()
-            for update, norm, weight in zip(updates, norms, capped, strict=True):
-                scale = float(min(1.0, bound / norm)) if norm > 0 else 1.0
+            for update, scale, weight in zip(updates, scales, capped, strict=True):
                 acc += update[key] * (scale * weight / total)
             out[key] = acc
         return out
@@ -271,16 +283,7 @@ class ClippedMean(StartRule):
     def fold(self, expanded: Sequence[State], weights: Sequence[float], base: State) -> State:
         keys = [k for k, v in base.items() if v.is_floating_point()]
         updates = [{k: s[k].to(base[k].dtype) - base[k] for k in keys} for s in expanded]
-        norms = torch.stack(
-            [
-                torch.sqrt(sum(u[k].double().nan_to_num(0.0).pow(2).sum() for k in keys))
-                for u in updates
-            ]
-        )
-        bound = norms.median()
-        cap = self.weight_cap * float(torch.tensor(list(weights)).median())
-        scales = [float(min(1.0, bound / norm)) if norm > 0 else 1.0 for norm in norms]
-        capped = [min(w, cap) for w in weights]
+        scales, capped = self._clipping(updates, weights)
 
         def clipped(stacked: torch.Tensor, count: torch.Tensor, key: str) -> torch.Tensor:
             update = stacked - base[key]

@@ -174,6 +174,7 @@ class ExperimentConfig:
     # Server-side evaluation and output
     results_dir: str = "results"
     run_name: str = ""
+    resume: str = ""  # a run folder: go on from its last checkpoint
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -359,6 +360,30 @@ class ExperimentConfig:
         }
         out.update(self.extra)
         return out
+
+
+# What a resumed run may set differently from the run it continues.
+RESUME_MAY_CHANGE = ("resume", "num-server-rounds", "round-timeout", "run-name", "results-dir")
+
+
+def check_resumable(saved: Mapping[str, Any], config: ExperimentConfig) -> None:
+    """``ConfigError`` naming each knob whose value differs from the checkpointed run's.
+
+    A resumed run must be the run it continues: only the knobs in
+    :data:`RESUME_MAY_CHANGE` (more rounds, a longer timeout) may change.
+    """
+    current = config.to_dict()
+    changed = [
+        f"{key} ({saved.get(key)!r} -> {current.get(key)!r})"
+        for key in sorted(set(saved) | set(current))
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            "resume: the run-config differs from the checkpointed run's in "
+            f"{', '.join(changed)}; set them back (only {', '.join(RESUME_MAY_CHANGE[1:])} "
+            "may change)"
+        )
 
 
 @dataclass(frozen=True)

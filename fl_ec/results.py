@@ -65,6 +65,29 @@ class RoundRecord:
         out.update(self.metrics)
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """The record :meth:`to_dict` wrote (timings as rounded there)."""
+        data = dict(data)
+        record = cls(round=int(data.pop("round")))
+        for name in list(data):
+            attribute = name.replace("-", "_")
+            if attribute in _COUNTERS:
+                setattr(record, attribute, type(getattr(record, attribute))(data.pop(name)))
+        by_node = data.pop("bytes-down-by-node", {})
+        record.bytes_down_by_node = {int(k): int(v) for k, v in by_node.items()}
+        record.lost_nodes = {int(n) for n in data.pop("lost-nodes", [])}
+        record.metrics = data
+        return record
+
+
+# RoundRecord's plain number fields, written by to_dict under their kebab-case names.
+_COUNTERS = {
+    name
+    for name, kind in RoundRecord.__annotations__.items()
+    if kind in ("int", "float") and name != "round"
+}
+
 
 def default_run_name(strategy: str, dataset: str, alpha: float) -> str:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -103,6 +126,18 @@ class RunRecorder:
         self._round_start = time.perf_counter()
         self.current = RoundRecord(round=0)
         self.extra_summary: dict[str, Any] = {}
+
+    def restore(self, rounds: list[dict[str, Any]], started: str) -> None:
+        """Continue a resumed run: the rounds it completed, as ``metrics.json`` has them."""
+        self.rounds = [RoundRecord.from_dict(r) for r in rounds]
+        self.started = started
+        next_round = self.rounds[-1].round + 1 if self.rounds else 0
+        self.current = RoundRecord(round=next_round)
+        self._round_start = time.perf_counter()
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` takes back: the completed rounds and the start time."""
+        return {"rounds": [r.to_dict() for r in self.rounds], "started": self.started}
 
     # -- feeding --------------------------------------------------------------
     def record_for(self, server_round: int) -> RoundRecord:

@@ -5,8 +5,10 @@ load the server's data (proxy, validation, test), build the initial model from i
 JSON spec, build the strategy by name, then run it -- wrapped in ``SeededSampling``
 (the same clients per round for every strategy) and ``TimedAggregation`` -- through
 a metered ``Grid`` with central evaluation on the test set after every round. The run
-folder ``<results-dir>/<run-name>/`` receives ``metrics.json`` (rewritten every round),
-``accuracy.png``, ``accuracy_vs_bytes.png`` and the final model.
+folder ``<results-dir>/<run-name>/`` receives ``metrics.json`` and a checkpoint
+(:mod:`fl_ec.checkpoint`) after every round, ``accuracy.png``, ``accuracy_vs_bytes.png``
+and the final model at the end. ``resume=<run folder>`` goes on from that folder's last
+checkpoint.
 
 An fl-ec strategy (:class:`~fl_ec.strategies.reporting.RunReporter`) reports more: its
 server-side measurements of each round go into that round's record, and at the end it
@@ -26,7 +28,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_ec.config import ExperimentConfig
+from fl_ec.checkpoint import Checkpoint, load_latest, restore_rng, write_checkpoint
+from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.data.federated import ServerData, load_server_data
 from fl_ec.errors import install_one_line_errors
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
@@ -35,7 +38,9 @@ from fl_ec.results import RunRecorder, default_run_name, safe_run_name
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation
 from fl_ec.strategies.reporting import RunReporter
+from fl_ec.strategies.rounds import RoundPlan, run_rounds
 from fl_ec.strategies.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
+from fl_ec.strategies.wrapper import StrategyWrapper
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -49,7 +54,17 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
-    """Run one configured experiment on ``grid``; returns the run folder."""
+    """Run one configured experiment on ``grid``; returns the run folder.
+
+    With ``config.resume`` set, the run goes on in that folder from its last readable
+    checkpoint; else it starts in a new folder. Either way a checkpoint is written
+    after every completed round (:mod:`fl_ec.checkpoint`).
+    """
+    checkpoint = None
+    if config.resume:  # before loading any data: a wrong path fails in the first second
+        run_dir = Path(config.resume).expanduser().resolve()
+        checkpoint = load_latest(run_dir)
+        check_resumable(checkpoint.run.get("config", {}), config)
     server_data = load_server_data(config)
     spec = ArchSpec(
         name=config.model,
@@ -61,11 +76,19 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     strategy = build_strategy(config, spec, server_data)
     reporter = strategy if isinstance(strategy, RunReporter) else None
 
-    run_name = safe_run_name(
-        config.run_name or default_run_name(config.strategy, config.dataset, config.alpha)
-    )
-    run_dir = Path(config.results_dir).expanduser().resolve() / run_name
+    if checkpoint is None:
+        run_name = safe_run_name(
+            config.run_name or default_run_name(config.strategy, config.dataset, config.alpha)
+        )
+        run_dir = Path(config.results_dir).expanduser().resolve() / run_name
     recorder = RunRecorder(run_dir, config.to_dict(), spec, config.num_server_rounds)
+    metered = MeteredGrid(grid, recorder)
+    # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
+    sampled = SeededSampling(strategy, SeededSampler(config.seed), record_sample(recorder))
+    wrapped = TimedAggregation(sampled, recorder)
+    arrays = ArrayRecord(initial_model.state_dict())
+    if checkpoint is not None:
+        arrays = resume_from(checkpoint, recorder, metered, wrapped)
     log(
         INFO,
         "[fl-ec] %s on %s (%s, alpha=%g), %d rounds, %d server threads; results -> %s",
@@ -78,6 +101,15 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         run_dir,
     )
 
+    def save_checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        run_state = {"config": config.to_dict(), **recorder.state(), "grid": metered.state()}
+        write_checkpoint(
+            run_dir,
+            Checkpoint(
+                server_round, arrays.to_torch_state_dict(), wrapped.checkpoint_state(), run_state
+            ),
+        )
+
     # The spec travels with every message so clients rebuild the model from arrays.
     round_config = ConfigRecord(
         {
@@ -86,24 +118,19 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
             LOCAL_EPOCHS_KEY: config.local_epochs,
         }
     )
-    # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
-    sampled = SeededSampling(strategy, SeededSampler(config.seed), record_sample(recorder))
-    result = TimedAggregation(sampled, recorder).start(
-        grid=MeteredGrid(grid, recorder),
-        initial_arrays=ArrayRecord(initial_model.state_dict()),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
+    first_round = checkpoint.round + 1 if checkpoint is not None else 1
+    result = run_rounds(
+        wrapped,
+        metered,
+        arrays,
+        RoundPlan(config.num_server_rounds, first_round, config.round_timeout),
         train_config=round_config,
         evaluate_config=ConfigRecord({ARCH_SPEC_KEY: spec.to_json()}),
         evaluate_fn=central_evaluation(spec, server_data, config, recorder, reporter),
+        after_round=save_checkpoint,
     )
 
-    final_state = (
-        result.arrays.to_torch_state_dict()
-        if result.arrays is not None
-        else initial_model.state_dict()
-    )
-    recorder.write_model(final_state)
+    recorder.write_model(result.arrays.to_torch_state_dict())
     if reporter is not None:
         reporter.save_artifacts(recorder, server_data.test)
     metrics_path = recorder.write_metrics()
@@ -117,6 +144,28 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         "\n            ".join(str(path) for path in plots),
     )
     return run_dir
+
+
+def resume_from(
+    checkpoint: Checkpoint, recorder: RunRecorder, grid: MeteredGrid, strategy: StrategyWrapper
+) -> ArrayRecord:
+    """Put the run back where ``checkpoint`` left it; returns its global model.
+
+    The random states are restored last, after everything built at start-up has drawn
+    from them, so the next round draws what it drew in the run that was interrupted.
+    """
+    run = checkpoint.run
+    recorder.restore(run.get("rounds", []), run.get("started", recorder.started))
+    grid.restore(run.get("grid", {}))
+    strategy.restore_state(checkpoint.strategy)
+    restore_rng(checkpoint.rng, checkpoint.rng.get("torch"))
+    log(
+        INFO,
+        "[fl-ec] resuming %s after round %d (its last complete checkpoint)",
+        recorder.run_dir,
+        checkpoint.round,
+    )
+    return ArrayRecord(checkpoint.model)
 
 
 def record_sample(recorder: RunRecorder) -> SampleCallback:

@@ -63,17 +63,22 @@ class PrunedStructure:
             out[key] = value.clone()
         return out
 
-    def to_json_dict(self) -> dict[str, list[list[int] | None]]:
-        return {k: v for k, v in self.kept.items() if any(i is not None for i in v)}
+    def to_json_dict(self) -> dict[str, Any]:
+        """The index maps and the per-layer decision, as JSON-able values (checkpoints)."""
+        kept = {k: v for k, v in self.kept.items() if any(i is not None for i in v)}
+        return {"kept": kept, "layers": self.layers}
 
     @classmethod
-    def from_json_dict(cls, data: Mapping[str, list[list[int] | None]]) -> PrunedStructure:
-        return cls(
-            {
+    def from_json_dict(cls, data: Mapping[str, Any]) -> PrunedStructure:
+        """What :meth:`to_json_dict` wrote; ``ValueError`` if it is malformed."""
+        try:
+            kept = {
                 str(k): [None if i is None else [int(j) for j in i] for i in v]
-                for k, v in data.items()
+                for k, v in data["kept"].items()
             }
-        )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"malformed index maps: {err}") from None
+        return cls(kept, _parse_decision(data.get("layers", {})))
 
     def decision_json(self) -> str:
         """The per-layer decision as compact JSON, what :func:`replay_pruning` reads."""

@@ -114,7 +114,11 @@ class VariantFactory:
             if structure
             else {k: v.clone() for k, v in full_state.items()}
         )
-        return enable_weight_fake_quant(self._model(state, structure), variant.bits)
+        return self.build_variant(variant, state)
+
+    def build_variant(self, variant: Variant, state: dict[str, torch.Tensor]) -> nn.Module:
+        """``variant`` (its stored cut, fake-quant on if bits) holding ``state`` as it is."""
+        return enable_weight_fake_quant(self._model(state, self.structure(variant)), variant.bits)
 
     def _keep(self, variant: Variant) -> tuple[str, ...]:
         return self.keep

@@ -31,6 +31,7 @@ from fl_ec.calibration import (
     classifier_of,
     target_prior,
 )
+from fl_ec.checkpoint import StrategyState, tensors_under
 from fl_ec.config import CLIENT_STARTS
 from fl_ec.data.batches import input_tensor, labelled_tensors
 from fl_ec.data.tensor_data import TensorData
@@ -395,6 +396,21 @@ class FedEC(BeginsRunOnStart, FedAvg):
         if not contents:
             return None
         return self._aggregate_metrics(server_round, contents, self.evaluate_metrics_aggr_fn)
+
+    # -- checkpoints (fl_ec.checkpoint.KeepsState) -----------------------------------
+    def checkpoint_state(self) -> StrategyState:
+        """What the next round needs besides the global model: under
+        ``client_start="average"``, the parameter average the clients train from."""
+        state = StrategyState(meta={"client-start": self.client_start_arrays is not None})
+        if self.client_start_arrays is not None:
+            start = self.client_start_arrays.to_torch_state_dict()
+            state.tensors.update({f"client-start/{k}": v for k, v in start.items()})
+        return state
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Continue from :meth:`checkpoint_state`'s ``state``."""
+        start = tensors_under(state.tensors, "client-start/")
+        self.client_start_arrays = ArrayRecord(start) if state.meta.get("client-start") else None
 
     # -- the round's steps ----------------------------------------------------------
     def _accept(self, server_round: int, replies: list[Message]) -> AcceptedReplies:

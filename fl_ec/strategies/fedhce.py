@@ -27,12 +27,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
+from fl_ec.checkpoint import StrategyState, tensors_under
 from fl_ec.compression import (
     Variant,
     enable_weight_fake_quant,
     expand_to_full,
     fold_into_full,
 )
+from fl_ec.compression.pruning import PrunedStructure
 from fl_ec.compression.variants import ReplayVariantFactory, VariantFactory
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
@@ -222,6 +224,52 @@ class FedHCE(FedEC):
             str(m.node_id): m.variant or FULL for m in self.last_client_models
         }
         return arrays, metrics
+
+    # -- checkpoints ----------------------------------------------------------------
+    def checkpoint_state(self) -> StrategyState:
+        """FedEC's state, the variants as served and as sent, their index maps, and the
+        capability each node reported (its tier)."""
+        state = super().checkpoint_state()
+        shared = all(self.sent_models[n] is m for n, m in self.variant_models.items())
+        state.meta["variants-sent-as-served"] = shared
+        state.meta["structures"] = {
+            name: structure.to_json_dict() for name, structure in self.factory.structures.items()
+        }
+        state.meta["capabilities"] = {str(node): c for node, c in self.capabilities.items()}
+        for prefix, models in (("variant", self.variant_models), ("sent", self.sent_models)):
+            if prefix == "sent" and shared:
+                continue
+            for name, model in models.items():
+                state.tensors.update(
+                    {f"{prefix}/{name}/{k}": v for k, v in model.state_dict().items()}
+                )
+        return state
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Rebuild the variants (and their payloads) from :meth:`checkpoint_state`'s."""
+        super().restore_state(state)
+        self.factory.structures = {
+            name: PrunedStructure.from_json_dict(data)
+            for name, data in state.meta.get("structures", {}).items()
+        }
+        self.capabilities = {int(n): c for n, c in state.meta.get("capabilities", {}).items()}
+
+        def rebuild(prefix: str) -> dict[str, nn.Module]:
+            models = {}
+            for name, variant in self.variants.items():
+                tensors = tensors_under(state.tensors, f"{prefix}/{name}/")
+                if tensors:
+                    models[name] = self.factory.build_variant(variant, tensors).eval()
+            return models
+
+        self.variant_models = rebuild("variant")
+        shared = state.meta.get("variants-sent-as-served", True)
+        self.sent_models = dict(self.variant_models) if shared else rebuild("sent")
+        self.payloads = {
+            name: make_payload(model, self.variants[name], self.pack_quantized)
+            for name, model in self.sent_models.items()
+        }
+        self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
 
     # -- FedEC hooks ----------------------------------------------------------------
     def _parse(self, reply: Message) -> ClientModel:

@@ -84,6 +84,15 @@ class MeteredGrid(DelegatingGrid):
         self.trained_once = False  # some round had a training reply that did not fail
         self.failed_rounds = 0  # rounds in a row in which every training reply failed
 
+    def state(self) -> dict[str, int | bool]:
+        """The failed-round counters, for the run's checkpoint."""
+        return {"trained-once": self.trained_once, "failed-rounds": self.failed_rounds}
+
+    def restore(self, state: dict[str, int | bool]) -> None:
+        """Continue counting from :meth:`state`'s counters (a resumed run)."""
+        self.trained_once = bool(state.get("trained-once", False))
+        self.failed_rounds = int(state.get("failed-rounds", 0))
+
     # -- the metered path ------------------------------------------------------
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -25,6 +25,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fl_ec.checkpoint import KeepsState, StrategyState
+
 
 @runtime_checkable
 class BeginsRun(Protocol):
@@ -75,6 +77,17 @@ class StrategyWrapper(BeginsRunOnStart, Strategy):
         """Pass the run's length and timeout on to the inner strategy, when it takes them."""
         if isinstance(self.strategy, BeginsRun):
             self.strategy.begin_run(num_rounds, timeout)
+
+    def checkpoint_state(self) -> StrategyState:
+        """The inner strategy's state for the run's checkpoint (none if it keeps none)."""
+        if isinstance(self.strategy, KeepsState):
+            return self.strategy.checkpoint_state()
+        return StrategyState()
+
+    def restore_state(self, state: StrategyState) -> None:
+        """Hand a checkpoint's state back to the inner strategy, when it keeps any."""
+        if isinstance(self.strategy, KeepsState):
+            self.strategy.restore_state(state)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -191,6 +191,21 @@ class FlowerCli:
                 f"flwr run failed to submit: {(proc.stdout + proc.stderr).strip()[-400:]}"
             ) from None
 
+    def register_supernode(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (SuperNode authentication)."""
+        proc = subprocess.run(
+            self._cmd("supernode", "register", str(public_key)),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise FlEcError(
+                f"flwr supernode register {public_key.name} failed: "
+                f"{(proc.stdout + proc.stderr).strip()[-400:]}"
+            )
+
     def stream_logs(self, run_id: int) -> None:
         subprocess.run(self._cmd("log", str(run_id), "--stream"), env=self.env, check=False)
 

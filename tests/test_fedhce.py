@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fl_ec.calibration import CalibrationSettings
+from fl_ec.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from fl_ec.compression import fake_quantize, unpack_state_dict
 from fl_ec.data.sources import make_synthetic
 from fl_ec.distill import DistillSettings
@@ -423,3 +424,39 @@ def test_save_artifacts_writes_the_client_ensemble_and_the_variants(task_identit
     assert [entry["name"] for entry in index] == ["full", "int8", "prune-0.5+int4"]
     assert set(summary["variant-test-accuracy"]) == {"full", "int8", "prune-0.5+int4"}
     assert 0 <= summary["hce-test-accuracy"] <= 1 and summary["hce-wire-bytes"] > 0
+
+
+@pytest.mark.parametrize("client_start", ["student", "average"])
+def test_restored_from_a_checkpoint_round_two_runs_exactly_as_without_a_restart(
+    task_identity, data, tmp_path, client_start
+):
+    tiers = {1: "gpu", 2: "edge", 3: "edge"}
+    original = _strategy(data, client_start=client_start)
+    first = _configure(original, tiers)
+    arrays, _ = original.aggregate_train(1, [_client_reply(first[n], t) for n, t in tiers.items()])
+    state = Checkpoint(1, arrays.to_torch_state_dict(), original.checkpoint_state(), {})
+    restored = _strategy(data, client_start=client_start)  # a new server process
+    restored.restore_state(read_checkpoint(write_checkpoint(tmp_path, state)).strategy)
+    assert restored.factory.structures.keys() == {"prune-0.5+int4"}
+    assert restored.capabilities == original.capabilities  # the tiers nodes reported
+
+    outcomes = []
+    for strategy in (original, restored):
+        torch.manual_seed(5)
+        requests = _configure(strategy, tiers, server_round=2)
+        sent = {
+            n: (m.content["config"]["variant"], [a.data for a in m.content["arrays"].values()])
+            for n, m in requests.items()
+        }
+        served, _ = strategy.aggregate_train(
+            2, [_client_reply(requests[n], t) for n, t in tiers.items()]
+        )
+        outcomes.append((sent, served.to_torch_state_dict()))
+    (sent_a, served_a), (sent_b, served_b) = outcomes
+    assert {n: v for n, (v, _) in sent_a.items()} == {
+        1: "full",
+        2: "prune-0.5+int4",
+        3: "prune-0.5+int4",
+    }
+    assert sent_a == sent_b  # the same bytes to every node
+    assert all(torch.equal(served_a[k], served_b[k]) for k in served_a)

@@ -35,6 +35,7 @@ CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
+FAIL_MODES = ("error", "silent")  # how a simulated node fails (fl_ec.clients.faults)
 # The LPSettings fields the run-config sets, each with the ExperimentConfig field it
 # comes from (whose kebab-case name is the run-config key).
 LP_FIELDS = {
@@ -118,6 +119,8 @@ class ExperimentConfig:
     min_available_nodes: int = 2
     # seconds a round waits for its replies (training, evaluation, FedEC's queries)
     round_timeout: float = 3600.0
+    # fewer usable training replies than this: the round keeps the global model
+    min_train_replies: int = 1
     # Data
     dataset: str = "fashion-mnist"
     data_dir: str = ""
@@ -157,8 +160,10 @@ class ExperimentConfig:
     simulated_tiers: str = "gpu=3,edge=7"
     # Robustness tests: simulated partitions 0..count-1 attack ("sign-flip:2"), or none
     attack: str = ""
-    # Lost-client tests: this share of simulated partitions fails each training round
+    # Lost-client tests: this share of simulated partitions fails each training round,
+    # answering with an error ("error") or not within round-timeout ("silent")
     fail_fraction: float = 0.0
+    fail_mode: str = "error"
     # per sample, leave out the clients farthest from the median: a count or a fraction
     teacher_trim: float = 0
     robust_start: str = "mean"  # FedEC's average: mean, median, trimmed-mean:<n>, clipped-mean
@@ -292,6 +297,8 @@ class ExperimentConfig:
         _positive("lr", self.lr)
         _positive("min-available-nodes", self.min_available_nodes)
         _positive("round-timeout", self.round_timeout)
+        _positive("min-train-replies", self.min_train_replies)
+        _choice("fail-mode", self.fail_mode, FAIL_MODES)
         if not 0 <= self.fail_fraction < 1:
             raise ConfigError(
                 f"fail-fraction={self.fail_fraction} must be in [0, 1): the share of "

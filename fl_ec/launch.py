@@ -170,12 +170,22 @@ class FlowerCli:
     def _cmd(self, *args: str) -> list[str]:
         return ["flwr", *args, *([self.superlink] if self.superlink else [])]
 
-    def submit(self, app_dir: Path, run_config: str = "", num_supernodes: int | None = None) -> int:
+    def submit(
+        self,
+        app_dir: Path,
+        run_config: str = "",
+        num_supernodes: int | None = None,
+        federation_config: str = "",
+    ) -> int:
+        """Submit a run; its id. ``federation_config``: more simulation settings
+        (``"client-resources-num-cpus=1"``), with ``num_supernodes``."""
         args = ["run", str(app_dir)]
         if run_config:
             args += ["--run-config", run_config]
         if num_supernodes is not None:
-            args += ["--federation-config", f"num-supernodes={num_supernodes}"]
+            federation_config = f"num-supernodes={num_supernodes} {federation_config}".strip()
+        if federation_config:
+            args += ["--federation-config", federation_config]
         proc = subprocess.run(
             self._cmd(*args, "--format", "json"),
             env=self.env,

@@ -37,6 +37,7 @@ from fl_ec.protocol import ARCH_SPEC_KEY, LOCAL_EPOCHS_KEY, LR_KEY
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation
+from fl_ec.strategies.quorum import ReplyQuorum
 from fl_ec.strategies.reporting import RunReporter
 from fl_ec.strategies.rounds import RoundPlan, run_rounds
 from fl_ec.strategies.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
@@ -84,7 +85,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     recorder = RunRecorder(run_dir, config.to_dict(), spec, config.num_server_rounds)
     metered = MeteredGrid(grid, recorder)
     # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
-    sampled = SeededSampling(strategy, SeededSampler(config.seed), record_sample(recorder))
+    quorum = ReplyQuorum(strategy, config.min_train_replies)
+    sampled = SeededSampling(quorum, SeededSampler(config.seed), record_sample(recorder))
     wrapped = TimedAggregation(sampled, recorder)
     arrays = ArrayRecord(initial_model.state_dict())
     if checkpoint is not None:

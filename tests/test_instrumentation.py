@@ -27,6 +27,7 @@ from fl_ec.strategies.instrumentation import (
     _round_of,
     payload_bytes,
 )
+from fl_ec.strategies.quorum import ReplyQuorum
 
 
 class ScriptedGrid(Grid):
@@ -173,3 +174,17 @@ def test_aggregation_is_timed_and_rounds_are_written(task_identity, recorder):
     assert written["rounds"][0]["round"] == 1
     assert written["rounds"][0]["bytes-down"] == recorder.rounds[0].bytes_down
     assert written["rounds"][0]["test-accuracy"] == 0.5
+
+
+def test_a_round_below_the_reply_quorum_keeps_the_global_model(task_identity, recorder, caplog):
+    def reply(message):  # two of three nodes crash
+        if message.metadata.dst_node_id != 1:
+            return Message(Error(code=100, reason="crashed"), reply_to=message)
+        return _ok_reply(message)
+
+    replies = ScriptedGrid(reply).send_and_receive(_train_messages(1))
+    caplog.set_level(logging.WARNING, logger="flwr")
+    assert ReplyQuorum(FedAvg(), minimum=2).aggregate_train(1, replies) == (None, None)
+    assert "1 usable training replies, fewer than min-train-replies=2" in caplog.text
+    arrays, _ = ReplyQuorum(FedAvg(), minimum=1).aggregate_train(1, replies)
+    assert arrays is not None  # the one good reply is enough at the default

@@ -169,8 +169,15 @@ def _train(msg: Message, context: Context) -> Message:
     round_config = msg.content[CONFIG_RECORD_KEY]
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
     if config.fail_fraction and in_simulation():
+        # A silent node answers a little after the server stopped waiting for it.
+        silent_for = config.round_timeout + 5 if config.fail_mode == "silent" else 0.0
         inject_fault(
-            config.seed, server_round, node.partition_id, node.num_partitions, config.fail_fraction
+            config.seed,
+            server_round,
+            node.partition_id,
+            node.num_partitions,
+            config.fail_fraction,
+            silent_for,
         )
     kind, attackers = config.attack_settings()
     attack = attack_for(node.partition_id, attackers, kind, in_simulation())

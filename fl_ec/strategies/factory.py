@@ -48,6 +48,7 @@ def build_strategy(
             proxy_per_round=config.proxy_per_round,
             device=config.device,
             seed=config.seed,
+            min_valid_replies=config.min_train_replies,
             student_trainer=_layer_parallel_student_trainer(config, spec)
             if config.distill_trainer == "layer-parallel"
             else None,

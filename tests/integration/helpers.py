@@ -23,14 +23,19 @@ def run_config(results_dir: Path, run_name: str, extra: str = "") -> str:
 
 
 def completed_run(
-    cli: FlowerCli, results_dir: Path, run_name: str, extra: str = "", num_supernodes: int = 2
+    cli: FlowerCli,
+    results_dir: Path,
+    run_name: str,
+    extra: str = "",
+    num_supernodes: int = 2,
+    federation_config: str = "",
 ) -> dict:
     """Run the fl-ec app under `flwr run`; its metrics.json once it finished:completed.
 
     ``metrics["_run_dir"]`` is the run folder (for :func:`model_bytes` and saved models).
     """
     config = run_config(results_dir, run_name, extra)
-    run_id = cli.submit(ROOT, config, num_supernodes=num_supernodes)
+    run_id = cli.submit(ROOT, config, num_supernodes, federation_config)
     outcome = cli.wait(run_id, timeout=600)
     assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
     run_dir = results_dir / run_name

@@ -31,6 +31,8 @@ def test_values_are_coerced_to_declared_types():
         ({"alpha": 0.0}, "alpha=0.0 must be > 0"),
         ({"alpha": -1}, "alpha=-1.0 must be > 0"),
         ({"round-timeout": 0}, "round-timeout=0.0 must be > 0"),
+        ({"min-train-replies": 0}, "min-train-replies=0 must be > 0"),
+        ({"fail-mode": "sometimes"}, "fail-mode='sometimes' is unknown: choose one of error"),
         ({"strategy": "fedfoo"}, "strategy='fedfoo' is unknown"),
         ({"model": "resnet9"}, "model='resnet9' is unknown"),
         ({"partitioner": "zipf"}, "partitioner='zipf' is unknown"),

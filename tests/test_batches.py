@@ -4,7 +4,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fl_ec.data.batches import input_tensor, labelled_tensors
-from fl_ec.data.hold_out import hold_out
+from fl_ec.data.server_holdout import hold_out
 from fl_ec.models.layout import channels_last, probe_channels_last
 
 X = torch.randn(10, 1, 8, 8)

@@ -1,43 +1,39 @@
-"""Datasets, server hold-out and client partitions."""
+"""Datasets, server hold-out and client partitions.
 
-from fl_ec.data.batches import input_tensor, labelled_tensors
-from fl_ec.data.federated import (
-    ClientData,
-    ServerData,
-    client_partition_indices,
-    load_client_data,
-    load_server_data,
-)
-from fl_ec.data.hold_out import HeldOut, hold_out
-from fl_ec.data.partition import ServerHoldout, partition_labels, split_server_holdout
-from fl_ec.data.sources import (
-    load_cifar10,
-    load_dataset,
-    load_fashion_mnist,
-    locate_fashion_mnist,
-    make_synthetic,
-    read_idx,
-)
-from fl_ec.data.tensor_data import TensorData
+The names below are imported from their modules on first use (PEP 562), not when the
+package is: Flower's simulation loads the ServerApp and the ClientApp on two threads at
+once, and a package that imports its own submodules while another thread imports one
+of them by its full name can deadlock Python's import locks -- which Python resolves by
+handing one thread a half-initialised module ("cannot import name ...").
+"""
 
-__all__ = [
-    "HeldOut",
-    "hold_out",
-    "input_tensor",
-    "labelled_tensors",
-    "ClientData",
-    "ServerData",
-    "ServerHoldout",
-    "TensorData",
-    "client_partition_indices",
-    "load_cifar10",
-    "load_client_data",
-    "load_dataset",
-    "load_fashion_mnist",
-    "load_server_data",
-    "locate_fashion_mnist",
-    "make_synthetic",
-    "partition_labels",
-    "read_idx",
-    "split_server_holdout",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "HeldOut": "server_holdout",
+    "hold_out": "server_holdout",
+    "input_tensor": "batches",
+    "labelled_tensors": "batches",
+    "ServerHoldout": "partition",
+    "partition_labels": "partition",
+    "split_server_holdout": "partition",
+    "load_cifar10": "sources",
+    "load_dataset": "sources",
+    "load_fashion_mnist": "sources",
+    "locate_fashion_mnist": "sources",
+    "make_synthetic": "sources",
+    "read_idx": "sources",
+    "TensorData": "tensor_data",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fl_ec.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fl_ec.data.{module}"), name)

@@ -62,6 +62,7 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
         down(state)
     killed = _metrics(results / "killed")
     assert len(killed["rounds"]) < 4 and not (results / "killed" / "final_model.pt").exists()
+    checkpointed = len(killed["rounds"])  # rounds 0..k, k = the last checkpoint's round
 
     state = up(2, tmp_path / "deploy-again", home)  # a new SuperLink, new SuperNodes
     try:
@@ -75,6 +76,10 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
     assert [r["test-accuracy"] for r in resumed["rounds"]] == [
         r["test-accuracy"] for r in unbroken["rounds"]
     ]
+    # The rounds before the crash come from the checkpoint, not from training them
+    # again: their records (wall time included) are the killed run's own.
+    assert resumed["started"] == killed["started"]
+    assert resumed["rounds"][:checkpointed] == killed["rounds"]
     a, b = _model(results / "killed"), _model(results / "unbroken")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -8,6 +8,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.fl-ec-installed
 FMNIST   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN_CONFIG ?=
+DEPLOY_FLAGS ?=
 
 .PHONY: run test setup data lint bench bench-hce bench-lp deploy-up deploy-run deploy-down clean
 
@@ -54,7 +55,7 @@ bench-lp: setup
 	$(BIN)/python simulations/layer_parallel_benchmark.py
 
 deploy-up: setup
-	$(BIN)/python -m fl_ec.deploy up --supernodes 2
+	$(BIN)/python -m fl_ec.deploy up --supernodes 2 $(DEPLOY_FLAGS)
 
 deploy-run: setup
 	$(BIN)/python -m fl_ec.deploy run --run-config '$(RUN_CONFIG)'

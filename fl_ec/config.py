@@ -380,10 +380,11 @@ def check_resumable(saved: Mapping[str, Any], config: ExperimentConfig) -> None:
     :data:`RESUME_MAY_CHANGE` (more rounds, a longer timeout) may change.
     """
     current = config.to_dict()
+    # Knobs only one side has (added or retired since) are left out of the comparison.
     changed = [
-        f"{key} ({saved.get(key)!r} -> {current.get(key)!r})"
-        for key in sorted(set(saved) | set(current))
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
+        f"{key} ({saved[key]!r} -> {current[key]!r})"
+        for key in sorted(set(saved) & set(current))
+        if key not in RESUME_MAY_CHANGE and saved[key] != current[key]
     ]
     if changed:
         raise ConfigError(

@@ -86,7 +86,9 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     metered = MeteredGrid(grid, recorder)
     # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
     quorum = ReplyQuorum(strategy, config.min_train_replies)
-    sampled = SeededSampling(quorum, SeededSampler(config.seed), record_sample(recorder))
+    sampled = SeededSampling(
+        quorum, SeededSampler(config.seed, config.round_timeout), record_sample(recorder)
+    )
     wrapped = TimedAggregation(sampled, recorder)
     arrays = ArrayRecord(initial_model.state_dict())
     if checkpoint is not None:
@@ -104,12 +106,21 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     )
 
     def save_checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        start = time.perf_counter()
         run_state = {"config": config.to_dict(), **recorder.state(), "grid": metered.state()}
-        write_checkpoint(
+        path = write_checkpoint(
             run_dir,
             Checkpoint(
                 server_round, arrays.to_torch_state_dict(), wrapped.checkpoint_state(), run_state
             ),
+        )
+        size = sum(f.stat().st_size for f in path.iterdir())
+        log(
+            INFO,
+            "[fl-ec] checkpoint %s: %.2f MB in %.2fs",
+            path.name,
+            size / 1e6,
+            time.perf_counter() - start,
         )
 
     # The spec travels with every message so clients rebuild the model from arrays.

@@ -116,6 +116,9 @@ def test_a_resumed_run_may_only_change_its_length_timeout_and_name():
     check_resumable(saved, ExperimentConfig(alpha=0.1, num_server_rounds=20, resume="r"))
     with pytest.raises(ConfigError, match=r"alpha \(0.1 -> 0.5\).*set them back"):
         check_resumable(saved, ExperimentConfig(alpha=0.5, resume="r"))
+    # A run checkpointed before a knob existed resumes with that knob at its default.
+    older = {k: v for k, v in saved.items() if k != "min-train-replies"}
+    check_resumable(older, ExperimentConfig(alpha=0.1, resume="r"))
 
 
 def test_a_round_record_reads_back_from_metrics_json():

@@ -24,7 +24,7 @@ from fl_ec.deploy import CONNECTION, down, up
 from tests.conftest import ROOT, requires_fashion_mnist
 from tests.integration.helpers import FlowerCli, run_config
 
-pytestmark = [pytest.mark.integration, requires_fashion_mnist]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, requires_fashion_mnist]
 
 FEDEC = 'strategy="fedec" distill-steps=20 client-start="average" num-server-rounds=3'
 

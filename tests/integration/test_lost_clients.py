@@ -25,6 +25,7 @@ def test_a_third_of_the_nodes_failing_every_round_leaves_the_run_complete(cli, t
     assert trained[-1]["test-accuracy"] > 0.5  # two honest nodes still learn
 
 
+@pytest.mark.slow  # about 1 minute: two rounds that each wait out a 15 s timeout
 @requires_fashion_mnist
 def test_a_node_that_never_answers_is_waited_for_until_the_timeout_then_recorded_lost(
     cli, tmp_path

@@ -20,7 +20,7 @@ from fl_ec.deploy import CONNECTION, down, start_supernode, up
 from tests.conftest import ROOT, requires_fashion_mnist
 from tests.integration.helpers import FlowerCli, run_config
 
-pytestmark = [pytest.mark.integration, requires_fashion_mnist]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, requires_fashion_mnist]
 
 
 def _refused(node: subprocess.Popen, log: Path, timeout: float = 60) -> str:

@@ -6,7 +6,7 @@
 - One SuperNode killed mid-run: each round after waits ``round-timeout`` for it, goes
   on with the other nodes, and records the lost node; the run completes.
 
-Each takes about 2-3 minutes on a 2-core machine.
+About 2.5 and 1.5 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.integration.helpers import FlowerCli, run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, requires_fashion_mnist]
 
-FEDEC = 'strategy="fedec" distill-steps=20 client-start="average" num-server-rounds=3'
+FEDEC = 'strategy="fedec" distill-steps=20 client-start="average" num-server-rounds=2'
 
 
 def _wait_for(path: Path, timeout: float = 300) -> None:
@@ -61,7 +61,7 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
     finally:
         down(state)
     killed = _metrics(results / "killed")
-    assert len(killed["rounds"]) < 4 and not (results / "killed" / "final_model.pt").exists()
+    assert len(killed["rounds"]) < 3 and not (results / "killed" / "final_model.pt").exists()
     # Rounds 0..k, k the last checkpoint's round (metrics.json may hold one more).
     last = max(p.name for p in (results / "killed" / "checkpoints").glob("round-*"))
     checkpointed = int(last.removeprefix("round-")) + 1
@@ -74,7 +74,7 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
     finally:
         down(state)
     resumed, unbroken = _metrics(results / "killed"), _metrics(results / "unbroken")
-    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
     assert [r["test-accuracy"] for r in resumed["rounds"]] == [
         r["test-accuracy"] for r in unbroken["rounds"]
     ]
@@ -89,7 +89,8 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
 def test_a_supernode_killed_mid_run_is_recorded_lost_and_the_run_completes(tmp_path):
     home, results = tmp_path / "flwr-home", tmp_path / "results"
     state = up(3, tmp_path / "deploy", home)
-    timeout = 20
+    # Above the first round's time (each SuperNode starts its ClientApp, loads data).
+    timeout = 30
     extra = f"num-server-rounds=3 round-timeout={timeout}"
     try:
         cli = FlowerCli(home=home, superlink=CONNECTION)

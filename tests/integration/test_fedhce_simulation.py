@@ -76,26 +76,3 @@ def test_flowers_quickstart_app_runs_fedhce_with_two_client_lines(cli, tmp_path)
     assert accuracy["2"]["accuracy"] > 0.5
     state = torch.load(results.with_suffix(".pt"), weights_only=True)
     assert state["fc1.weight"].shape == (120, 256)  # the global model stays full width
-
-
-@pytest.mark.slow  # three FedHCE runs
-@requires_fashion_mnist
-def test_fedhce_resumed_after_round_one_ends_bitwise_where_an_unbroken_run_does(cli, tmp_path):
-    # Every node gets the pruned int4 variant (no tiers): the variants, their index maps
-    # and the client start all come back from the checkpoint. resume= may lengthen a run.
-    results = tmp_path / "results"
-    extra = (
-        'strategy="fedhce" distill-steps=10 variant-distill-steps=5 '
-        'variants="full,int8,prune-0.5+int4" client-start="average"'
-    )
-    unbroken = completed_run(cli, results, "unbroken", f"{extra} num-server-rounds=2")
-    cut = completed_run(cli, results, "cut", f"{extra} num-server-rounds=1")
-    resume = f'{extra} num-server-rounds=2 resume="{results / "cut"}"'
-    resumed = completed_run(cli, results, "cut", resume)
-    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
-    assert resumed["rounds"][:2] == cut["rounds"]  # from the checkpoint, not trained again
-    for key in ("test-accuracy", "hce-val-accuracy", "variant-bytes"):
-        assert resumed["rounds"][2][key] == unbroken["rounds"][2][key], key
-    a = torch.load(results / "cut" / "final_model.pt", weights_only=True)
-    b = torch.load(results / "unbroken" / "final_model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -153,7 +153,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
         document = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path.name}/state.json is unreadable ({err})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    digests = document.get("sha256") if isinstance(document, dict) else None
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != FORMAT
+        or not isinstance(document.get("round"), int)
+        or not isinstance(digests, dict)
+        or not all(isinstance(document.get(k, {}), dict) for k in ("strategy", "run", "rng"))
+    ):
         raise CheckpointError(f"{path.name}/state.json is not an fl-ec checkpoint")
     tensors = {}
     for name in ("model.pt", "state.pt"):
@@ -162,14 +169,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
             data = file.read_bytes()
         except OSError as err:
             raise CheckpointError(f"{path.name}/{name} is unreadable ({err})") from None
-        if hashlib.sha256(data).hexdigest() != document.get("sha256", {}).get(name):
+        if hashlib.sha256(data).hexdigest() != digests.get(name):
             raise CheckpointError(f"{path.name}/{name} does not match its checksum (truncated?)")
         tensors[name] = _load_tensors(file)
     state = tensors["state.pt"]
     torch_rng = state.pop(_TORCH_RNG, None)
     strategy = {k.removeprefix("strategy/"): v for k, v in state.items()}
     checkpoint = Checkpoint(
-        round=int(document["round"]),
+        round=document["round"],
         model=tensors["model.pt"],
         strategy=StrategyState(strategy, dict(document.get("strategy", {}))),
         run=dict(document.get("run", {})),

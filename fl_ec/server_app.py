@@ -28,7 +28,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_ec.checkpoint import Checkpoint, load_latest, restore_rng, write_checkpoint
+from fl_ec.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_latest,
+    restore_rng,
+    write_checkpoint,
+)
 from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.data.federated import ServerData, load_server_data
 from fl_ec.errors import install_one_line_errors
@@ -170,7 +176,13 @@ def resume_from(
     run = checkpoint.run
     recorder.restore(run.get("rounds", []), run.get("started", recorder.started))
     grid.restore(run.get("grid", {}))
-    strategy.restore_state(checkpoint.strategy)
+    try:
+        strategy.restore_state(checkpoint.strategy)
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"the checkpoint of round {checkpoint.round} holds a strategy state this run "
+            f"cannot take back ({str(err).strip().splitlines()[0]})"
+        ) from None
     restore_rng(checkpoint.rng, checkpoint.rng.get("torch"))
     log(
         INFO,

@@ -72,6 +72,10 @@ def _truncate(path):
         (lambda p: _truncate(p / "model.pt"), "model.pt does not match its checksum"),
         (lambda p: (p / "state.json").write_text('{"format": 1, "rou'), "state.json is unreadable"),
         (lambda p: (p / "state.pt").unlink(), "state.pt is unreadable"),
+        (
+            lambda p: (p / "state.json").write_text('{"format": 1, "round": 2, "sha256": []}'),
+            "not an fl-ec checkpoint",
+        ),
     ],
 )
 def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damage, reason):

@@ -272,6 +272,10 @@ def _worker(
         }
         (Path(out_dir) / "stats.json").write_text(json.dumps(stats))
     if world > 1:
+        # No rank leaves while another still works: a peer closing its gloo connections
+        # under a rank that is still writing can abort that rank ("terminate called
+        # without an active exception", SIGABRT).
+        _barrier(world)
         dist.destroy_process_group()
 
 

@@ -1,6 +1,6 @@
 """kill -9 in a real deployment (flower-superlink + flower-supernode processes on 127.0.0.1).
 
-- The server side killed mid-run (the SuperLink with its ServerApp process), the
+- The server side killed mid-run (the SuperLink and the ServerApp process), the
   deployment restarted, the run resumed: it completes every round exactly once and
   ends on the same global model, bit for bit, as a run that was never interrupted.
 - One SuperNode killed mid-run: each round after waits ``round-timeout`` for it, goes
@@ -36,6 +36,20 @@ def _wait_for(path: Path, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
+def _processes_with(command_line: str) -> list[int]:
+    """PIDs whose command line contains ``command_line``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if command_line in text:
+                pids.append(int(entry.name))
+    return pids
+
+
 def _finish(cli: FlowerCli, run_id: int) -> None:
     outcome = cli.wait(run_id, timeout=600)
     assert outcome.completed, f"{outcome.status}: {outcome.details}\n{cli.logs(run_id)[-3000:]}"
@@ -57,7 +71,11 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
         _finish(cli, cli.submit(ROOT, run_config(results, "unbroken", FEDEC)))
         cli.submit(ROOT, run_config(results, "killed", FEDEC))
         _wait_for(results / "killed" / "checkpoints" / "round-000001")
-        os.killpg(state.superlink_pid, signal.SIGKILL)  # with its ServerApp process
+        # The ServerApp runs in its own process (spawned through flower-superexec).
+        serverapps = _processes_with(f"flwr-serverapp --runtime-api-address {state.address}")
+        assert serverapps, "no ServerApp process found"
+        for pid in [state.superlink_pid, *serverapps]:
+            os.kill(pid, signal.SIGKILL)
     finally:
         down(state)
     killed = _metrics(results / "killed")

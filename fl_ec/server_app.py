@@ -174,16 +174,16 @@ def resume_from(
     from them, so the next round draws what it drew in the run that was interrupted.
     """
     run = checkpoint.run
-    recorder.restore(run.get("rounds", []), run.get("started", recorder.started))
-    grid.restore(run.get("grid", {}))
     try:
+        recorder.restore(run.get("rounds", []), run.get("started", recorder.started))
+        grid.restore(run.get("grid", {}))
         strategy.restore_state(checkpoint.strategy)
-    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        restore_rng(checkpoint.rng, checkpoint.rng.get("torch"))
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
-            f"the checkpoint of round {checkpoint.round} holds a strategy state this run "
-            f"cannot take back ({str(err).strip().splitlines()[0]})"
+            f"the checkpoint of round {checkpoint.round} holds a state this run cannot take "
+            f"back ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
         ) from None
-    restore_rng(checkpoint.rng, checkpoint.rng.get("torch"))
     log(
         INFO,
         "[fl-ec] resuming %s after round %d (its last complete checkpoint)",

@@ -131,3 +131,18 @@ def test_a_round_record_reads_back_from_metrics_json():
     record.metrics = {"test-accuracy": 0.75, "variant-by-node": {"4": "int8"}}
     back = RoundRecord.from_dict(record.to_dict())
     assert back == record
+
+
+def test_a_checkpoint_whose_state_does_not_fit_the_run_fails_in_one_line(tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_ec.models.spec import ArchSpec
+    from fl_ec.results import RunRecorder
+    from fl_ec.server_app import resume_from
+    from fl_ec.strategies.instrumentation import MeteredGrid
+    from fl_ec.strategies.wrapper import StrategyWrapper
+
+    recorder = RunRecorder(tmp_path, {}, ArchSpec("cnn", (1, 28, 28), 10), 3)
+    broken = Checkpoint(2, {"w": torch.ones(1)}, StrategyState(), {"rounds": [{"no": "round"}]})
+    with pytest.raises(CheckpointError, match="round 2 holds a state this run cannot take back"):
+        resume_from(broken, recorder, MeteredGrid(None, recorder), StrategyWrapper(FedAvg()))

@@ -21,6 +21,7 @@ line and falls back to the one before. Tensor files are read with
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -171,7 +172,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path.name}/{name} is unreadable ({err})") from None
         if hashlib.sha256(data).hexdigest() != digests.get(name):
             raise CheckpointError(f"{path.name}/{name} does not match its checksum (truncated?)")
-        tensors[name] = _load_tensors(file)
+        tensors[name] = _load_tensors(data, f"{path.name}/{name}")
     state = tensors["state.pt"]
     torch_rng = state.pop(_TORCH_RNG, None)
     strategy = {k.removeprefix("strategy/"): v for k, v in state.items()}
@@ -206,24 +207,24 @@ def load_latest(run_dir: Path) -> Checkpoint:
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
-    with path.open("rb+") as file:
-        data = file.read()
-        os.fsync(file.fileno())
+    """Write ``tensors`` to ``path`` (fsync'ed); the SHA-256 of the bytes written."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
+    data = buffer.getvalue()
+    _write_synced(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The tensors in ``data`` (the file ``name``), loaded without unpickling objects."""
     try:
-        tensors = torch.load(path, weights_only=True, map_location="cpu")
+        tensors = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any unreadable file is one reason
-        raise CheckpointError(
-            f"{path.parent.name}/{path.name} is not a tensor file ({err})"
-        ) from None
+        raise CheckpointError(f"{name} is not a tensor file ({err})") from None
     if not isinstance(tensors, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
-        raise CheckpointError(f"{path.parent.name}/{path.name} holds something other than tensors")
+        raise CheckpointError(f"{name} holds something other than tensors")
     return tensors
 
 

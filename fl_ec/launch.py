@@ -255,14 +255,15 @@ class FlowerCli:
     def stop_local_superlink(self) -> list[int]:
         """Kill the detached ``flower-superlink`` a ``:local:`` run started, by PID."""
         port = self.env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
-        pids = superlink_pids(f"127.0.0.1:{port}")
+        pids = process_pids("flower-superlink", f"127.0.0.1:{port}")
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         return pids
 
 
-def superlink_pids(control_address: str) -> list[int]:
-    """PIDs of ``flower-superlink`` processes serving ``control_address`` (Linux /proc)."""
+def process_pids(program: str, argument: str) -> list[int]:
+    """PIDs of running ``program`` processes with ``argument`` among their arguments
+    (Linux /proc), e.g. the ``flower-superlink`` serving one address."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -272,7 +273,7 @@ def superlink_pids(control_address: str) -> list[int]:
         except OSError:
             continue
         text = [a.decode(errors="replace") for a in argv]
-        if any(a.endswith("flower-superlink") for a in text) and control_address in text:
+        if any(a.endswith(program) for a in text) and argument in text:
             pids.append(int(entry.name))
     return pids
 

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from flwr.serverapp.strategy import FedAvg
 
 from fl_ec.checkpoint import (
     Checkpoint,
@@ -22,7 +23,11 @@ from fl_ec.checkpoint import (
 )
 from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.errors import ConfigError
-from fl_ec.results import RoundRecord
+from fl_ec.models.spec import ArchSpec
+from fl_ec.results import RoundRecord, RunRecorder
+from fl_ec.server_app import resume_from
+from fl_ec.strategies.instrumentation import MeteredGrid
+from fl_ec.strategies.wrapper import StrategyWrapper
 
 
 class RunsCodeWhenUnpickled:
@@ -134,14 +139,6 @@ def test_a_round_record_reads_back_from_metrics_json():
 
 
 def test_a_checkpoint_whose_state_does_not_fit_the_run_fails_in_one_line(tmp_path):
-    from flwr.serverapp.strategy import FedAvg
-
-    from fl_ec.models.spec import ArchSpec
-    from fl_ec.results import RunRecorder
-    from fl_ec.server_app import resume_from
-    from fl_ec.strategies.instrumentation import MeteredGrid
-    from fl_ec.strategies.wrapper import StrategyWrapper
-
     recorder = RunRecorder(tmp_path, {}, ArchSpec("cnn", (1, 28, 28), 10), 3)
     broken = Checkpoint(2, {"w": torch.ones(1)}, StrategyState(), {"rounds": [{"no": "round"}]})
     with pytest.raises(CheckpointError, match="round 2 holds a state this run cannot take back"):

@@ -52,6 +52,18 @@ def _strategy(data, **kwargs):
     )
 
 
+def _calibrating(proxy, **kwargs):
+    """FedEC serving the clients' average (no distillation), feature-calibrated."""
+    kwargs.setdefault("calibration", "classifier")
+    return FedEC(
+        proxy_data=proxy,
+        arch_spec=SPEC,
+        distill=DistillSettings(steps=0),
+        min_train_nodes=2,
+        **kwargs,
+    )
+
+
 def _global(seed=0):
     torch.manual_seed(seed)
     return build_model(SPEC)
@@ -375,13 +387,7 @@ class _FakeGrid:
 
 def test_prior_correction_matches_the_served_model_to_the_federations_labels(task_identity, data):
     # No validation data: the correction is always kept.
-    strategy = FedEC(
-        proxy_data=data[0],
-        arch_spec=SPEC,
-        distill=DistillSettings(steps=0),
-        calibration="prior",
-        min_train_nodes=2,
-    )
+    strategy = _calibrating(data[0], calibration="prior")
     _start_round(strategy, _global())
     counts_a = [90, 10] + [0] * 8
     counts_b = [0] * 8 + [50, 50]
@@ -525,13 +531,7 @@ def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
 
     outcomes = {}
     for calibrate in (False, True):
-        strategy = FedEC(
-            proxy_data=proxy,
-            arch_spec=SPEC,
-            distill=DistillSettings(steps=0),
-            calibration="classifier" if calibrate else None,
-            min_train_nodes=2,
-        )
+        strategy = _calibrating(proxy, calibration="classifier" if calibrate else None)
         _start_round(strategy, _global())
         grid = FeatureStatsGrid(node_data, broken={3: nan_means, 4: "no query handler"})
         strategy.grid = grid
@@ -562,14 +562,11 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
     replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
     served, replied = {}, {}
     for layers, components in (("classifier", 1), ("dense", 1), ("dense", 3)):
-        strategy = FedEC(
-            proxy_data=proxy,
-            arch_spec=SPEC,
-            distill=DistillSettings(steps=0),
+        strategy = _calibrating(
+            proxy,
             calibration=CalibrationSettings(
                 samples=500, layers=layers, rank=4, components=components
             ),
-            min_train_nodes=2,
         )
         _start_round(strategy, _global())
         grid = FeatureStatsGrid(node_data)
@@ -594,13 +591,7 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
 
 
 def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(task_identity, data):
-    strategy = FedEC(
-        proxy_data=data[0],
-        arch_spec=SPEC,
-        distill=DistillSettings(steps=0),
-        calibration="classifier",
-        min_train_nodes=2,
-    )
+    strategy = _calibrating(data[0])
     _start_round(strategy, _global())
     strategy.grid = FeatureStatsGrid({}, broken={1: "crashed", 2: "crashed"})
     served, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
@@ -611,13 +602,7 @@ def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(t
 
 def test_the_statistics_query_waits_as_long_as_a_training_round(task_identity, data):
     proxy, (val_x, val_y) = data
-    strategy = FedEC(
-        proxy_data=proxy,
-        arch_spec=SPEC,
-        distill=DistillSettings(steps=0),
-        calibration="classifier",
-        min_train_nodes=2,
-    )
+    strategy = _calibrating(proxy)
     strategy.begin_run(1, timeout=42.0)  # what start(..., timeout=42.0) calls
     _start_round(strategy, _global())
     strategy.grid = FeatureStatsGrid({1: (val_x, val_y), 2: (val_x, val_y)})
@@ -629,14 +614,7 @@ def test_clients_without_a_statistics_query_handler_are_reported_once(task_ident
     # A stock ClientApp registers no query function: Flower answers with this error.
     no_handler = "<class 'ValueError'>:<'No query function registered with name 'default''>"
     proxy, (val_x, val_y) = data
-    strategy = FedEC(
-        proxy_data=proxy,
-        arch_spec=SPEC,
-        distill=DistillSettings(steps=0),
-        calibration="classifier",
-        teacher_rule="mean-logits",
-        min_train_nodes=2,
-    )
+    strategy = _calibrating(proxy, teacher_rule="mean-logits")
     strategy.grid = FeatureStatsGrid({1: (val_x, val_y)}, broken={2: no_handler, 3: no_handler})
     with caplog.at_level(logging.WARNING):
         for server_round in (1, 2):
@@ -687,13 +665,7 @@ def test_calibration_takes_a_preset_name_or_settings(data):
 
 def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, data):
     proxy, (val_x, val_y) = data
-    strategy = FedEC(
-        proxy_data=proxy,
-        arch_spec=SPEC,
-        distill=DistillSettings(steps=0),
-        calibration=CalibrationSettings(rounds="last"),
-        min_train_nodes=2,
-    )
+    strategy = _calibrating(proxy, calibration=CalibrationSettings(rounds="last"))
     strategy.num_rounds = 2  # as start(num_rounds=2) records it
     strategy.grid = FeatureStatsGrid({n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
     for server_round in (1, 2):
@@ -752,13 +724,7 @@ def test_calibration_nodes_all_queries_every_node_not_only_the_sampled(task_iden
     replies = [_reply(n, _global(seed=n)) for n in (1, 2)]  # 2 of 5 nodes trained
     queried = {}
     for nodes in ("sampled", "all"):
-        strategy = FedEC(
-            proxy_data=proxy,
-            arch_spec=SPEC,
-            distill=DistillSettings(steps=0),
-            calibration=CalibrationSettings(nodes=nodes),
-            min_train_nodes=2,
-        )
+        strategy = _calibrating(proxy, calibration=CalibrationSettings(nodes=nodes))
         _start_round(strategy, _global())
         strategy.grid = FeatureStatsGrid(node_data)
         strategy.aggregate_train(1, replies)

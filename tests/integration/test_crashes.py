@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fl_ec.deploy import CONNECTION, down, up
+from fl_ec.launch import process_pids
 from tests.conftest import ROOT, requires_fashion_mnist
 from tests.integration.helpers import FlowerCli, run_config
 
@@ -34,20 +35,6 @@ def _wait_for(path: Path, timeout: float = 300) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
         time.sleep(0.5)
-
-
-def _processes_with(command_line: str) -> list[int]:
-    """PIDs whose command line contains ``command_line``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                text = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if command_line in text:
-                pids.append(int(entry.name))
-    return pids
 
 
 def _finish(cli: FlowerCli, run_id: int) -> None:
@@ -72,7 +59,7 @@ def test_a_server_killed_mid_run_resumes_and_ends_bitwise_where_an_unbroken_run_
         cli.submit(ROOT, run_config(results, "killed", FEDEC))
         _wait_for(results / "killed" / "checkpoints" / "round-000001")
         # The ServerApp runs in its own process (spawned through flower-superexec).
-        serverapps = _processes_with(f"flwr-serverapp --runtime-api-address {state.address}")
+        serverapps = process_pids("flwr-serverapp", state.address)
         assert serverapps, "no ServerApp process found"
         for pid in [state.superlink_pid, *serverapps]:
             os.kill(pid, signal.SIGKILL)

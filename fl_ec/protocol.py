@@ -42,7 +42,7 @@ FedAvg's arguments; the fl-ec ClientApp uses the defaults.
 ``SERVER_ROUND_KEY`` and ``ARCH_SPEC_KEY``. **Reply**: ``METRIC_RECORD_KEY`` with
 ``NUM_EXAMPLES_KEY``, ``EVAL_LOSS_KEY``, ``EVAL_ACC_KEY``.
 
-**query: describe** (:mod:`fl_ec.strategies.sampling`, before the first round):
+**query: describe** (:mod:`fl_ec.run.sampling`, before the first round):
 ``CONFIG_RECORD_KEY`` with ``DESCRIBE_KEY=True``. **Reply**: ``NODE_INFO_KEY`` (config
 record) with ``PARTITION_ID_KEY`` and the partition's ``CLASS_COUNTS_KEY``. Seeded
 client sampling learns the node -> partition map this way.

@@ -10,7 +10,7 @@ folder ``<results-dir>/<run-name>/`` receives ``metrics.json`` and a checkpoint
 and the final model at the end. ``resume=<run folder>`` goes on from that folder's last
 checkpoint.
 
-An fl-ec strategy (:class:`~fl_ec.strategies.reporting.RunReporter`) reports more: its
+An fl-ec strategy (:class:`~fl_ec.run.reporting.RunReporter`) reports more: its
 server-side measurements of each round go into that round's record, and at the end it
 saves its own artifacts (ensemble members, FedHCE's variants) and their test results.
 Any other strategy (Flower's ``FedAvg``) is run and recorded as it is.
@@ -41,13 +41,13 @@ from fl_ec.errors import install_one_line_errors
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.protocol import ARCH_SPEC_KEY, LOCAL_EPOCHS_KEY, LR_KEY
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
+from fl_ec.run.loop import RoundPlan, run_rounds
+from fl_ec.run.metering import MeteredGrid, TimedAggregation
+from fl_ec.run.quorum import ReplyQuorum
+from fl_ec.run.reporting import RunReporter
+from fl_ec.run.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
+from fl_ec.run.wrapper import StrategyWrapper
 from fl_ec.strategies.factory import build_strategy
-from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation
-from fl_ec.strategies.quorum import ReplyQuorum
-from fl_ec.strategies.reporting import RunReporter
-from fl_ec.strategies.rounds import RoundPlan, run_rounds
-from fl_ec.strategies.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
-from fl_ec.strategies.wrapper import StrategyWrapper
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()

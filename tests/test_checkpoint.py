@@ -25,9 +25,9 @@ from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import ArchSpec
 from fl_ec.results import RoundRecord, RunRecorder
+from fl_ec.run.metering import MeteredGrid
+from fl_ec.run.wrapper import StrategyWrapper
 from fl_ec.server_app import resume_from
-from fl_ec.strategies.instrumentation import MeteredGrid
-from fl_ec.strategies.wrapper import StrategyWrapper
 
 
 class RunsCodeWhenUnpickled:

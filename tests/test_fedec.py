@@ -27,10 +27,10 @@ from fl_ec.ensemble import teacher_logits
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.protocol import TRAIN_INFO_KEY
 from fl_ec.results import RunRecorder
+from fl_ec.run.reporting import RunReporter
 from fl_ec.scoring import accuracy
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedec import FedEC
-from fl_ec.strategies.reporting import RunReporter
 from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)

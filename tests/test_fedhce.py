@@ -17,10 +17,10 @@ from fl_ec.distill import DistillSettings
 from fl_ec.models import ArchSpec, build_from_state_dict, build_model
 from fl_ec.protocol import TRAIN_INFO_KEY
 from fl_ec.results import RunRecorder
+from fl_ec.run.reporting import RunReporter
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy, sent_state
-from fl_ec.strategies.reporting import RunReporter
 from tests.conftest import FeatureStatsGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)

@@ -21,13 +21,13 @@ from flwr.serverapp.strategy import FedAvg
 from fl_ec.errors import FlEcError
 from fl_ec.models import ArchSpec
 from fl_ec.results import RunRecorder
-from fl_ec.strategies.instrumentation import (
+from fl_ec.run.metering import (
     MeteredGrid,
     TimedAggregation,
     _round_of,
     payload_bytes,
 )
-from fl_ec.strategies.quorum import ReplyQuorum
+from fl_ec.run.quorum import ReplyQuorum
 
 
 class ScriptedGrid(Grid):

@@ -23,10 +23,10 @@ from fl_ec.distill import DistillSettings
 from fl_ec.models.spec import ArchSpec, build_model
 from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
 from fl_ec.results import RunRecorder
+from fl_ec.run.metering import TimedAggregation
+from fl_ec.run.sampling import SeededSampler, SeededSampling, parse_node_info
 from fl_ec.server_app import record_sample
 from fl_ec.strategies.fedec import FedEC
-from fl_ec.strategies.instrumentation import TimedAggregation
-from fl_ec.strategies.sampling import SeededSampler, SeededSampling, parse_node_info
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 

@@ -93,7 +93,7 @@ def query_handler(msg: Message, context: Context) -> Message:
     """Who this node is, or class-conditional feature statistics of the sent model.
 
     ``describe=true``: the partition id and its class counts (seeded client sampling,
-    :mod:`fl_ec.strategies.sampling`). ``feature-stats=true``: FedEC's feature
+    :mod:`fl_ec.run.sampling`). ``feature-stats=true``: FedEC's feature
     calibration asks for them after aggregating a round: one forward pass, no training
     (:mod:`fl_ec.calibration`).
     """

@@ -8,14 +8,14 @@ argument; their own settings are the objects exported next to them.
 from fl_ec.calibration import CalibrationSettings
 from fl_ec.compression import Variant
 from fl_ec.distill import DistillSettings
+from fl_ec.run.metering import MeteredGrid, TimedAggregation, payload_bytes
+from fl_ec.run.sampling import SeededSampler, SeededSampling
+from fl_ec.run.wrapper import StrategyWrapper
 from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy
-from fl_ec.strategies.instrumentation import MeteredGrid, TimedAggregation, payload_bytes
 from fl_ec.strategies.replies import ReplyLimits
-from fl_ec.strategies.sampling import SeededSampler, SeededSampling
-from fl_ec.strategies.wrapper import StrategyWrapper
 
 __all__ = [
     "CalibrationSettings",

@@ -50,6 +50,7 @@ from fl_ec.protocol import (
 )
 from fl_ec.results import RunRecorder
 from fl_ec.robust import StartRule, WeightedMean, check_trim
+from fl_ec.run.wrapper import BeginsRunOnStart
 from fl_ec.scoring import accuracy, model_accuracy, model_hits
 from fl_ec.strategies.acceptance import (
     AcceptedReplies,
@@ -79,7 +80,6 @@ from fl_ec.strategies.replies import (
     shapes_of_state,
     spec_bounds,
 )
-from fl_ec.strategies.wrapper import BeginsRunOnStart
 from fl_ec.training import select_device
 
 
@@ -87,7 +87,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
     """Ensemble-Compression federated averaging: a drop-in replacement for ``FedAvg``.
 
     Beyond ``FedAvg``'s result it reports to the ServerApp
-    (:class:`~fl_ec.strategies.reporting.RunReporter`): ``server_metrics`` per round,
+    (:class:`~fl_ec.run.reporting.RunReporter`): ``server_metrics`` per round,
     and :meth:`save_artifacts`, EC-DNN's ensemble of the last round's client models.
 
     It keeps ``FedAvg``'s contract: given the same replies, FedEC with
@@ -321,7 +321,7 @@ class FedEC(BeginsRunOnStart, FedAvg):
         """Note the run's length (calibration ``rounds="last"``) and its round timeout,
         which the feature-statistics queries wait as long as a training round does;
         ``start`` calls it, and so does a wrapper's ``start``
-        (:class:`~fl_ec.strategies.wrapper.StrategyWrapper`). A new run reports each
+        (:class:`~fl_ec.run.wrapper.StrategyWrapper`). A new run reports each
         degraded feature again, once.
         """
         self.num_rounds = num_rounds

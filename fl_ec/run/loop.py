@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fl_ec.strategies.wrapper import BeginsRun
+from fl_ec.run.wrapper import BeginsRun
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from fl_ec.errors import FlEcError
 from fl_ec.protocol import SERVER_ROUND_KEY
 from fl_ec.results import RoundRecord, RunRecorder
-from fl_ec.strategies.wrapper import StrategyWrapper
+from fl_ec.run.wrapper import StrategyWrapper
 
 MAX_FAILED_ROUNDS = 3  # training rounds in a row in which every reply failed
 

@@ -10,7 +10,7 @@ called: what a strategy notes there (FedEC: the number of rounds, for calibratio
 (:class:`BeginsRun`).
 
 A wrapper does not pass on the inner strategy's other attributes: what a strategy
-reports beyond Flower's result (:class:`~fl_ec.strategies.reporting.RunReporter`) is
+reports beyond Flower's result (:class:`~fl_ec.run.reporting.RunReporter`) is
 read from the inner strategy itself.
 """
 

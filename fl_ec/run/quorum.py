@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from fl_ec.strategies.wrapper import StrategyWrapper
+from fl_ec.run.wrapper import StrategyWrapper
 
 
 class ReplyQuorum(StrategyWrapper):

@@ -41,8 +41,8 @@ from fl_ec.protocol import (
     NODE_INFO_KEY,
     PARTITION_ID_KEY,
 )
-from fl_ec.strategies.instrumentation import DelegatingGrid
-from fl_ec.strategies.wrapper import StrategyWrapper
+from fl_ec.run.metering import DelegatingGrid
+from fl_ec.run.wrapper import StrategyWrapper
 
 QUERY = MessageType.QUERY
 

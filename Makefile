@@ -1,6 +1,7 @@
 # fl-ec: two commands do everything on a fresh Debian machine.
 #   make run    create .venv, install, get Fashion-MNIST, run the default `flwr run .` experiment
-#   make test   the same setup, then ruff + the whole pytest suite (what .ci/run calls)
+#   make test   the same setup, then ruff, lint-imports (the import layers) and the whole
+#               pytest suite (what .ci/run calls)
 
 VENV     ?= .venv
 PYTHON   ?= python3
@@ -17,6 +18,7 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check fl_ec simulations tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 setup: $(STAMP) data
@@ -44,6 +46,7 @@ data:
 
 lint: setup
 	$(BIN)/ruff check fl_ec simulations tests
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python simulations/standard_benchmark.py
@@ -64,4 +67,4 @@ deploy-down:
 	$(BIN)/python -m fl_ec.deploy down
 
 clean:
-	rm -rf $(VENV) .deploy .pytest_cache .ruff_cache
+	rm -rf $(VENV) .deploy .pytest_cache .ruff_cache .import_linter_cache

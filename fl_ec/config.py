@@ -1,370 +1,187 @@
-"""Run-config -> one typed, validated config object.
+"""Run-config -> one typed, validated config object, made of the sections their code owns.
 
-This is the only module that reads Flower's ``context.run_config`` (a flat mapping of
-kebab-case keys, defaults in ``[tool.flwr.app.config]`` of ``pyproject.toml``).
-Everything downstream receives :class:`ExperimentConfig` or plain arguments, so the
-algorithms never depend on Flower's config format.
+This is the only module that reads Flower's ``context.run_config``: a flat mapping of
+kebab-case keys, defaults in ``[tool.flwr.app.config]`` of ``pyproject.toml``.
+:class:`ExperimentConfig` splits it into small frozen sections, each defined next to
+the code that uses it and checked by that code when the section is built:
 
-Validation happens here, eagerly, so that a bad value fails in the first second of a
-run with one line naming the key and what to change -- instead of deep inside a
-client after Flower's start-up. Knobs that fill a settings object (distillation,
-layer-parallel training, FedHCE's variants and policy) are checked by building that
-object with the code that owns it, its error re-raised naming the run-config key;
-this module checks the rest, and what spans sections.
+=================  ===========================================  ==========================
+section            keys                                         defined in
+=================  ===========================================  ==========================
+``federation``     strategy ... min-train-replies               fl_ec.strategies.sections
+``data``           dataset ... validation-size                  fl_ec.data.settings
+``seed``           seed (shared by every section)               here
+``training``       model ... client-threads, trainer            fl_ec.clients.settings
+``fedec``          teacher-rule ... distill-trainer             fl_ec.strategies.sections
+``fedhce``         variants ... calibrate-variants              fl_ec.strategies.sections
+``simulation``     simulated-tiers, attack, fail-*              fl_ec.clients.settings
+``layer_parallel`` lp-*                                         fl_ec.layer_parallel.section
+``output``         results-dir, run-name, resume                here
+=================  ===========================================  ==========================
+
+A section's field ``foo_bar`` is the run-config key ``foo-bar``. A bad value fails in
+the first second of a run with one line naming the key and what to change, instead of
+deep inside a client after Flower's start-up: a section's
+:class:`~fl_ec.errors.SettingError` becomes a :class:`~fl_ec.errors.ConfigError` naming
+the key. This module checks only what spans sections.
+
+The sections' defaults are the only ones: Flower reads every key's default from
+``pyproject.toml``, whose table ``python -m fl_ec.config --pyproject`` writes from them
+(:func:`with_app_config`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import json
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fl_ec.calibration import CALIBRATION_NODES, CalibrationSettings
-from fl_ec.distill import DistillSettings
-from fl_ec.ensemble import RULES
+from fl_ec.clients.settings import NodeSettings, SimulationSection, TrainingSection
+from fl_ec.data.settings import DataSection
 from fl_ec.errors import ConfigError, SettingError
 from fl_ec.layer_parallel.objectives import LPSettings
-from fl_ec.models.spec import is_known_model
-from fl_ec.robust import StartRule, check_trim, parse_start_rule
+from fl_ec.layer_parallel.section import LayerParallelSection
+from fl_ec.retired_keys import RETIRED_KEYS, retired_message
+from fl_ec.strategies.sections import FedECSection, FederationSection, FedHCESection
 
-STRATEGIES = ("fedavg", "fedec", "fedhce")
-TEACHER_RULES = RULES  # the ensemble module's own list: one place to add a rule
-CLIENT_STARTS = ("student", "average")  # what FedEC/FedHCE clients train from
-DATASETS = ("fashion-mnist", "cifar10", "synthetic")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
-DEVICES = ("auto", "cpu", "cuda")
-FAIL_MODES = ("error", "silent")  # how a simulated node fails (fl_ec.clients.faults)
-# The LPSettings fields the run-config sets, each with the ExperimentConfig field it
-# comes from (whose kebab-case name is the run-config key).
-LP_FIELDS = {
-    "stages": "lp_stages",
-    "method": "lp_method",
-    "downsample": "lp_downsample",
-    "boundary_bits": "lp_boundary_bits",
-    "parallel_epochs": "lp_parallel_epochs",
-    "serial_epochs": "lp_serial_epochs",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "momentum": "momentum",
-    "seed": "seed",
-}
+__all__ = [
+    "APP_CONFIG_TABLE",
+    "REGENERATE_COMMAND",
+    "RESUME_MAY_CHANGE",
+    "RETIRED_KEYS",
+    "ConfigError",
+    "ExperimentConfig",
+    "NodeSettings",
+    "OutputSection",
+    "app_config_lines",
+    "check_resumable",
+    "main",
+    "run_config_key",
+    "with_app_config",
+]
 
 
-# Run-config keys fl-ec no longer has, each with what to do instead: a retired key fails
-# the run rather than being ignored (the numbers behind each are in docs/experiments.md).
-_REMOVED = "it was removed and its old default is now fixed; delete it from the run-config"
-_DENSE = 'use calibration="dense" (one Gaussian per class) or "dense-mixture"'
-RETIRED_KEYS = {
-    "prior-correction": 'use calibration="prior"',
-    "feature-calibration": 'use calibration="classifier" (or "dense", "dense-mixture")',
-    "calibration-layers": _DENSE,
-    "calibration-rank": _DENSE,
-    "calibration-components": _DENSE,
-    "calibration-samples": "calibration draws a fixed 20000 virtual features; delete it",
-    "prior-correction-revert-z": "the revert threshold is fixed at z=1.96; delete it",
-    "eval-batch-size": "evaluation runs in fixed batches of 512; delete it",
-    "min-train-nodes": "min-available-nodes is the fewest nodes a round trains or evaluates",
-    "min-evaluate-nodes": "min-available-nodes is the fewest nodes a round trains or evaluates",
-    "client-test-fraction": "every client keeps 10% of its partition for evaluate; delete it",
-    "lp-threads-per-worker": "layer-parallel workers run one thread each; delete it",
-    **{
-        key: _REMOVED
-        for key in (
-            "tail-average-rounds",
-            "prior-aware-distillation",
-            "augment-copies",
-            "teacher-includes-average",
-            "teacher-includes-previous",
-            "student-init",
-            "trim-ratio",
-            "downlink-rounding",
-            "variant-client-start",
-            "prune-steps",
-            "prune-importance",
-            "default-variant",
-            "rebase-updates",
-            "lp-aux-resolution",
-            "weight-decay",
-            "local-loss",
-        )
-    },
-    **{
-        key: "fixed in fl_ec.distill.DistillSettings (library only); delete it"
-        for key in (
-            "distill-batch-size",
-            "distill-lr",
-            "distill-temperature",
-            "distill-eval-every",
-            "distill-patience",
-        )
-    },
-}
+@dataclass(frozen=True)
+class OutputSection:
+    """Run-config keys ``results-dir``, ``run-name``, ``resume``: where the run's folder is.
+
+    The folder is ``<results_dir>/<run_name>`` (a name from strategy, dataset, alpha
+    and the time when empty); ``resume``, a run folder, goes on from its last
+    checkpoint instead.
+    """
+
+    results_dir: str = "results"
+    run_name: str = ""
+    resume: str = ""
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Every knob of an fl-ec experiment; field ``foo_bar`` is run-config key ``foo-bar``.
+    """Every knob of an fl-ec experiment, section by section (docs/configuration.md).
 
-    ``docs/configuration.md`` documents each field; defaults here mirror
-    ``[tool.flwr.app.config]`` so the library can be used without a pyproject.
+    ``ExperimentConfig()`` is the default experiment; ``extra`` holds run-config keys
+    that are not fl-ec's (an app's own).
     """
 
-    # Federation / strategy
-    strategy: str = "fedec"
-    num_server_rounds: int = 10
-    fraction_train: float = 0.2
-    fraction_evaluate: float = 0.0
-    min_available_nodes: int = 2
-    # seconds a round waits for its replies (training, evaluation, FedEC's queries)
-    round_timeout: float = 3600.0
-    # fewer usable training replies than this: the round keeps the global model
-    min_train_replies: int = 1
-    # Data
-    dataset: str = "fashion-mnist"
-    data_dir: str = ""
-    download: bool = False
-    train_subset: int = 0
-    partitioner: str = "dirichlet"
-    alpha: float = 0.1
-    classes_per_client: int = 2
-    proxy_size: int = 5000
-    validation_size: int = 1000
+    federation: FederationSection = field(default_factory=FederationSection)
+    data: DataSection = field(default_factory=DataSection)
+    # Seeds the hold-out, the partitions, the initial model, the client shuffles, the
+    # sampling of clients, FedEC's proxy subsets and the simulated failures.
     seed: int = 42
-    # Model and local training
-    model: str = "cnn"
-    local_epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    max_grad_norm: float = 10.0
-    device: str = "auto"
-    client_threads: int = 0
-    # FedEC: ensemble teacher on the proxy set, distillation into the student
-    teacher_rule: str = "gated"
-    proxy_per_round: int = 0
-    client_start: str = "average"
-    calibration: str = "none"  # a CalibrationSettings.preset name
-    calibration_rounds: str = "all"
-    calibration_nodes: str = "sampled"
-    distill_steps: int = 500
-    # FedHCE: compressed variants, assignment by capability, diversity-aware distillation
-    variants: str = "full,int8,int4,prune-0.5+int8,prune-0.5+int4"
-    variant_policy: str = "gpu=int8,edge=prune-0.5+int4"
-    hce_ensemble: str = ""
-    diversity_weight: float = 0.5
-    variant_distill_steps: int = 100
-    fold_pruned: bool = True
-    calibrate_variants: bool = True
-    simulated_tiers: str = "gpu=3,edge=7"
-    # Robustness tests: simulated partitions 0..count-1 attack ("sign-flip:2"), or none
-    attack: str = ""
-    # Lost-client tests: this share of simulated partitions fails each training round,
-    # answering with an error ("error") or not within round-timeout ("silent")
-    fail_fraction: float = 0.0
-    fail_mode: str = "error"
-    # per sample, leave out the clients farthest from the median: a count or a fraction
-    teacher_trim: float = 0
-    robust_start: str = "mean"  # FedEC's average: mean, median, trimmed-mean:<n>, clipped-mean
-    # Layer-parallel training (ResNets): for clients and/or the server's distillation
-    trainer: str = "sgd"
-    distill_trainer: str = "adam"
-    lp_stages: int = 2
-    lp_method: str = "penalty"
-    lp_downsample: int = 1
-    lp_boundary_bits: int = 32
-    lp_parallel_epochs: int = 1
-    lp_serial_epochs: int = 1
-    # Server-side evaluation and output
-    results_dir: str = "results"
-    run_name: str = ""
-    resume: str = ""  # a run folder: go on from its last checkpoint
+    training: TrainingSection = field(default_factory=TrainingSection)
+    fedec: FedECSection = field(default_factory=FedECSection)
+    fedhce: FedHCESection = field(default_factory=FedHCESection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+    layer_parallel: LayerParallelSection = field(default_factory=LayerParallelSection)
+    output: OutputSection = field(default_factory=OutputSection)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """The rules that span sections; each section checked its own values."""
+        calibration = self.fedec.calibration_settings()
+        if calibration.method != "none" and self.federation.strategy == "fedavg":
+            raise ConfigError(
+                f"calibration={self.fedec.calibration!r} is a FedEC step (it needs the "
+                "server's proxy set or a query to the clients): for FedAvg + calibration set "
+                'strategy="fedec", distill-steps=0, client-start="average"'
+            )
+        if self.uses_layer_parallel and not self.training.model.startswith("resnet"):
+            raise ConfigError(
+                f"layer-parallel training splits a ResNet at block boundaries: set "
+                f'model="resnet20" (or another resnet<6n+2>), not {self.training.model!r}'
+            )
 
     @classmethod
     def from_run_config(
         cls, run_config: Mapping[str, Any], *, allow_retired: bool = False
     ) -> ExperimentConfig:
-        """Parse and validate a Flower run-config mapping.
+        """Parse and validate a Flower run-config mapping; missing keys take their defaults.
 
-        Unknown keys are kept in :attr:`extra` (later strategies read their own
-        knobs from there through their own typed configs) rather than rejected, so
-        an app can carry keys of its own. A key fl-ec used to have
-        (:data:`RETIRED_KEYS`) fails with what to use instead, since silently ignoring
-        it would run something else than asked; ``allow_retired`` lets tools re-read
-        the configs recorded by older runs.
+        Each value is converted to its field's type, then each section is built (and
+        checks itself); the first bad value raises :class:`ConfigError` naming its key.
+        Unknown keys are kept in :attr:`extra` rather than rejected, so an app can carry
+        keys of its own. A key fl-ec used to have (:data:`RETIRED_KEYS`) fails with what
+        to use instead, since silently ignoring it would run something else than asked;
+        ``allow_retired`` lets tools re-read the configs recorded by older runs.
         """
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
-        values: dict[str, Any] = {}
+        values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, raw in run_config.items():
-            name = key.replace("-", "_")
             if key in RETIRED_KEYS and not allow_retired:
-                raise ConfigError(f"{key} no longer exists: {RETIRED_KEYS[key]}")
-            if name in known:
-                values[name] = _coerce(key, raw, known[name].type)
-            else:
+                raise ConfigError(retired_message(key))
+            if key not in _PLACES:
                 extra[key] = raw
-        config = cls(**values, extra=extra)
-        config.validate()
-        return config
+                continue
+            section, place = _PLACES[key]
+            value = _coerce(key, raw, place.type)
+            (values[section] if section else top)[place.name] = value
+        sections = {name: _build_section(kind, values[name]) for name, kind in _SECTIONS.items()}
+        return cls(**sections, **top, extra=extra)
 
-    def start_rule(self) -> StartRule:
-        """FedEC's rule for the student's start and the clients' next model."""
-        try:
-            return parse_start_rule(self.robust_start)
-        except ValueError as err:
-            raise ConfigError(f"robust-start: {err}") from None
-
-    def attack_settings(self) -> tuple[str, int]:
-        """The simulated attack and how many partitions run it (:func:`parse_attack`)."""
-        return parse_attack(self.attack)
-
-    def _validate_fedhce(self) -> None:
-        """The FedHCE knobs, parsed by the code that uses them, and their cross-references."""
-        from fl_ec.compression.variants import parse_variants
-        from fl_ec.diversity import check_diversity_weight
-        from fl_ec.strategies.fedhce_utils import check_variant_names, parse_tier_policy
-
-        try:
-            names = [v.name for v in parse_variants(self.variants)]
-        except ValueError as err:
-            raise ConfigError(f"variants={self.variants!r}: {err}") from None
-        try:
-            policy = parse_tier_policy(self.variant_policy, default=names[-1])
-            check_variant_names("variant-policy", policy.by_tier.values(), names)
-            check_variant_names("hce-ensemble", self.hce_ensemble_names(), names)
-        except ValueError as err:  # the messages name the run-config key
-            raise ConfigError(str(err)) from None
-        with _settings_errors(diversity_weight="diversity-weight"):
-            check_diversity_weight(self.diversity_weight)
-        parse_tier_counts(self.simulated_tiers)
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` with one actionable line for the first bad value."""
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("dataset", self.dataset, DATASETS)
-        if not is_known_model(self.model):
-            raise ConfigError(
-                f"model={self.model!r} is unknown: choose cnn, resnet8, resnet20 "
-                "(or any resnet<6n+2>, e.g. resnet56)"
-            )
-        _choice("partitioner", self.partitioner, PARTITIONERS)
-        _choice("device", self.device, DEVICES)
-        _choice("teacher-rule", self.teacher_rule, TEACHER_RULES)
-        _choice("client-start", self.client_start, CLIENT_STARTS)
-        _choice("calibration-nodes", self.calibration_nodes, CALIBRATION_NODES)
-        try:
-            method = self.calibration_settings().method
-        except ValueError as reason:
-            raise ConfigError(str(reason)) from None
-        if method != "none" and self.strategy == "fedavg":
-            raise ConfigError(
-                f"calibration={self.calibration!r} is a FedEC step (it needs the server's "
-                "proxy set or a query to the clients): for FedAvg + calibration set "
-                'strategy="fedec", distill-steps=0, client-start="average"'
-            )
-        if self.proxy_per_round < 0:
-            raise ConfigError(f"proxy-per-round={self.proxy_per_round} must be >= 0")
-        self.distill_settings()
-        self.variant_distill_settings()
-        self._validate_fedhce()
-        self.attack_settings()
-        self.start_rule()
-        try:
-            check_trim(self.teacher_trim)
-        except ValueError as err:
-            raise ConfigError(f"teacher-trim: {err}") from None
-        _choice("trainer", self.trainer, ("sgd", "layer-parallel"))
-        _choice("distill-trainer", self.distill_trainer, ("adam", "layer-parallel"))
-        self.lp_settings()  # checked whatever the trainers: a bad lp-* value fails every run
-        uses_lp = "layer-parallel" in (self.trainer, self.distill_trainer)
-        if uses_lp and not self.model.startswith("resnet"):
-            raise ConfigError(
-                f"layer-parallel training splits a ResNet at block boundaries: set "
-                f'model="resnet20" (or another resnet<6n+2>), not {self.model!r}'
-            )
-        if not self.alpha > 0:
-            raise ConfigError(
-                f"alpha={self.alpha} must be > 0 (Dirichlet concentration; "
-                "0.1 is very non-IID, 100 is nearly IID): set e.g. alpha=0.5"
-            )
-        _positive("num-server-rounds", self.num_server_rounds)
-        _positive("local-epochs", self.local_epochs)
-        _positive("batch-size", self.batch_size)
-        _positive("classes-per-client", self.classes_per_client)
-        _positive("lr", self.lr)
-        _positive("min-available-nodes", self.min_available_nodes)
-        _positive("round-timeout", self.round_timeout)
-        _positive("min-train-replies", self.min_train_replies)
-        _choice("fail-mode", self.fail_mode, FAIL_MODES)
-        if not 0 <= self.fail_fraction < 1:
-            raise ConfigError(
-                f"fail-fraction={self.fail_fraction} must be in [0, 1): the share of "
-                "simulated nodes that fail each training round"
-            )
-        for key, value in (
-            ("proxy-size", self.proxy_size),
-            ("validation-size", self.validation_size),
-            ("train-subset", self.train_subset),
-            ("client-threads", self.client_threads),
-        ):
-            if value < 0:
-                raise ConfigError(f"{key}={value} must be >= 0")
-        for key, value in (
-            ("fraction-train", self.fraction_train),
-            ("fraction-evaluate", self.fraction_evaluate),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{key}={value} must be within [0, 1]")
-        if self.fraction_train == 0.0:
-            raise ConfigError("fraction-train=0 trains no client: set it within (0, 1]")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum={self.momentum} must be within [0, 1)")
-        if self.max_grad_norm < 0:
-            raise ConfigError(f"max-grad-norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
-
-    def distill_settings(self) -> DistillSettings:
-        """The server's distillation: the library's settings with ``distill-steps``."""
-        with _settings_errors(steps="distill-steps"):
-            return DistillSettings(steps=self.distill_steps)
-
-    def variant_distill_settings(self) -> DistillSettings:
-        """FedHCE's distillation of its variants: ``variant-distill-steps`` steps."""
-        with _settings_errors(steps="variant-distill-steps"):
-            return dataclasses.replace(self.distill_settings(), steps=self.variant_distill_steps)
+    @property
+    def uses_layer_parallel(self) -> bool:
+        """Whether the clients or the server's distillation train layer-parallel."""
+        return "layer-parallel" in (self.training.trainer, self.fedec.distill_trainer)
 
     def lp_settings(self, **overrides: Any) -> LPSettings:
         """The layer-parallel trainer's settings, with ``overrides`` (LPSettings fields).
 
         The ``lp-*`` knobs, the clients' batch size, lr, momentum and seed, and no weight
-        decay (as the clients' SGD).
+        decay (as the clients' SGD). A bad override raises :class:`ConfigError` naming the
+        LPSettings field (no run-config key set it).
         """
-        values: dict[str, Any] = {name: getattr(self, source) for name, source in LP_FIELDS.items()}
-        values["weight_decay"] = 0.0
-        values.update(overrides)
-        keys = {name: source.replace("_", "-") for name, source in LP_FIELDS.items()}
-        with _settings_errors(**{k: v for k, v in keys.items() if k not in overrides}):
-            return LPSettings(**values)
-
-    def hce_ensemble_names(self) -> list[str]:
-        """The variants named by ``hce-ensemble`` (empty: FedHCE's default members)."""
-        return [name.strip() for name in self.hce_ensemble.split(",") if name.strip()]
-
-    def calibration_settings(self) -> CalibrationSettings:
-        """The ``calibration`` preset, with ``calibration-rounds`` and ``calibration-nodes``."""
-        return CalibrationSettings.preset(
-            self.calibration, rounds=self.calibration_rounds, nodes=self.calibration_nodes
-        )
+        training = self.training
+        fields = {
+            "batch_size": training.batch_size,
+            "lr": training.lr,
+            "momentum": training.momentum,
+            "seed": self.seed,
+            "weight_decay": 0.0,
+            **overrides,
+        }
+        try:
+            return self.layer_parallel.settings(**fields)
+        except SettingError as err:
+            raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Kebab-case mapping, as written to ``metrics.json`` for reproducibility."""
-        out = {
-            f.name.replace("_", "-"): getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "extra"
-        }
+        """The flat kebab-case run-config, as written to ``metrics.json`` and checkpoints."""
+        out: dict[str, Any] = {}
+        for top in dataclasses.fields(self):
+            if top.name == "extra":
+                continue
+            value = getattr(self, top.name)
+            if top.name in _SECTIONS:
+                fields = dataclasses.fields(value)
+                out.update({run_config_key(f.name): getattr(value, f.name) for f in fields})
+            else:
+                out[run_config_key(top.name)] = value
         out.update(self.extra)
         return out
 
@@ -394,45 +211,54 @@ def check_resumable(saved: Mapping[str, Any], config: ExperimentConfig) -> None:
         )
 
 
-@dataclass(frozen=True)
-class NodeSettings:
-    """What a ClientApp learns from its node's ``node_config``.
+def run_config_key(field_name: str) -> str:
+    """The run-config key of a section's field: ``foo_bar`` -> ``foo-bar``."""
+    return field_name.replace("_", "-")
 
-    ``partition-id``/``num-partitions`` are set by the simulation engine, or by
-    ``flower-supernode --node-config`` in a deployment. The capability knobs let a
-    simulated node pretend to be a GPU box or an edge device; they are optional.
+
+def _section_types() -> dict[str, type]:
+    """ExperimentConfig's section fields -> their section classes, in order."""
+    return {
+        top.name: top.default_factory  # type: ignore[misc]
+        for top in dataclasses.fields(ExperimentConfig)
+        if dataclasses.is_dataclass(top.default_factory)
+    }
+
+
+def _key_places() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Each run-config key -> (its section, "" for a top-level field; the field)."""
+    places: dict[str, tuple[str, dataclasses.Field]] = {}
+    for top in dataclasses.fields(ExperimentConfig):
+        if top.name == "extra":
+            continue
+        section = _SECTIONS.get(top.name)
+        owned = [(top.name, f) for f in dataclasses.fields(section)] if section else [("", top)]
+        for name, place in owned:
+            key = run_config_key(place.name)
+            if key in places:  # two sections must never claim one key
+                raise RuntimeError(f"run-config key {key} is a field of two sections")
+            places[key] = (name, place)
+    return places
+
+
+_SECTIONS = _section_types()
+_PLACES = _key_places()
+
+
+def _build_section(kind: type, values: dict[str, Any]) -> Any:
+    """``kind(**values)``; a :class:`SettingError` becomes a ConfigError naming the key.
+
+    A section reports a bad value of its own field, or of a field of the settings
+    object it builds; ``OWNER_FIELDS`` maps such a field to the section's. An error in
+    a field no run-config key sets keeps the settings' own message.
     """
-
-    partition_id: int
-    num_partitions: int
-    device_tier: str = ""
-    memory_mb: float = 0.0
-    speed: float = 0.0
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
-        try:
-            partition_id = int(node_config["partition-id"])
-            num_partitions = int(node_config["num-partitions"])
-        except KeyError as err:
-            raise ConfigError(
-                f"node_config lacks {err.args[0]!r}: start the SuperNode with "
-                '--node-config "partition-id=0 num-partitions=N"'
-            ) from None
-        except (TypeError, ValueError):
-            raise ConfigError("node_config partition-id/num-partitions must be integers") from None
-        if num_partitions <= 0 or not 0 <= partition_id < num_partitions:
-            raise ConfigError(
-                f"node_config partition-id={partition_id} must be within "
-                f"[0, num-partitions={num_partitions})"
-            )
-        return cls(
-            partition_id=partition_id,
-            num_partitions=num_partitions,
-            device_tier=str(node_config.get("device-tier", "")),
-            memory_mb=float(node_config.get("memory-mb", 0.0)),
-            speed=float(node_config.get("speed", 0.0)),
-        )
+    try:
+        return kind(**values)
+    except SettingError as err:
+        name = getattr(kind, "OWNER_FIELDS", {}).get(err.field, err.field)
+        if name not in {f.name for f in dataclasses.fields(kind)}:
+            raise ConfigError(str(err)) from None
+        raise ConfigError(f"{run_config_key(name)}={err.value!r} {err.reason}") from None
 
 
 def _coerce(key: str, raw: Any, annotation: Any) -> Any:
@@ -464,60 +290,84 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
     raise ConfigError(f"run-config {key}={raw!r} is not a valid {kind}")
 
 
-def parse_attack(text: str) -> tuple[str, int]:
-    """``"sign-flip:2"`` -> (attack, number of attacking partitions); ``""`` -> no attack."""
-    from fl_ec.clients.attacks import ATTACKS
-
-    if not text.strip():
-        return "", 0
-    name, _, count = text.strip().partition(":")
-    if name not in ATTACKS or not count.isdigit() or int(count) < 1:
-        raise ConfigError(
-            f"attack={text!r} must look like kind:count with kind one of "
-            f'{", ".join(ATTACKS)} (e.g. "sign-flip:2"), or be empty'
-        )
-    return name, int(count)
+# pyproject.toml's table of defaults, which Flower reads: generated from the sections.
+APP_CONFIG_TABLE = "[tool.flwr.app.config]"
+APP_CONFIG_HEADER = (
+    "# Every knob of the experiment; docs/configuration.md explains each. Override with",
+    '#   flwr run . --run-config "num-server-rounds=3 alpha=0.1"',
+)
+REGENERATE_COMMAND = "python -m fl_ec.config --pyproject"
 
 
-def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]:
-    """``"gpu=3,edge=7"`` -> the tier of each partition id, in order (simulation).
+def app_config_lines(order: Sequence[str] = ()) -> list[str]:
+    """``[tool.flwr.app.config]`` with every key's default, under its comment header.
 
-    The counts are shares: with ``num_partitions`` other than their sum they scale to
-    it (``"gpu=3,edge=7"`` on 20 nodes: 6 gpu, 14 edge), so one setting fits a
-    federation of any size.
+    Keys keep their place in ``order`` (the table as it stands, so that regenerating
+    it moves nothing); a key not in ``order`` follows the key before it in
+    :meth:`ExperimentConfig.to_dict`.
     """
-    tiers: list[str] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        tier, sep, count = part.partition("=")
-        if not sep or not tier.strip() or not count.strip().isdigit():
-            raise ConfigError(f"simulated-tiers entry {part!r} must look like tier=count")
-        tiers += [tier.strip()] * int(count)
-    if text.strip() and not tiers:
-        raise ConfigError(f"simulated-tiers={text!r} names no node: give a count above 0")
-    if tiers and num_partitions is not None and len(tiers) != num_partitions:
-        tiers = [tiers[i * len(tiers) // num_partitions] for i in range(num_partitions)]
-    return tiers
+    defaults = ExperimentConfig().to_dict()
+    keys = [key for key in order if key in defaults]
+    for index, key in enumerate(defaults):
+        if key not in keys:
+            keys.insert(keys.index(list(defaults)[index - 1]) + 1 if index else 0, key)
+    return [
+        *APP_CONFIG_HEADER,
+        APP_CONFIG_TABLE,
+        *(f"{key} = {_toml(defaults[key])}" for key in keys),
+    ]
 
 
-@contextmanager
-def _settings_errors(**keys: str) -> Iterator[None]:
-    """Re-raise a settings object's :class:`SettingError` as a :class:`ConfigError`.
-
-    ``keys`` maps the settings' field names to the run-config keys that set them; an
-    error in a field set elsewhere keeps the settings' own message.
-    """
-    try:
-        yield
-    except SettingError as err:
-        key = keys.get(err.field)
-        raise ConfigError(f"{key}={err.value!r} {err.reason}" if key else str(err)) from None
-
-
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is unknown: choose one of {', '.join(options)}")
+def with_app_config(pyproject_text: str) -> str:
+    """``pyproject_text`` with its ``[tool.flwr.app.config]`` (and the comment above it)
+    regenerated by :func:`app_config_lines`; appended when it has none."""
+    lines = pyproject_text.splitlines()
+    if APP_CONFIG_TABLE not in lines:
+        return "\n".join([*lines, "", *app_config_lines()]) + "\n"
+    start = end = lines.index(APP_CONFIG_TABLE)
+    while end + 1 < len(lines) and lines[end + 1].strip() and not lines[end + 1].startswith("["):
+        end += 1
+    table = lines[start + 1 : end + 1]
+    order = [line.partition("=")[0].strip() for line in table if not line.startswith("#")]
+    while start > 0 and lines[start - 1].startswith("#"):
+        start -= 1
+    lines[start : end + 1] = app_config_lines(order)
+    return "\n".join(lines) + "\n"
 
 
-def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}={value} must be > 0")
+def _toml(value: Any) -> str:
+    """A default as a TOML literal: true/false, a number, or a double-quoted string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fl_ec.config``: print the table of defaults, or rewrite it in place."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fl_ec.config",
+        description="Print the run-config's defaults as pyproject.toml's "
+        f"{APP_CONFIG_TABLE} table, or regenerate that table in a pyproject.toml.",
+    )
+    parser.add_argument(
+        "--pyproject",
+        nargs="?",
+        const="pyproject.toml",
+        type=Path,
+        metavar="PATH",
+        help="regenerate the table in PATH (default: ./pyproject.toml)",
+    )
+    args = parser.parse_args(argv)
+    if args.pyproject is None:
+        print("\n".join(app_config_lines()))
+        return 0
+    text = args.pyproject.read_text()
+    updated = with_app_config(text)
+    args.pyproject.write_text(updated)
+    state = "unchanged" if updated == text else "regenerated"
+    print(f"{args.pyproject}: {APP_CONFIG_TABLE} {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,22 +2,18 @@
 
 A run of ``strategy=fedhce`` writes ``results/<run>/variants/``: one ``<name>.pt``
 (tensors only) + ``<name>.json`` (architecture spec) per variant and an
-``index.json`` with each variant's recipe, wire bytes and HCE membership. The command
-
-    fl-ec-hce-eval results/<run> [--members prune-0.5+int8,int4]
-
-reloads them (``torch.load(weights_only=True)``), and reports for every variant and for
-the HCE ensemble (mean logits of the members) the test accuracy, parameters, bytes on
-the wire, and CPU latency at batch 1 and 64, in fp32 (fake-quant) and as an exported
-int8 model.
+``index.json`` with each variant's recipe, wire bytes and HCE membership.
+:func:`load_variants` reloads them (``torch.load(weights_only=True)``), and
+:func:`evaluate_variants` reports for every variant and for the HCE ensemble (mean
+logits of the members) the test accuracy, parameters, bytes on the wire, and CPU
+latency at batch 1 and 64, in fp32 (fake-quant) and as an exported int8 model. The
+command ``fl-ec-hce-eval`` (:mod:`fl_ec.hce_eval`) does both for a run folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,42 +170,3 @@ def markdown_table(reports: list[VariantReport]) -> str:
 
 def _file(name: str) -> str:
     return name.replace("+", "_")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="results/<run> of a strategy=fedhce run")
-    parser.add_argument("--members", default="", help="comma-separated HCE members")
-    parser.add_argument("--no-latency", action="store_true", help="accuracy and bytes only")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
-    args = parser.parse_args(argv)
-    from fl_ec.config import ExperimentConfig
-    from fl_ec.data.sources import load_dataset
-
-    torch.set_num_threads(args.threads)
-    try:
-        models, index = load_variants(args.run_dir)
-        run_config = json.loads((args.run_dir / "metrics.json").read_text())["config"]
-        config = ExperimentConfig.from_run_config(run_config, allow_retired=True)
-        _, test = load_dataset(config.dataset, config.data_dir, config.download)
-        members = [m.strip() for m in args.members.split(",") if m.strip()] or None
-        reports = evaluate_variants(
-            models,
-            index,
-            test.normalize(test.images),
-            test.labels,
-            members,
-            latency=not args.no_latency,
-        )
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"fl-ec-hce-eval: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(reports))
-    out = args.run_dir / "hce_eval.json"
-    out.write_text(json.dumps([asdict(r) for r in reports], indent=2))
-    print(f"written: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

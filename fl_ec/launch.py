@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from fl_ec.config import ExperimentConfig
+from fl_ec.data.federated import server_holdout
+from fl_ec.data.sources import load_fashion_mnist, locate_fashion_mnist
 from fl_ec.errors import FlEcError
 
 DEFAULT_SUPERNODES = 20  # the partial-participation federation of the default run
@@ -90,22 +92,12 @@ def preflight(
             "in pyproject.toml or the README's knob table"
         )
     config = ExperimentConfig.from_run_config({**defaults, **overrides})
-    if config.dataset == "fashion-mnist":
-        from fl_ec.data.sources import locate_fashion_mnist
-
-        locate_fashion_mnist(config.data_dir, config.download)
-    if num_partitions is not None and config.dataset == "fashion-mnist":
-        from fl_ec.data.partition import split_server_holdout
-        from fl_ec.data.sources import load_fashion_mnist
-
-        train, _ = load_fashion_mnist(config.data_dir, config.download)
-        pool = split_server_holdout(
-            len(train),
-            config.proxy_size,
-            config.validation_size,
-            config.train_subset,
-            config.seed,
-        ).client_pool
+    data = config.data
+    if data.dataset == "fashion-mnist":
+        locate_fashion_mnist(data.data_dir, data.download)
+    if num_partitions is not None and data.dataset == "fashion-mnist":
+        train, _ = load_fashion_mnist(data.data_dir, data.download)
+        pool = server_holdout(data, config.seed, len(train)).client_pool
         if num_partitions > len(pool):
             raise FlEcError(
                 f"num-partitions={num_partitions} exceeds the {len(pool)} client training "

@@ -38,16 +38,16 @@ from fl_ec.checkpoint import (
 from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.data.federated import ServerData, load_server_data
 from fl_ec.errors import install_one_line_errors
+from fl_ec.factory import build_strategy
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.protocol import ARCH_SPEC_KEY, LOCAL_EPOCHS_KEY, LR_KEY
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
+from fl_ec.run.abort import AbortOnFailedRounds
 from fl_ec.run.loop import RoundPlan, run_rounds
 from fl_ec.run.metering import MeteredGrid, TimedAggregation
-from fl_ec.run.quorum import ReplyQuorum
 from fl_ec.run.reporting import RunReporter
 from fl_ec.run.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
 from fl_ec.run.wrapper import StrategyWrapper
-from fl_ec.strategies.factory import build_strategy
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -63,18 +63,19 @@ def main(grid: Grid, context: Context) -> None:
 def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     """Run one configured experiment on ``grid``; returns the run folder.
 
-    With ``config.resume`` set, the run goes on in that folder from its last readable
-    checkpoint; else it starts in a new folder. Either way a checkpoint is written
-    after every completed round (:mod:`fl_ec.checkpoint`).
+    With ``config.output.resume`` set, the run goes on in that folder from its last
+    readable checkpoint; else it starts in a new folder. Either way a checkpoint is
+    written after every completed round (:mod:`fl_ec.checkpoint`).
     """
+    federation, data, output = config.federation, config.data, config.output
     checkpoint = None
-    if config.resume:  # before loading any data: a wrong path fails in the first second
-        run_dir = Path(config.resume).expanduser().resolve()
+    if output.resume:  # before loading any data: a wrong path fails in the first second
+        run_dir = Path(output.resume).expanduser().resolve()
         checkpoint = load_latest(run_dir)
         check_resumable(checkpoint.run.get("config", {}), config)
-    server_data = load_server_data(config)
+    server_data = load_server_data(data, config.seed)
     spec = ArchSpec(
-        name=config.model,
+        name=config.training.model,
         input_shape=server_data.test.input_shape,
         num_classes=server_data.test.num_classes,
     )
@@ -85,35 +86,35 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
 
     if checkpoint is None:
         run_name = safe_run_name(
-            config.run_name or default_run_name(config.strategy, config.dataset, config.alpha)
+            output.run_name or default_run_name(federation.strategy, data.dataset, data.alpha)
         )
-        run_dir = Path(config.results_dir).expanduser().resolve() / run_name
-    recorder = RunRecorder(run_dir, config.to_dict(), spec, config.num_server_rounds)
-    metered = MeteredGrid(grid, recorder)
+        run_dir = Path(output.results_dir).expanduser().resolve() / run_name
+    recorder = RunRecorder(run_dir, config.to_dict(), spec, federation.num_server_rounds)
+    # Every message is metered; the run stops when whole training rounds keep failing.
+    guarded = AbortOnFailedRounds(MeteredGrid(grid, recorder))
     # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
-    quorum = ReplyQuorum(strategy, config.min_train_replies)
     sampled = SeededSampling(
-        quorum, SeededSampler(config.seed, config.round_timeout), record_sample(recorder)
+        strategy, SeededSampler(config.seed, federation.round_timeout), record_sample(recorder)
     )
     wrapped = TimedAggregation(sampled, recorder)
     arrays = ArrayRecord(initial_model.state_dict())
     if checkpoint is not None:
-        arrays = resume_from(checkpoint, recorder, metered, wrapped)
+        arrays = resume_from(checkpoint, recorder, guarded, wrapped)
     log(
         INFO,
         "[fl-ec] %s on %s (%s, alpha=%g), %d rounds, %d server threads; results -> %s",
-        config.strategy,
-        config.dataset,
-        config.partitioner,
-        config.alpha,
-        config.num_server_rounds,
+        federation.strategy,
+        data.dataset,
+        data.partitioner,
+        data.alpha,
+        federation.num_server_rounds,
         torch.get_num_threads(),
         run_dir,
     )
 
     def save_checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         start = time.perf_counter()
-        run_state = {"config": config.to_dict(), **recorder.state(), "grid": metered.state()}
+        run_state = {"config": config.to_dict(), **recorder.state(), "grid": guarded.state()}
         path = write_checkpoint(
             run_dir,
             Checkpoint(
@@ -133,16 +134,16 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     round_config = ConfigRecord(
         {
             ARCH_SPEC_KEY: spec.to_json(),
-            LR_KEY: config.lr,
-            LOCAL_EPOCHS_KEY: config.local_epochs,
+            LR_KEY: config.training.lr,
+            LOCAL_EPOCHS_KEY: config.training.local_epochs,
         }
     )
     first_round = checkpoint.round + 1 if checkpoint is not None else 1
     result = run_rounds(
         wrapped,
-        metered,
+        guarded,
         arrays,
-        RoundPlan(config.num_server_rounds, first_round, config.round_timeout),
+        RoundPlan(federation.num_server_rounds, first_round, federation.round_timeout),
         train_config=round_config,
         evaluate_config=ConfigRecord({ARCH_SPEC_KEY: spec.to_json()}),
         evaluate_fn=central_evaluation(spec, server_data, config, recorder, reporter),
@@ -166,7 +167,10 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
 
 
 def resume_from(
-    checkpoint: Checkpoint, recorder: RunRecorder, grid: MeteredGrid, strategy: StrategyWrapper
+    checkpoint: Checkpoint,
+    recorder: RunRecorder,
+    grid: AbortOnFailedRounds,
+    strategy: StrategyWrapper,
 ) -> ArrayRecord:
     """Put the run back where ``checkpoint`` left it; returns its global model.
 
@@ -219,7 +223,7 @@ def central_evaluation(
     ``reporter``'s measurements of the round (the strategy's, when it reports any) are
     recorded with it.
     """
-    device = select_device(config.device)
+    device = select_device(config.training.device)
     test = server_data.test
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -248,7 +252,7 @@ def central_evaluation(
             "[fl-ec] round %d/%d | test acc %.2f%% loss %.4f | %.1fs (train %.1fs, "
             "aggregate %.2fs) | down %.2f MB, up %.2f MB | %d replies, %d rejected",
             server_round,
-            config.num_server_rounds,
+            config.federation.num_server_rounds,
             100 * result.accuracy,
             result.loss,
             record.wall_seconds,

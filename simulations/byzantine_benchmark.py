@@ -29,19 +29,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
-import shlex
-import sys
 from pathlib import Path
 
-import torch
+from benchkit import ROOT
+from benchkit.report import (
+    command_line,
+    date_line,
+    detected_device,
+    machine_line,
+    mean_sd,
+    write_section,
+)
+from benchkit.runs import run_one
 
 from fl_ec.clients.attacks import ATTACKS
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "simulations"))
-from standard_benchmark import mean_sd, run_one, write_section  # noqa: E402
 
 ALPHA = 0.1
 SUPERNODES = 10
@@ -81,7 +82,9 @@ def gap_cell(gaps: list[float], limit: float) -> str:
     return f"{mean_sd(gaps, '{:+.2f}')} (worst {worst:+.2f}; ≤ {limit:g}: {verdict})"
 
 
-def summary(finals: dict[tuple[str, str, int], float], attacks: list[str], seeds: list[int]):
+def summary(
+    finals: dict[tuple[str, str, int], float], attacks: list[str], seeds: list[int]
+) -> str:
     """One row per attack: each method's mean ± sd, and robust FedEC's gap to clean FedEC."""
     lines = [
         "| attack | FedAvg | FedEC | FedEC robust | robust FedEC below clean FedEC (pts) |",
@@ -141,9 +144,6 @@ def main() -> None:
     args = parser.parse_args()
     if CLEAN not in args.attacks:
         raise SystemExit(f"[byzantine] --attacks must include '{CLEAN}': gaps are measured to it")
-    command = "python simulations/byzantine_benchmark.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
     started = dt.datetime.now()
     finals: dict[tuple[str, str, int], float] = {}
     rejections: dict[tuple[str, str, int], int] = {}
@@ -176,18 +176,14 @@ def main() -> None:
                     flush=True,
                 )
     minutes = (dt.datetime.now() - started).total_seconds() / 60
-    accelerator = (
-        f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
-    )
     lines = [
         f"## {args.section} (Byzantine clients: {args.attackers} of {SUPERNODES} attack; "
         f"alpha={ALPHA:g}, {args.rounds} rounds x 1 local epoch, "
         f"{args.train_subset} client samples)",
         "",
-        f"- Command: `{command.strip()}`",
-        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
-        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {accelerator}",
+        command_line("byzantine_benchmark.py"),
+        date_line(started, minutes, prefix="total ", suffix=" for all runs"),
+        machine_line(detected_device()),
         f"- Setup: {SUPERNODES} simulated SuperNodes (`flwr run`, Ray backend), all training "
         f"every round; partitions 0-{args.attackers - 1} attack. FedEC: "
         + ", ".join(f"{k}={v}" for k, v in HEADLINE.items())

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import torch
+from benchkit.report import command_line, date_line, machine_line, mean_sd, write_section
+from benchkit.runs import STANDARD_SETTINGS
 from torch import nn
 
 from fl_ec.clients.attacks import ATTACKS
@@ -41,9 +39,6 @@ from fl_ec.data.federated import load_client_data, load_server_data
 from fl_ec.ensemble import client_weights, combine, holder_shares
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.robust import TrimmedMean, WeightedMean
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from standard_benchmark import STANDARD_SETTINGS, mean_sd, write_section  # noqa: E402
 
 CLIENTS = 10
 TRIM = 2
@@ -123,9 +118,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, tuple[f
         "seed": seed,
     }
     config = ExperimentConfig.from_run_config(settings)
-    server = load_server_data(config)
-    spec = ArchSpec(config.model, server.test.input_shape, server.test.num_classes)
-    datas = [load_client_data(config, p, CLIENTS) for p in range(CLIENTS)]
+    server = load_server_data(config.data, config.seed)
+    spec = ArchSpec(config.training.model, server.test.input_shape, server.test.num_classes)
+    datas = [load_client_data(config.data, config.seed, p, CLIENTS) for p in range(CLIENTS)]
     counts = [d.train.class_counts() for d in datas]
     weights = [float(len(d.train)) for d in datas]
     torch.manual_seed(seed)
@@ -172,9 +167,6 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--section", default="byzantine-teacher")
     args = parser.parse_args()
-    command = "python simulations/byzantine_teacher.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
     started = dt.datetime.now()
     per_seed = [run_seed(seed, args) for seed in args.seeds]
     minutes = (dt.datetime.now() - started).total_seconds() / 60
@@ -183,9 +175,9 @@ def main() -> None:
             f"## {args.section} (teacher rules and trims under attack: {args.attackers} of "
             f"{CLIENTS} clients, alpha=0.1, {args.train_subset} client samples)",
             "",
-            f"- Command: `{command}`",
-            f"- Date: {started:%Y-%m-%d %H:%M}; {minutes:.1f} min",
-            f"- Machine: {platform.platform()}, torch {torch.__version__}, CPU",
+            command_line("byzantine_teacher.py"),
+            date_line(started, minutes),
+            machine_line("CPU", cores=False),
             f"- {args.warmup_rounds} honest FedAvg rounds, then one round in which partitions "
             f"0-{args.attackers - 1} attack; every candidate combines that round's 10 models. "
             f"Mean ± sd over seeds {', '.join(map(str, args.seeds))}.",

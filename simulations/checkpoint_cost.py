@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -26,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchkit.report import command_line, date_line, machine_line, write_section
 from flwr.app import ArrayRecord
 
 from fl_ec.checkpoint import Checkpoint, StrategyState, read_checkpoint, write_checkpoint
@@ -34,9 +32,6 @@ from fl_ec.config import ExperimentConfig
 from fl_ec.data.sources import make_synthetic
 from fl_ec.models.spec import ArchSpec, build_model
 from fl_ec.strategies.fedhce import FedHCE
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from standard_benchmark import write_section  # noqa: E402
 
 MODELS = {"cnn": (1, 28, 28), "resnet20": (3, 32, 32)}
 
@@ -49,7 +44,7 @@ def strategy_states(model: str) -> dict[str, tuple[dict, StrategyState]]:
     average = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
     proxy = torch.randn(8, *MODELS[model])
     fedhce = FedHCE(
-        variants=parse_variants(ExperimentConfig().variants),
+        variants=parse_variants(ExperimentConfig().fedhce.variants),
         proxy_data=proxy,
         arch_spec=spec,
         client_start="average",
@@ -102,13 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     make_synthetic(num_train=8, num_test=8, seed=0)  # warm the imports outside the timing
     rows = measure(args.repeats)
-    command = "python simulations/checkpoint_cost.py " + shlex.join(sys.argv[1:])
     lines = [
         "## checkpoint-cost (one round's checkpoint: its size, seconds to write and to read)",
         "",
-        f"- Command: `{command.strip()}`",
-        f"- Date: {dt.datetime.now():%Y-%m-%d %H:%M}",
-        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        command_line("checkpoint_cost.py"),
+        date_line(dt.datetime.now()),
+        machine_line(),
         "- Write: temporary folder, fsync, rename (what the ServerApp does after every "
         "round); read: checksums and `weights_only` loads. Medians of "
         f"{args.repeats} repeats.",

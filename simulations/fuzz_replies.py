@@ -24,22 +24,16 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
-import platform
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchkit import ROOT
+from benchkit.report import date_line, machine_line, write_section
 from flwr.app import ArrayRecord, Message
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from malformed_replies import (  # noqa: E402
+from malformed_replies import (
     FEDHCE_ONLY,
     MAKERS,
     SPEC,
@@ -234,8 +228,6 @@ def main() -> None:
     table = summarise(result)
     print(table)
     if args.section:
-        from standard_benchmark import write_section
-
         body = "\n".join(
             [
                 f"## {args.section} (malformed train replies, {args.per_round} per round "
@@ -243,9 +235,8 @@ def main() -> None:
                 "",
                 f"- Command: `python simulations/fuzz_replies.py --replies {args.replies} "
                 f"--seed {args.seed} --per-round {args.per_round}`",
-                f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min",
-                f"- Machine: {platform.platform()}, {os.cpu_count()} cores, "
-                f"torch {torch.__version__}, CPU",
+                date_line(started, minutes, prefix="total "),
+                machine_line("CPU"),
                 "",
                 table,
             ]

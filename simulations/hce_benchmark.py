@@ -23,29 +23,23 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
-import platform
-import shlex
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from standard_benchmark import (  # noqa: E402
-    PLOTS,
-    ROOT,
-    STANDARD_SETTINGS,
+from benchkit import PLOTS, ROOT
+from benchkit.plots import plot
+from benchkit.report import (
+    command_line,
+    date_line,
+    detected_device,
+    machine_line,
     mean_sd,
-    parse_method,
-    plot,
-    run_name,
-    run_one,
-    table,
     write_section,
 )
+from benchkit.runs import STANDARD_SETTINGS, parse_method, run_name, run_one
+from benchkit.tables import table
 
 from fl_ec.config import ExperimentConfig  # noqa: E402
 from fl_ec.data.federated import load_server_data  # noqa: E402
@@ -186,9 +180,6 @@ def main() -> None:
         help="repeat every method with each seed; adds a table of the targets' mean ± sd",
     )
     args = parser.parse_args()
-    command = "python simulations/hce_benchmark.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
     extra = f"{HCE_SETTINGS} {args.extra_run_config}".strip()
     # Parse every method first: a malformed override fails before an hour of runs.
     methods = [parse_method(m) for m in args.methods]
@@ -216,7 +207,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # latency of one inference thread, as on a small edge CPU
     config = ExperimentConfig.from_run_config({**STANDARD_SETTINGS, "alpha": args.alpha})
-    test = load_server_data(config).test  # the test set does not depend on the seed
+    # the test set does not depend on the seed
+    test = load_server_data(config.data, config.seed).test
     test_x, test_y = test.normalize(test.images), test.labels
     lines_variants, target_lines, points, targets = [], [], [], []
     for seed in args.seeds or [None]:
@@ -231,18 +223,14 @@ def main() -> None:
     plot(results, plot_rounds)
     _bytes_plot(points, plot_bytes)
 
-    accelerator = (
-        f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
-    )
     seeds_text = ", ".join(map(str, args.seeds)) if args.seeds else str(config.seed)
     body = [
         f"## {args.section} (FedAvg vs FedEC vs FedHCE; Fashion-MNIST, alpha={args.alpha:g}, "
         f"10 clients = 3 gpu + 7 edge, {args.rounds} rounds)",
         "",
-        f"- Command: `{command.strip()}`",
-        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min for all runs",
-        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{accelerator}",
+        command_line("hce_benchmark.py"),
+        date_line(started, minutes, prefix="total ", suffix=" for all runs"),
+        machine_line(detected_device()),
         f"- Setup: standard client training (1 local epoch, SGD 0.05/0.9, clipping 10, "
         f"seed {seeds_text}) for every method; every run gets `{extra}`. FedAvg and FedEC "
         "send every node the full fp32 model; FedHCE sends each node the variant "

@@ -28,14 +28,13 @@ import argparse
 import copy
 import datetime as dt
 import json
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from benchkit.posthoc import run_data
+from benchkit.report import command_line, date_line, machine_line, write_section
 from torch import nn
 
 from fl_ec.calibration import CalibrationSettings
@@ -45,10 +44,6 @@ from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.results import load_saved_model
 from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedhce_utils import prediction_disagreement
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prior_posthoc import run_data  # noqa: E402
-from standard_benchmark import write_section  # noqa: E402
 
 Row = dict[str, object]
 
@@ -218,7 +213,7 @@ def main() -> None:
     config, server, _, _ = run_data(metrics)
     images, labels = server.test.normalize(server.test.images), server.test.labels
     nodes = args.nodes
-    clients = [load_client_data(config, node, nodes) for node in range(nodes)]
+    clients = [load_client_data(config.data, config.seed, node, nodes) for node in range(nodes)]
     settings = CalibrationSettings(layers="dense", rank=args.rank, components=args.components)
     final = load_saved_model(args.run)
     rows: list[Row] = []
@@ -231,7 +226,7 @@ def main() -> None:
     print(f"reference {reference:.2f}", flush=True)
     rows.append(row("heads", f"{args.heads} head seeds, one model", heads, labels, reference, "1x"))
 
-    rounds = config.num_server_rounds
+    rounds = config.federation.num_server_rounds
     line_rounds = args.line_rounds or rounds
     for name, logits in fork_logits(final, clients, config, settings, images, rounds + 1).items():
         rows.append(row("forks", f"{name}, one extra round", logits, labels, reference, "1x"))
@@ -258,7 +253,6 @@ def main() -> None:
             )
         )
 
-    command = "python simulations/hce_ensemble_bounds.py " + shlex.join(sys.argv[1:])
     header = list(rows[0])
     table = [
         "| " + " | ".join(header) + " |",
@@ -270,12 +264,10 @@ def main() -> None:
             "## hce-ensemble-bounds (logit ensembles of dense-calibrated fp32 models; "
             "Fashion-MNIST test set)",
             "",
-            f"- Command: `{command}`",
-            f"- Date: {dt.datetime.now():%Y-%m-%d %H:%M}; "
-            f"{(time.perf_counter() - started) / 60:.1f} min",
-            f"- Machine: {platform.platform()}, torch {torch.__version__}, CPU only, "
-            f"{args.threads} threads",
-            f"- Run: `{args.run.name}` (seed {config.seed}, alpha {config.alpha}, {rounds} "
+            command_line("hce_ensemble_bounds.py"),
+            date_line(dt.datetime.now(), (time.perf_counter() - started) / 60),
+            machine_line(f"CPU only, {args.threads} threads", cores=False),
+            f"- Run: `{args.run.name}` (seed {config.seed}, alpha {config.data.alpha}, {rounds} "
             f"rounds, {nodes} clients). Calibration: {args.components} k-means components "
             f"x rank {args.rank} per class, from every client. Reference: the run's final "
             f"model calibrated with seed 0, {reference:.2f}%. `seeds` members were "

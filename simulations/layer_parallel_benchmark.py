@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import re
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from standard_benchmark import PLOTS, write_section  # noqa: E402
+from benchkit import PLOTS
+from benchkit.report import command_line, date_line, detected_device, machine_line, write_section
 
 from fl_ec.data.sources import load_dataset  # noqa: E402
 from fl_ec.layer_parallel import LPSettings, train_layer_parallel  # noqa: E402
@@ -110,9 +106,6 @@ def main() -> None:
         help="cosine (default): final accuracies stop swinging by epoch, so rows compare",
     )
     args = parser.parse_args()
-    command = "python simulations/layer_parallel_benchmark.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
     cores = os.cpu_count() or 1
     train, test = load_dataset("fashion-mnist")
     subset = np.random.default_rng(0).permutation(len(train))[: args.train_size]
@@ -164,7 +157,7 @@ def main() -> None:
     minutes = (dt.datetime.now() - started).total_seconds() / 60
     plot_path = PLOTS / f"{args.section}.png"
     _plot(rows, plot_path)
-    body = _report(rows, args, command, started, minutes, cores, base, plot_path)
+    body = _report(rows, args, started, minutes, cores, base, plot_path)
     write_section(args.section, body)
     print(body)
 
@@ -175,16 +168,15 @@ def build_from_initial(spec: ArchSpec, state: dict) -> torch.nn.Module:
     return model
 
 
-def _report(rows, args, command, started, minutes, cores, base, plot_path) -> str:  # noqa: ANN001
+def _report(rows, args, started, minutes, cores, base, plot_path) -> str:  # noqa: ANN001
     serial = rows.get("serial (2 threads)")
     lines = [
         f"## {args.section} ({args.model}, Fashion-MNIST subset of {args.train_size:,} training "
         f"images, {args.epochs} epochs, K={args.stages})",
         "",
-        f"- Command: `{command.strip()}`",
-        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min",
-        f"- Machine: {platform.platform()}, {cores} cores, torch {torch.__version__}, "
-        + (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"),
+        command_line("layer_parallel_benchmark.py"),
+        date_line(started, minutes, prefix="total "),
+        machine_line(detected_device(), cores=cores),
         f"- Setup: SGD lr {base.lr} ({base.lr_schedule} schedule over the epochs) momentum "
         f"{base.momentum} wd {base.weight_decay}, batch "
         f"{base.batch_size}, same initial weights and seeds for every row; augmentation (random "

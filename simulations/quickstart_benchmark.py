@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
-import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -28,13 +26,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from benchkit import ROOT
+from benchkit.report import command_line, date_line, detected_device, machine_line, write_section
 
 from fl_ec.launch import FlowerCli
 
-ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "quickstart_app"
-sys.path.insert(0, str(ROOT / "simulations"))
-from standard_benchmark import write_section  # noqa: E402
 
 # method -> (ServerApp module, ClientApp module)
 METHODS = {
@@ -81,9 +78,27 @@ def run(method: str, seed: int, rounds: int, supernodes: int, workdir: Path) -> 
     }
 
 
+def import_app_package() -> None:
+    """Register the app's ``quickstart_app`` package from its folder, as if installed.
+
+    Its modules import each other as ``quickstart_app.*``, which ``flwr run`` resolves
+    from the app's folder; here the package is loaded from that folder by location, so
+    those imports resolve the same way without installing the app.
+    """
+    if "quickstart_app" in sys.modules:
+        return
+    package = APP / "quickstart_app"
+    spec = importlib.util.spec_from_file_location(
+        "quickstart_app", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quickstart_app"] = module
+    spec.loader.exec_module(module)
+
+
 def held_out_accuracy(state: dict) -> float:
     """The final model's accuracy on the test images no strategy saw."""
-    sys.path.insert(0, str(APP))
+    import_app_package()
     from quickstart_app.server_app_fedec import held
     from quickstart_app.task import Net, test
 
@@ -101,9 +116,6 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--section", default="quickstart-drop-in")
     args = parser.parse_args()
-    command = "python simulations/quickstart_benchmark.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
     started = dt.datetime.now()
     scores: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in args.methods}
     with tempfile.TemporaryDirectory(prefix="flec-quickstart-") as tmp:
@@ -118,10 +130,9 @@ def main() -> None:
         f"## {args.section} (Flower's quickstart-pytorch app: {args.supernodes} SuperNodes, "
         f"IID partitions, {args.rounds} rounds x 1 local epoch; Fashion-MNIST)",
         "",
-        f"- Command: `{command.strip()}`",
-        f"- Date: {started:%Y-%m-%d %H:%M}; total {minutes:.1f} min",
-        f"- Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        + ("GPU" if torch.cuda.is_available() else "CPU only"),
+        command_line("quickstart_benchmark.py"),
+        date_line(started, minutes, prefix="total "),
+        machine_line(detected_device(named=False)),
         "- Accuracy: the final model on the 7,000 test images outside the server's hold-out "
         "(proxy 2,000 + validation 1,000), the same images for every method.",
         "",

@@ -15,7 +15,7 @@ with its convolutions frozen:
 
 Both are oracles -- they use labels no server has -- so they bound what is reachable,
 not what FedEC should do. Next to them: the run's final accuracy and the post-hoc prior
-correction (:mod:`prior_posthoc`), so the share of the classifier-only headroom the
+correction (:mod:`benchkit.posthoc`), so the share of the classifier-only headroom the
 correction already takes is read off one row. Training: Adam 1e-3, batch 128,
 ``--epochs`` passes over the client pool (the rows the clients train on), fixed seed.
 The section ``server-ceiling`` of BENCHMARKS.md is rewritten.
@@ -26,22 +26,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchkit.posthoc import posthoc_prior_correction, run_data
+from benchkit.report import command_line, date_line, machine_line, mean_sd, write_section
 from torch import nn
 
 from fl_ec.calibration import classifier_of
 from fl_ec.results import load_saved_model
 from fl_ec.scoring import model_accuracy
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prior_posthoc import posthoc_prior_correction, run_data  # noqa: E402
-from standard_benchmark import mean_sd, write_section  # noqa: E402
 
 PARTS = ("classifier", "dense")
 
@@ -167,15 +163,13 @@ def main() -> None:
         print(run_dir.name, {k: round(100 * v, 2) for k, v in row.items()}, flush=True)
     if not rows:
         raise SystemExit("none of --runs has a final_model.pt: nothing to measure")
-    command = "python simulations/server_ceiling.py " + shlex.join(sys.argv[1:])
     body = "\n".join(
         [
             "## server-ceiling (oracle bound on server-side fixes of a final model)",
             "",
-            f"- Command: `{command}`",
-            f"- Date: {dt.datetime.now():%Y-%m-%d %H:%M}; "
-            f"{(time.perf_counter() - started) / 60:.1f} min",
-            f"- Machine: {platform.platform()}, torch {torch.__version__}, CPU only",
+            command_line("server_ceiling.py"),
+            date_line(dt.datetime.now(), (time.perf_counter() - started) / 60),
+            machine_line("CPU only", cores=False),
             f"- Oracle training: convolutions frozen, Adam 1e-3, batch 128, {args.epochs} "
             f"epochs over every labelled row of the clients' pool, seed {args.seed}. Gains "
             "are test-set points over the run's final model; the last column is the "

@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchkit.report import command_line, date_line, machine_line, write_section
 from torch import nn
 
 from fl_ec.clients.client_app import train_locally
@@ -40,9 +38,6 @@ from fl_ec.ensemble import teacher_logits, with_extra_members
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.scoring import accuracy, model_accuracy
 from fl_ec.strategies.fedec_utils import ClientModel, weighted_average
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from standard_benchmark import write_section  # noqa: E402
 
 # (label, rule, whether the previous global model is one more member)
 CANDIDATES = (
@@ -74,8 +69,8 @@ def teacher_accuracy(
 def replay(run_dir: Path, num_partitions: int) -> tuple[list[dict], ExperimentConfig]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = ExperimentConfig.from_run_config(metrics["config"], allow_retired=True)
-    server = load_server_data(config)
-    spec = ArchSpec(config.model, server.test.input_shape, server.test.num_classes)
+    server = load_server_data(config.data, config.seed)
+    spec = ArchSpec(config.training.model, server.test.input_shape, server.test.num_classes)
     torch.manual_seed(config.seed)
     global_model = build_model(spec)
     val_x = server.validation.normalize(server.validation.images)
@@ -88,7 +83,7 @@ def replay(run_dir: Path, num_partitions: int) -> tuple[list[dict], ExperimentCo
         start = time.perf_counter()
         clients = []
         for partition in record["sampled-partitions"]:
-            data = load_client_data(config, partition, num_partitions)
+            data = load_client_data(config.data, config.seed, partition, num_partitions)
             model = build_from_state_dict(spec, global_model.state_dict())
             train_locally(model, data, config, partition, record["round"])
             clients.append(
@@ -142,20 +137,18 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=20, help="the run's SuperNodes")
     parser.add_argument("--section", default="teacher-screen")
     args = parser.parse_args()
-    command = "python simulations/teacher_screen.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
     started = dt.datetime.now()
     rows, config = replay(args.run, args.partitions)
     minutes = (dt.datetime.now() - started).total_seconds() / 60
     body = "\n".join(
         [
             f"## {args.section} (teacher candidates on a replayed FedAvg trajectory; "
-            f"Fashion-MNIST, alpha={config.alpha:g}, {config.local_epochs} local epochs)",
+            f"Fashion-MNIST, alpha={config.data.alpha:g}, "
+            f"{config.training.local_epochs} local epochs)",
             "",
-            f"- Command: `{command}`",
-            f"- Date: {started:%Y-%m-%d %H:%M}; {minutes:.1f} min",
-            f"- Machine: {platform.platform()}, torch {torch.__version__}, CPU",
+            command_line("teacher_screen.py"),
+            date_line(started, minutes),
+            machine_line("CPU", cores=False),
             "- Each round: the run's sampled clients retrained from the replayed global "
             "model (recorded vs replayed test accuracy checks the replay), the parameter "
             "average's and each teacher's accuracy on the 1k validation set, in %.",

@@ -73,3 +73,14 @@ class FeatureStatsGrid:
             record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
             replies.append(Message(RecordDict({STATS_RECORD_KEY: record}), reply_to=message))
         return replies
+
+
+def aggregate_round(grid, strategy, server_round, replies, timeout=3600.0):
+    """``aggregate_train``, then the round loop's query phase on ``grid``
+    (:func:`fl_ec.run.loop.query_phase`): what a round does between train and evaluate."""
+    from fl_ec.run.loop import query_phase
+
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    if arrays is not None:
+        arrays = query_phase(strategy, server_round, arrays, grid, timeout)
+    return arrays, metrics

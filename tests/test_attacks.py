@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fl_ec.clients.attacks import ATTACKS, attack_for
-from fl_ec.config import ConfigError, ExperimentConfig, parse_attack
+from fl_ec.clients.settings import parse_attack
+from fl_ec.config import ConfigError, ExperimentConfig
 from fl_ec.models import ArchSpec, build_model
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)

@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from standard_benchmark import (  # noqa: E402
-    _RETIRED_KNOBS,
-    _as_config,
-    _same_config,
-    recorded_calibration,
-    seed_summary,
-    table,
-)
+from benchkit.runs import _as_config, _same_config, recorded_calibration
+from benchkit.tables import seed_summary, table
 
 
 def _metrics(accuracies: list[float], aggregate_seconds: float = 0.0) -> dict:
@@ -89,7 +79,7 @@ def test_hce_targets_summarise_per_method_over_seeds():
 
 def test_posthoc_prior_correction_repairs_a_biased_saved_model(tmp_path):
     import torch
-    from prior_posthoc import posthoc_prior_correction
+    from benchkit.posthoc import posthoc_prior_correction
 
     from fl_ec.config import ExperimentConfig
     from fl_ec.data.federated import load_server_data
@@ -100,7 +90,7 @@ def test_posthoc_prior_correction_repairs_a_biased_saved_model(tmp_path):
     config = ExperimentConfig.from_run_config(
         {"dataset": "synthetic", "proxy-size": 400, "validation-size": 200}
     )
-    server = load_server_data(config)
+    server = load_server_data(config.data, config.seed)
     spec = ArchSpec("cnn", (1, 28, 28), 10)
     torch.manual_seed(0)
     model = build_model(spec)
@@ -179,11 +169,14 @@ def test_reuse_ignores_layer_parallel_knobs_unless_a_layer_parallel_trainer_ran(
 
 
 def test_the_benchmark_knows_the_kept_value_of_every_retired_knob():
-    # The config's list (what to use instead) and the benchmark's (which value the code
-    # kept) name the same knobs; the calibration knobs map onto presets instead, and
-    # trim-ratio acted only through teacher rules that teacher-rule records.
-    from fl_ec.config import RETIRED_KEYS
+    # Every retired key has the value whose behaviour the code kept, which the reuse
+    # check compares; the calibration knobs map onto presets instead, and trim-ratio
+    # acted only through teacher rules that teacher-rule records.
+    from benchkit.runs import _RETIRED_KNOBS
+
+    from fl_ec.retired_keys import RETIRED_KEYS, kept_values
 
     by_preset = {"prior-correction", "feature-calibration", "calibration-layers"}
     by_preset |= {"calibration-rank", "calibration-components", "trim-ratio"}
-    assert set(_RETIRED_KNOBS) == set(RETIRED_KEYS) - by_preset
+    assert set(kept_values()) == set(RETIRED_KEYS) - by_preset
+    assert kept_values() == _RETIRED_KNOBS  # the reuse check reads the one registry

@@ -25,6 +25,7 @@ from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import ArchSpec
 from fl_ec.results import RoundRecord, RunRecorder
+from fl_ec.run.abort import AbortOnFailedRounds
 from fl_ec.run.metering import MeteredGrid
 from fl_ec.run.wrapper import StrategyWrapper
 from fl_ec.server_app import resume_from
@@ -121,13 +122,16 @@ def test_a_half_written_checkpoint_is_never_read(tmp_path):
 
 
 def test_a_resumed_run_may_only_change_its_length_timeout_and_name():
-    saved = ExperimentConfig(alpha=0.1, num_server_rounds=10).to_dict()
-    check_resumable(saved, ExperimentConfig(alpha=0.1, num_server_rounds=20, resume="r"))
+    def config(**knobs: object) -> ExperimentConfig:
+        return ExperimentConfig.from_run_config(knobs)
+
+    saved = config(**{"alpha": 0.1, "num-server-rounds": 10}).to_dict()
+    check_resumable(saved, config(**{"alpha": 0.1, "num-server-rounds": 20, "resume": "r"}))
     with pytest.raises(ConfigError, match=r"alpha \(0.1 -> 0.5\).*set them back"):
-        check_resumable(saved, ExperimentConfig(alpha=0.5, resume="r"))
+        check_resumable(saved, config(alpha=0.5, resume="r"))
     # A run checkpointed before a knob existed resumes with that knob at its default.
     older = {k: v for k, v in saved.items() if k != "min-train-replies"}
-    check_resumable(older, ExperimentConfig(alpha=0.1, resume="r"))
+    check_resumable(older, config(alpha=0.1, resume="r"))
 
 
 def test_a_round_record_reads_back_from_metrics_json():
@@ -142,4 +146,5 @@ def test_a_checkpoint_whose_state_does_not_fit_the_run_fails_in_one_line(tmp_pat
     recorder = RunRecorder(tmp_path, {}, ArchSpec("cnn", (1, 28, 28), 10), 3)
     broken = Checkpoint(2, {"w": torch.ones(1)}, StrategyState(), {"rounds": [{"no": "round"}]})
     with pytest.raises(CheckpointError, match="round 2 holds a state this run cannot take back"):
-        resume_from(broken, recorder, MeteredGrid(None, recorder), StrategyWrapper(FedAvg()))
+        grid = AbortOnFailedRounds(MeteredGrid(None, recorder))
+        resume_from(broken, recorder, grid, StrategyWrapper(FedAvg()))

@@ -109,7 +109,7 @@ def test_query_for_dense_statistics_returns_low_rank_ones_of_the_dense_head(task
     wrong = query_handler(
         _message("query", model, **{**ask, "feature-stats-layers": "conv"}), _context()
     )
-    assert wrong.has_error() and "calibration layers 'conv'" in wrong.error.reason
+    assert wrong.has_error() and "layers='conv' is unknown" in wrong.error.reason
 
 
 def test_query_without_a_known_request_is_a_one_line_error(task_identity):
@@ -122,7 +122,7 @@ def test_query_without_a_known_request_is_a_one_line_error(task_identity):
 
 def test_simulated_tiers_apply_in_a_simulation_only():
     from fl_ec.clients.client_app import in_simulation, with_simulated_tier
-    from fl_ec.config import NodeSettings
+    from fl_ec.clients.settings import NodeSettings
 
     node = NodeSettings(partition_id=1, num_partitions=4)
     assert with_simulated_tier(node, "gpu=1,edge=3", simulation=True).device_tier == "edge"

@@ -31,7 +31,7 @@ from fl_ec.run.reporting import RunReporter
 from fl_ec.scoring import accuracy
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedec import FedEC
-from tests.conftest import FeatureStatsGrid
+from tests.conftest import FeatureStatsGrid, aggregate_round
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 
@@ -239,16 +239,16 @@ def test_student_starts_from_the_weighted_average(task_identity, data):
 
 
 def test_without_distillation_no_client_model_runs_over_the_proxy(task_identity, data, monkeypatch):
-    import fl_ec.strategies.fedec as fedec_module
+    import fl_ec.strategies.steps as steps_module
 
     passes = []
-    real_teacher_logits = fedec_module.teacher_logits
+    real_teacher_logits = steps_module.teacher_logits
 
     def spy(models, inputs, *args, **kwargs):
         passes.append(len(inputs))
         return real_teacher_logits(models, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(fedec_module, "teacher_logits", spy)
+    monkeypatch.setattr(steps_module, "teacher_logits", spy)
     proxy, (val_x, _) = data
     replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
     for steps, proxy_passes in ((0, 0), (5, 1)):
@@ -260,7 +260,7 @@ def test_without_distillation_no_client_model_runs_over_the_proxy(task_identity,
         assert passes.count(len(proxy)) == proxy_passes
         assert passes.count(len(val_x)) == 1  # the teacher's validation accuracy stays
         assert 0 <= stats["teacher-val-accuracy"] <= 1
-        assert (strategy.round_teacher is None) == (steps == 0)
+        assert (strategy.serving.outcome.teacher is None) == (steps == 0)
         assert (stats["teacher-seconds"] == 0) == (steps == 0)
 
 
@@ -498,13 +498,15 @@ def test_prior_correction_serves_the_corrected_average_when_distillation_hurt(
     clients = _trained_clients()
     strategy = _strategy(data, calibration="prior")
 
-    def ruin(student, *_):  # a distillation that made the student worse (a stand-in)
+    def ruin(student, *_, **__):  # a distillation that made the student worse (a stand-in)
         with torch.no_grad():
             for parameter in student.parameters():
                 parameter.add_(torch.randn_like(parameter))
         return DistillResult(0.0, 0.0, 1, 1, 0.0)
 
-    monkeypatch.setattr(strategy, "_distill_student", ruin)
+    import fl_ec.strategies.fedec as fedec_module
+
+    monkeypatch.setattr(fedec_module, "distill_student", ruin)
     _start_round(strategy, _global())
     counts = [[10] * 10, [10] * 10]
     served, _ = strategy.aggregate_train(
@@ -534,10 +536,10 @@ def test_feature_calibration_retrains_only_the_classifier_from_valid_stats(
         strategy = _calibrating(proxy, calibration="classifier" if calibrate else None)
         _start_round(strategy, _global())
         grid = FeatureStatsGrid(node_data, broken={3: nan_means, 4: "no query handler"})
-        strategy.grid = grid
+        grid = grid
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            served, _ = strategy.aggregate_train(1, replies)
+            served, _ = aggregate_round(grid, strategy, 1, replies)
         outcomes[calibrate] = (served.to_torch_state_dict(), strategy.server_metrics[1], grid)
     plain, _, plain_grid = outcomes[False]
     calibrated, stats, grid = outcomes[True]
@@ -570,8 +572,8 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
         )
         _start_round(strategy, _global())
         grid = FeatureStatsGrid(node_data)
-        strategy.grid = grid
-        arrays, _ = strategy.aggregate_train(1, replies)
+        grid = grid
+        arrays, _ = aggregate_round(grid, strategy, 1, replies)
         served[layers, components] = arrays.to_torch_state_dict()
         replied[layers, components] = grid.replies
         asked = {
@@ -593,8 +595,8 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
 def test_feature_calibration_without_valid_stats_serves_the_uncalibrated_model(task_identity, data):
     strategy = _calibrating(data[0])
     _start_round(strategy, _global())
-    strategy.grid = FeatureStatsGrid({}, broken={1: "crashed", 2: "crashed"})
-    served, _ = strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
+    grid = FeatureStatsGrid({}, broken={1: "crashed", 2: "crashed"})
+    served, _ = aggregate_round(grid, strategy, 1, [_reply(n, _global(seed=n)) for n in (1, 2)])
     assert served is not None
     assert strategy.server_metrics[1]["feature-calibration-applied"] == 0.0
     assert strategy.server_metrics[1]["calibration-valid-replies"] == 0
@@ -605,9 +607,12 @@ def test_the_statistics_query_waits_as_long_as_a_training_round(task_identity, d
     strategy = _calibrating(proxy)
     strategy.begin_run(1, timeout=42.0)  # what start(..., timeout=42.0) calls
     _start_round(strategy, _global())
-    strategy.grid = FeatureStatsGrid({1: (val_x, val_y), 2: (val_x, val_y)})
-    strategy.aggregate_train(1, [_reply(n, _global(seed=n)) for n in (1, 2)])
-    assert strategy.grid.timeouts == [42.0]
+    grid = FeatureStatsGrid({1: (val_x, val_y), 2: (val_x, val_y)})
+    # run_rounds hands the query phase the timeout every phase of its rounds waits.
+    replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
+    arrays, _ = aggregate_round(grid, strategy, 1, replies, timeout=42.0)
+    assert grid.timeouts == [42.0] and arrays is not None
+    assert strategy.server_metrics[1]["feature-calibration-applied"] == 1.0
 
 
 def test_clients_without_a_statistics_query_handler_are_reported_once(task_identity, data, caplog):
@@ -615,11 +620,11 @@ def test_clients_without_a_statistics_query_handler_are_reported_once(task_ident
     no_handler = "<class 'ValueError'>:<'No query function registered with name 'default''>"
     proxy, (val_x, val_y) = data
     strategy = _calibrating(proxy, teacher_rule="mean-logits")
-    strategy.grid = FeatureStatsGrid({1: (val_x, val_y)}, broken={2: no_handler, 3: no_handler})
+    grid = FeatureStatsGrid({1: (val_x, val_y)}, broken={2: no_handler, 3: no_handler})
     with caplog.at_level(logging.WARNING):
         for server_round in (1, 2):
             _start_round(strategy, _global())
-            served, _ = strategy.aggregate_train(
+            served, _ = aggregate_round(grid, strategy,
                 server_round, [_reply(n, _global(seed=n)) for n in (1, 2, 3)]
             )
             stats = strategy.server_metrics[server_round]
@@ -632,11 +637,12 @@ def test_clients_without_a_statistics_query_handler_are_reported_once(task_ident
     # Without any client that answers, rounds serve the uncalibrated model, said once.
     caplog.clear()
     strategy.begin_run(4)  # a new run: said once again
-    strategy.grid = FeatureStatsGrid({}, broken={1: no_handler, 2: no_handler})
+    grid = FeatureStatsGrid({}, broken={1: no_handler, 2: no_handler})
     with caplog.at_level(logging.WARNING):
         for server_round in (3, 4):
             _start_round(strategy, _global())
-            strategy.aggregate_train(server_round, [_reply(n, _global(seed=n)) for n in (1, 2)])
+            replies = [_reply(n, _global(seed=n)) for n in (1, 2)]
+            aggregate_round(grid, strategy, server_round, replies)
             assert strategy.server_metrics[server_round]["feature-calibration-applied"] == 0.0
     assert [r.levelno for r in caplog.records if r.levelno >= logging.WARNING] == [logging.WARNING]
 
@@ -647,7 +653,7 @@ def test_calibration_takes_a_preset_name_or_settings(data):
 
     assert fedec(None).calibration == CalibrationSettings.preset("none")
     assert fedec("none").calibration.method == "none"
-    assert fedec("prior").corrects_prior and not fedec("prior").calibrates_features
+    assert fedec("prior").calibration.method == "prior"
     mixture = fedec("dense-mixture").calibration
     assert (mixture.method, mixture.layers, mixture.rank, mixture.components) == (
         "features",
@@ -667,13 +673,13 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
     proxy, (val_x, val_y) = data
     strategy = _calibrating(proxy, calibration=CalibrationSettings(rounds="last"))
     strategy.num_rounds = 2  # as start(num_rounds=2) records it
-    strategy.grid = FeatureStatsGrid({n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
+    grid = FeatureStatsGrid({n: (val_x[n::2], val_y[n::2]) for n in (0, 1)})
     for server_round in (1, 2):
         _start_round(strategy, _global())
-        strategy.aggregate_train(server_round, [_reply(n, _global(seed=n)) for n in (0, 1)])
+        aggregate_round(grid, strategy, server_round, [_reply(n, _global(seed=n)) for n in (0, 1)])
     assert "feature-calibration-applied" not in strategy.server_metrics[1]
     assert strategy.server_metrics[2]["feature-calibration-applied"] == 1.0
-    assert len(strategy.grid.queries) == 2  # one per node, in round 2 only
+    assert len(grid.queries) == 2  # one per node, in round 2 only
     for wrong in ("first", "every-0", "every-x", "every"):
         with pytest.raises(ValueError, match="choose one of all, last, every-N"):
             CalibrationSettings(rounds=wrong)
@@ -682,7 +688,8 @@ def test_calibration_rounds_last_queries_only_in_the_last_round(task_identity, d
             proxy_data=proxy, arch_spec=SPEC, calibration=CalibrationSettings(rounds=rounds)
         )
         every.num_rounds = 12  # as start(num_rounds=12) records it
-        assert [r for r in range(1, 13) if every._calibrates(r)] == calibrated
+        calibrates = every.calibrator.calibrates
+        assert [r for r in range(1, 13) if calibrates(r, every.num_rounds)] == calibrated
 
 
 def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, data):
@@ -697,8 +704,8 @@ def test_feature_calibration_from_mislabelled_stats_is_reverted(task_identity, d
             data, distill=DistillSettings(steps=0), calibration="classifier" if calibrate else None
         )
         _start_round(strategy, _global())
-        strategy.grid = FeatureStatsGrid({n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
-        result, _ = strategy.aggregate_train(1, replies)
+        grid = FeatureStatsGrid({n: (val_x, (val_y + 1) % 10) for n in (1, 2)})
+        result, _ = aggregate_round(grid, strategy, 1, replies)
         served[calibrate] = result.to_torch_state_dict()
     stats = strategy.server_metrics[1]
     assert stats["calibration-valid-replies"] == 2 and stats["calibration-val-gain"] < -0.1
@@ -726,10 +733,10 @@ def test_calibration_nodes_all_queries_every_node_not_only_the_sampled(task_iden
     for nodes in ("sampled", "all"):
         strategy = _calibrating(proxy, calibration=CalibrationSettings(nodes=nodes))
         _start_round(strategy, _global())
-        strategy.grid = FeatureStatsGrid(node_data)
-        strategy.aggregate_train(1, replies)
-        queried[nodes] = sorted(m.metadata.dst_node_id for m in strategy.grid.queries)
+        grid = FeatureStatsGrid(node_data)
+        aggregate_round(grid, strategy, 1, replies)
+        queried[nodes] = sorted(m.metadata.dst_node_id for m in grid.queries)
         assert strategy.server_metrics[1]["calibration-valid-replies"] == len(queried[nodes])
     assert queried == {"sampled": [1, 2], "all": [1, 2, 3, 4, 5]}
-    with pytest.raises(ValueError, match="calibration nodes"):
+    with pytest.raises(ValueError, match="nodes='some' is unknown"):
         CalibrationSettings(nodes="some")

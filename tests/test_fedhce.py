@@ -21,7 +21,7 @@ from fl_ec.run.reporting import RunReporter
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy, sent_state
-from tests.conftest import FeatureStatsGrid
+from tests.conftest import FeatureStatsGrid, aggregate_round
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 POLICY = TierPolicy({"gpu": "full", "edge": "prune-0.5+int4"}, default="int8")
@@ -159,7 +159,7 @@ def test_fold_pruned_updates_into_full_coordinates(task_identity, data):
     replies = [_client_reply(second[n], t) for n, t in tiers.items()]
     arrays, _ = strategy.aggregate_train(2, replies)
     folded = arrays.to_torch_state_dict()
-    structure = strategy.factory.structure(strategy.variants["prune-0.5+int4"])
+    structure = strategy.bank.factory.structure(strategy.bank.variants["prune-0.5+int4"])
     dropped = [i for i in range(32) if i not in structure.kept["conv1.bias"][0]]
     kept = structure.kept["conv1.bias"][0]
     # Channels only the full client has: its update alone (what it got + 0.01) ...
@@ -216,7 +216,7 @@ def test_changes_are_rebased_on_the_variant_as_sent_not_on_the_student(task_iden
     student = arrays.to_torch_state_dict()
     second = _configure(strategy, nodes, server_round=2)
     assert all(m.content["config"]["variant"] == "int8" for m in second.values())
-    variant = strategy.variant_models["int8"].state_dict()
+    variant = strategy.bank.models["int8"].state_dict()
     variant_as_sent = {k: v.detach().clone() for k, v in variant.items()}
     moved = max(float((variant_as_sent[k] - student[k]).abs().max()) for k in student)
     assert moved > 1e-3  # the fine-tuning moved the variant away from the student
@@ -290,9 +290,9 @@ def test_variants_derive_from_the_calibrated_model(task_identity, data, calibrat
         grid = FeatureStatsGrid({node: data[1] for node in tiers})
         requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
         replies = [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests]
-        result, _ = strategy.aggregate_train(1, replies)
+        result, _ = aggregate_round(grid, strategy, 1, replies)
         served[calibrate] = result.to_torch_state_dict()
-        full_variant = strategy.variant_models["full"].state_dict()
+        full_variant = strategy.bank.models["full"].state_dict()
         for key, value in served[calibrate].items():
             assert torch.equal(full_variant[key], value), key  # what was served, calibrated
     assert strategy.server_metrics[1]["feature-calibration-applied"] == 1.0
@@ -308,7 +308,8 @@ def _calibrated_round(data, tiers, **kwargs):
     arrays = ArrayRecord(build_model(SPEC).state_dict())
     grid = FeatureStatsGrid({node: data[1] for node in tiers})
     requests = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
-    strategy.aggregate_train(1, [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests])
+    replies = [_client_reply(m, tiers[m.metadata.dst_node_id]) for m in requests]
+    aggregate_round(grid, strategy, 1, replies)
     return strategy, grid
 
 
@@ -323,8 +324,8 @@ def test_each_variant_is_calibrated_from_statistics_of_its_own_features(
     asked = [m.content["config"].get("variant", "full") for m in grid.queries]
     assert asked == ["full"] * 2 + ["int8"] * 2 + [pruned] * 2
     # The pruned variant's clients measured its own, narrower classifier inputs.
-    width = strategy.variant_models[pruned].classifier.in_features
-    assert width < strategy.variant_models["full"].classifier.in_features
+    width = strategy.bank.models[pruned].classifier.in_features
+    assert width < strategy.bank.models["full"].classifier.in_features
     assert {r["means"].shape[1] for r in grid.replies[-2:]} == {width}
     report = strategy.server_metrics[1]["variant-calibration"]
     assert set(report) == {"int8", pruned}
@@ -332,17 +333,17 @@ def test_each_variant_is_calibrated_from_statistics_of_its_own_features(
     assert report[pruned]["calibration-valid-replies"] == 2.0
     # Before its own calibration the variant is exactly what calibrate_variants=False
     # serves; the calibration changed its classifier and nothing else.
-    before = strategy.uncalibrated_variant_models[pruned].state_dict()
-    after = strategy.variant_models[pruned].state_dict()
-    for key, value in inherited.variant_models[pruned].state_dict().items():
+    before = strategy.bank.uncalibrated[pruned].state_dict()
+    after = strategy.bank.models[pruned].state_dict()
+    for key, value in inherited.bank.models[pruned].state_dict().items():
         assert torch.equal(before[key], value), key
         assert torch.equal(after[key], value) != key.startswith("classifier."), key
     # What the next round's clients would receive is the calibrated variant.
-    sent = sent_state(strategy.payloads[pruned])
-    sent_inherited = sent_state(inherited.payloads[pruned])
+    sent = sent_state(strategy.bank.payloads[pruned])
+    sent_inherited = sent_state(inherited.bank.payloads[pruned])
     assert torch.equal(sent["conv1.weight"], sent_inherited["conv1.weight"])
     assert not torch.equal(sent["classifier.weight"], sent_inherited["classifier.weight"])
-    assert not inherited.uncalibrated_variant_models
+    assert not inherited.bank.uncalibrated
     assert "variant-calibration" not in inherited.server_metrics[1]
 
 
@@ -354,11 +355,11 @@ def test_dense_calibration_of_a_pruned_variant_uses_its_own_conv_width(
     inherited, _ = _calibrated_round(data, tiers, calibrate_variants=False, calibration=settings)
     strategy, grid = _calibrated_round(data, tiers, calibration=settings)
     pruned = "prune-0.5+int4"
-    width = strategy.variant_models[pruned].fc1.in_features
-    assert width < strategy.variant_models["full"].fc1.in_features
+    width = strategy.bank.models[pruned].fc1.in_features
+    assert width < strategy.bank.models["full"].fc1.in_features
     assert {r["factors"].shape[1:] for r in grid.replies[-2:]} == {(width, 4)}
-    after = strategy.variant_models[pruned].state_dict()
-    for key, value in inherited.variant_models[pruned].state_dict().items():
+    after = strategy.bank.models[pruned].state_dict()
+    for key, value in inherited.bank.models[pruned].state_dict().items():
         dense = key.startswith(("fc1.", "classifier."))
         assert torch.equal(after[key], value) != dense, key  # dense layers only
 
@@ -405,8 +406,8 @@ def test_client_start_average_trains_copies_of_the_average_and_serves_the_studen
         assert torch.allclose(trained[key], initial[key] + 0.03, atol=1e-5), key
         assert torch.allclose(served[key], initial[key] + 0.035, atol=1e-5), key
         # Served variants derive from the served model, sent ones from the average.
-        assert torch.allclose(strategy.variant_models["full"].state_dict()[key], served[key])
-        assert torch.allclose(strategy.sent_models["full"].state_dict()[key], trained[key])
+        assert torch.allclose(strategy.bank.models["full"].state_dict()[key], served[key])
+        assert torch.allclose(strategy.bank.sent_models["full"].state_dict()[key], trained[key])
 
 
 def test_save_artifacts_writes_the_client_ensemble_and_the_variants(task_identity, data, tmp_path):
@@ -437,7 +438,7 @@ def test_restored_from_a_checkpoint_round_two_runs_exactly_as_without_a_restart(
     state = Checkpoint(1, arrays.to_torch_state_dict(), original.checkpoint_state(), {})
     restored = _strategy(data, client_start=client_start)  # a new server process
     restored.restore_state(read_checkpoint(write_checkpoint(tmp_path, state)).strategy)
-    assert restored.factory.structures.keys() == {"prune-0.5+int4"}
+    assert restored.bank.factory.structures.keys() == {"prune-0.5+int4"}
     assert restored.capabilities == original.capabilities  # the tiers nodes reported
 
     outcomes = []

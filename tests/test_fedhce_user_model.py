@@ -173,7 +173,7 @@ def test_fedhce_builds_its_variants_from_model_builder(task_identity, data, buil
     strategy = _strategy(data, builder)
     requests = _requests(strategy, builder)
     assert {m.content["config"]["variant"] for m in requests.values()} == {"int8"}  # default
-    pruned = strategy.variant_models[PRUNED]
+    pruned = strategy.bank.models[PRUNED]
     assert pruned.fc1.out_features == 60 and pruned.fc3.out_features == 10
     assert pruned.conv2.out_channels == (16 if builder is Net else 8)
     assert weight_bits(pruned) == 4
@@ -205,8 +205,8 @@ def test_receive_variant_gives_the_model_the_server_sent(task_identity, data, bu
         assert name == POLICY({"device-tier": TIERS[node]})
         model = receive_variant(request, builder).eval()
         received[name] = model
-        server = strategy.sent_models[name].eval()
-        assert weight_bits(model) == strategy.variants[name].bits
+        server = strategy.bank.sent_models[name].eval()
+        assert weight_bits(model) == strategy.bank.variants[name].bits
         with torch.no_grad():
             assert torch.allclose(model(x), server(x), atol=1e-5), name
     assert PRUNING_KEY in requests[2].content["config"]  # the pruned variant's decision

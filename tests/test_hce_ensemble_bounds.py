@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
+from hce_ensemble_bounds import line_group, row, weighted_average
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from hce_ensemble_bounds import line_group, row, weighted_average  # noqa: E402
 
 
 def test_weighted_average_weighs_states_by_examples() -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from malformed_replies import (
+    FEDHCE_ONLY,
+    MAKERS,
+    SPEC,
+    parts_of,
+    raw_array,
+    requests_for,
+    valid_reply,
+)
+from malformed_replies import strategies as fuzz_strategies
 
 from fl_ec.clients.variants import received_state
 from fl_ec.compression import pack_state_dict, unpack_state_dict
@@ -34,18 +42,6 @@ from fl_ec.strategies.replies import (
     shapes_of_spec,
     spec_bounds,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from malformed_replies import (  # noqa: E402
-    FEDHCE_ONLY,
-    MAKERS,
-    SPEC,
-    parts_of,
-    raw_array,
-    requests_for,
-    valid_reply,
-)
-from malformed_replies import strategies as fuzz_strategies  # noqa: E402
 
 LIMITS = ReplyLimits()
 

@@ -21,11 +21,12 @@ from flwr.serverapp.strategy import FedAvg
 from fl_ec.errors import FlEcError
 from fl_ec.models import ArchSpec
 from fl_ec.results import RunRecorder
+from fl_ec.run.abort import AbortOnFailedRounds
 from fl_ec.run.metering import (
     MeteredGrid,
     TimedAggregation,
-    _round_of,
     payload_bytes,
+    round_of,
 )
 from fl_ec.run.quorum import ReplyQuorum
 
@@ -136,7 +137,9 @@ def test_a_round_where_every_client_failed_stops_the_run(task_identity, recorder
         return Message(Error(code=100, reason="alpha=0.0 must be > 0"), reply_to=message)
 
     with pytest.raises(FlEcError, match="all 3 clients failed.*alpha=0.0 must be > 0"):
-        MeteredGrid(ScriptedGrid(reply), recorder).send_and_receive(_train_messages(1))
+        AbortOnFailedRounds(MeteredGrid(ScriptedGrid(reply), recorder)).send_and_receive(
+            _train_messages(1)
+        )
 
 
 def test_after_a_good_round_a_failed_round_keeps_going_until_three_in_a_row(
@@ -145,12 +148,12 @@ def test_after_a_good_round_a_failed_round_keeps_going_until_three_in_a_row(
     failing = {2, 3, 4}  # rounds in which every client answers with an error
 
     def reply(message):
-        if _round_of(message, default=0) in failing:
+        if round_of(message, default=0) in failing:
             return Message(Error(code=100, reason="hostile node"), reply_to=message)
         return _ok_reply(message)
 
     caplog.set_level(logging.WARNING, logger="flwr")
-    grid = MeteredGrid(ScriptedGrid(reply), recorder)
+    grid = AbortOnFailedRounds(MeteredGrid(ScriptedGrid(reply), recorder))
     grid.send_and_receive(_train_messages(1))
     for server_round in (2, 3):
         replies = grid.send_and_receive(_train_messages(server_round))

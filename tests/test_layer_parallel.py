@@ -210,7 +210,7 @@ def test_kl_loss_distills_teacher_logits(tiny):
 def test_fedec_distillation_switches_to_the_layer_parallel_trainer(tiny):
     from fl_ec.config import ExperimentConfig
     from fl_ec.data.federated import ServerData
-    from fl_ec.strategies.factory import build_strategy
+    from fl_ec.factory import build_strategy
 
     spec, train, test = tiny
     config = ExperimentConfig.from_run_config(

@@ -57,9 +57,11 @@ def test_more_partitions_than_samples_is_a_clear_error():
 
 
 def test_proxy_and_validation_are_disjoint_from_every_client():
-    config = ExperimentConfig(proxy_size=500, validation_size=300, train_subset=3000)
+    config = ExperimentConfig.from_run_config(
+        {"proxy-size": 500, "validation-size": 300, "train-subset": 3000}
+    )
     holdout = split_server_holdout(len(LABELS), 500, 300, 3000, config.seed)
-    parts = client_partition_indices(config, 8, LABELS)
+    parts = client_partition_indices(config.data, config.seed, 8, LABELS)
     clients = set(np.concatenate(parts).tolist())
     proxy, validation = set(holdout.proxy.tolist()), set(holdout.validation.tolist())
     assert len(proxy) == 500 and len(validation) == 300

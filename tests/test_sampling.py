@@ -197,7 +197,6 @@ def test_a_run_through_the_wrappers_trains_the_seeded_sample(task_identity, tmp_
         evaluate_fn=close_round,
     )
     assert fedec.num_rounds == 2  # FedEC's own start() is not run: begin_run told it
-    assert fedec.grid.inner is grid  # FedEC keeps the grid it is given (in node order)
     assert sorted(fedec.server_metrics) == [1, 2]
     assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
     trained = [sorted(grid.partition_of[n] for n in nodes) for nodes in grid.trained]
@@ -213,5 +212,5 @@ def test_wrappers_pass_the_run_length_on_to_the_inner_strategy(task_identity, tm
     fedec = FedEC(proxy_data=torch.zeros(4, 1, 28, 28), arch_spec=SPEC)
     recorder = RunRecorder(tmp_path / "run", {}, SPEC, num_rounds=1)
     TimedAggregation(SeededSampling(fedec, SeededSampler(0)), recorder).begin_run(12, 30.0)
-    assert fedec.num_rounds == 12 and fedec.round_timeout == 30.0
+    assert fedec.num_rounds == 12
     SeededSampling(FedAvg(), SeededSampler(0)).begin_run(3)  # FedAvg takes none: no-op

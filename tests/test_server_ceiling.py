@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from server_ceiling import oracle_retrain, table, trainable_layers
 from torch import nn
 
 from fl_ec.scoring import model_accuracy
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-from server_ceiling import oracle_retrain, table, trainable_layers  # noqa: E402
 
 
 def _model() -> nn.Module:

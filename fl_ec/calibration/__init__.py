@@ -48,7 +48,12 @@ from fl_ec.calibration.settings import (
     CalibrationSettings,
     calibration_every,
 )
-from fl_ec.calibration.statistics import FeatureStatistics, head_entry, layer_inputs
+from fl_ec.calibration.statistics import (
+    FeatureStatistics,
+    FitSettings,
+    head_entry,
+    layer_inputs,
+)
 
 # Statistics of any kind, as FeatureStatistics.parse returns them.
 FeatureStats = ClassFeatureStats | LowRankClassStats | LowRankMixture
@@ -65,6 +70,7 @@ __all__ = [
     "DenseMixture",
     "FeatureStatistics",
     "FeatureStats",
+    "FitSettings",
     "LowRankClassStats",
     "LowRankDense",
     "LowRankMixture",

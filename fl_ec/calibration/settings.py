@@ -14,6 +14,7 @@ from typing import Any
 from fl_ec.calibration.gaussian import ClassifierGaussian
 from fl_ec.calibration.low_rank import DenseMixture, LowRankDense
 from fl_ec.calibration.statistics import FeatureStatistics
+from fl_ec.errors import SettingError, check_fields
 
 # What FedEC does to the served model after aggregating: nothing, the label-prior
 # correction (fl_ec.calibration.prior), or retraining layers on virtual features.
@@ -22,6 +23,8 @@ CALIBRATION_METHODS = ("none", "prior", "features")
 CALIBRATION_LAYERS = ("classifier", "dense")
 # Which nodes feature calibration queries: the round's sampled clients, or every node.
 CALIBRATION_NODES = ("sampled", "all")
+# Which rounds are calibrated (calibration_every).
+_ROUNDS_REASON = "is unknown: choose one of all, last, every-N (N >= 1)"
 # The run-config's ``calibration`` values, as CalibrationSettings fields. ``dense`` is
 # the best single Gaussian per class (rank 64); ``dense-mixture``, 8 components of rank
 # 32 per class, measured best overall (docs/calibration.md).
@@ -56,7 +59,9 @@ class CalibrationSettings:
     ``epochs``, ``lr`` and ``batch_size``: the virtual features drawn and how the
     layers are fine-tuned on them.
 
-    The run-config names combinations by :meth:`preset`.
+    The run-config names combinations by :meth:`preset`. Construction checks every
+    field; a bad one raises :class:`~fl_ec.errors.SettingError` (a ``ValueError``)
+    naming it.
     """
 
     method: str = "features"
@@ -71,42 +76,34 @@ class CalibrationSettings:
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        if self.method not in CALIBRATION_METHODS:
-            raise ValueError(
-                f"calibration method {self.method!r}: "
-                f"choose one of {', '.join(CALIBRATION_METHODS)}"
-            )
-        if self.nodes not in CALIBRATION_NODES:
-            raise ValueError(
-                f"calibration nodes {self.nodes!r}: choose one of {', '.join(CALIBRATION_NODES)}"
-            )
-        if self.layers not in CALIBRATION_LAYERS:
-            raise ValueError(
-                f"calibration layers {self.layers!r}: choose one of {', '.join(CALIBRATION_LAYERS)}"
-            )
-        if self.rank < 1:
-            raise ValueError(f"calibration rank {self.rank} must be >= 1")
-        if self.components < 1:
-            raise ValueError(f"calibration components {self.components} must be >= 1")
-        if self.components > 1 and self.layers != "dense":
-            raise ValueError(
-                f"calibration components {self.components} need the dense calibration: "
-                'set layers="dense" or components=1'
-            )
-        if self.samples < 1:
-            raise ValueError(f"calibration samples {self.samples} must be >= 1")
-        calibration_every(self.rounds)  # raises on an unknown value
+        check_fields(
+            self,
+            [
+                ("method", self.method in CALIBRATION_METHODS, _one_of(CALIBRATION_METHODS)),
+                ("nodes", self.nodes in CALIBRATION_NODES, _one_of(CALIBRATION_NODES)),
+                ("layers", self.layers in CALIBRATION_LAYERS, _one_of(CALIBRATION_LAYERS)),
+                ("rank", self.rank >= 1, "must be >= 1"),
+                ("components", self.components >= 1, "must be >= 1"),
+                (
+                    "components",
+                    self.components == 1 or self.layers == "dense",
+                    'need the dense calibration: set layers="dense" or components=1',
+                ),
+                ("samples", self.samples >= 1, "must be >= 1"),
+                ("rounds", _is_rounds(self.rounds), _ROUNDS_REASON),
+            ],
+        )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> CalibrationSettings:
         """The settings of the run-config's ``calibration=name``, with ``overrides``.
 
         E.g. ``CalibrationSettings.preset("dense-mixture", rounds="last", nodes="all")``.
+        An unknown ``name`` raises :class:`~fl_ec.errors.SettingError` for the field
+        ``preset``.
         """
         if name not in CALIBRATION_PRESETS:
-            raise ValueError(
-                f"calibration={name!r} is unknown: choose one of {', '.join(CALIBRATION_PRESETS)}"
-            )
+            raise SettingError(cls.__name__, "preset", name, _one_of(CALIBRATION_PRESETS))
         return cls(**{**CALIBRATION_PRESETS[name], **overrides})
 
     def statistics(self) -> FeatureStatistics[Any]:
@@ -137,6 +134,16 @@ def calibration_every(rounds: str) -> int:
     count = rounds.removeprefix("every-")
     if count != rounds and count.isdigit() and int(count) >= 1:
         return int(count)
-    raise ValueError(
-        f"calibration-rounds={rounds!r} is unknown: choose one of all, last, every-N (N >= 1)"
-    )
+    raise ValueError(f"calibration-rounds={rounds!r} {_ROUNDS_REASON}")
+
+
+def _is_rounds(rounds: str) -> bool:
+    try:
+        calibration_every(rounds)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_of(options: tuple[str, ...] | dict[str, Any]) -> str:
+    return f"is unknown: choose one of {', '.join(options)}"

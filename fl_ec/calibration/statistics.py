@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -29,10 +29,28 @@ from torch import nn
 from fl_ec.calibration.prior import classifier_of
 from fl_ec.models.layout import channels_last
 
-if TYPE_CHECKING:
-    from fl_ec.calibration.settings import CalibrationSettings
-
 StatsT = TypeVar("StatsT")
+
+
+class FitSettings(Protocol):
+    """How many virtual features :meth:`FeatureStatistics.calibrate` draws and how it fits
+    the layers on them (:class:`~fl_ec.calibration.CalibrationSettings` has these fields).
+
+    A protocol rather than the settings class: the settings pick the kind of statistics,
+    so this module cannot import them.
+    """
+
+    @property
+    def samples(self) -> int: ...
+
+    @property
+    def epochs(self) -> int: ...
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def batch_size(self) -> int: ...
 
 
 class FeatureStatistics(ABC, Generic[StatsT]):
@@ -110,7 +128,7 @@ class FeatureStatistics(ABC, Generic[StatsT]):
         return features, labels
 
     def calibrate(
-        self, model: nn.Module, stats: StatsT, settings: CalibrationSettings, seed: int = 0
+        self, model: nn.Module, stats: StatsT, settings: FitSettings, seed: int = 0
     ) -> float:
         """Fine-tune ``model``'s calibrated layers (in place) on virtual features; seconds.
 
@@ -227,7 +245,7 @@ def fit_on_virtual_features(
     layers: nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
-    settings: CalibrationSettings,
+    settings: FitSettings,
     generator: torch.Generator,
 ) -> None:
     """Fine-tune ``layers`` (features -> logits) in place: cross-entropy, Adam."""

@@ -1,11 +1,12 @@
 """Simulated Byzantine clients: what a malicious node sends instead of its honest model.
 
-For robustness tests and benchmarks only. The run-config's ``attackers=N`` makes the
-simulated partitions ``0 .. N-1`` attack with ``attack`` (one object per kind below);
-a deployed SuperNode never attacks, whatever the run-config says
-(:func:`attack_for`). Each attack keeps the reply well-formed (finite arrays of the
-right shapes, honest class counts and example counts), so that it passes every check
-of :mod:`fl_ec.strategies.replies` and only robust aggregation can stop it.
+For robustness tests and benchmarks only. The run-config's ``attack="kind:N"`` makes
+the simulated partitions ``0 .. N-1`` attack with ``kind`` (one object per kind below,
+parsed by :func:`fl_ec.clients.settings.parse_attack`); a deployed SuperNode never
+attacks, whatever the run-config says (:func:`attack_for`). Each attack keeps the
+reply well-formed (finite arrays of the right shapes, honest class counts and example
+counts), so that it passes every check of :mod:`fl_ec.strategies.replies` and only
+robust aggregation can stop it.
 """
 
 from __future__ import annotations

@@ -32,10 +32,12 @@ from torch import nn
 from fl_ec.calibration import CalibrationSettings
 from fl_ec.clients.attacks import attack_for
 from fl_ec.clients.faults import inject_fault
+from fl_ec.clients.settings import NodeSettings, parse_tier_counts
 from fl_ec.clients.variants import received_state, variant_bits
 from fl_ec.compression import enable_weight_fake_quant
-from fl_ec.config import ExperimentConfig, NodeSettings, parse_tier_counts
+from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ClientData, load_client_data
+from fl_ec.data.settings import DataSection
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.protocol import (
@@ -116,10 +118,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def _setup(msg: Message, context: Context):
     config = ExperimentConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
-    set_cpu_threads(config.client_threads)
+    set_cpu_threads(config.training.client_threads)
     data = _client_data(config, node.partition_id, node.num_partitions)
     spec, model = received_model(msg.content)
-    node = with_simulated_tier(node, config.simulated_tiers, in_simulation())
+    node = with_simulated_tier(node, config.simulation.simulated_tiers, in_simulation())
     return config, node, data, spec, model
 
 
@@ -165,27 +167,29 @@ def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
 
 def _train(msg: Message, context: Context) -> Message:
     config, node, data, spec, model = _setup(msg, context)
-    device = select_device(config.device)
+    training, simulation = config.training, config.simulation
+    device = select_device(training.device)
     round_config = msg.content[CONFIG_RECORD_KEY]
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
-    if config.fail_fraction and in_simulation():
+    if simulation.fail_fraction and in_simulation():
         # A silent node answers a little after the server stopped waiting for it.
-        silent_for = config.round_timeout + 5 if config.fail_mode == "silent" else 0.0
+        silent = simulation.fail_mode == "silent"
+        silent_for = config.federation.round_timeout + 5 if silent else 0.0
         inject_fault(
             config.seed,
             server_round,
             node.partition_id,
             node.num_partitions,
-            config.fail_fraction,
+            simulation.fail_fraction,
             silent_for,
         )
-    kind, attackers = config.attack_settings()
+    kind, attackers = simulation.attack_settings()
     attack = attack_for(node.partition_id, attackers, kind, in_simulation())
     sent = {k: v.detach().clone() for k, v in model.state_dict().items()} if attack else {}
     train_data = data
     if attack is not None:  # trains on what the attack makes of its labels
         train_data = attack.training_data(data)
-    if config.trainer == "layer-parallel":
+    if training.trainer == "layer-parallel":
         result = _train_layer_parallel(
             model, spec, train_data, config, round_config, node, server_round
         )
@@ -196,8 +200,8 @@ def _train(msg: Message, context: Context) -> Message:
             config,
             node.partition_id,
             server_round,
-            epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
-            lr=float(round_config.get(LR_KEY, config.lr)),
+            epochs=int(round_config.get(LOCAL_EPOCHS_KEY, training.local_epochs)),
+            lr=float(round_config.get(LR_KEY, training.lr)),
             device=device,
         )
     if attack is not None:
@@ -221,15 +225,19 @@ def train_locally(
     lr: float | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """A node's local supervised training (in place), as the ClientApp runs it."""
+    """A node's local supervised training (in place), as the ClientApp runs it.
+
+    ``epochs`` and ``lr`` default to the run-config's (the server may send others).
+    """
+    training = config.training
     return train_supervised(
         model,
         data.train,
-        epochs=config.local_epochs if epochs is None else epochs,
-        batch_size=config.batch_size,
-        lr=config.lr if lr is None else lr,
-        momentum=config.momentum,
-        max_grad_norm=config.max_grad_norm,
+        epochs=training.local_epochs if epochs is None else epochs,
+        batch_size=training.batch_size,
+        lr=training.lr if lr is None else lr,
+        momentum=training.momentum,
+        max_grad_norm=training.max_grad_norm,
         device=device,
         seed=local_seed(config, partition_id, server_round),
     )
@@ -244,8 +252,8 @@ def _train_layer_parallel(model, spec, data, config, round_config, node, server_
 
     start = time.perf_counter()
     settings = config.lp_settings(
-        epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.local_epochs)),
-        lr=float(round_config.get(LR_KEY, config.lr)),
+        epochs=int(round_config.get(LOCAL_EPOCHS_KEY, config.training.local_epochs)),
+        lr=float(round_config.get(LR_KEY, config.training.lr)),
         seed=local_seed(config, node.partition_id, server_round),
     )
     result = train_layer_parallel(
@@ -296,7 +304,7 @@ def _reply(msg, model, spec, data, node, device, result) -> Message:  # noqa: AN
 
 def _evaluate(msg: Message, context: Context) -> Message:
     config, _, data, _, model = _setup(msg, context)
-    result = evaluate(model, data.test, device=select_device(config.device))
+    result = evaluate(model, data.test, device=select_device(config.training.device))
     metrics = MetricRecord(
         {
             NUM_EXAMPLES_KEY: result.num_examples,
@@ -330,7 +338,7 @@ def _feature_stats(msg: Message, context: Context) -> Message:
             data.train.normalize(data.train.images),
             data.train.labels,
             spec.num_classes,
-            device=select_device(config.device),
+            device=select_device(config.training.device),
         )
     )
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in wire.items()})
@@ -354,29 +362,16 @@ def _stats_settings(query_config: ConfigRecord) -> CalibrationSettings:
 
 
 def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
-    # Simulated nodes share worker processes; cache the data per (data settings,
+    # Simulated nodes share worker processes; cache the data per (data section, seed,
     # partition) instead of re-partitioning every round. Bounded: a worker serves a
     # handful of partitions at a time.
-    key = (
-        config.dataset,
-        config.data_dir,
-        config.download,
-        config.train_subset,
-        config.partitioner,
-        config.alpha,
-        config.classes_per_client,
-        config.proxy_size,
-        config.validation_size,
-        config.seed,
-        partition_id,
-        num_partitions,
-    )
+    key = (config.data, config.seed, partition_id, num_partitions)
     if key not in _DATA_CACHE:
         if len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
-        _DATA_CACHE[key] = load_client_data(config, partition_id, num_partitions)
+        _DATA_CACHE[key] = load_client_data(config.data, config.seed, partition_id, num_partitions)
     return _DATA_CACHE[key]
 
 
-_DATA_CACHE: dict[tuple, ClientData] = {}
+_DATA_CACHE: dict[tuple[DataSection, int, int, int], ClientData] = {}
 _DATA_CACHE_SIZE = 32

@@ -1,27 +1,63 @@
-"""Flower's round loop, able to begin at any round and to act after each one.
+"""Flower's round loop, able to begin at any round, to query the clients between
+training and evaluation, and to act after each round.
 
 ``Strategy.start`` always runs rounds 1..N and returns only at the end, so a run
 killed in round 19 of 20 cannot go on from round 18, and nothing can be saved between
 rounds. :func:`run_rounds` is that loop -- configure_train, send and receive,
-aggregate_train, the same for evaluation, then the central evaluation -- starting at
-``first_round`` with the model given, and calling ``after_round`` once a round is
-complete (the ServerApp writes its checkpoint there). Started at round 1 it does what
-``start`` does, in the same order, so a run and its resumed copy train alike.
+aggregate_train, the query phase, the same for evaluation, then the central
+evaluation -- starting at ``first_round`` with the model given, and calling
+``after_round`` once a round is complete (the ServerApp writes its checkpoint there).
+Started at round 1 it does what ``start`` does, in the same order, so a run and its
+resumed copy train alike. It serves the ServerApp and, through
+:class:`RunsRoundsOnStart`, a strategy's own ``start``.
+
+The query phase (:func:`query_phase`) is for a strategy that needs more from the
+clients after aggregating (:class:`QueriesClients`: FedEC's feature statistics): it
+sends what ``configure_query`` returns, hands the replies to ``aggregate_query``, and
+repeats until there is nothing more to ask. A strategy without it is run as Flower
+runs it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
+from typing import Protocol, runtime_checkable
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fl_ec.run.wrapper import BeginsRun
+
+@runtime_checkable
+class BeginsRun(Protocol):
+    """A strategy that notes the run's length and round timeout before its first round."""
+
+    def begin_run(self, num_rounds: int, timeout: float = 3600) -> None:
+        """Called once before the first round with the number of rounds the run has
+        and how long each round waits for replies."""
+        ...
+
+
+@runtime_checkable
+class QueriesClients(Protocol):
+    """A strategy that asks the clients more between a round's training and evaluation.
+
+    ``configure_query`` returns the next messages to send (none: the phase is over);
+    ``aggregate_query`` takes their replies and returns the round's global model once
+    it changed (None: unchanged).
+    """
+
+    def configure_query(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_query(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> ArrayRecord | None: ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +109,9 @@ def run_rounds(
             arrays = result.arrays = new_arrays
         if train_metrics is not None:
             result.train_metrics_clientapp[server_round] = train_metrics
+        queried = query_phase(strategy, server_round, arrays, grid, plan.timeout)
+        if queried is not arrays:
+            arrays = result.arrays = queried
 
         replies = grid.send_and_receive(
             messages=strategy.configure_evaluate(server_round, arrays, evaluate_config, grid),
@@ -91,3 +130,57 @@ def run_rounds(
 
     log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
     return result
+
+
+def query_phase(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float
+) -> ArrayRecord:
+    """Send ``strategy``'s queries of the round until it has none; the global model after.
+
+    Each query waits ``timeout`` seconds, as long as a training round does.
+    """
+    if not isinstance(strategy, QueriesClients):
+        return arrays
+    while messages := list(strategy.configure_query(server_round, arrays, grid)):
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        changed = strategy.aggregate_query(server_round, replies)
+        if changed is not None:
+            arrays = changed
+    return arrays
+
+
+class RunsRoundsOnStart:
+    """Mixin for a ``Strategy``: ``start`` runs :func:`run_rounds` on ``self``.
+
+    So the strategy gets :meth:`BeginsRun.begin_run` and the query phase whether it is
+    started directly (``FedEC(...).start(...)``) or through wrappers
+    (:class:`~fl_ec.run.wrapper.StrategyWrapper`).
+    """
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Rounds 1..``num_rounds`` of this strategy, as Flower's ``Strategy.start``.
+
+        As there, the result's arrays are the last aggregated ones (none if no round
+        aggregated, e.g. an evaluation-only run).
+        """
+        result = run_rounds(
+            self,  # type: ignore[arg-type]
+            grid,
+            initial_arrays,
+            RoundPlan(num_rounds, 1, timeout),
+            train_config,
+            evaluate_config,
+            evaluate_fn,
+        )
+        if result.arrays is initial_arrays:
+            result.arrays = ArrayRecord()
+        return result

@@ -4,21 +4,20 @@
 the strategy sends and every reply it receives passes through it, so the bytes are
 those of the arrays actually sent (``len(Array.data)``, the serialised payload) --
 whatever the strategy, including ones that send different arrays to each node. It
-also logs failed replies with their node id and reason. A round in which *every*
-training reply failed keeps the global model as it was; the run stops only when that
-happens before any round succeeded (a misconfiguration: every ClientApp crashes) or
-in :data:`MAX_FAILED_ROUNDS` rounds in a row (the federation is gone), so that one
-node answering with errors cannot end the run.
+also logs failed replies with their node id and reason, and the nodes that did not
+answer in time. When failures stop the run is :mod:`fl_ec.run.abort`'s rule.
 
-:class:`TimedAggregation` wraps a strategy to time its ``aggregate_train`` and to record
-the clients' aggregated train metrics (``client-train-loss``, ...); time spent waiting
-on clients for queries sent from inside it is left out of it.
+:class:`TimedAggregation` wraps a strategy to time its ``aggregate_train`` and
+``aggregate_query`` (the server's own work; the clients' answers to queries are
+metered apart, as ``client-query-seconds``) and to record the clients' aggregated
+train metrics (``client-train-loss``, ...).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import WARNING
 
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -26,12 +25,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_ec.errors import FlEcError
 from fl_ec.protocol import SERVER_ROUND_KEY
 from fl_ec.results import RoundRecord, RunRecorder
 from fl_ec.run.wrapper import StrategyWrapper
-
-MAX_FAILED_ROUNDS = 3  # training rounds in a row in which every reply failed
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -81,17 +77,6 @@ class MeteredGrid(DelegatingGrid):
     def __init__(self, inner: Grid, recorder: RunRecorder) -> None:
         super().__init__(inner)
         self.recorder = recorder
-        self.trained_once = False  # some round had a training reply that did not fail
-        self.failed_rounds = 0  # rounds in a row in which every training reply failed
-
-    def state(self) -> dict[str, int | bool]:
-        """The failed-round counters, for the run's checkpoint."""
-        return {"trained-once": self.trained_once, "failed-rounds": self.failed_rounds}
-
-    def restore(self, state: dict[str, int | bool]) -> None:
-        """Continue counting from :meth:`state`'s counters (a resumed run)."""
-        self.trained_once = bool(state.get("trained-once", False))
-        self.failed_rounds = int(state.get("failed-rounds", 0))
 
     # -- the metered path ------------------------------------------------------
     def send_and_receive(
@@ -102,7 +87,7 @@ class MeteredGrid(DelegatingGrid):
             return []
         message_type = messages[0].metadata.message_type
         is_train = message_type == MessageType.TRAIN
-        server_round = _round_of(messages[0], default=self.recorder.current.round)
+        server_round = round_of(messages[0], default=self.recorder.current.round)
         record = self.recorder.record_for(server_round)
         for message in messages:
             sent = payload_bytes(message.content)
@@ -129,10 +114,6 @@ class MeteredGrid(DelegatingGrid):
             record.train_seconds += elapsed
             record.train_replies += len(replies) - len(failed)
             record.rejected_replies += len(failed)
-            if replies and len(failed) == len(replies):
-                self._every_reply_failed(server_round, failed)
-            elif replies:
-                self.trained_once, self.failed_rounds = True, 0
         elif message_type == MessageType.QUERY:  # e.g. FedEC's feature statistics
             record.client_query_seconds += elapsed
         else:
@@ -163,25 +144,9 @@ class MeteredGrid(DelegatingGrid):
             "the wait" if timeout is None else f"{timeout:g} s",
         )
 
-    def _every_reply_failed(self, server_round: int, failed: list[Message]) -> None:
-        """Stop the run on a misconfiguration or a lost federation; else say so and go on."""
-        self.failed_rounds += 1
-        first = f"first (node {failed[0].metadata.src_node_id}): {failed[0].error.reason}"
-        if not self.trained_once or self.failed_rounds >= MAX_FAILED_ROUNDS:
-            in_a_row = f" ({self.failed_rounds} rounds in a row)" if self.trained_once else ""
-            raise FlEcError(
-                f"round {server_round}: all {len(failed)} clients failed{in_a_row}; {first}"
-            )
-        log(
-            WARNING,
-            "round %d: all %d clients failed, the global model stays as it was; %s",
-            server_round,
-            len(failed),
-            first,
-        )
 
-
-def _round_of(message: Message, default: int) -> int:
+def round_of(message: Message, default: int) -> int:
+    """The server round a message belongs to (its config's ``server-round``)."""
     for record in message.content.config_records.values():
         if SERVER_ROUND_KEY in record:
             return int(record[SERVER_ROUND_KEY])
@@ -189,13 +154,13 @@ def _round_of(message: Message, default: int) -> int:
 
 
 class TimedAggregation(StrategyWrapper):
-    """``strategy`` with its ``aggregate_train`` timed and its train metrics recorded.
+    """``strategy`` with its server-side work timed and its train metrics recorded.
 
-    The seconds go into the round's ``aggregate_seconds`` in ``recorder``, less the
-    time spent waiting on clients for queries sent from inside ``aggregate_train``
-    (FedEC's feature statistics, metered by :class:`MeteredGrid` as the round's
-    ``client_query_seconds``). The clients' aggregated train metrics are recorded as
-    the round's ``client-<name>`` metrics (``client-train-loss``, ...).
+    The seconds of ``aggregate_train`` and ``aggregate_query`` go into the round's
+    ``aggregate_seconds`` in ``recorder``; the time the clients take to answer a query
+    is the grid's (:class:`MeteredGrid`: ``client_query_seconds``), not counted here.
+    The clients' aggregated train metrics are recorded as the round's
+    ``client-<name>`` metrics (``client-train-loss``, ...).
     """
 
     def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
@@ -206,21 +171,30 @@ class TimedAggregation(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner strategy's ``aggregate_train``, timed; its metrics recorded."""
-        record = self.recorder.record_for(server_round)
-        # Queries sent from inside aggregate_train (FedEC's feature statistics) wait on
-        # the clients: their time is the clients', not the server's aggregation.
-        query_seconds_before = record.client_query_seconds
-        start = time.perf_counter()
-        try:
+        with self._timed(server_round):
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        finally:
-            waited = record.client_query_seconds - query_seconds_before
-            record.aggregate_seconds += time.perf_counter() - start - waited
         if metrics is not None:  # the clients' aggregated train metrics, e.g. client-train-loss
             self.recorder.record_for(server_round).metrics.update(
                 {f"client-{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             )
         return arrays, metrics
+
+    def aggregate_query(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> ArrayRecord | None:
+        """The inner strategy's ``aggregate_query``, timed."""
+        with self._timed(server_round):
+            return super().aggregate_query(server_round, replies)
+
+    @contextmanager
+    def _timed(self, server_round: int) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.recorder.record_for(server_round).aggregate_seconds += (
+                time.perf_counter() - start
+            )
 
     def describe(self) -> str:
         """The timed strategy."""

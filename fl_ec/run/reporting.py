@@ -17,6 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.results import RunRecorder
 
+# A strategy's server-side measurement of a round: a number, or a small table (per node,
+# per variant) of numbers or names.
+MetricValue = float | dict[str, Any]
+RoundMetrics = dict[str, MetricValue]
+
 
 @runtime_checkable
 class RunReporter(Protocol):
@@ -29,7 +34,7 @@ class RunReporter(Protocol):
     error replies (already counted as rejected when they arrived).
     """
 
-    server_metrics: dict[int, dict[str, Any]]
+    server_metrics: dict[int, RoundMetrics]
 
     def save_artifacts(self, recorder: RunRecorder, test: TensorData) -> None:
         """Write what the run produced besides the global model; called once after ``start``.

@@ -170,9 +170,10 @@ class SeededSampling(StrategyWrapper):
 
     Each ``configure_train`` / ``configure_evaluate`` of the inner strategy sees the
     grid's nodes in ``sampler``'s order and runs on ``random`` seeded by (seed, round,
-    phase); each ``aggregate_train`` / ``aggregate_evaluate`` gets the replies sorted
-    into that order. ``on_sample(server_round, sampled_node_ids, node_info)`` is called
-    after each training round's sample is drawn, e.g. to record which partitions trained.
+    phase); each ``aggregate_train`` / ``aggregate_query`` / ``aggregate_evaluate``
+    gets the replies sorted into that order. ``on_sample(server_round, sampled_node_ids,
+    node_info)`` is called after each training round's sample is drawn, e.g. to record
+    which partitions trained.
     """
 
     def __init__(
@@ -207,6 +208,20 @@ class SeededSampling(StrategyWrapper):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner strategy's aggregate of the training replies, in node order."""
         return self.strategy.aggregate_train(server_round, self.sampler.in_node_order(replies))
+
+    def configure_query(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's query messages, the grid's nodes seen in node order."""
+        return super().configure_query(
+            server_round, arrays, OrderedGrid(grid, self.sampler.ordered_nodes(grid))
+        )
+
+    def aggregate_query(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> ArrayRecord | None:
+        """The inner strategy's global model after the query's replies, in node order."""
+        return super().aggregate_query(server_round, self.sampler.in_node_order(replies))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -1,13 +1,14 @@
 """A Flower strategy that wraps another one, as Flower's differential-privacy wrappers do.
 
 :class:`StrategyWrapper` holds an inner strategy and hands it every hook of a round
-(``configure_train``, ``aggregate_train``, ``configure_evaluate``,
-``aggregate_evaluate``) and ``summary``; a subclass overrides the hooks it changes.
-``start`` is Flower's ``Strategy.start`` run on the wrapper, so every round goes
-through the wrapper's hooks. The inner strategy's own ``start`` is therefore not
-called: what a strategy notes there (FedEC: the number of rounds, for calibration
-``rounds="last"``) reaches it through :meth:`StrategyWrapper.begin_run` instead
-(:class:`BeginsRun`).
+(``configure_train``, ``aggregate_train``, the query phase's ``configure_query`` and
+``aggregate_query``, ``configure_evaluate``, ``aggregate_evaluate``) and ``summary``;
+a subclass overrides the hooks it changes. ``start`` is fl-ec's round loop run on the
+wrapper (:func:`~fl_ec.run.loop.run_rounds`), so every round goes through the
+wrapper's hooks. The inner strategy's own ``start`` is therefore not called: what a
+strategy notes there (FedEC: the number of rounds, for calibration ``rounds="last"``)
+reaches it through :meth:`StrategyWrapper.begin_run` instead
+(:class:`~fl_ec.run.loop.BeginsRun`).
 
 A wrapper does not pass on the inner strategy's other attributes: what a strategy
 reports beyond Flower's result (:class:`~fl_ec.run.reporting.RunReporter`) is
@@ -16,54 +17,19 @@ read from the inner strategy itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO
-from typing import Protocol, runtime_checkable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fl_ec.checkpoint import KeepsState, StrategyState
+from fl_ec.run.loop import BeginsRun, QueriesClients, RunsRoundsOnStart
 
 
-@runtime_checkable
-class BeginsRun(Protocol):
-    """A strategy that notes the run's length and round timeout before its first round."""
-
-    def begin_run(self, num_rounds: int, timeout: float = 3600) -> None:
-        """Called once before round 1 with the number of rounds ``start`` will run and
-        how long each round waits for replies (``start``'s ``timeout``)."""
-        ...
-
-
-class BeginsRunOnStart:
-    """Mixin for a ``Strategy``: ``start`` calls ``self.begin_run(num_rounds)`` first.
-
-    Shared by :class:`StrategyWrapper` and by strategies that note the run's length
-    themselves (FedEC), so a strategy learns it whether it is started directly or
-    through wrappers.
-    """
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """The next class's ``start`` (Flower's), after :meth:`begin_run`."""
-        self.begin_run(num_rounds, timeout)
-        return super().start(
-            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
-        )
-
-
-class StrategyWrapper(BeginsRunOnStart, Strategy):
+class StrategyWrapper(RunsRoundsOnStart, Strategy):
     """A ``Strategy`` that delegates every hook to ``strategy``.
 
     Subclasses override the hooks they change and call the inner strategy's in them.
@@ -100,6 +66,22 @@ class StrategyWrapper(BeginsRunOnStart, Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner strategy's aggregate of the training replies."""
         return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_query(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's next query messages (none if it asks nothing more)."""
+        if isinstance(self.strategy, QueriesClients):
+            return self.strategy.configure_query(server_round, arrays, grid)
+        return []
+
+    def aggregate_query(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> ArrayRecord | None:
+        """The inner strategy's global model after the query's replies (None: unchanged)."""
+        if isinstance(self.strategy, QueriesClients):
+            return self.strategy.aggregate_query(server_round, replies)
+        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -1,8 +1,10 @@
 """Flower strategies (thin glue over fl_ec's algorithms), their settings and helpers.
 
 ``FedEC`` and ``FedHCE`` subclass Flower's ``FedAvg`` and take every ``FedAvg``
-argument; their own settings are the objects exported next to them.
-``SeededSampling`` and ``TimedAggregation`` wrap any strategy (``StrategyWrapper``).
+argument; their own settings are the objects exported next to them. The run
+machinery they run in -- ``SeededSampling`` and ``TimedAggregation`` wrap any strategy
+(``StrategyWrapper``), ``MeteredGrid`` meters any grid -- lives in :mod:`fl_ec.run`
+and is re-exported here.
 """
 
 from fl_ec.calibration import CalibrationSettings
@@ -11,7 +13,6 @@ from fl_ec.distill import DistillSettings
 from fl_ec.run.metering import MeteredGrid, TimedAggregation, payload_bytes
 from fl_ec.run.sampling import SeededSampler, SeededSampling
 from fl_ec.run.wrapper import StrategyWrapper
-from fl_ec.strategies.factory import build_strategy
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy
@@ -30,6 +31,5 @@ __all__ = [
     "TierPolicy",
     "TimedAggregation",
     "Variant",
-    "build_strategy",
     "payload_bytes",
 ]

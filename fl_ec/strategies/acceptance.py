@@ -37,6 +37,24 @@ class AcceptedReplies:
     contents: list[RecordDict] = field(default_factory=list)
     rejected: int = 0
     errors: int = 0
+    server_round: int = 0
+
+    def below(self, minimum: int, expected: bool = True) -> bool:
+        """Whether fewer than ``minimum`` replies were accepted; said in a warning when
+        replies were ``expected``."""
+        if len(self.models) >= minimum:
+            return False
+        if expected:
+            log(
+                WARNING,
+                "round %d: %d of %d replies accepted, fewer than min_valid_replies=%d; "
+                "the global model stays",
+                self.server_round,
+                len(self.models),
+                len(self.models) + self.rejected,
+                minimum,
+            )
+        return True
 
     def stats(self) -> dict[str, float]:
         return {
@@ -98,6 +116,7 @@ def accept_train_replies(
         contents=[reply.content for reply, _ in accepted],
         rejected=len(rejected),
         errors=sum(reply.has_error() for reply in rejected),
+        server_round=server_round,
     )
     log(
         INFO,

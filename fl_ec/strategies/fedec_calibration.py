@@ -34,8 +34,16 @@ from fl_ec.calibration import (
     FeatureStats,
     correct_prior,
     paired_z,
+    target_prior,
 )
 from fl_ec.scoring import hit_rate
+from fl_ec.strategies.degraded import (
+    ADD_CLASS_COUNTS,
+    DegradedFeatures,
+    all_class_counts,
+    nodes_without_counts,
+)
+from fl_ec.strategies.fedec_utils import ClientModel
 
 # A fix is reverted when the unfixed model is more accurate on validation with a
 # McNemar paired z above this (two-sided 5%).
@@ -132,6 +140,38 @@ def serve_feature_calibrated(
             return metrics
     metrics["feature-calibration-applied"] = 1.0
     return metrics
+
+
+def prior_correction(
+    student: nn.Module,
+    build_start: Callable[[], nn.Module] | None,
+    proxy: torch.Tensor,
+    accepted: list[ClientModel],
+    hits: HitsFn,
+    batch_size: int,
+    device: torch.device | str,
+    server_round: int,
+    degraded: DegradedFeatures,
+) -> dict[str, float]:
+    """FedEC's ``prior`` calibration step: :func:`serve_prior_corrected` towards the
+    label prior pooled from the replies' class counts, the start of distillation
+    (``build_start()``, scored on validation only) competing with the student.
+    Skipped, said once per run, when a reply carries no class counts."""
+    counts = all_class_counts(accepted)
+    if counts is None:
+        degraded.warn(
+            "prior-correction",
+            "round %d: replies from node(s) %s carry no class counts: calibration "
+            "'prior' is skipped in rounds with such replies; %s",
+            server_round,
+            nodes_without_counts(accepted),
+            ADD_CLASS_COUNTS,
+        )
+        return {"prior-correction-applied": 0.0}
+    start = build_start() if build_start is not None else None
+    return serve_prior_corrected(
+        student, start, proxy, target_prior(counts), hits, batch_size, device, server_round
+    )
 
 
 def _mean_or_nan(mask: torch.Tensor | None) -> float:

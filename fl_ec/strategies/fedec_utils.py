@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 
 import torch
 from flwr.app import MetricRecord, RecordDict
+from flwr.common.logger import log
 
 from fl_ec.models.spec import ArchSpec
 from fl_ec.protocol import NUM_EXAMPLES_KEY
@@ -93,6 +95,26 @@ def aggregatable_metrics(
         reduced[name] = MetricRecord({k: v for k, v in record.items() if k in shared})
         usable.append(reduced)
     return usable, left_out
+
+
+def aggregate_alike(
+    server_round: int,
+    contents: list[RecordDict],
+    aggregate: Callable[[list[RecordDict], str], MetricRecord],
+    weighted_by_key: str,
+) -> MetricRecord:
+    """``aggregate`` (a ``*_metrics_aggr_fn`` of FedAvg's) over the metrics every reply
+    reports alike (:func:`aggregatable_metrics`); the others are named in a warning."""
+    usable, left_out = aggregatable_metrics(contents, weighted_by_key)
+    if left_out:
+        log(
+            WARNING,
+            "round %d: metric(s) %s not reported alike by every reply; left out of "
+            "the aggregated metrics",
+            server_round,
+            ", ".join(left_out),
+        )
+    return aggregate(usable, weighted_by_key)
 
 
 def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,10 +35,11 @@ RunData = tuple[ExperimentConfig, ServerData, TensorData, np.ndarray]
 def run_data(metrics: dict) -> RunData:
     """A finished run's config, server data, full train set and the clients' row pool."""
     config = ExperimentConfig.from_run_config(metrics["config"], allow_retired=True)
-    server = load_server_data(config)
-    train, _ = load_dataset(config.dataset, config.data_dir, config.download)
+    data = config.data
+    server = load_server_data(data, config.seed)
+    train, _ = load_dataset(data.dataset, data.data_dir, data.download)
     pool = split_server_holdout(
-        len(train), config.proxy_size, config.validation_size, config.train_subset, config.seed
+        len(train), data.proxy_size, data.validation_size, data.train_subset, config.seed
     ).client_pool
     return config, server, train, pool
 

@@ -43,6 +43,11 @@ class SettingError(FlEcError, ValueError):
         super().__init__(f"{name}={value!r} {reason}")
 
 
+def one_of(options: Iterable[str]) -> str:
+    """A :class:`SettingError` reason for a value outside ``options``."""
+    return f"is unknown: choose one of {', '.join(options)}"
+
+
 def check_fields(settings: object, checks: Iterable[tuple[str, bool, str]]) -> None:
     """Raise :class:`SettingError` for the first ``(field, ok, reason)`` that is not ``ok``.
 

@@ -14,7 +14,7 @@ from typing import Any
 from fl_ec.calibration.gaussian import ClassifierGaussian
 from fl_ec.calibration.low_rank import DenseMixture, LowRankDense
 from fl_ec.calibration.statistics import FeatureStatistics
-from fl_ec.errors import SettingError, check_fields
+from fl_ec.errors import SettingError, check_fields, one_of
 
 # What FedEC does to the served model after aggregating: nothing, the label-prior
 # correction (fl_ec.calibration.prior), or retraining layers on virtual features.
@@ -79,9 +79,9 @@ class CalibrationSettings:
         check_fields(
             self,
             [
-                ("method", self.method in CALIBRATION_METHODS, _one_of(CALIBRATION_METHODS)),
-                ("nodes", self.nodes in CALIBRATION_NODES, _one_of(CALIBRATION_NODES)),
-                ("layers", self.layers in CALIBRATION_LAYERS, _one_of(CALIBRATION_LAYERS)),
+                ("method", self.method in CALIBRATION_METHODS, one_of(CALIBRATION_METHODS)),
+                ("nodes", self.nodes in CALIBRATION_NODES, one_of(CALIBRATION_NODES)),
+                ("layers", self.layers in CALIBRATION_LAYERS, one_of(CALIBRATION_LAYERS)),
                 ("rank", self.rank >= 1, "must be >= 1"),
                 ("components", self.components >= 1, "must be >= 1"),
                 (
@@ -103,7 +103,7 @@ class CalibrationSettings:
         ``preset``.
         """
         if name not in CALIBRATION_PRESETS:
-            raise SettingError(cls.__name__, "preset", name, _one_of(CALIBRATION_PRESETS))
+            raise SettingError(cls.__name__, "preset", name, one_of(CALIBRATION_PRESETS))
         return cls(**{**CALIBRATION_PRESETS[name], **overrides})
 
     def statistics(self) -> FeatureStatistics[Any]:
@@ -143,7 +143,3 @@ def _is_rounds(rounds: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _one_of(options: tuple[str, ...] | dict[str, Any]) -> str:
-    return f"is unknown: choose one of {', '.join(options)}"

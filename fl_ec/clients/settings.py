@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fl_ec.clients.attacks import ATTACKS
-from fl_ec.errors import ConfigError, check_fields
+from fl_ec.errors import ConfigError, check_fields, one_of
 from fl_ec.models.spec import is_known_model
 
 DEVICES = ("auto", "cpu", "cuda")  # fl_ec.training.select_device
@@ -60,9 +60,9 @@ class TrainingSection:
                 ("lr", self.lr > 0, "must be > 0"),
                 ("momentum", 0.0 <= self.momentum < 1.0, "must be within [0, 1)"),
                 ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
-                ("device", self.device in DEVICES, _one_of(DEVICES)),
+                ("device", self.device in DEVICES, one_of(DEVICES)),
                 ("client_threads", self.client_threads >= 0, "must be >= 0 (0: torch's default)"),
-                ("trainer", self.trainer in TRAINERS, _one_of(TRAINERS)),
+                ("trainer", self.trainer in TRAINERS, one_of(TRAINERS)),
             ],
         )
 
@@ -94,7 +94,7 @@ class SimulationSection:
                     "must be in [0, 1): the share of simulated nodes that fail each "
                     "training round",
                 ),
-                ("fail_mode", self.fail_mode in FAIL_MODES, _one_of(FAIL_MODES)),
+                ("fail_mode", self.fail_mode in FAIL_MODES, one_of(FAIL_MODES)),
             ],
         )
 
@@ -176,7 +176,3 @@ class NodeSettings:
             memory_mb=float(node_config.get("memory-mb", 0.0)),
             speed=float(node_config.get("speed", 0.0)),
         )
-
-
-def _one_of(options: tuple[str, ...]) -> str:
-    return f"is unknown: choose one of {', '.join(options)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fl_ec.errors import check_fields
+from fl_ec.errors import check_fields, one_of
 
 DATASETS = ("fashion-mnist", "cifar10", "synthetic")  # fl_ec.data.sources.load_dataset
 PARTITIONERS = ("iid", "dirichlet", "pathological")  # fl_ec.data.partition.partition_labels
@@ -38,8 +38,8 @@ class DataSection:
         check_fields(
             self,
             [
-                ("dataset", self.dataset in DATASETS, _one_of(DATASETS)),
-                ("partitioner", self.partitioner in PARTITIONERS, _one_of(PARTITIONERS)),
+                ("dataset", self.dataset in DATASETS, one_of(DATASETS)),
+                ("partitioner", self.partitioner in PARTITIONERS, one_of(PARTITIONERS)),
                 (
                     "alpha",
                     self.alpha > 0,
@@ -52,7 +52,3 @@ class DataSection:
                 ("train_subset", self.train_subset >= 0, "must be >= 0 (0: all)"),
             ],
         )
-
-
-def _one_of(options: tuple[str, ...]) -> str:
-    return f"is unknown: choose one of {', '.join(options)}"

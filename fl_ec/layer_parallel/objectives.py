@@ -41,7 +41,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812 - the universal alias
 
 from fl_ec.bitpack import pack_codes, packed_size, unpack_codes
-from fl_ec.errors import check_fields
+from fl_ec.errors import check_fields, one_of
 
 METHODS = ("penalty", "al")
 LOSSES = ("ce", "kl")
@@ -92,10 +92,10 @@ class LPSettings:
         check_fields(
             self,
             (
-                ("method", self.method in METHODS, _one_of(METHODS)),
-                ("loss", self.loss in LOSSES, _one_of(LOSSES)),
-                ("lr_schedule", self.lr_schedule in LR_SCHEDULES, _one_of(LR_SCHEDULES)),
-                ("backend", self.backend in BACKENDS, _one_of(BACKENDS)),
+                ("method", self.method in METHODS, one_of(METHODS)),
+                ("loss", self.loss in LOSSES, one_of(LOSSES)),
+                ("lr_schedule", self.lr_schedule in LR_SCHEDULES, one_of(LR_SCHEDULES)),
+                ("backend", self.backend in BACKENDS, one_of(BACKENDS)),
                 ("stages", self.stages >= 1, "must be >= 1"),
                 ("epochs", self.epochs >= 1, "must be >= 1"),
                 ("parallel_epochs", self.parallel_epochs >= 1, "must be >= 1"),
@@ -136,10 +136,6 @@ class LPSettings:
         """Epoch ``epoch`` (0-based) is a serial correction pass in the schedule."""
         cycle = self.parallel_epochs + self.serial_epochs
         return self.serial_epochs > 0 and epoch % cycle >= self.parallel_epochs
-
-
-def _one_of(options: tuple[str, ...]) -> str:
-    return f"is unknown: choose one of {', '.join(options)}"
 
 
 class BoundaryFilter:

@@ -19,7 +19,7 @@ from fl_ec.calibration import CalibrationSettings
 from fl_ec.compression import Variant, parse_variants
 from fl_ec.distill import DistillSettings
 from fl_ec.diversity import check_diversity_weight
-from fl_ec.errors import ConfigError, SettingError, check_fields
+from fl_ec.errors import ConfigError, SettingError, check_fields, one_of
 from fl_ec.robust import StartRule, parse_start_rule
 from fl_ec.strategies.fedhce_utils import TierPolicy, check_variant_names, parse_tier_policy
 from fl_ec.strategies.settings import FedECSettings
@@ -51,7 +51,7 @@ class FederationSection:
         check_fields(
             self,
             [
-                ("strategy", self.strategy in STRATEGIES, _one_of(STRATEGIES)),
+                ("strategy", self.strategy in STRATEGIES, one_of(STRATEGIES)),
                 ("num_server_rounds", self.num_server_rounds > 0, "must be > 0"),
                 ("fraction_train", 0.0 <= self.fraction_train <= 1.0, "must be within [0, 1]"),
                 (
@@ -105,7 +105,7 @@ class FedECSection:
                 (
                     "distill_trainer",
                     self.distill_trainer in DISTILL_TRAINERS,
-                    _one_of(DISTILL_TRAINERS),
+                    one_of(DISTILL_TRAINERS),
                 )
             ],
         )
@@ -189,7 +189,3 @@ class FedHCESection:
     def variant_distill_settings(self) -> DistillSettings:
         """FedHCE's distillation of its variants: ``variant-distill-steps`` steps."""
         return DistillSettings(steps=self.variant_distill_steps)
-
-
-def _one_of(options: tuple[str, ...]) -> str:
-    return f"is unknown: choose one of {', '.join(options)}"

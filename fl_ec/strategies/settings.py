@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fl_ec.ensemble import RULES
-from fl_ec.errors import check_fields
+from fl_ec.errors import check_fields, one_of
 from fl_ec.robust import check_trim
 
 CLIENT_STARTS = ("student", "average")  # what the next round's clients train from
@@ -36,16 +36,8 @@ class FedECSettings:
         check_fields(
             self,
             [
-                (
-                    "teacher_rule",
-                    self.teacher_rule in RULES,
-                    f"is unknown: choose one of {', '.join(RULES)}",
-                ),
-                (
-                    "client_start",
-                    self.client_start in CLIENT_STARTS,
-                    f"is unknown: choose one of {', '.join(CLIENT_STARTS)}",
-                ),
+                ("teacher_rule", self.teacher_rule in RULES, one_of(RULES)),
+                ("client_start", self.client_start in CLIENT_STARTS, one_of(CLIENT_STARTS)),
                 ("proxy_per_round", self.proxy_per_round >= 0, "must be >= 0 (0: all)"),
                 ("proxy_batch_size", self.proxy_batch_size > 0, "must be > 0"),
                 ("min_valid_replies", self.min_valid_replies >= 1, "must be >= 1"),

@@ -171,8 +171,11 @@ class FedEC(RunsRoundsOnStart, FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> FedEC: %s on %d proxy samples, calibration=%s, distill=%s",
-            self.settings, len(self.proxy_inputs), self.calibration, self.distill_settings)
+        s = self.settings
+        log(INFO, "\t└──> FedEC: teacher=%s (trim %g) on %d proxy samples (%s per round), clients "
+            "start from the %s, calibration=%s, distill=%s, min_valid_replies=%d", s.teacher_rule,
+            s.teacher_trim, len(self.proxy_inputs), s.proxy_per_round or "all", s.client_start,
+            self.calibration, self.distill_settings, s.min_valid_replies)
 
     # -- Flower hooks -------------------------------------------------------------
     def begin_run(self, num_rounds: int, timeout: float = 3600) -> None:

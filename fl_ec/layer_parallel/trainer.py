@@ -37,14 +37,14 @@ from torch import nn
 
 from fl_ec.distill import augmented_views, kd_loss, recalibrate_batchnorm
 from fl_ec.layer_parallel.collective import (
-    _barrier,
-    _bn_buffers,
-    _broadcast_stages,
-    _from_last,
-    _restore_bn,
-    _save,
-    _sum_over_ranks,
-    _Threads,
+    TorchThreads,
+    barrier,
+    bn_buffers,
+    broadcast_stages,
+    from_last,
+    restore_bn,
+    save_stage_state,
+    sum_over_ranks,
 )
 from fl_ec.layer_parallel.objectives import (
     BoundaryFilter,
@@ -232,7 +232,7 @@ def _worker(
     epoch_seconds, kinds, sent_bytes, losses = [], [], [], []
     parallel_done = 0
     for epoch in range(settings.epochs):
-        _barrier(world)
+        barrier(world)
         start = time.perf_counter()
         settings.apply_lr(optimizer, epoch)
         if serial_optimizer is not None:
@@ -244,7 +244,7 @@ def _worker(
             # Rank 0 is idle now: the ranks that hold auxiliary variables share its
             # threads for the re-initialising forward pass (a 1-thread stage-0 pass over
             # 10k images took 7 s, a third of a serial epoch).
-            with _Threads(max(1, settings.threads_per_worker * world // max(1, world - 1))):
+            with TorchThreads(max(1, settings.threads_per_worker * world // max(1, world - 1))):
                 state.reinitialise(inputs)
             kinds.append("serial")
             sent = 0
@@ -266,13 +266,13 @@ def _worker(
             kinds.append("parallel")
             if epoch == settings.epochs - 1:
                 _finalise(rank, world, model, keys, inputs, settings, device)
-        _barrier(world)
+        barrier(world)
         epoch_seconds.append(time.perf_counter() - start)
-        sent_bytes.append(_sum_over_ranks(sent, world))
-        losses.append(_from_last(loss, rank, world))
+        sent_bytes.append(sum_over_ranks(sent, world))
+        losses.append(from_last(loss, rank, world))
         if keep_checkpoints:
-            _save(model, keys[rank], Path(out_dir) / f"epoch{epoch}-rank{rank}.pt")
-    _save(model, keys[rank], Path(out_dir) / f"final-rank{rank}.pt")
+            save_stage_state(model, keys[rank], Path(out_dir) / f"epoch{epoch}-rank{rank}.pt")
+    save_stage_state(model, keys[rank], Path(out_dir) / f"final-rank{rank}.pt")
     if rank == 0:
         stats = {
             "epoch-seconds": epoch_seconds,
@@ -285,7 +285,7 @@ def _worker(
         # No rank leaves while another still works: a peer closing its gloo connections
         # under a rank that is still writing can abort that rank ("terminate called
         # without an active exception", SIGABRT).
-        _barrier(world)
+        barrier(world)
         dist.destroy_process_group()
 
 
@@ -308,7 +308,7 @@ class _BoundaryState:
         """Aux = the forward activations at this rank's input; lambda = 0."""
         if self.rank > 0:
             prefix = self.stages[: self.rank]
-            saved = _bn_buffers(prefix)
+            saved = bn_buffers(prefix)
             chunks = []
             for x in inputs.split(512):
                 h = x.to(self.device)
@@ -316,7 +316,7 @@ class _BoundaryState:
                     stage.train()  # batch statistics, as the parallel steps will see
                     h = stage(h)
                 chunks.append(h.cpu())
-            _restore_bn(prefix, saved)
+            restore_bn(saved)
             self.aux = torch.cat(chunks)
             self.aux_sq = torch.zeros_like(self.aux)
             if self.settings.method == "al":
@@ -420,9 +420,9 @@ def _finalise(rank, world, model, keys, inputs, settings, device) -> None:  # no
 def _on_rank0_then_share(rank, world, model, keys, settings, work) -> None:  # noqa: ANN001
     """Gather every stage on every rank, run ``work`` on rank 0 with all the workers'
     threads (the others are idle meanwhile), then give everyone rank 0's weights."""
-    _broadcast_stages(model.state_dict(), keys, world)
+    broadcast_stages(model.state_dict(), keys, world)
     if rank == 0:
-        with _Threads(settings.serial_threads or settings.threads_per_worker * world):
+        with TorchThreads(settings.serial_threads or settings.threads_per_worker * world):
             work()
     if world > 1:
         for tensor in model.state_dict().values():

@@ -152,14 +152,19 @@ class SeededSampler:
 
 
 class OrderedGrid(DelegatingGrid):
-    """``inner`` whose ``get_node_ids`` lists the nodes in a fixed order."""
+    """``inner`` whose ``get_node_ids`` lists the nodes in a fixed order.
 
-    def __init__(self, inner: Grid, order: list[int]) -> None:
+    ``order`` is the list, or what computes it when the nodes are first asked for.
+    """
+
+    def __init__(self, inner: Grid, order: list[int] | Callable[[], list[int]]) -> None:
         super().__init__(inner)
-        self.order = order
+        self._order = order
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.order)
+        if callable(self._order):
+            self._order = self._order()
+        return list(self._order)
 
 
 SampleCallback = Callable[[int, list[int], dict[int, NodeInfo]], None]
@@ -212,9 +217,10 @@ class SeededSampling(StrategyWrapper):
     def configure_query(
         self, server_round: int, arrays: ArrayRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The inner strategy's query messages, the grid's nodes seen in node order."""
+        """The inner strategy's query messages, the grid's nodes seen in node order
+        (asked for only if the strategy asks for them: most rounds query nobody)."""
         return super().configure_query(
-            server_round, arrays, OrderedGrid(grid, self.sampler.ordered_nodes(grid))
+            server_round, arrays, OrderedGrid(grid, lambda: self.sampler.ordered_nodes(grid))
         )
 
     def aggregate_query(

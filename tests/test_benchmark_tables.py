@@ -180,3 +180,15 @@ def test_the_benchmark_knows_the_kept_value_of_every_retired_knob():
     by_preset |= {"calibration-rank", "calibration-components", "trim-ratio"}
     assert set(kept_values()) == set(RETIRED_KEYS) - by_preset
     assert kept_values() == _RETIRED_KNOBS  # the reuse check reads the one registry
+
+
+def test_compare_runs_leaves_out_time_and_node_ids():
+    from compare_runs import flatten
+
+    a, b = {}, {}
+    flatten("round1", {"acc": 0.5, "aggregate-seconds": 1.0, "bytes-by-node": {"7": 3}}, a)
+    flatten("round1", {"acc": 0.5, "aggregate-seconds": 9.0, "bytes-by-node": {"8": 3}}, b)
+    assert a == b == {"round1.acc": 0.5, "round1.bytes-by-node": ["3"]}
+    flatten("round1", {"variant": {"int8": {"gain": 0.1, "calibration-seconds": 2.0}}}, b)
+    assert b["round1.variant.int8.gain"] == 0.1
+    assert "round1.variant.int8.calibration-seconds" not in b

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -17,8 +16,7 @@ from fl_ec.models.spec import ArchSpec
 from fl_ec.run.quorum import ReplyQuorum
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE
-
-StudentTrainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+from fl_ec.strategies.steps import StudentTrainer
 
 
 def build_strategy(

@@ -7,7 +7,7 @@ the problem and what to change.
 """
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -41,6 +41,16 @@ class SettingError(FlEcError, ValueError):
         self.owner, self.field, self.value, self.reason = owner, field, value, reason
         name = f"{owner}.{field}" if owner else field
         super().__init__(f"{name}={value!r} {reason}")
+
+
+def accepts(check: Callable[[Any], object], value: Any) -> bool:
+    """Whether ``check(value)`` returns without a ``ValueError``: a parser or checker
+    that raises used as one of :func:`check_fields`' conditions."""
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
 
 
 def one_of(options: Iterable[str]) -> str:

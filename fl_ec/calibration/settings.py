@@ -14,7 +14,7 @@ from typing import Any
 from fl_ec.calibration.gaussian import ClassifierGaussian
 from fl_ec.calibration.low_rank import DenseMixture, LowRankDense
 from fl_ec.calibration.statistics import FeatureStatistics
-from fl_ec.errors import SettingError, check_fields, one_of
+from fl_ec.errors import SettingError, accepts, check_fields, one_of
 
 # What FedEC does to the served model after aggregating: nothing, the label-prior
 # correction (fl_ec.calibration.prior), or retraining layers on virtual features.
@@ -90,7 +90,7 @@ class CalibrationSettings:
                     'need the dense calibration: set layers="dense" or components=1',
                 ),
                 ("samples", self.samples >= 1, "must be >= 1"),
-                ("rounds", _is_rounds(self.rounds), _ROUNDS_REASON),
+                ("rounds", accepts(calibration_every, self.rounds), _ROUNDS_REASON),
             ],
         )
 
@@ -135,11 +135,3 @@ def calibration_every(rounds: str) -> int:
     if count != rounds and count.isdigit() and int(count) >= 1:
         return int(count)
     raise ValueError(f"calibration-rounds={rounds!r} {_ROUNDS_REASON}")
-
-
-def _is_rounds(rounds: str) -> bool:
-    try:
-        calibration_every(rounds)
-    except ValueError:
-        return False
-    return True

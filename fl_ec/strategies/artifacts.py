@@ -18,7 +18,7 @@ from fl_ec.ensemble import teacher_logits
 from fl_ec.hce import evaluate_variants, save_variants
 from fl_ec.results import RunRecorder
 from fl_ec.scoring import accuracy
-from fl_ec.strategies.fedec_utils import ClientModel
+from fl_ec.strategies.fedec_utils import ClientModel, members_of
 from fl_ec.strategies.variant_bank import VariantBank
 
 
@@ -32,7 +32,7 @@ def save_ensemble(
     its test accuracy and size to the summary. Nothing without a completed round."""
     if not client_models:
         return
-    members = [m.model.eval() for m in client_models]
+    members = members_of(client_models)
     outputs = teacher_logits(members, test.normalize(test.images), "mean-logits", device=device)
     test_accuracy = accuracy(outputs.logits, test.labels)
     recorder.extra_summary["ensemble-test-accuracy"] = test_accuracy

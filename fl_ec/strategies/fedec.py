@@ -38,7 +38,7 @@ from fl_ec.strategies.acceptance import accept_evaluate_replies, accept_train_re
 from fl_ec.strategies.artifacts import save_ensemble
 from fl_ec.strategies.degraded import DegradedFeatures
 from fl_ec.strategies.fedec_calibration import prior_correction
-from fl_ec.strategies.fedec_utils import ClientModel, aggregate_alike, is_finite_state
+from fl_ec.strategies.fedec_utils import ClientModel, aggregate_alike, is_finite_state, members_of
 from fl_ec.strategies.global_model import GlobalModel, ModelBuilder
 from fl_ec.strategies.replies import Expected, ReplyLimits, parse_train_reply
 from fl_ec.strategies.serving import FeatureCalibrator, RoundServing, ServePlan
@@ -52,7 +52,6 @@ from fl_ec.strategies.steps import (
     distill_metrics,
     distill_student,
     log_round,
-    members_of,
     proxy_for_round,
     round_seed,
     run_teacher,

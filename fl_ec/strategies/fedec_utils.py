@@ -40,6 +40,11 @@ class ClientModel:
     variant: str = ""  # the compressed variant the client trained (FedHCE), if any
 
 
+def members_of(models: Iterable[ClientModel]) -> list[torch.nn.Module]:
+    """The client models themselves, in eval mode (EC-DNN's global ensemble)."""
+    return [m.model.eval() for m in models]
+
+
 def group_by_spec(models: Iterable[ClientModel]) -> dict[str, list[ClientModel]]:
     """Replies grouped by architecture: spec JSON plus the array shapes (pruned variants)."""
     groups: dict[str, list[ClientModel]] = {}

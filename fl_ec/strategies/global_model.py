@@ -17,7 +17,6 @@ from torch import nn
 from fl_ec.errors import ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
 from fl_ec.strategies.replies import Expected, shapes_of_state, spec_bounds
-from fl_ec.strategies.steps import num_outputs
 
 ModelBuilder = Callable[[], nn.Module]
 # Rebuilds a model whose arrays do not fit the builder's model as it is (FedHCE: a
@@ -69,3 +68,9 @@ class GlobalModel:
         if claimed is None or claimed == self.spec:
             return Expected(self.spec, self.bounds, False, self.num_classes)
         return Expected(claimed, spec_bounds(claimed, self.spec), False, self.num_classes)
+
+
+def num_outputs(model: nn.Module) -> int | None:
+    """The number of classes: the last linear layer's outputs (None without one)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

@@ -119,12 +119,13 @@ class FeatureCalibrator:
         ``offset`` tells the calibration's seed apart from the round's other draws;
         ``round_clients`` asks the round's clients whatever ``settings.nodes`` says.
         """
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if arrays is None:
+            arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
         nodes = [m.node_id for m in outcome.accepted]
         query = StatsQuery(
             outcome.server_round,
             model,
-            arrays or ArrayRecord(state),
+            arrays,
             None if self.settings.nodes == "all" and not round_clients else nodes,
             extra_config or {},
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fl_ec.ensemble import RULES
-from fl_ec.errors import check_fields, one_of
+from fl_ec.errors import accepts, check_fields, one_of
 from fl_ec.robust import check_trim
 
 CLIENT_STARTS = ("student", "average")  # what the next round's clients train from
@@ -43,7 +43,7 @@ class FedECSettings:
                 ("min_valid_replies", self.min_valid_replies >= 1, "must be >= 1"),
                 (
                     "teacher_trim",
-                    _is_trim(self.teacher_trim),
+                    accepts(check_trim, self.teacher_trim),
                     "is neither a number of clients (1, 2, ...) nor a fraction of them "
                     "(0 < trim < 1); 0 trims none",
                 ),
@@ -55,10 +55,3 @@ class FedECSettings:
         """Whether the clients train the parameter average (``client_start="average"``)."""
         return self.client_start == "average"
 
-
-def _is_trim(value: float) -> bool:
-    try:
-        check_trim(value)
-    except ValueError:
-        return False
-    return True

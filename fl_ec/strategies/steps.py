@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO
 
@@ -131,6 +131,7 @@ def run_teacher(
     proxy pass over every client model would only cost time and is skipped; the
     validation pass still reports the teacher's accuracy.
     """
+    class_counts = all_class_counts(accepted)
 
     def combine(inputs: torch.Tensor) -> TeacherOutputs:
         return teacher_logits(
@@ -139,7 +140,7 @@ def run_teacher(
             rule=settings.rule,
             batch_size=settings.batch_size,
             device=settings.device,
-            class_counts=all_class_counts(accepted),
+            class_counts=class_counts,
             trim=settings.trim,
         )
     metrics: dict[str, float] = {"teacher-seconds": 0.0}
@@ -240,15 +241,3 @@ class ValidationScorer:
         if self.validation is None:
             return float("nan")
         return model_accuracy(model, self.validation[0], self.validation[1], device=self.device)
-
-
-def num_outputs(model: nn.Module) -> int | None:
-    """The number of classes: the last linear layer's outputs (None without one)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
-
-
-def members_of(models: Sequence[ClientModel]) -> list[nn.Module]:
-    """The client models themselves, in eval mode (EC-DNN's global ensemble)."""
-    return [m.model.eval() for m in models]
-

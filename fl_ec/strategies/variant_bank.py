@@ -78,10 +78,8 @@ class VariantBank:
 
     def pack_payloads(self) -> dict[str, int]:
         """Pack what the clients get (the variants as sent); the bytes of each payload."""
-        self.payloads = {
-            name: make_payload(model, self.variants[name], self.pack)
-            for name, model in self.sent_models.items()
-        }
+        sent = self.sent_models.items()
+        self.payloads = {name: self.payload_of(name, model) for name, model in sent}
         # What each client will start from, to rebase its reply on.
         self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
         return {name: p.nbytes for name, p in self.payloads.items()}
@@ -186,11 +184,7 @@ class VariantBank:
         self.models = rebuild("variant")
         shared = state.meta.get("variants-sent-as-served", True)
         self.sent_models = dict(self.models) if shared else rebuild("sent")
-        self.payloads = {
-            name: make_payload(model, self.variants[name], self.pack)
-            for name, model in self.sent_models.items()
-        }
-        self.sent_states = {name: sent_state(p) for name, p in self.payloads.items()}
+        self.pack_payloads()
 
 
 class FoldedStart:

@@ -120,7 +120,3 @@ def aggregate_alike(
             ", ".join(left_out),
         )
     return aggregate(usable, weighted_by_key)
-
-
-def state_of(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in arrays.items()}

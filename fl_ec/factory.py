@@ -13,6 +13,7 @@ from fl_ec.data.federated import ServerData
 from fl_ec.errors import ConfigError
 from fl_ec.layer_parallel import train_layer_parallel
 from fl_ec.models.spec import ArchSpec
+from fl_ec.run.downlink import QuantizedDownlink
 from fl_ec.run.quorum import ReplyQuorum
 from fl_ec.strategies.fedec import FedEC
 from fl_ec.strategies.fedhce import FedHCE
@@ -30,6 +31,7 @@ def build_strategy(
     than ``min-train-replies`` usable replies keeps the global model: FedEC and FedHCE
     count the replies they accept, after their own checks; ``FedAvg`` is wrapped in a
     :class:`~fl_ec.run.quorum.ReplyQuorum` that counts the replies that are not errors.
+    ``downlink-bits`` wraps the result in a :class:`~fl_ec.run.downlink.QuantizedDownlink`.
     """
     federation = config.federation
     common = dict(
@@ -40,6 +42,19 @@ def build_strategy(
         min_evaluate_nodes=federation.min_available_nodes,
         min_available_nodes=federation.min_available_nodes,
     )
+    strategy = _inner_strategy(config, common, spec, server_data)
+    if federation.downlink_bits:
+        strategy = QuantizedDownlink(strategy, federation.downlink_bits)
+    return strategy
+
+
+def _inner_strategy(
+    config: ExperimentConfig,
+    common: dict,
+    spec: ArchSpec | None,
+    server_data: ServerData | None,
+) -> Strategy:
+    federation = config.federation
     if federation.strategy == "fedavg":
         return ReplyQuorum(FedAvg(**common), federation.min_train_replies)
     if spec is None or server_data is None:
@@ -78,6 +93,8 @@ def build_strategy(
         variant_distill=fedhce.variant_distill_settings(),
         fold_pruned=fedhce.fold_pruned,
         calibrate_variants=fedhce.calibrate_variants,
+        quantized_training=fedhce.quantized_training,
+        reprune=fedhce.reprune,
         **fedec_kwargs,
     )
 

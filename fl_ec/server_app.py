@@ -39,7 +39,7 @@ from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.data.federated import ServerData, load_server_data
 from fl_ec.errors import install_one_line_errors
 from fl_ec.factory import build_strategy
-from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model
+from fl_ec.models.spec import ArchSpec, build_from_state_dict, build_model, scaled_widths
 from fl_ec.protocol import ARCH_SPEC_KEY, LOCAL_EPOCHS_KEY, LR_KEY
 from fl_ec.results import RunRecorder, default_run_name, safe_run_name
 from fl_ec.run.abort import AbortOnFailedRounds
@@ -47,7 +47,8 @@ from fl_ec.run.loop import RoundPlan, run_rounds
 from fl_ec.run.metering import MeteredGrid, TimedAggregation
 from fl_ec.run.reporting import RunReporter
 from fl_ec.run.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
-from fl_ec.run.wrapper import StrategyWrapper
+from fl_ec.run.tiers import TrainTiers
+from fl_ec.run.wrapper import StrategyWrapper, innermost
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -78,11 +79,13 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         name=config.training.model,
         input_shape=server_data.test.input_shape,
         num_classes=server_data.test.num_classes,
+        widths=scaled_widths(config.training.model, config.training.model_width),
     )
     torch.manual_seed(config.seed)
     initial_model = build_model(spec)
     strategy = build_strategy(config, spec, server_data)
-    reporter = strategy if isinstance(strategy, RunReporter) else None
+    reporter = innermost(strategy)
+    reporter = reporter if isinstance(reporter, RunReporter) else None
 
     if checkpoint is None:
         run_name = safe_run_name(
@@ -96,6 +99,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     sampled = SeededSampling(
         strategy, SeededSampler(config.seed, federation.round_timeout), record_sample(recorder)
     )
+    if federation.tier_list():  # outside the sampling: the sample recorded is the whole one
+        sampled = TrainTiers(sampled, federation.tier_list())
     wrapped = TimedAggregation(sampled, recorder)
     arrays = ArrayRecord(initial_model.state_dict())
     if checkpoint is not None:
@@ -198,12 +203,14 @@ def resume_from(
 
 
 def record_sample(recorder: RunRecorder) -> SampleCallback:
-    """Record each training round's sampled partitions and their pooled class counts."""
+    """Record each training round's sampled partitions (also by node id) and their pooled
+    class counts."""
 
     def on_sample(server_round: int, nodes: list[int], info: dict[int, NodeInfo]) -> None:
         known = [info[n] for n in nodes if n in info]
         metrics = recorder.record_for(server_round).metrics
         metrics["sampled-partitions"] = sorted(i.partition_id for i in known)
+        metrics["partition-by-node"] = {str(n): info[n].partition_id for n in nodes if n in info}
         if known and all(len(i.class_counts) == len(known[0].class_counts) for i in known):
             columns = zip(*(i.class_counts for i in known), strict=True)
             metrics["sampled-class-counts"] = [sum(column) for column in columns]

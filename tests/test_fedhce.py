@@ -461,3 +461,42 @@ def test_restored_from_a_checkpoint_round_two_runs_exactly_as_without_a_restart(
     }
     assert sent_a == sent_b  # the same bytes to every node
     assert all(torch.equal(served_a[k], served_b[k]) for k in served_a)
+
+
+@pytest.mark.parametrize("quantized_training", [True, False])
+def test_quantized_training_off_keeps_quantization_on_the_wire_only(
+    task_identity, data, quantized_training
+):
+    from fl_ec.clients.client_app import received_model
+    from fl_ec.compression import weight_bits
+
+    strategy = _strategy(data, quantized_training=quantized_training)
+    first = _configure(strategy, {1: "edge", 2: "edge"})
+    config = first[1].content["config"]
+    assert config["variant"] == "int8" and "wire-manifest" in config  # packed either way
+    sent_bytes = sum(a.numpy().nbytes for a in first[1].content["arrays"].values())
+    assert sent_bytes < 0.3 * 4 * sum(p.numel() for p in build_model(SPEC).parameters())
+    _, model = received_model(first[1].content)  # what fl-ec's ClientApp trains
+    assert weight_bits(model) == (8 if quantized_training else 0)
+    replies = [_client_reply(m, "edge") for m in first.values()]
+    strategy.aggregate_train(1, replies)
+    # The teacher runs each returned model as it was trained.
+    assert {weight_bits(m.model) for m in strategy.last_client_models} == {
+        8 if quantized_training else 0
+    }
+    assert weight_bits(strategy.bank.models["int8"]) == 8  # the served copy stays quantized
+
+
+def test_reprune_folds_each_reply_by_the_cut_it_was_sent(task_identity, data):
+    strategy = _strategy(data, reprune=True)
+    tiers = {1: "gpu", 2: "edge", 3: "edge"}
+    for server_round in (1, 2, 3):
+        sent = _configure(strategy, tiers, server_round)
+        cut = strategy.bank.factory.structures.get("prune-0.5+int4")
+        replies = [_client_reply(sent[n], tier) for n, tier in tiers.items()]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None and strategy.server_metrics[server_round]["valid-replies"] == 3
+        if server_round > 1:  # the edge replies were folded by the cut they were sent
+            assert cut is not None
+    full_shapes = {k: v.shape for k, v in build_model(SPEC).state_dict().items()}
+    assert {k: v.shape for k, v in arrays.to_torch_state_dict().items()} == full_shapes

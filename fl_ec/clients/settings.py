@@ -32,10 +32,13 @@ class TrainingSection:
     Each client trains ``local_epochs`` epochs of SGD (no weight decay) on its
     partition, its gradient norm clipped to ``max_grad_norm`` (0: no clipping), with
     ``client_threads`` torch threads (0: torch's default); ``trainer="layer-parallel"``
-    trains a ResNet with the layer-parallel trainer instead.
+    trains a ResNet with the layer-parallel trainer instead. ``model_width`` scales the
+    model's default channel widths (0.5: half the channels, about a quarter of the
+    parameters), for every node and the server alike.
     """
 
     model: str = "cnn"
+    model_width: float = 1.0
     local_epochs: int = 5
     batch_size: int = 32
     lr: float = 0.05
@@ -55,6 +58,7 @@ class TrainingSection:
                     "is unknown: choose cnn, resnet8, resnet20 (or any resnet<6n+2>, e.g. "
                     "resnet56)",
                 ),
+                ("model_width", 0 < self.model_width <= 4, "must be within (0, 4]"),
                 ("local_epochs", self.local_epochs > 0, "must be > 0"),
                 ("batch_size", self.batch_size > 0, "must be > 0"),
                 ("lr", self.lr > 0, "must be > 0"),

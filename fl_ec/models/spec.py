@@ -82,6 +82,11 @@ def resnet_depth(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def scaled_widths(name: str, width: float) -> tuple[int, int, int]:
+    """The default widths of model ``name``, each times ``width`` (at least one channel)."""
+    return tuple(max(1, round(w * width)) for w in _default_widths(name))  # type: ignore[return-value]
+
+
 def _default_widths(name: str) -> tuple[int, int, int]:
     return DEFAULT_WIDTHS["cnn" if name == "cnn" else "resnet"]
 

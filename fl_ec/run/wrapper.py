@@ -103,3 +103,10 @@ class StrategyWrapper(RunsRoundsOnStart, Strategy):
     def describe(self) -> str:
         """One line on what the wrapper adds, for :meth:`summary`."""
         return f"{self.__class__.__name__} of {self.strategy.__class__.__name__}"
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The strategy inside any number of :class:`StrategyWrapper` layers."""
+    while isinstance(strategy, StrategyWrapper):
+        strategy = strategy.strategy
+    return strategy

@@ -78,6 +78,11 @@ class FedHCE(FedEC):
     calibrate_variants : bool (default: True)
         In each feature-calibrated round, also query the clients once per compressed
         variant for *its* features and recalibrate its classifier from them.
+    quantized_training : bool (default: True)
+        Clients train a quantized variant quantization-aware (its weights fake-quantized
+        in every forward). Off: quantization stays on the wire and in the served copy;
+        clients train the unpacked weights in fp32, and the server applies their change
+        to its fp32 copy of the variant, as always.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument. With ``model_builder`` a
         pruned variant is the user's model cut to its pruning decision, which travels
@@ -97,6 +102,7 @@ class FedHCE(FedEC):
         reprune: bool = False,
         pack_quantized: bool = True,
         calibrate_variants: bool = True,
+        quantized_training: bool = True,
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -112,6 +118,7 @@ class FedHCE(FedEC):
         self.diversity_weight = diversity_weight
         self.variant_distill = variant_distill or DistillSettings(steps=100)
         self.calibrate_variants = calibrate_variants
+        self.quantized_training = quantized_training
         example = self.proxy_inputs[:2]  # what pruning traces the model with
         spec = self.model.spec
         if spec is not None:
@@ -151,7 +158,9 @@ class FedHCE(FedEC):
             node = message.metadata.dst_node_id
             name = self.assignment[node] = self._assign(node)
             payload = self.bank.payloads[name]
-            variant_config = self.bank.config_of(name, payload, self.model.spec is None)
+            variant_config = self.bank.config_of(
+                name, payload, self.model.spec is None, self.quantized_training
+            )
             node_config = ConfigRecord({**dict(config), **variant_config})
             record = RecordDict(
                 {self.arrayrecord_key: payload.arrays, self.configrecord_key: node_config}
@@ -174,14 +183,16 @@ class FedHCE(FedEC):
     # -- FedEC hooks ----------------------------------------------------------------
     def read_reply(self, reply: Message) -> ClientModel:
         """FedEC's checks and the node's capability's; a returned variant runs as it was
-        trained (quantized ones with fake-quant on). The capability is kept once valid."""
+        trained (quantized ones with fake-quant on, under ``quantized_training``). The
+        capability is kept once valid."""
         records = reply.content.config_records if not reply.has_error() else {}
         capability = (
             check_capability(records[CAPABILITY_KEY]) if CAPABILITY_KEY in records else None
         )
         client_model = super().read_reply(reply)
-        variant = self.bank.variants[client_model.variant or FULL]
-        enable_weight_fake_quant(client_model.model, variant.bits)
+        if self.quantized_training:
+            variant = self.bank.variants[client_model.variant or FULL]
+            enable_weight_fake_quant(client_model.model, variant.bits)
         if capability is not None:
             self.capabilities[client_model.node_id] = capability
         return client_model

@@ -36,7 +36,10 @@ class FederationSection:
     ``fraction_train`` of the connected nodes train each of ``num_server_rounds``
     rounds (``fraction_evaluate`` evaluate), at least ``min_available_nodes`` of them;
     a round waits ``round_timeout`` seconds for replies and keeps the global model
-    with fewer than ``min_train_replies`` usable ones.
+    with fewer than ``min_train_replies`` usable ones. ``train_tiers`` (comma-separated
+    device tiers; empty: all) leaves the sampled nodes of other tiers out of training
+    (:class:`~fl_ec.run.tiers.TrainTiers`); ``downlink_bits`` (8, 4, 2; 0: fp32) sends
+    FedAvg's training weights quantized (:class:`~fl_ec.run.downlink.QuantizedDownlink`).
     """
 
     strategy: str = "fedec"
@@ -46,11 +49,24 @@ class FederationSection:
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
     min_train_replies: int = 1
+    train_tiers: str = ""
+    downlink_bits: int = 0
+
+    def tier_list(self) -> list[str]:
+        """The tiers named by ``train_tiers`` (empty: every tier trains)."""
+        return [tier.strip() for tier in self.train_tiers.split(",") if tier.strip()]
 
     def __post_init__(self) -> None:
         check_fields(
             self,
             [
+                ("downlink_bits", self.downlink_bits in (0, 2, 4, 8), one_of(("0", "2", "4", "8"))),
+                (
+                    "downlink_bits",
+                    not self.downlink_bits or self.strategy == "fedavg",
+                    "applies to strategy=fedavg only (FedHCE quantizes per variant): set it "
+                    "to 0",
+                ),
                 ("strategy", self.strategy in STRATEGIES, one_of(STRATEGIES)),
                 ("num_server_rounds", self.num_server_rounds > 0, "must be > 0"),
                 ("fraction_train", 0.0 <= self.fraction_train <= 1.0, "must be within [0, 1]"),
@@ -154,6 +170,8 @@ class FedHCESection:
     variant_distill_steps: int = 100
     fold_pruned: bool = True
     calibrate_variants: bool = True
+    quantized_training: bool = True
+    reprune: bool = False
 
     def __post_init__(self) -> None:
         names = [variant.name for variant in self.variant_list()]

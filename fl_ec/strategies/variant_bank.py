@@ -88,15 +88,18 @@ class VariantBank:
         """``model`` packed as variant ``name`` travels."""
         return make_payload(model, self.variants[name], self.pack)
 
-    def config_of(self, name: str, payload: Payload, replayed: bool) -> dict[str, Any]:
+    def config_of(
+        self, name: str, payload: Payload, replayed: bool, quantized: bool = True
+    ) -> dict[str, Any]:
         """What a client needs, besides the arrays, to rebuild and run variant ``name``.
 
         ``replayed`` (no spec): a pruned variant's shape is its pruning decision on the
         user's model, which the client replays on a fresh ``model_builder()``.
+        ``quantized`` off: the client runs the unpacked weights in fp32 (no fake-quant).
         """
         config: dict[str, Any] = {
             VARIANT_KEY: name,
-            VARIANT_BITS_KEY: self.variants[name].bits,
+            VARIANT_BITS_KEY: self.variants[name].bits if quantized else 0,
             WIRE_MANIFEST_KEY: payload.manifest_json,
         }
         structure = self.factory.structure(self.variants[name])

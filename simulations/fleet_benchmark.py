@@ -237,9 +237,10 @@ def main() -> None:
     parser.add_argument("--section", default="fleet")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "results" / "fleet")
     parser.add_argument("--reuse", action="store_true", help="read finished runs again")
+    parser.add_argument("--rounds", type=int, default=None, help="default 15 (a quick check: 2)")
     args = parser.parse_args()
     regime = REGIMES["partial"]
-    rounds = regime.num_rounds(None)
+    rounds = regime.num_rounds(args.rounds)
     extra = f'fraction-train={regime.fraction_train:g} simulated-tiers="{TIERS}"'
     started = dt.datetime.now()
     results: dict[tuple[str, int], dict] = {}

@@ -100,6 +100,27 @@ METHODS = {
         "FedHCE: edge half-width, int4 on the wire only, fp32 local training",
         "prune-0.5+int4",
     ),
+    "fedhce-reprune": Method(
+        _fedhce(
+            "full,prune-0.5+int4",
+            "gpu=full,edge=prune-0.5+int4",
+            "quantized-training=false",
+            "reprune=true",
+        ),
+        "prune-0.5",
+        True,
+        "FedHCE, the edge's channels re-chosen by magnitude every round",
+        "prune-0.5+int4",
+    ),
+    "fedhce-student": Method(
+        _fedhce(
+            "full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4", "quantized-training=false"
+        ).replace('client-start="average"', 'client-start="student"'),
+        "prune-0.5",
+        True,
+        "FedHCE, clients train the variants distilled from the teacher (not the average's)",
+        "prune-0.5+int4",
+    ),
     "fedhce-fp32-wire": Method(
         _fedhce("full,prune-0.5", "gpu=full,edge=prune-0.5"),
         "prune-0.5",

@@ -61,3 +61,18 @@ def test_fleet_table_pairs_deltas_by_seed_and_checks_the_edge_limits():
     assert _row(text, "fedhce-fp32-wire")[8] == "no"  # 0.25x the bytes breaks the limit
     assert _row(text, "fedec-full")[8] == "no"
     assert _row(text, "fedhce")[9] == "0.50"  # server 2 s against 4 s of client training
+
+
+def test_an_ensemble_is_compared_with_the_best_single_of_no_more_bytes():
+    from hce_frontier import Point, best_margin
+
+    points = [
+        Point(("full",), 80.0, 1000, 1.0, 1.0),
+        Point(("small",), 70.0, 100, 0.3, 0.3),
+        Point(("tiny",), 65.0, 50, 0.2, 0.2),
+        Point(("small", "tiny"), 73.0, 150, 0.5, 0.5, 0.2),  # rival: small (70)
+        Point(("full", "small"), 80.5, 1100, 1.3, 1.3, 0.05),  # rival: full (80)
+    ]
+    margin, ensemble, rival = best_margin(points)
+    assert ensemble.members == ("small", "tiny") and rival.members == ("small",)
+    assert abs(margin - 3.0) < 1e-9

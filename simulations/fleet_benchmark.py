@@ -85,12 +85,10 @@ METHODS = {
         "prune-0.5+int8",
     ),
     "fedhce-qat": Method(
-        _fedhce(
-            "full,int8,int4,prune-0.5,prune-0.5+int8,prune-0.5+int4", "gpu=int8,edge=prune-0.5+int4"
-        ),
+        _fedhce("full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4"),
         "prune-0.5",
         True,
-        "FedHCE as it was: six variants, gpu int8, edge half-width int4 trained quantization-aware",
+        "control: FedHCE with the edge's int4 trained quantization-aware (as before)",
         "prune-0.5+int4",
     ),
     "fedhce": Method(

@@ -110,6 +110,20 @@ METHODS = {
         "FedHCE, the edge's channels re-chosen by magnitude every round",
         "prune-0.5+int4",
     ),
+    "fedhce-bounded": Method(
+        _fedhce(
+            "full,prune-0.5+int4",
+            "gpu=full,edge=prune-0.5+int4",
+            "quantized-training=false",
+            "reprune=true",
+            "distill-steps=100",
+            "variant-distill-steps=30",
+        ),
+        "prune-0.5",
+        True,
+        "fedhce-reprune with the server's distillation capped (100 + 30 steps)",
+        "prune-0.5+int4",
+    ),
     "fedhce-student": Method(
         _fedhce(
             "full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4", "quantized-training=false"

@@ -163,10 +163,14 @@ def edge_parameters(edge_model: str) -> float:
 
 
 def edge_download(metrics: dict, edge_partitions: set[int]) -> int:
-    """The most bytes any edge node received for training in one round of the run."""
+    """The most bytes any edge node received for training in one round of the run
+    (``ValueError`` for a run that did not record which node held which partition)."""
     most = 0
-    for record in metrics["rounds"]:
-        partition_of = record.get("partition-by-node", {})
+    recorded = [r for r in metrics["rounds"] if "partition-by-node" in r]
+    if not recorded:
+        raise ValueError("the run recorded no partition-by-node: rerun it with today's code")
+    for record in recorded:
+        partition_of = record["partition-by-node"]
         for node, nbytes in record.get("bytes-down-by-node", {}).items():
             if partition_of.get(node) in edge_partitions:
                 most = max(most, int(nbytes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fleet_benchmark import EDGE_BYTES, edge_download, fleet_table
 
 # Partitions 0-5 are gpu, 6-19 edge (simulated-tiers="gpu=6,edge=14" on 20 nodes).
@@ -34,6 +35,10 @@ def test_edge_download_counts_only_edge_partitions():
     metrics = _metrics([0.5], edge_bytes=1000, gpu_bytes=10**7)
     assert edge_download(metrics, {7}) == 1000
     assert edge_download(metrics, {3}) == 10**7
+    unrecorded = {"rounds": [{k: v for k, v in r.items() if k != "partition-by-node"}
+                             for r in metrics["rounds"]]}
+    with pytest.raises(ValueError, match="partition-by-node"):
+        edge_download(unrecorded, {7})
 
 
 def test_fleet_table_pairs_deltas_by_seed_and_checks_the_edge_limits():

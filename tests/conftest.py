@@ -28,6 +28,16 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
+class FakeGrid:
+    """Only what FedAvg's node sampling reads: the grid's node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
 class FeatureStatsGrid:
     """A grid that answers FedEC's feature-statistics queries as fl-ec's ClientApp does.
 

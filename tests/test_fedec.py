@@ -31,7 +31,7 @@ from fl_ec.run.reporting import RunReporter
 from fl_ec.scoring import accuracy
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedec import FedEC
-from tests.conftest import FeatureStatsGrid, aggregate_round
+from tests.conftest import FakeGrid, FeatureStatsGrid, aggregate_round
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 
@@ -359,7 +359,7 @@ def test_client_start_average_trains_the_average_and_serves_the_student(task_ide
     assert not torch.allclose(served_state["fc1.weight"], sent["fc1.weight"])
     # Next round: the train messages carry the average; the served model stays the
     # previous global model.
-    grid = _FakeGrid(nodes=[7, 8])
+    grid = FakeGrid(nodes=[7, 8])
     messages = list(strategy.configure_train(2, served, ConfigRecord({"lr": 0.1}), grid))
     assert len(messages) == 2
     for message in messages:
@@ -373,16 +373,6 @@ def test_client_start_average_trains_the_average_and_serves_the_student(task_ide
 def test_client_start_must_be_known(data):
     with pytest.raises(ValueError, match="client_start"):
         _strategy(data, client_start="teacher")
-
-
-class _FakeGrid:
-    """The two Grid calls FedAvg.configure_train makes (pure logic: node sampling)."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 def test_prior_correction_matches_the_served_model_to_the_federations_labels(task_identity, data):

@@ -21,20 +21,10 @@ from fl_ec.run.reporting import RunReporter
 from fl_ec.strategies import fedec_calibration
 from fl_ec.strategies.fedhce import FedHCE
 from fl_ec.strategies.fedhce_utils import TierPolicy, parse_tier_policy, sent_state
-from tests.conftest import FeatureStatsGrid, aggregate_round
+from tests.conftest import FakeGrid, FeatureStatsGrid, aggregate_round
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 POLICY = TierPolicy({"gpu": "full", "edge": "prune-0.5+int4"}, default="int8")
-
-
-class FakeGrid:
-    """Only what FedAvg's node sampling reads."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 @pytest.fixture(scope="module")

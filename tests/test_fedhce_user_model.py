@@ -25,6 +25,7 @@ from fl_ec.errors import ModelSpecError
 from fl_ec.models import ArchSpec, build_model
 from fl_ec.protocol import PRUNING_KEY
 from fl_ec.strategies import FedEC, FedHCE, TierPolicy
+from tests.conftest import FakeGrid
 
 PRUNED = "prune-0.5+int4"
 VARIANTS = ["full", "int8", "int4", "prune-0.5", PRUNED]
@@ -75,16 +76,6 @@ class ViewOnlyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(F.relu(self.conv(x)).view(-1, 4 * 6 * 6))
-
-
-class FakeGrid:
-    """Only what FedAvg's node sampling reads."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 @pytest.fixture(scope="module")

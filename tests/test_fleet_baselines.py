@@ -16,18 +16,9 @@ from fl_ec.models.spec import scaled_widths
 from fl_ec.run.downlink import QuantizedDownlink
 from fl_ec.run.tiers import TrainTiers
 from fl_ec.run.wrapper import innermost
+from tests.conftest import FakeGrid
 
 SPEC = ArchSpec("cnn", (1, 28, 28), 10)
-
-
-class FakeGrid:
-    """Only what FedAvg's node sampling reads."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 def _messages(strategy, nodes):

@@ -23,6 +23,14 @@ from fl_ec.data.sources import load_dataset
 from fl_ec.hce import evaluate_variants, load_variants, markdown_table
 
 
+def run_test_set(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized test images and labels of the dataset a finished run used."""
+    run_config = json.loads((run_dir / "metrics.json").read_text())["config"]
+    data = ExperimentConfig.from_run_config(run_config, allow_retired=True).data
+    _, test = load_dataset(data.dataset, data.data_dir, data.download)
+    return test.normalize(test.images), test.labels
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a run folder's variants; 0, or 2 with one line on what is missing."""
     parser = argparse.ArgumentParser(
@@ -38,17 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         models, index = load_variants(args.run_dir)
-        run_config = json.loads((args.run_dir / "metrics.json").read_text())["config"]
-        data = ExperimentConfig.from_run_config(run_config, allow_retired=True).data
-        _, test = load_dataset(data.dataset, data.data_dir, data.download)
+        test_x, test_y = run_test_set(args.run_dir)
         members = [m.strip() for m in args.members.split(",") if m.strip()] or None
         reports = evaluate_variants(
-            models,
-            index,
-            test.normalize(test.images),
-            test.labels,
-            members,
-            latency=not args.no_latency,
+            models, index, test_x, test_y, members, latency=not args.no_latency
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"fl-ec-hce-eval: {err}", file=sys.stderr)

@@ -33,7 +33,7 @@ from benchkit.runs import REGIMES, STANDARD_SETTINGS, parse_method, run_one
 from fl_ec.clients.settings import parse_tier_counts
 from fl_ec.compression import prune_structured
 from fl_ec.launch import format_overrides
-from fl_ec.models.spec import ArchSpec, build_model, scaled_widths
+from fl_ec.models.spec import ArchSpec, build_model, count_parameters, scaled_widths
 
 TIERS = "gpu=6,edge=14"
 EDGE_PARAMS = 0.3  # of the full model's parameters
@@ -146,8 +146,7 @@ METHODS = {
 def edge_parameters(edge_model: str) -> float:
     """The edge model's parameters as a share of the full CNN's (0 for no edge model)."""
     spec = ArchSpec("cnn", (1, 28, 28), 10)
-    full = build_model(spec)
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    full = count_parameters(build_model(spec))
     if edge_model == "none":
         return 0.0
     if edge_model == "full":
@@ -155,11 +154,11 @@ def edge_parameters(edge_model: str) -> float:
     if edge_model.startswith("width-"):
         width = float(edge_model.removeprefix("width-"))
         small = build_model(ArchSpec("cnn", (1, 28, 28), 10, scaled_widths("cnn", width)))
-        return count(small) / count(full)
+        return count_parameters(small) / full
     ratio = float(edge_model.removeprefix("prune-"))
     pruned = build_model(spec)
     prune_structured(pruned, torch.zeros(2, 1, 28, 28), ratio, ("classifier",))
-    return count(pruned) / count(full)
+    return count_parameters(pruned) / full
 
 
 def edge_download(metrics: dict, edge_partitions: set[int]) -> int:
@@ -199,8 +198,7 @@ def fleet_table(results: dict[tuple[str, int], dict], seeds: list[int]) -> str:
     """One row per method: last-5 means per seed, paired Δs, edge limits, server time."""
     names = list(dict.fromkeys(name for name, _ in results))
     tail = {key: tail_stats(metrics)[1] for key, metrics in results.items()}
-    full = build_model(ArchSpec("cnn", (1, 28, 28), 10))
-    full_bytes = 4 * sum(p.numel() for p in full.parameters())
+    full_bytes = 4 * count_parameters(build_model(ArchSpec("cnn", (1, 28, 28), 10)))
     tiers = parse_tier_counts(TIERS, REGIMES["partial"].supernodes)
     edge = {partition for partition, tier in enumerate(tiers) if tier == "edge"}
 

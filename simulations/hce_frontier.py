@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +28,8 @@ import torch  # noqa: E402
 from benchkit import PLOTS  # noqa: E402
 from benchkit.report import command_line, date_line, machine_line, write_section  # noqa: E402
 
-from fl_ec.config import ExperimentConfig  # noqa: E402
-from fl_ec.data.sources import load_dataset  # noqa: E402
 from fl_ec.hce import load_variants, report_model  # noqa: E402
+from fl_ec.hce_eval import run_test_set  # noqa: E402
 from fl_ec.scoring import accuracy  # noqa: E402
 from fl_ec.strategies.fedhce_utils import prediction_disagreement  # noqa: E402
 
@@ -53,10 +51,7 @@ class Point:
 def frontier(run_dir: Path, latency: bool = True) -> list[Point]:
     """Every variant of ``run_dir`` and every ensemble of two or more of them."""
     models, index = load_variants(run_dir)
-    config = json.loads((run_dir / "metrics.json").read_text())["config"]
-    data = ExperimentConfig.from_run_config(config, allow_retired=True).data
-    _, test = load_dataset(data.dataset, data.data_dir, data.download)
-    test_x, test_y = test.normalize(test.images), test.labels
+    test_x, test_y = run_test_set(run_dir)
     entries = {entry["name"]: entry for entry in index}
     logits, singles = {}, {}
     for name, model in models.items():

@@ -49,6 +49,7 @@ from fl_ec.run.reporting import RunReporter
 from fl_ec.run.sampling import NodeInfo, SampleCallback, SeededSampler, SeededSampling
 from fl_ec.run.tiers import TrainTiers
 from fl_ec.run.wrapper import StrategyWrapper, innermost
+from fl_ec.strategies import FedHCE
 from fl_ec.training import evaluate, select_device
 
 app = ServerApp()
@@ -96,11 +97,13 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     # Every message is metered; the run stops when whole training rounds keep failing.
     guarded = AbortOnFailedRounds(MeteredGrid(grid, recorder))
     # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
-    sampled = SeededSampling(
-        strategy, SeededSampler(config.seed, federation.round_timeout), record_sample(recorder)
-    )
+    sampler = SeededSampler(config.seed, federation.round_timeout)
+    sampled = SeededSampling(strategy, sampler, record_sample(recorder))
+    if isinstance(innermost(strategy), FedHCE):  # tiers known before the first round
+        sampler.capability_listeners.append(innermost(strategy).note_capability)
     if federation.tier_list():  # outside the sampling: the sample recorded is the whole one
         sampled = TrainTiers(sampled, federation.tier_list())
+        sampler.capability_listeners.append(sampled.note_capability)
     wrapped = TimedAggregation(sampled, recorder)
     arrays = ArrayRecord(initial_model.state_dict())
     if checkpoint is not None:

@@ -131,3 +131,16 @@ def test_simulated_tiers_apply_in_a_simulation_only():
     tiered = NodeSettings(partition_id=1, num_partitions=4, device_tier="gpu")
     assert with_simulated_tier(tiered, "gpu=1,edge=3", simulation=True).device_tier == "gpu"
     assert not in_simulation()  # pytest runs no Ray
+
+
+def test_describe_reports_the_partition_and_the_capability_a_train_reply_would(task_identity):
+    from fl_ec.clients.client_app import query_handler
+
+    content = RecordDict({"config": ConfigRecord({"describe": True})})
+    query = Message(content, dst_node_id=7, message_type="query")
+    reply = query_handler(query, _context())
+    assert not reply.has_error()
+    assert reply.content["node-info"]["partition-id"] == 1
+    assert sum(reply.content["node-info"]["class-counts"]) > 0
+    capability = reply.content["capability"]
+    assert capability["device-tier"] == "edge" and capability["cpu-threads"] == 1.0

@@ -126,6 +126,20 @@ def test_each_node_gets_its_own_variant_after_reporting_its_capability(task_iden
     assert strategy.server_metrics[2]["returned-variant-by-node"]["2"] == "prune-0.5+int4"
 
 
+def test_a_capability_described_before_training_assigns_the_first_round(task_identity, data):
+    strategy = _strategy(data)
+    strategy.note_capability(1, ConfigRecord({"device-tier": "gpu"}))
+    strategy.note_capability(2, ConfigRecord({"device-tier": "edge"}))
+    with pytest.raises(ValueError, match="capability"):
+        strategy.note_capability(3, ConfigRecord({"device-tier": "x" * 300}))
+    first = _configure(strategy, {1: "gpu", 2: "edge", 3: "edge"})
+    assert {n: m.content["config"]["variant"] for n, m in first.items()} == {
+        1: "full",
+        2: "prune-0.5+int4",
+        3: "int8",  # nothing valid known yet: the default
+    }
+
+
 def test_a_reply_with_an_unknown_or_misshaped_variant_is_dropped(task_identity, data, caplog):
     strategy = _strategy(data)
     requests = _configure(strategy, {1: "gpu", 2: "edge", 3: "edge"})

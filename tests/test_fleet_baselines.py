@@ -77,6 +77,15 @@ def test_train_tiers_leave_other_tiers_out_once_known(task_identity):
     assert innermost(strategy).__class__ is FedAvg
 
 
+def test_train_tiers_leave_a_described_edge_node_out_of_its_first_round(task_identity):
+    strategy = TrainTiers(FedAvg(fraction_train=1.0, min_available_nodes=2), ["gpu"])
+    strategy.note_capability(2, ConfigRecord({"device-tier": "edge"}))
+    with pytest.raises(ValueError, match="device-tier"):
+        strategy.note_capability(3, ConfigRecord({"device-kind": "cpu"}))
+    first, _ = _messages(strategy, [1, 2, 3])
+    assert sorted(m.metadata.dst_node_id for m in first) == [1, 3]
+
+
 def test_model_width_scales_the_spec_and_the_parameters():
     assert scaled_widths("cnn", 0.5) == (16, 32, 64)
     narrow = build_model(ArchSpec("cnn", (1, 28, 28), 10, scaled_widths("cnn", 0.5)))

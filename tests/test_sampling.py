@@ -21,7 +21,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_ec.distill import DistillSettings
 from fl_ec.models.spec import ArchSpec, build_model
-from fl_ec.protocol import CLASS_COUNTS_KEY, DESCRIBE_KEY, NODE_INFO_KEY, PARTITION_ID_KEY
+from fl_ec.protocol import (
+    CAPABILITY_KEY,
+    CLASS_COUNTS_KEY,
+    DESCRIBE_KEY,
+    NODE_INFO_KEY,
+    PARTITION_ID_KEY,
+)
 from fl_ec.results import RunRecorder
 from fl_ec.run.metering import TimedAggregation
 from fl_ec.run.sampling import SeededSampler, SeededSampling, parse_node_info
@@ -34,13 +40,21 @@ SPEC = ArchSpec("cnn", (1, 28, 28), 10)
 class DescribingGrid:
     """Nodes with random ids answering describe queries as fl-ec's ClientApp does.
 
-    ``silent`` nodes answer with an error (a stock ClientApp without the handler).
+    ``silent`` nodes answer with an error (a stock ClientApp without the handler);
+    ``capability`` (partition -> record fields) adds a ``capability`` record.
     """
 
-    def __init__(self, partitions: int, id_seed: int, silent: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        partitions: int,
+        id_seed: int,
+        silent: frozenset[int] = frozenset(),
+        capability: dict[int, dict] | None = None,
+    ):
         ids = random.Random(id_seed).sample(range(1, 10**9), partitions)
         self.partition_of = dict(zip(ids, range(partitions), strict=True))
         self.silent = silent
+        self.capability = capability or {}
         self.queries = 0
 
     def get_node_ids(self):
@@ -56,7 +70,10 @@ class DescribingGrid:
                 replies.append(Message(Error(code=0, reason="no query handler"), reply_to=message))
                 continue
             info = ConfigRecord({PARTITION_ID_KEY: partition, CLASS_COUNTS_KEY: [partition, 1]})
-            replies.append(Message(RecordDict({NODE_INFO_KEY: info}), reply_to=message))
+            content = RecordDict({NODE_INFO_KEY: info})
+            if partition in self.capability:
+                content[CAPABILITY_KEY] = ConfigRecord(self.capability[partition])
+            replies.append(Message(content, reply_to=message))
         return replies
 
 
@@ -127,6 +144,34 @@ def test_describe_replies_are_validated(task_identity):
         except ValueError:
             continue
         raise AssertionError(f"accepted {bad}")
+
+
+def test_described_capabilities_reach_the_listeners_before_the_first_sample(
+    task_identity, caplog
+):
+    tiers = {0: {"device-tier": "gpu"}, 1: {"device-tier": "edge"}, 2: {"device-tier": 5.0}}
+    grid = DescribingGrid(4, id_seed=5, capability=tiers)  # partition 3 reports none
+    heard = {}
+
+    def listener(node, record):
+        tier = record.get("device-tier")
+        if not isinstance(tier, str):
+            raise ValueError("no tier")
+        heard[grid.partition_of[node]] = tier
+
+    seen_by_strategy = []
+
+    class Recording(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            seen_by_strategy.append(dict(heard))
+            return super().configure_train(server_round, arrays, config, grid)
+
+    sampler = SeededSampler(0, capability_listeners=[listener])
+    strategy = SeededSampling(Recording(fraction_train=0.5, min_available_nodes=2), sampler)
+    strategy.configure_train(1, ArrayRecord(build_model(SPEC).state_dict()), ConfigRecord(), grid)
+    assert seen_by_strategy == [{0: "gpu", 1: "edge"}]
+    assert "capability rejected: no tier" in caplog.text  # logged, the round goes on
+    assert len(sampler.info) == 4
 
 
 def test_aggregation_sees_the_replies_in_node_order_not_arrival_order(task_identity):

@@ -279,9 +279,7 @@ def _reply(msg, model, spec, data, node, device, result) -> Message:  # noqa: AN
             TRAINER_STAGES_KEY: result.stages,
         }
     )
-    capability = ConfigRecord(
-        device_capability(device, node.device_tier, node.memory_mb, node.speed)
-    )
+    capability = _capability(node, device)
     # What the server needs to use this model in an ensemble: the architecture it was
     # trained as, and the label distribution it saw (label-aware teacher weighting).
     train_info = ConfigRecord(
@@ -322,7 +320,18 @@ def _describe(msg: Message, context: Context) -> Message:
     info = ConfigRecord(
         {PARTITION_ID_KEY: node.partition_id, CLASS_COUNTS_KEY: data.train.class_counts()}
     )
-    return Message(content=RecordDict({NODE_INFO_KEY: info}), reply_to=msg)
+    # The capability as a training reply reports it, so a strategy that assigns models by
+    # tier (FedHCE) knows this node's before sending it anything to train.
+    node = with_simulated_tier(node, config.simulation.simulated_tiers, in_simulation())
+    set_cpu_threads(config.training.client_threads)  # the threads it will train with
+    capability = _capability(node, select_device(config.training.device))
+    return Message(
+        content=RecordDict({NODE_INFO_KEY: info, CAPABILITY_KEY: capability}), reply_to=msg
+    )
+
+
+def _capability(node: NodeSettings, device: torch.device) -> ConfigRecord:
+    return ConfigRecord(device_capability(device, node.device_tier, node.memory_mb, node.speed))
 
 
 def _feature_stats(msg: Message, context: Context) -> Message:

@@ -12,6 +12,9 @@ the nodes in partition order, and runs each ``configure_train`` / ``configure_ev
 on a random state seeded by (seed, round, phase) that it restores afterwards. The sample
 is then a function of the seed, the round and the number of nodes only. Nodes that do
 not answer (a stock ClientApp) are listed after the others by node id, with a warning.
+The describe reply also carries the node's ``capability``; the sampler hands it to its
+capability listeners (FedHCE's tier assignment, :class:`~fl_ec.run.tiers.TrainTiers`),
+so a node's first training round already gets the model its tier calls for.
 
 It also hands ``aggregate_train`` / ``aggregate_evaluate`` the replies in that node
 order instead of their arrival order: float sums depend on the order of their terms,
@@ -35,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_ec.protocol import (
+    CAPABILITY_KEY,
     CLASS_COUNTS_KEY,
     CONFIG_RECORD_KEY,
     DESCRIBE_KEY,
@@ -73,17 +77,28 @@ def parse_node_info(reply: Message) -> NodeInfo:
     return NodeInfo(partition, tuple(float(c) for c in counts))
 
 
+CapabilityListener = Callable[[int, ConfigRecord], None]
+
+
 class SeededSampler:
     """Canonical node order (by partition) and a per-round seeded random state.
 
     ``timeout``: how long the describe query waits for the nodes (each loads its
     partition to count its labels); a node that does not answer in time is listed
-    after the described ones.
+    after the described ones. Each ``capability_listeners(node_id, record)`` is called
+    with the ``capability`` record of every describe reply that has one; a listener
+    validates it (and raises ``ValueError`` to reject it, which is logged).
     """
 
-    def __init__(self, seed: int, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        timeout: float = 120.0,
+        capability_listeners: Iterable[CapabilityListener] = (),
+    ) -> None:
         self.seed = seed
         self.timeout = timeout
+        self.capability_listeners = list(capability_listeners)
         self.info: dict[int, NodeInfo] = {}
         self._asked: set[int] = set()
         self._position: dict[int, int] = {}  # node -> place in the last ordered_nodes()
@@ -139,6 +154,8 @@ class SeededSampler:
                 self.info[node] = parse_node_info(reply)
             except ValueError as reason:
                 log(WARNING, "sampling: node %d did not describe itself: %s", node, reason)
+                continue
+            self._hand_capability(node, reply)
         silent = [n for n in nodes if n not in answered]
         if silent:
             log(WARNING, "sampling: no describe reply from nodes %s", silent)
@@ -149,6 +166,16 @@ class SeededSampler:
             len(nodes),
             time.perf_counter() - start,
         )
+
+    def _hand_capability(self, node: int, reply: Message) -> None:
+        record = reply.content.config_records.get(CAPABILITY_KEY)
+        if record is None:
+            return
+        for listener in self.capability_listeners:
+            try:
+                listener(node, record)
+            except ValueError as reason:
+                log(WARNING, "sampling: node %d's capability rejected: %s", node, reason)
 
 
 class OrderedGrid(DelegatingGrid):

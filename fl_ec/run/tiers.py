@@ -1,12 +1,13 @@
 """Train only the nodes of some device tiers: the others are sampled but left out.
 
 :class:`TrainTiers` wraps any strategy. A node's tier is what its training replies
-report (``capability`` / ``device-tier``); the server cannot know it before the
-node's first reply. The sample stays the inner strategy's (so a run samples the same
-nodes as one without the wrapper), then nodes known to be of another tier get no
-training message, and replies from another tier, or with no tier, are left out of the
-aggregate, logged with their node id. The baseline "FedEC on the GPU tier only" of a
-mixed fleet is FedEC wrapped in ``TrainTiers({"gpu"})``.
+report (``capability`` / ``device-tier``), or what its describe reply reported before
+the first round (:meth:`TrainTiers.note_capability`, fed by seeded sampling). The
+sample stays the inner strategy's (so a run samples the same nodes as one without the
+wrapper), then nodes known to be of another tier get no training message, and replies
+from another tier, or with no tier, are left out of the aggregate, logged with their
+node id. The baseline "FedEC on the GPU tier only" of a mixed fleet is FedEC wrapped in
+``TrainTiers({"gpu"})``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class TrainTiers(StrategyWrapper):
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
         return [m for m in messages if self._trains(m.metadata.dst_node_id)]
 
+    def note_capability(self, node_id: int, record: ConfigRecord) -> None:
+        """Learn a node's tier before its first training reply (a describe reply's
+        ``capability``); ``ValueError`` if it reports none."""
+        tier = _tier_of(record)
+        if not tier:
+            raise ValueError(f"no {DEVICE_TIER_KEY!r} (a string of at most 64 characters)")
+        self.tier_of[node_id] = tier
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -69,5 +78,9 @@ class TrainTiers(StrategyWrapper):
 def _reported_tier(reply: Message) -> str:
     """The tier a reply reports; ``""`` when it reports none (or not as a short string)."""
     capability = reply.content.config_records.get(CAPABILITY_KEY)
-    tier = capability.get(DEVICE_TIER_KEY, "") if capability is not None else ""
+    return _tier_of(capability) if capability is not None else ""
+
+
+def _tier_of(capability: ConfigRecord) -> str:
+    tier = capability.get(DEVICE_TIER_KEY, "")
     return tier if isinstance(tier, str) and len(tier) <= 64 else ""

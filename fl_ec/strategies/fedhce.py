@@ -197,6 +197,12 @@ class FedHCE(FedEC):
             self.capabilities[client_model.node_id] = capability
         return client_model
 
+    def note_capability(self, node_id: int, record: ConfigRecord) -> None:
+        """Keep a capability ``node_id`` reported before training (seeded sampling's
+        describe query), so its first round trains its tier's variant, not the default;
+        :class:`~fl_ec.strategies.replies.RejectedReplyError` if the record is malformed."""
+        self.capabilities[node_id] = check_capability(record)
+
     def expected_reply(self, claimed: ArchSpec | None, variant: str, node: int) -> Expected:
         """Exactly the arrays of the variant the node was sent this round."""
         name = variant or FULL

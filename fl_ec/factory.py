@@ -93,7 +93,6 @@ def _inner_strategy(
         variant_distill=fedhce.variant_distill_settings(),
         fold_pruned=fedhce.fold_pruned,
         calibrate_variants=fedhce.calibrate_variants,
-        quantized_training=fedhce.quantized_training,
         reprune=fedhce.reprune,
         **fedec_kwargs,
     )

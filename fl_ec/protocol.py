@@ -18,8 +18,8 @@ FedAvg's arguments; the fl-ec ClientApp uses the defaults.
 * ``CONFIG_RECORD_KEY``: ``SERVER_ROUND_KEY``; ``ARCH_SPEC_KEY`` (the model's JSON
   spec: the client rebuilds the model from it and the arrays); ``LR_KEY`` and
   ``LOCAL_EPOCHS_KEY`` (the ClientApp falls back to its run-config without them); and
-  from FedHCE ``VARIANT_KEY`` (the variant's name), ``VARIANT_BITS_KEY`` (its weight
-  bits, 0 for fp32) and ``WIRE_MANIFEST_KEY`` (the JSON manifest of the packed arrays);
+  from FedHCE ``VARIANT_KEY`` (the variant's name) and ``WIRE_MANIFEST_KEY`` (the JSON
+  manifest of the packed arrays, which the client unpacks and trains in fp32);
   for a model given as ``model_builder`` (no spec), a pruned variant's
   ``PRUNING_KEY`` (the JSON pruning decision the client replays on a fresh model,
   :meth:`fl_ec.compression.PrunedStructure.decision_json`).
@@ -80,7 +80,6 @@ ARCH_SPEC_KEY = "arch-spec"
 LR_KEY = "lr"
 LOCAL_EPOCHS_KEY = "local-epochs"
 VARIANT_KEY = "variant"
-VARIANT_BITS_KEY = "variant-bits"
 WIRE_MANIFEST_KEY = "wire-manifest"
 PRUNING_KEY = "pruning"
 DESCRIBE_KEY = "describe"

@@ -86,6 +86,13 @@ RETIRED_KEYS: Final[dict[str, RetiredKey]] = {
     "distill-temperature": RetiredKey(_DISTILL, kept=1.0),
     "distill-eval-every": RetiredKey(_DISTILL, kept=50),
     "distill-patience": RetiredKey(_DISTILL, kept=100),
+    # Quantization-aware local training of int8/int4 variants lost to fp32 training on
+    # the unpacked weights (docs/experiments.md).
+    "quantized-training": RetiredKey(
+        "clients always train a quantized variant in fp32 on its unpacked weights "
+        "(the quantization is the wire's and the served copy's); delete it",
+        kept=False,
+    ),
 }
 
 

@@ -57,7 +57,7 @@ def _fedhce(variants: str, policy: str, *extra: str) -> str:
     return "fedhce:" + ",".join(parts)
 
 
-_HETEROFL = ("distill-steps=0", "variant-distill-steps=0", "quantized-training=false")
+_HETEROFL = ("distill-steps=0", "variant-distill-steps=0")
 METHODS = {
     "fedavg-full": Method("fedavg", "full", False, "FedAvg, the full model everywhere"),
     "fedec-full": Method(f"fedec:{GATED}", "full", False, "FedEC, the full model everywhere"),
@@ -84,25 +84,17 @@ METHODS = {
         "the edge slice re-chosen by magnitude every round (FIARSE-style), folded; int8 down",
         "prune-0.5+int8",
     ),
-    "fedhce-qat": Method(
+    "fedhce": Method(
         _fedhce("full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4"),
         "prune-0.5",
         True,
-        "control: FedHCE with the edge's int4 trained quantization-aware (as before)",
-        "prune-0.5+int4",
-    ),
-    "fedhce": Method(
-        _fedhce("full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4", "quantized-training=false"),
-        "prune-0.5",
-        True,
-        "FedHCE: edge half-width, int4 on the wire only, fp32 local training",
+        "FedHCE: edge half-width, int4 on the wire, fp32 local training",
         "prune-0.5+int4",
     ),
     "fedhce-reprune": Method(
         _fedhce(
             "full,prune-0.5+int4",
             "gpu=full,edge=prune-0.5+int4",
-            "quantized-training=false",
             "reprune=true",
         ),
         "prune-0.5",
@@ -114,7 +106,6 @@ METHODS = {
         _fedhce(
             "full,prune-0.5+int4",
             "gpu=full,edge=prune-0.5+int4",
-            "quantized-training=false",
             "reprune=true",
             "distill-steps=100",
             "variant-distill-steps=30",
@@ -125,9 +116,7 @@ METHODS = {
         "prune-0.5+int4",
     ),
     "fedhce-student": Method(
-        _fedhce(
-            "full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4", "quantized-training=false"
-        ).replace('client-start="average"', 'client-start="student"'),
+        _fedhce("full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4").replace('client-start="average"', 'client-start="student"'),
         "prune-0.5",
         True,
         "FedHCE, clients train the variants distilled from the teacher (not the average's)",

@@ -45,7 +45,7 @@ class FeatureStatsGrid:
     maps a node to a function that spoils its statistics, or to an error reason.
     ``queries`` keeps every query message sent, ``replies`` the arrays answered. The
     model is rebuilt by the ClientApp's own ``received_model`` (FedHCE variants arrive
-    packed and run fake-quantized).
+    packed).
     """
 
     def __init__(self, node_data, broken=None):

@@ -467,28 +467,35 @@ def test_restored_from_a_checkpoint_round_two_runs_exactly_as_without_a_restart(
     assert all(torch.equal(served_a[k], served_b[k]) for k in served_a)
 
 
-@pytest.mark.parametrize("quantized_training", [True, False])
-def test_quantized_training_off_keeps_quantization_on_the_wire_only(
-    task_identity, data, quantized_training
-):
+def test_quantization_is_on_the_wire_and_in_the_served_copy_only(task_identity, data):
     from fl_ec.clients.client_app import received_model
     from fl_ec.compression import weight_bits
 
-    strategy = _strategy(data, quantized_training=quantized_training)
+    strategy = _strategy(data)
     first = _configure(strategy, {1: "edge", 2: "edge"})
     config = first[1].content["config"]
-    assert config["variant"] == "int8" and "wire-manifest" in config  # packed either way
+    assert config["variant"] == "int8" and "wire-manifest" in config  # packed
     sent_bytes = sum(a.numpy().nbytes for a in first[1].content["arrays"].values())
     assert sent_bytes < 0.3 * 4 * sum(p.numel() for p in build_model(SPEC).parameters())
-    _, model = received_model(first[1].content)  # what fl-ec's ClientApp trains
-    assert weight_bits(model) == (8 if quantized_training else 0)
+    _, model = received_model(first[1].content)  # what fl-ec's ClientApp trains: fp32
+    assert weight_bits(model) == 0
+    served = strategy.bank.models["int8"]
+    assert weight_bits(served) == 8  # the served copy stays quantized
+    x = data[0][:8]
+    with torch.no_grad():  # the unpacked weights are the served copy's int8 values
+        assert torch.allclose(model.eval()(x), served.eval()(x), atol=1e-4)
     replies = [_client_reply(m, "edge") for m in first.values()]
     strategy.aggregate_train(1, replies)
     # The teacher runs each returned model as it was trained.
-    assert {weight_bits(m.model) for m in strategy.last_client_models} == {
-        8 if quantized_training else 0
-    }
-    assert weight_bits(strategy.bank.models["int8"]) == 8  # the served copy stays quantized
+    assert {weight_bits(m.model) for m in strategy.last_client_models} == {0}
+
+
+def test_the_retired_quantized_training_key_fails_in_one_line():
+    from fl_ec.config import ExperimentConfig
+    from fl_ec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantized-training no longer exists: clients"):
+        ExperimentConfig.from_run_config({"strategy": "fedhce", "quantized-training": True})
 
 
 def test_reprune_folds_each_reply_by_the_cut_it_was_sent(task_identity, data):

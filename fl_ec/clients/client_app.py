@@ -33,8 +33,7 @@ from fl_ec.calibration import CalibrationSettings
 from fl_ec.clients.attacks import attack_for
 from fl_ec.clients.faults import inject_fault
 from fl_ec.clients.settings import NodeSettings, parse_tier_counts
-from fl_ec.clients.variants import received_state, variant_bits
-from fl_ec.compression import enable_weight_fake_quant
+from fl_ec.clients.variants import received_state
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ClientData, load_client_data
 from fl_ec.data.settings import DataSection
@@ -151,8 +150,7 @@ def with_simulated_tier(node: NodeSettings, simulated_tiers: str, simulation: bo
 def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
     """The model a server message carries: its spec, and the model rebuilt from the arrays.
 
-    Quantized variants (FedHCE) arrive packed and run with fake-quant weights, as they
-    train (straight-through estimator) and as the server measures them.
+    Quantized variants (FedHCE) arrive packed; they are unpacked and run in fp32.
     """
     if CONFIG_RECORD_KEY not in content.config_records or ARRAY_RECORD_KEY not in content:
         raise ModelSpecError(f"the message lacks {CONFIG_RECORD_KEY!r} or {ARRAY_RECORD_KEY!r}")
@@ -161,7 +159,6 @@ def received_model(content: RecordDict) -> tuple[ArchSpec, nn.Module]:
         raise ModelSpecError(f"the message's config has no {ARCH_SPEC_KEY!r}")
     spec = ArchSpec.from_json(str(round_config[ARCH_SPEC_KEY]))
     model = build_from_state_dict(spec, received_state(content[ARRAY_RECORD_KEY], round_config))
-    enable_weight_fake_quant(model, variant_bits(round_config))
     return spec, model
 
 
@@ -244,10 +241,7 @@ def train_locally(
 
 
 def _train_layer_parallel(model, spec, data, config, round_config, node, server_round):  # noqa: ANN001, ANN202
-    """The layer-parallel trainer (K worker processes) on this node's partition.
-
-    It trains fp32 weights: a quantized FedHCE variant is trained without fake-quant here.
-    """
+    """The layer-parallel trainer (K worker processes) on this node's partition."""
     from fl_ec.layer_parallel import train_layer_parallel
 
     start = time.perf_counter()

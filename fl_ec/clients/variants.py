@@ -7,12 +7,12 @@ changed lines::
     ...
     return reply_variant(msg, model, metrics, context)  # was: building the reply
 
-:func:`receive_variant` unpacks int8/int4/int2 weights, cuts a fresh model to a pruned
-variant's shape by replaying the decision the server sent, and turns on the weight
-fake-quantization the variant trains with; a plain FedAvg/FedEC message gives the
-plain model. :func:`reply_variant` sends the trained weights with what FedHCE reads
-from a reply: the variant's name and what this node is (its ``device-tier``), from
-which the server picks the node's next variant. Message keys are
+:func:`receive_variant` unpacks int8/int4/int2 weights and cuts a fresh model to a
+pruned variant's shape by replaying the decision the server sent; the client trains
+it in fp32. A plain FedAvg/FedEC message gives the plain model. :func:`reply_variant`
+sends the trained weights with what FedHCE reads from a reply: the variant's name and
+what this node is (its ``device-tier``), from which the server picks the node's next
+variant. Message keys are
 :mod:`fl_ec.protocol`'s, Flower's defaults (``arrays``, ``config``, ``metrics``).
 """
 
@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fl_ec.compression import enable_weight_fake_quant, replay_pruning, unpack_state_dict
+from fl_ec.compression import replay_pruning, unpack_state_dict
 from fl_ec.errors import ModelSpecError
 from fl_ec.protocol import (
     ARRAY_RECORD_KEY,
@@ -39,7 +39,6 @@ from fl_ec.protocol import (
     PRUNING_KEY,
     SPEED_KEY,
     TRAIN_INFO_KEY,
-    VARIANT_BITS_KEY,
     VARIANT_KEY,
     WIRE_MANIFEST_KEY,
 )
@@ -50,10 +49,9 @@ def receive_variant(msg: Message, model_builder: Callable[[], nn.Module]) -> nn.
     """The model ``msg`` carries, built with ``model_builder`` (e.g. quickstart's ``Net``).
 
     For a FedHCE variant: packed quantized weights are unpacked (integers times their
-    per-channel scales), a pruned variant's decision is replayed on the fresh model
-    (:func:`fl_ec.compression.replay_pruning`) before loading, and Conv2d/Linear
-    weights are fake-quantized to the variant's bits in every forward pass
-    (straight-through gradients), as fl-ec's own ClientApp trains them. Raises
+    per-channel scales) into fp32 weights, which the client trains as fl-ec's own
+    ClientApp does, and a pruned variant's decision is replayed on the fresh model
+    (:func:`fl_ec.compression.replay_pruning`) before loading. Raises
     ``ModelSpecError`` in one line when the arrays do not fit the model.
     """
     content = msg.content
@@ -72,15 +70,7 @@ def receive_variant(msg: Message, model_builder: Callable[[], nn.Module]) -> nn.
     except RuntimeError as err:  # keys/shapes the builder's model does not have
         first = str(err).strip().splitlines()[0]
         raise ModelSpecError(f"the received arrays do not fit this model: {first}") from None
-    return enable_weight_fake_quant(model, variant_bits(config))
-
-
-def variant_bits(config: Mapping[str, Any]) -> int:
-    """The weight bits of the variant a message carries (0: fp32), or ``ModelSpecError``."""
-    bits = config.get(VARIANT_BITS_KEY, 0)
-    if bits not in (0, 2, 4, 8) or isinstance(bits, bool):
-        raise ModelSpecError(f"malformed {VARIANT_BITS_KEY}={bits!r} from the server")
-    return int(bits)
+    return model
 
 
 def received_state(arrays: ArrayRecord, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -107,8 +97,7 @@ def reply_variant(
 
     ``metrics`` must hold the strategy's weighting key (``num-examples``). Weights go
     back in fp32: the server takes each client's change (returned minus sent) and
-    applies it to its own full-precision copy of the variant, so the fp32 weights the
-    client trained behind the fake-quantization are what it needs. The reply also
+    applies it to its own full-precision copy of the variant. The reply also
     carries ``train-info`` with the variant's name, from which the server rebuilds it,
     and ``capability`` with the node's ``device-tier``: ``tier`` if given, else the
     ``device-tier`` of ``context.node_config`` (``flower-supernode --node-config``),

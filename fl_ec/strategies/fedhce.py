@@ -5,8 +5,9 @@ After each round's ensemble distillation (FedEC), the server derives compressed
 weight quantization (``full``, ``prune-0.5``, ``int8``, ``prune-0.5+int4``, ...) --
 fine-tunes them jointly by distillation from the round's teacher with a
 diversity-aware objective (:mod:`fl_ec.diversity`), and sends every client the variant
-its capability calls for. Clients train their variant (quantization-aware, pruned
-structure kept) and send it back; next round every returned model, whatever its
+its capability calls for (quantized ones packed as integers). Clients train their
+variant in fp32 on the unpacked weights (pruned structure kept) and send it back; the
+server applies the change to its fp32 copy; next round every returned model, whatever its
 variant, joins the ensemble teacher. The final product is the HCE ensemble: the mean
 logits of a chosen subset of variants, more accurate per byte than one model.
 
@@ -29,7 +30,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fl_ec.checkpoint import StrategyState
-from fl_ec.compression import Variant, enable_weight_fake_quant
+from fl_ec.compression import Variant
 from fl_ec.compression.variants import ReplayVariantFactory, VariantFactory
 from fl_ec.data.tensor_data import TensorData
 from fl_ec.distill import DistillSettings, distill
@@ -78,11 +79,6 @@ class FedHCE(FedEC):
     calibrate_variants : bool (default: True)
         In each feature-calibrated round, also query the clients once per compressed
         variant for *its* features and recalibrate its classifier from them.
-    quantized_training : bool (default: True)
-        Clients train a quantized variant quantization-aware (its weights fake-quantized
-        in every forward). Off: quantization stays on the wire and in the served copy;
-        clients train the unpacked weights in fp32, and the server applies their change
-        to its fp32 copy of the variant, as always.
     **fedec_kwargs
         Every :class:`FedEC` (and so ``FedAvg``) argument. With ``model_builder`` a
         pruned variant is the user's model cut to its pruning decision, which travels
@@ -102,7 +98,6 @@ class FedHCE(FedEC):
         reprune: bool = False,
         pack_quantized: bool = True,
         calibrate_variants: bool = True,
-        quantized_training: bool = True,
         **fedec_kwargs: Any,
     ) -> None:
         super().__init__(**fedec_kwargs)
@@ -118,7 +113,6 @@ class FedHCE(FedEC):
         self.diversity_weight = diversity_weight
         self.variant_distill = variant_distill or DistillSettings(steps=100)
         self.calibrate_variants = calibrate_variants
-        self.quantized_training = quantized_training
         example = self.proxy_inputs[:2]  # what pruning traces the model with
         spec = self.model.spec
         if spec is not None:
@@ -158,9 +152,7 @@ class FedHCE(FedEC):
             node = message.metadata.dst_node_id
             name = self.assignment[node] = self._assign(node)
             payload = self.bank.payloads[name]
-            variant_config = self.bank.config_of(
-                name, payload, self.model.spec is None, self.quantized_training
-            )
+            variant_config = self.bank.config_of(name, payload, self.model.spec is None)
             node_config = ConfigRecord({**dict(config), **variant_config})
             record = RecordDict(
                 {self.arrayrecord_key: payload.arrays, self.configrecord_key: node_config}
@@ -182,17 +174,13 @@ class FedHCE(FedEC):
 
     # -- FedEC hooks ----------------------------------------------------------------
     def read_reply(self, reply: Message) -> ClientModel:
-        """FedEC's checks and the node's capability's; a returned variant runs as it was
-        trained (quantized ones with fake-quant on, under ``quantized_training``). The
-        capability is kept once valid."""
+        """FedEC's checks and the node's capability's (kept once valid); a returned
+        variant runs as it was trained, in fp32."""
         records = reply.content.config_records if not reply.has_error() else {}
         capability = (
             check_capability(records[CAPABILITY_KEY]) if CAPABILITY_KEY in records else None
         )
         client_model = super().read_reply(reply)
-        if self.quantized_training:
-            variant = self.bank.variants[client_model.variant or FULL]
-            enable_weight_fake_quant(client_model.model, variant.bits)
         if capability is not None:
             self.capabilities[client_model.node_id] = capability
         return client_model

@@ -170,7 +170,6 @@ class FedHCESection:
     variant_distill_steps: int = 100
     fold_pruned: bool = True
     calibrate_variants: bool = True
-    quantized_training: bool = True
     reprune: bool = False
 
     def __post_init__(self) -> None:

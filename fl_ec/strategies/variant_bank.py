@@ -21,7 +21,7 @@ from fl_ec.compression import Variant, expand_to_full, fold_into_full
 from fl_ec.compression.pruning import PrunedStructure
 from fl_ec.compression.variants import VariantFactory
 from fl_ec.models.layout import channels_last
-from fl_ec.protocol import PRUNING_KEY, VARIANT_BITS_KEY, VARIANT_KEY, WIRE_MANIFEST_KEY
+from fl_ec.protocol import PRUNING_KEY, VARIANT_KEY, WIRE_MANIFEST_KEY
 from fl_ec.robust import StartRule, WeightedMean
 from fl_ec.scoring import accuracy
 from fl_ec.strategies.fedec_utils import ClientModel
@@ -88,20 +88,15 @@ class VariantBank:
         """``model`` packed as variant ``name`` travels."""
         return make_payload(model, self.variants[name], self.pack)
 
-    def config_of(
-        self, name: str, payload: Payload, replayed: bool, quantized: bool = True
-    ) -> dict[str, Any]:
-        """What a client needs, besides the arrays, to rebuild and run variant ``name``.
+    def config_of(self, name: str, payload: Payload, replayed: bool) -> dict[str, Any]:
+        """What a client needs, besides the arrays, to rebuild variant ``name``.
 
-        ``replayed`` (no spec): a pruned variant's shape is its pruning decision on the
-        user's model, which the client replays on a fresh ``model_builder()``.
-        ``quantized`` off: the client runs the unpacked weights in fp32 (no fake-quant).
+        The client trains the unpacked weights in fp32; the quantization is the wire's
+        and the served copy's. ``replayed`` (no spec): a pruned variant's shape is its
+        pruning decision on the user's model, which the client replays on a fresh
+        ``model_builder()``.
         """
-        config: dict[str, Any] = {
-            VARIANT_KEY: name,
-            VARIANT_BITS_KEY: self.variants[name].bits if quantized else 0,
-            WIRE_MANIFEST_KEY: payload.manifest_json,
-        }
+        config: dict[str, Any] = {VARIANT_KEY: name, WIRE_MANIFEST_KEY: payload.manifest_json}
         structure = self.factory.structure(self.variants[name])
         if replayed and structure is not None:
             config[PRUNING_KEY] = structure.decision_json()

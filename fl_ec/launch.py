@@ -10,6 +10,13 @@ only after Flower's ~30 s start-up. This wrapper
 3. reads the final status with ``flwr ls --run-id`` and exits 0 only for
    ``finished:completed`` (otherwise prints the status details, exit 1).
 
+For a local simulation it also passes ``results-dir`` as an absolute path under the
+app's folder: the ServerApp runs in the local SuperLink's working directory, which is
+wherever the first ``flwr run`` on the machine started it, so a relative folder would
+land in that other project. And it stops the local SuperLink when the run ends if
+this run started it (``--keep-superlink`` keeps it, e.g. for ``flwr log``); one that
+was already running is left as it was.
+
 The same :class:`FlowerCli` drives the integration tests and the benchmarks, with an
 isolated ``FLWR_HOME`` and ports so runs never reuse someone else's SuperLink.
 """
@@ -104,6 +111,18 @@ def preflight(
                 "samples: use fewer SuperNodes or a larger train-subset"
             )
     return config
+
+
+def absolute_results_dir(app_dir: Path, run_config: str) -> tuple[str, Path]:
+    """``run_config`` with ``results-dir`` (given or the app's default) absolute, a
+    relative one taken under ``app_dir``; and that folder."""
+    overrides = parse_overrides(run_config)
+    given = overrides.get("results-dir", app_defaults(app_dir).get("results-dir", "results"))
+    results = Path(str(given)).expanduser()
+    if not results.is_absolute():
+        results = Path(app_dir).resolve() / results
+    overrides["results-dir"] = str(results)
+    return format_overrides(overrides), results
 
 
 def flower_env() -> dict[str, str]:
@@ -244,10 +263,14 @@ class FlowerCli:
                 return RunOutcome(run_id, status, str(info.get("status-details", "")), info)
             time.sleep(poll)
 
+    def local_superlink_pids(self) -> list[int]:
+        """PIDs of the detached ``flower-superlink`` that local runs of this CLI use."""
+        port = self.env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
+        return process_pids("flower-superlink", f"127.0.0.1:{port}")
+
     def stop_local_superlink(self) -> list[int]:
         """Kill the detached ``flower-superlink`` a ``:local:`` run started, by PID."""
-        port = self.env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
-        pids = process_pids("flower-superlink", f"127.0.0.1:{port}")
+        pids = self.local_superlink_pids()
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         return pids
@@ -290,28 +313,57 @@ def main(argv: list[str] | None = None) -> int:
         "--supernodes",
         type=int,
         default=DEFAULT_SUPERNODES,
-        help="simulated SuperNodes for a local simulation (default: 10); "
+        help=f"simulated SuperNodes for a local simulation (default: {DEFAULT_SUPERNODES}); "
         "ignored by a deployment SuperLink",
+    )
+    parser.add_argument(
+        "--keep-superlink",
+        action="store_true",
+        help="leave the local SuperLink this run starts running (for flwr log / flwr ls)",
     )
     args = parser.parse_args(argv)
     app_dir = Path(args.app).resolve()
+    local = args.superlink is None
+    run_config = args.run_config
     try:
-        preflight(
-            app_dir, parse_overrides(args.run_config), None if args.superlink else args.supernodes
-        )
+        preflight(app_dir, parse_overrides(run_config), args.supernodes if local else None)
         cli = FlowerCli(superlink=args.superlink)
-        run_id = cli.submit(app_dir, args.run_config, None if args.superlink else args.supernodes)
+        if local:
+            run_config, results = absolute_results_dir(app_dir, run_config)
+            print(f"fl-ec: results -> {results}", flush=True)
+        already_running = cli.local_superlink_pids() if local else []
+        run_id = cli.submit(app_dir, run_config, args.supernodes if local else None)
     except FlEcError as err:
         print(f"fl-ec error: {err}", file=sys.stderr)
         return 2
     print(f"fl-ec: submitted run {run_id}; streaming its logs", flush=True)
-    cli.stream_logs(run_id)
-    outcome = cli.wait(run_id, timeout=120)
+    try:
+        cli.stream_logs(run_id)
+        outcome = cli.wait(run_id, timeout=120)
+    finally:
+        if local:
+            _leave_local_superlink(cli, already_running, args.keep_superlink)
     if not outcome.completed:
         print(f"fl-ec: run {run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
         return 1
     print(f"fl-ec: run {run_id} {outcome.status}")
     return 0
+
+
+def _leave_local_superlink(cli: FlowerCli, already_running: list[int], keep: bool) -> None:
+    """Stop the local SuperLink if this run started it and ``keep`` is off; say which."""
+    if already_running:
+        print(f"fl-ec: the local SuperLink (pid {already_running[0]}) was running before this "
+              "run and is left running", flush=True)
+    elif keep:
+        pids = cli.local_superlink_pids()
+        print(f"fl-ec: the local SuperLink (pid {', '.join(map(str, pids))}) keeps running "
+              "(--keep-superlink); stop it with kill", flush=True)
+    else:
+        pids = cli.stop_local_superlink()
+        if pids:
+            print(f"fl-ec: stopped the local SuperLink this run started (pid "
+                  f"{', '.join(map(str, pids))}); --keep-superlink keeps it", flush=True)
 
 
 if __name__ == "__main__":

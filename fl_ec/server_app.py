@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -75,6 +75,9 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
         run_dir = Path(output.resume).expanduser().resolve()
         checkpoint = load_latest(run_dir)
         check_resumable(checkpoint.run.get("config", {}), config)
+        log(INFO, "[fl-ec] resuming the run in %s", run_dir)
+    else:
+        announce_results_dir(output.results_dir)
     server_data = load_server_data(data, config.seed)
     spec = ArchSpec(
         name=config.training.model,
@@ -203,6 +206,25 @@ def resume_from(
         checkpoint.round,
     )
     return ArrayRecord(checkpoint.model)
+
+
+def announce_results_dir(results_dir: str) -> Path:
+    """Log where this run's folder goes, as an absolute path, before any work; a
+    relative ``results-dir`` gets a warning that names the directory it resolves
+    against (the ServerApp's working directory: under ``flwr run`` the local
+    SuperLink's, wherever the first run on the machine started it)."""
+    root = Path(results_dir).expanduser()
+    if not root.is_absolute():
+        log(
+            WARNING,
+            "[fl-ec] results-dir=%r is relative to the ServerApp's working directory %s "
+            "(the SuperLink's, not necessarily this project's): set an absolute "
+            "results-dir, or start the run with fl-ec-run, which passes the app's results/",
+            results_dir,
+            Path.cwd(),
+        )
+    log(INFO, "[fl-ec] results -> %s", root.resolve())
+    return root.resolve()
 
 
 def record_sample(recorder: RunRecorder) -> SampleCallback:

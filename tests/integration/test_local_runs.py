@@ -1,0 +1,61 @@
+"""fl-ec-run against Flower's local SuperLink: the run's folder is the project's own,
+and the SuperLink is stopped if (and only if) this run started it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_ec.launch import FlowerCli, merge_overrides
+from tests.conftest import ROOT, requires_fashion_mnist
+from tests.integration.helpers import SMALL_RUN, run_config
+
+pytestmark = [pytest.mark.integration, requires_fashion_mnist]
+
+
+def _other_project(tmp_path: Path) -> Path:
+    """A second checkout of the app: its code and pyproject, in another folder."""
+    app = tmp_path / "other-project"
+    shutil.copytree(ROOT / "fl_ec", app / "fl_ec", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", app / "pyproject.toml")
+    return app
+
+
+def _fl_ec_run(cli: FlowerCli, app: Path, run_name: str) -> subprocess.CompletedProcess:
+    config = merge_overrides(SMALL_RUN, f'run-name="{run_name}"')  # results-dir: the default
+    return subprocess.run(
+        [sys.executable, "-m", "fl_ec.launch", str(app), "--supernodes", "2", "-c", config],
+        env=cli.env,
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_run_from_another_folder_writes_into_its_own_results(cli, tmp_path):
+    # The local SuperLink is started by a run of this checkout, in the test's directory.
+    first = cli.submit(ROOT, run_config(tmp_path / "first", "first"), 2)
+    assert cli.wait(first, timeout=600).completed
+    superlink = cli.local_superlink_pids()
+    assert superlink
+
+    app = _other_project(tmp_path)
+    proc = _fl_ec_run(cli, app, "second")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == f"fl-ec: results -> {app / 'results'}"
+    assert (app / "results" / "second" / "metrics.json").is_file()
+    assert not (Path.cwd() / "results" / "second").exists()  # not the SuperLink's folder
+    assert "was running before this run and is left running" in proc.stdout
+    assert cli.local_superlink_pids() == superlink
+
+    cli.stop_local_superlink()
+    proc = _fl_ec_run(cli, app, "third")  # now fl-ec-run starts the SuperLink itself
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stopped the local SuperLink this run started" in proc.stdout
+    assert (app / "results" / "third" / "metrics.json").is_file()
+    assert not cli.local_superlink_pids()

@@ -102,8 +102,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
     sampler = SeededSampler(config.seed, federation.round_timeout)
     sampled = SeededSampling(strategy, sampler, record_sample(recorder))
-    if isinstance(innermost(strategy), FedHCE):  # tiers known before the first round
-        sampler.capability_listeners.append(innermost(strategy).note_capability)
+    if isinstance(inner := innermost(strategy), FedHCE):  # tiers known before round 1
+        sampler.capability_listeners.append(inner.note_capability)
     if federation.tier_list():  # outside the sampling: the sample recorded is the whole one
         sampled = TrainTiers(sampled, federation.tier_list())
         sampler.capability_listeners.append(sampled.note_capability)

@@ -15,8 +15,8 @@ from fl_ec.compression import Variant, pack_state_dict, packed_nbytes, unpack_st
 from fl_ec.compression.quantization import quantized_weight_keys
 from fl_ec.protocol import DEVICE_TIER_KEY
 
-# A policy maps what a node reported about itself (None before its first reply) to
-# the name of the variant it should train.
+# A policy maps what a node reported about itself (None if it has reported nothing: a
+# stock ClientApp before its first reply) to the name of the variant it should train.
 AssignmentPolicy = Callable[[Mapping[str, Any] | None], str]
 
 
@@ -26,7 +26,7 @@ class TierPolicy:
 
     ``TierPolicy({"gpu": "full", "edge": "prune-0.5+int4"}, default="int8")`` sends
     GPU nodes the full model and edge nodes the pruned 4-bit one; a node with an
-    unlisted tier, or one that has not replied yet, gets ``default``.
+    unlisted tier, or one that has reported none yet, gets ``default``.
     """
 
     by_tier: Mapping[str, str]

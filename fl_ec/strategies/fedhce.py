@@ -62,8 +62,9 @@ class FedHCE(FedEC):
         The variants to maintain, e.g. ``["full", "prune-0.5+int8", "int4"]``.
     assignment_policy : Callable[[Mapping | None], str] | None
         Maps a node's reported capability (from seeded sampling's describe query or
-        its last reply; ``None`` if it reported none) to a variant name. Default: every node gets the last of ``variants`` (the most
-        compressed, by convention); so does a node the policy names an unknown one for.
+        its last reply; ``None`` if it reported none) to a variant name. Default:
+        every node gets the last of ``variants`` (the most compressed, by convention);
+        so does a node the policy names an unknown one for.
     hce_ensemble : Sequence[str] | None
         Variants whose mean logits form the HCE ensemble. Default: all but ``full``.
     diversity_weight : float (default: 0.5)

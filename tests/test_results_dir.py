@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fl_ec.launch import absolute_results_dir, parse_overrides
+from fl_ec.launch import _leave_local_superlink, absolute_results_dir, parse_overrides
 from fl_ec.server_app import announce_results_dir
 from tests.conftest import ROOT
 
@@ -37,3 +37,32 @@ def test_the_server_logs_the_absolute_folder_and_warns_on_a_relative_one(
     finally:
         flwr_logger.removeHandler(caplog.handler)
     assert not Path("results").exists()  # announcing creates nothing
+
+
+class _LocalSuperLink:
+    """The two calls fl-ec-run makes on its CLI at the end of a run, recorded."""
+
+    def __init__(self, pids):
+        self.pids, self.stopped = list(pids), []
+
+    def local_superlink_pids(self):
+        return list(self.pids)
+
+    def stop_local_superlink(self):
+        self.stopped, self.pids = self.pids, []
+        return self.stopped
+
+
+def test_fl_ec_run_stops_only_a_local_superlink_it_started(capsys):
+    started_here = _LocalSuperLink([41])
+    _leave_local_superlink(started_here, already_running=[], keep=False)
+    assert started_here.stopped == [41]
+    assert "stopped the local SuperLink this run started (pid 41)" in capsys.readouterr().out
+
+    kept = _LocalSuperLink([42])
+    _leave_local_superlink(kept, already_running=[], keep=True)
+    assert kept.stopped == [] and "--keep-superlink" in capsys.readouterr().out
+
+    older = _LocalSuperLink([43])
+    _leave_local_superlink(older, already_running=[43], keep=False)
+    assert older.stopped == [] and "left running" in capsys.readouterr().out

@@ -116,7 +116,9 @@ METHODS = {
         "prune-0.5+int4",
     ),
     "fedhce-student": Method(
-        _fedhce("full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4").replace('client-start="average"', 'client-start="student"'),
+        _fedhce("full,prune-0.5+int4", "gpu=full,edge=prune-0.5+int4").replace(
+            'client-start="average"', 'client-start="student"'
+        ),
         "prune-0.5",
         True,
         "FedHCE, clients train the variants distilled from the teacher (not the average's)",

@@ -129,6 +129,11 @@ def test_a_run_recorded_with_a_retired_knob_matches_only_the_behaviour_kept():
     assert _same_config({"seed": 1, "lp-aux-resolution": "pooled"}, {"seed": 1})
     assert not _same_config({"seed": 1, "distill-patience": 150}, {"seed": 1})
     assert _same_config({"seed": 1, "distill-patience": 100, "weight-decay": 0.0}, {"seed": 1})
+    # Quantization-aware client training acted only on FedHCE's variants.
+    fedhce, fedavg = {"seed": 1, "strategy": "fedhce"}, {"seed": 1, "strategy": "fedavg"}
+    assert not _same_config({**fedhce, "quantized-training": True}, fedhce)
+    assert _same_config({**fedhce, "quantized-training": False}, fedhce)
+    assert _same_config({**fedavg, "quantized-training": True}, fedavg)
 
 
 def test_a_run_recorded_with_the_calibration_knobs_matches_its_preset():

@@ -202,6 +202,8 @@ def _same_config(recorded: dict, expected: dict) -> bool:
         # The layer-parallel knobs act only through those trainers (lp-method's default
         # changed once; runs without the trainer are unaffected).
         ignored |= {key for key in as_run if key.startswith("lp-")}
+    if as_run.get("strategy") != "fedhce":
+        ignored.add("quantized-training")  # it acted only on FedHCE's variants
     if any(
         as_run.get(key, kept) != kept
         for key, kept in _RETIRED_KNOBS.items()

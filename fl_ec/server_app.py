@@ -88,8 +88,8 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     torch.manual_seed(config.seed)
     initial_model = build_model(spec)
     strategy = build_strategy(config, spec, server_data)
-    reporter = innermost(strategy)
-    reporter = reporter if isinstance(reporter, RunReporter) else None
+    inner = innermost(strategy)
+    reporter = inner if isinstance(inner, RunReporter) else None
 
     if checkpoint is None:
         run_name = safe_run_name(
@@ -102,7 +102,7 @@ def run_experiment(grid: Grid, config: ExperimentConfig) -> Path:
     # The wrappers run the rounds; ``reporter`` is the inner strategy itself.
     sampler = SeededSampler(config.seed, federation.round_timeout)
     sampled = SeededSampling(strategy, sampler, record_sample(recorder))
-    if isinstance(inner := innermost(strategy), FedHCE):  # tiers known before round 1
+    if isinstance(inner, FedHCE):  # tiers known before round 1
         sampler.capability_listeners.append(inner.note_capability)
     if federation.tier_list():  # outside the sampling: the sample recorded is the whole one
         sampled = TrainTiers(sampled, federation.tier_list())

@@ -115,13 +115,20 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 
 def _setup(msg: Message, context: Context):
+    config, node, data = _node_setup(context)
+    spec, model = received_model(msg.content)
+    return config, node, data, spec, model
+
+
+def _node_setup(context: Context) -> tuple[ExperimentConfig, NodeSettings, ClientData]:
+    """The run's config, this node (with its simulated tier in a simulation) and its
+    data; torch's threads set to those the node trains with."""
     config = ExperimentConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     set_cpu_threads(config.training.client_threads)
     data = _client_data(config, node.partition_id, node.num_partitions)
-    spec, model = received_model(msg.content)
     node = with_simulated_tier(node, config.simulation.simulated_tiers, in_simulation())
-    return config, node, data, spec, model
+    return config, node, data
 
 
 def in_simulation() -> bool:
@@ -308,16 +315,12 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def _describe(msg: Message, context: Context) -> Message:
-    config = ExperimentConfig.from_run_config(context.run_config)
-    node = NodeSettings.from_node_config(context.node_config)
-    data = _client_data(config, node.partition_id, node.num_partitions)
+    config, node, data = _node_setup(context)
     info = ConfigRecord(
         {PARTITION_ID_KEY: node.partition_id, CLASS_COUNTS_KEY: data.train.class_counts()}
     )
     # The capability as a training reply reports it, so a strategy that assigns models by
     # tier (FedHCE) knows this node's before sending it anything to train.
-    node = with_simulated_tier(node, config.simulation.simulated_tiers, in_simulation())
-    set_cpu_threads(config.training.client_threads)  # the threads it will train with
     capability = _capability(node, select_device(config.training.device))
     return Message(
         content=RecordDict({NODE_INFO_KEY: info, CAPABILITY_KEY: capability}), reply_to=msg

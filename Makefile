@@ -1,5 +1,6 @@
 # fl-ec: two commands do everything on a fresh Debian machine.
 #   make run    create .venv, install, get Fashion-MNIST, run the default `flwr run .` experiment
+#   make compare  FedAvg and the chosen strategy on the same federation, one accuracy plot
 #   make test   the same setup, then ruff, lint-imports (the import layers) and the whole
 #               pytest suite (what .ci/run calls)
 
@@ -11,10 +12,14 @@ FMNIST   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN_CONFIG ?=
 DEPLOY_FLAGS ?=
 
-.PHONY: run test setup data lint bench bench-hce bench-lp deploy-up deploy-run deploy-down clean
+.PHONY: run compare test setup data lint bench bench-hce bench-lp deploy-up deploy-run deploy-down clean
 
 run: setup
 	$(BIN)/fl-ec-run . --run-config '$(RUN_CONFIG)'
+
+# FedAvg, then the chosen strategy (FedEC unless RUN_CONFIG says otherwise), one plot.
+compare: setup
+	$(BIN)/fl-ec-compare . --run-config '$(RUN_CONFIG)'
 
 test: setup
 	$(BIN)/ruff check fl_ec simulations tests
@@ -32,7 +37,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,tensorboard,mlflow]'
 	touch $(STAMP)
 
 data:

@@ -16,7 +16,7 @@ section            keys                                         defined in
 ``fedhce``         variants ... calibrate-variants              fl_ec.strategies.sections
 ``simulation``     simulated-tiers, attack, fail-*              fl_ec.clients.settings
 ``layer_parallel`` lp-*                                         fl_ec.layer_parallel.section
-``output``         results-dir, run-name, resume                here
+``output``         results-dir ... tracking                     fl_ec.run.settings
 =================  ===========================================  ==========================
 
 A section's field ``foo_bar`` is the run-config key ``foo-bar``. A bad value fails in
@@ -47,6 +47,7 @@ from fl_ec.errors import ConfigError, SettingError
 from fl_ec.layer_parallel.objectives import LPSettings
 from fl_ec.layer_parallel.section import LayerParallelSection
 from fl_ec.retired_keys import RETIRED_KEYS, retired_message
+from fl_ec.run.settings import RESUME_MAY_CHANGE, OutputSection, check_resumable
 from fl_ec.strategies.sections import FedECSection, FederationSection, FedHCESection
 
 __all__ = [
@@ -64,20 +65,6 @@ __all__ = [
     "run_config_key",
     "with_app_config",
 ]
-
-
-@dataclass(frozen=True)
-class OutputSection:
-    """Run-config keys ``results-dir``, ``run-name``, ``resume``: where the run's folder is.
-
-    The folder is ``<results_dir>/<run_name>`` (a name from strategy, dataset, alpha
-    and the time when empty); ``resume``, a run folder, goes on from its last
-    checkpoint instead.
-    """
-
-    results_dir: str = "results"
-    run_name: str = ""
-    resume: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,31 +171,6 @@ class ExperimentConfig:
                 out[run_config_key(top.name)] = value
         out.update(self.extra)
         return out
-
-
-# What a resumed run may set differently from the run it continues.
-RESUME_MAY_CHANGE = ("resume", "num-server-rounds", "round-timeout", "run-name", "results-dir")
-
-
-def check_resumable(saved: Mapping[str, Any], config: ExperimentConfig) -> None:
-    """``ConfigError`` naming each knob whose value differs from the checkpointed run's.
-
-    A resumed run must be the run it continues: only the knobs in
-    :data:`RESUME_MAY_CHANGE` (more rounds, a longer timeout) may change.
-    """
-    current = config.to_dict()
-    # Knobs only one side has (added or retired since) are left out of the comparison.
-    changed = [
-        f"{key} ({saved[key]!r} -> {current[key]!r})"
-        for key in sorted(set(saved) & set(current))
-        if key not in RESUME_MAY_CHANGE and saved[key] != current[key]
-    ]
-    if changed:
-        raise ConfigError(
-            "resume: the run-config differs from the checkpointed run's in "
-            f"{', '.join(changed)}; set them back (only {', '.join(RESUME_MAY_CHANGE[1:])} "
-            "may change)"
-        )
 
 
 def run_config_key(field_name: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fl_ec.credentials import make_certificates, make_supernode_key
 from fl_ec.errors import FlEcError
-from fl_ec.launch import FlowerCli, flower_env, free_port
+from fl_ec.launch import FlowerCli, flower_env, free_port, merge_overrides
 
 CONNECTION = "fl-ec-local"
 
@@ -161,9 +161,11 @@ def up(
         _register_connection(flwr_home, address, state.ca_certificate)
         cli = FlowerCli(home=flwr_home, superlink=CONNECTION)
         for i in range(num_supernodes):
-            node_config = f"partition-id={i} num-partitions={num_supernodes}"
-            if node_configs and node_configs[i % len(node_configs)]:
-                node_config += " " + node_configs[i % len(node_configs)]
+            # The node's own settings win over the partition it would get by default.
+            extra = node_configs[i % len(node_configs)] if node_configs else ""
+            node_config = merge_overrides(
+                f"partition-id={i} num-partitions={num_supernodes}", extra
+            )
             key = None
             if auth:
                 key = make_supernode_key(state_dir / "keys", f"supernode-{i}")

@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = cli.wait(run_id, timeout=120)
     finally:
         if local:
-            _leave_local_superlink(cli, already_running, args.keep_superlink)
+            leave_local_superlink(cli, already_running, args.keep_superlink)
     if not outcome.completed:
         print(f"fl-ec: run {run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
         return 1
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _leave_local_superlink(cli: FlowerCli, already_running: list[int], keep: bool) -> None:
+def leave_local_superlink(cli: FlowerCli, already_running: list[int], keep: bool) -> None:
     """Stop the local SuperLink if this run started it and ``keep`` is off; say which."""
     if already_running:
         print(f"fl-ec: the local SuperLink (pid {already_running[0]}) was running before this "

@@ -44,9 +44,10 @@ FedAvg's arguments; the fl-ec ClientApp uses the defaults.
 
 **query: describe** (:mod:`fl_ec.run.sampling`, before the first round):
 ``CONFIG_RECORD_KEY`` with ``DESCRIBE_KEY=True``. **Reply**: ``NODE_INFO_KEY`` (config
-record) with ``PARTITION_ID_KEY`` and the partition's ``CLASS_COUNTS_KEY``, and
-``CAPABILITY_KEY`` as a training reply carries it. Seeded client sampling learns the
-node -> partition map this way, and hands the capabilities to whoever assigns by tier.
+record) with ``PARTITION_ID_KEY`` (a ``data-dir`` node given none: a digest of its
+data) and the partition's ``CLASS_COUNTS_KEY``, and ``CAPABILITY_KEY`` as a training
+reply carries it. Seeded client sampling learns the node -> partition map this way, and
+hands the capabilities to whoever assigns by tier.
 
 **query: feature statistics** (FedEC's feature calibration,
 :mod:`fl_ec.calibration`): ``ARRAY_RECORD_KEY`` (the served model, or a FedHCE

@@ -114,8 +114,14 @@ class RunRecorder:
     """Collects per-round records and writes the run folder."""
 
     def __init__(
-        self, run_dir: Path, config: Mapping[str, Any], spec: ArchSpec, num_rounds: int
+        self,
+        run_dir: Path,
+        config: Mapping[str, Any],
+        spec: ArchSpec | None,
+        num_rounds: int,
     ) -> None:
+        """``spec``: the model's architecture, written next to it (None: a model fl-ec
+        cannot rebuild, e.g. an app's own ``Net``; only its tensors are written)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
@@ -188,7 +194,7 @@ class RunRecorder:
             "started": self.started,
             "machine": machine_summary(),
             "config": self.config,
-            "arch-spec": json.loads(self.spec.to_json()),
+            "arch-spec": json.loads(self.spec.to_json()) if self.spec is not None else None,
             "num-rounds": self.num_rounds,
             "rounds": [r.to_dict() for r in self.rounds],
             "summary": self.summary(),
@@ -199,16 +205,15 @@ class RunRecorder:
         tmp.replace(path)  # atomic: readers never see a half-written file
         return path
 
-    def write_plot(self) -> Path:
+    def write_plot(self, key: str = "test-accuracy") -> Path:
+        """The central accuracy ``key`` per round, with FedEC's validation curves."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rounds = [r.round for r in self.rounds if "test-accuracy" in r.metrics]
-        accuracy = [
-            100 * r.metrics["test-accuracy"] for r in self.rounds if "test-accuracy" in r.metrics
-        ]
+        rounds = [r.round for r in self.rounds if key in r.metrics]
+        accuracy = [100 * r.metrics[key] for r in self.rounds if key in r.metrics]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(rounds, accuracy, marker="o", label="global model (test)")
         for key, label in (
@@ -220,7 +225,7 @@ class RunRecorder:
             if points:
                 ax.plot(*zip(*points, strict=True), linestyle="--", label=label)
         ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{key} (%)")
         ax.set_title(self.run_dir.name, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -230,8 +235,8 @@ class RunRecorder:
         plt.close(fig)
         return path
 
-    def write_bytes_plot(self) -> Path:
-        """Test accuracy against the bytes sent so far (down + up), in MB."""
+    def write_bytes_plot(self, key: str = "test-accuracy") -> Path:
+        """The central accuracy ``key`` against the bytes sent so far (down + up), in MB."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -240,13 +245,13 @@ class RunRecorder:
         sent, points = 0.0, []
         for record in self.rounds:
             sent += (record.bytes_down + record.bytes_up) / 1e6
-            if "test-accuracy" in record.metrics:
-                points.append((sent, 100 * record.metrics["test-accuracy"]))
+            if key in record.metrics:
+                points.append((sent, 100 * record.metrics[key]))
         fig, ax = plt.subplots(figsize=(6, 4))
         if points:
             ax.plot(*zip(*points, strict=True), marker="o")
         ax.set_xlabel("model bytes sent down + up so far (MB)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{key} (%)")
         ax.set_title(self.run_dir.name, fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -261,11 +266,13 @@ class RunRecorder:
         name: str = "final_model",
         spec: ArchSpec | None = None,
     ) -> Path:
-        """``<name>.pt`` (tensors only: loads with ``torch.load(weights_only=True)``) + spec."""
+        """``<name>.pt`` (tensors only: loads with ``torch.load(weights_only=True)``) and,
+        when the architecture is known, its spec as ``<name>.json``."""
         path = self.run_dir / f"{name}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
-        (self.run_dir / f"{name}.json").write_text((spec or self.spec).to_json())
+        if (spec or self.spec) is not None:
+            (self.run_dir / f"{name}.json").write_text((spec or self.spec).to_json())
         return path
 
 

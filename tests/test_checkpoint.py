@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fl_ec.checkpoint import (
@@ -25,10 +26,7 @@ from fl_ec.config import ExperimentConfig, check_resumable
 from fl_ec.errors import ConfigError
 from fl_ec.models.spec import ArchSpec
 from fl_ec.results import RoundRecord, RunRecorder
-from fl_ec.run.abort import AbortOnFailedRounds
-from fl_ec.run.metering import MeteredGrid
-from fl_ec.run.wrapper import StrategyWrapper
-from fl_ec.server_app import resume_from
+from fl_ec.run.recorded import RecordedRun, RunFolder
 
 
 class RunsCodeWhenUnpickled:
@@ -122,10 +120,10 @@ def test_a_half_written_checkpoint_is_never_read(tmp_path):
 
 
 def test_a_resumed_run_may_only_change_its_length_timeout_and_name():
-    def config(**knobs: object) -> ExperimentConfig:
-        return ExperimentConfig.from_run_config(knobs)
+    def config(**knobs: object) -> dict:
+        return ExperimentConfig.from_run_config(knobs).to_dict()
 
-    saved = config(**{"alpha": 0.1, "num-server-rounds": 10}).to_dict()
+    saved = config(**{"alpha": 0.1, "num-server-rounds": 10})
     check_resumable(saved, config(**{"alpha": 0.1, "num-server-rounds": 20, "resume": "r"}))
     with pytest.raises(ConfigError, match=r"alpha \(0.1 -> 0.5\).*set them back"):
         check_resumable(saved, config(alpha=0.5, resume="r"))
@@ -145,6 +143,6 @@ def test_a_round_record_reads_back_from_metrics_json():
 def test_a_checkpoint_whose_state_does_not_fit_the_run_fails_in_one_line(tmp_path):
     recorder = RunRecorder(tmp_path, {}, ArchSpec("cnn", (1, 28, 28), 10), 3)
     broken = Checkpoint(2, {"w": torch.ones(1)}, StrategyState(), {"rounds": [{"no": "round"}]})
+    run = RecordedRun(FedAvg(), RunFolder(recorder, {}, broken))
     with pytest.raises(CheckpointError, match="round 2 holds a state this run cannot take back"):
-        grid = AbortOnFailedRounds(MeteredGrid(None, recorder))
-        resume_from(broken, recorder, grid, StrategyWrapper(FedAvg()))
+        run.start(None, ArrayRecord({}), 3)

@@ -39,3 +39,9 @@ def test_fedhce_replaces_fedavg_in_the_same_lines_and_two_client_lines():
     calls = [line for line in client if not line.startswith("from ")]
     assert len(calls) == 2 and "receive_variant(msg, Net)" in calls[0], client
     assert "reply_variant(" in calls[1]
+
+
+def test_the_run_machinery_wraps_fedavg_in_at_most_three_server_lines():
+    added = _added_lines("server_app.py", "server_app_recorded.py")
+    assert len(added) <= 3, added
+    assert any("RecordedRun.from_run_config(strategy, context.run_config)" in a for a in added)

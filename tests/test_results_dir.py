@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fl_ec.launch import _leave_local_superlink, absolute_results_dir, parse_overrides
-from fl_ec.server_app import announce_results_dir
+from fl_ec.launch import absolute_results_dir, leave_local_superlink, parse_overrides
+from fl_ec.run.recorded import announce_results_dir
 from tests.conftest import ROOT
 
 
@@ -55,14 +55,14 @@ class _LocalSuperLink:
 
 def test_fl_ec_run_stops_only_a_local_superlink_it_started(capsys):
     started_here = _LocalSuperLink([41])
-    _leave_local_superlink(started_here, already_running=[], keep=False)
+    leave_local_superlink(started_here, already_running=[], keep=False)
     assert started_here.stopped == [41]
     assert "stopped the local SuperLink this run started (pid 41)" in capsys.readouterr().out
 
     kept = _LocalSuperLink([42])
-    _leave_local_superlink(kept, already_running=[], keep=True)
+    leave_local_superlink(kept, already_running=[], keep=True)
     assert kept.stopped == [] and "--keep-superlink" in capsys.readouterr().out
 
     older = _LocalSuperLink([43])
-    _leave_local_superlink(older, already_running=[43], keep=False)
+    leave_local_superlink(older, already_running=[43], keep=False)
     assert older.stopped == [] and "left running" in capsys.readouterr().out

@@ -1,4 +1,8 @@
-"""The fl-ec ClientApp: local training and evaluation on this node's partition.
+"""The fl-ec ClientApp: local training and evaluation on this node's data.
+
+A node's data is its partition of the run's benchmark dataset, or, when its
+``node_config`` names a ``data-dir``, exactly the examples in that folder
+(:mod:`fl_ec.data.local_folder`).
 
 The server sends arrays plus a JSON architecture spec (the config's ``arch-spec``);
 the client rebuilds the model from them -- no pickled module travels. A train reply
@@ -36,7 +40,7 @@ from fl_ec.clients.settings import NodeSettings, parse_tier_counts
 from fl_ec.clients.variants import received_state
 from fl_ec.config import ExperimentConfig
 from fl_ec.data.federated import ClientData, load_client_data
-from fl_ec.data.settings import DataSection
+from fl_ec.data.local_folder import load_local_data, stable_id
 from fl_ec.errors import ConfigError, FlEcError, ModelSpecError
 from fl_ec.models.spec import ArchSpec, build_from_state_dict
 from fl_ec.protocol import (
@@ -94,9 +98,9 @@ def query_handler(msg: Message, context: Context) -> Message:
     """Who this node is, or class-conditional feature statistics of the sent model.
 
     ``describe=true``: the partition id and its class counts (seeded client sampling,
-    :mod:`fl_ec.run.sampling`). ``feature-stats=true``: FedEC's feature
-    calibration asks for them after aggregating a round: one forward pass, no training
-    (:mod:`fl_ec.calibration`).
+    :mod:`fl_ec.run.sampling`; :func:`_node_setup` says which id a ``data-dir`` node
+    reports). ``feature-stats=true``: FedEC's feature calibration asks for them after
+    aggregating a round: one forward pass, no training (:mod:`fl_ec.calibration`).
     """
     try:
         if bool(msg.content[CONFIG_RECORD_KEY].get(DESCRIBE_KEY, False)):
@@ -121,12 +125,19 @@ def _setup(msg: Message, context: Context):
 
 
 def _node_setup(context: Context) -> tuple[ExperimentConfig, NodeSettings, ClientData]:
-    """The run's config, this node (with its simulated tier in a simulation) and its
-    data; torch's threads set to those the node trains with."""
+    """The run's config, this node (with its simulated tier in a simulation, and always
+    a partition id) and its data; torch's threads set to those the node trains with."""
     config = ExperimentConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     set_cpu_threads(config.training.client_threads)
-    data = _client_data(config, node.partition_id, node.num_partitions)
+    data = _client_data(config, node)
+    if node.partition_id is None:
+        # A data-dir node given no partition-id. Seeded sampling lists the nodes by the
+        # partition id they describe themselves with; Flower's node ids are new every
+        # run, so a digest of the node's data keeps the order, and the clients sampled
+        # each round, the same from run to run. A node answering without an id would be
+        # listed last by node id and its capability ignored (FedHCE's tiers in round 1).
+        node = dataclasses.replace(node, partition_id=stable_id(data.train))
     node = with_simulated_tier(node, config.simulation.simulated_tiers, in_simulation())
     return config, node, data
 
@@ -148,7 +159,7 @@ def with_simulated_tier(node: NodeSettings, simulated_tiers: str, simulation: bo
     the tier of its ``--node-config`` (or none): a run-config default must not make a
     deployed GPU box pretend to be an edge device.
     """
-    if node.device_tier or not simulated_tiers or not simulation:
+    if node.device_tier or not simulated_tiers or not simulation or not node.num_partitions:
         return node
     tiers = parse_tier_counts(simulated_tiers, node.num_partitions)
     return dataclasses.replace(node, device_tier=tiers[node.partition_id])
@@ -367,17 +378,28 @@ def _stats_settings(query_config: ConfigRecord) -> CalibrationSettings:
         raise ConfigError(f"{STATS_RECORD_KEY} query: {reason}") from reason
 
 
-def _client_data(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ClientData:
+def _client_data(config: ExperimentConfig, node: NodeSettings) -> ClientData:
+    """This node's data: its own folder's when it has a ``data-dir`` (checked against the
+    format of the run's dataset), else its partition of the run's dataset."""
     # Simulated nodes share worker processes; cache the data per (data section, seed,
-    # partition) instead of re-partitioning every round. Bounded: a worker serves a
+    # partition) instead of re-partitioning every round, and a folder per (dataset,
+    # folder) instead of decoding it for every message. Bounded: a worker serves a
     # handful of partitions at a time.
-    key = (config.data, config.seed, partition_id, num_partitions)
+    if node.data_dir:
+        key: tuple = (config.data.dataset, node.data_dir)
+    else:
+        key = (config.data, config.seed, node.partition_id, node.num_partitions)
     if key not in _DATA_CACHE:
         if len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
-        _DATA_CACHE[key] = load_client_data(config.data, config.seed, partition_id, num_partitions)
+        if node.data_dir:
+            _DATA_CACHE[key] = load_local_data(node.data_dir, config.data.dataset)
+        else:
+            _DATA_CACHE[key] = load_client_data(
+                config.data, config.seed, node.partition_id, node.num_partitions
+            )
     return _DATA_CACHE[key]
 
 
-_DATA_CACHE: dict[tuple[DataSection, int, int, int], ClientData] = {}
+_DATA_CACHE: dict[tuple, ClientData] = {}
 _DATA_CACHE_SIZE = 32

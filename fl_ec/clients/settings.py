@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fl_ec.clients.attacks import ATTACKS
-from fl_ec.errors import ConfigError, check_fields, one_of
+from fl_ec.errors import ConfigError, SettingError, check_fields, one_of
 from fl_ec.models.spec import is_known_model
 
 DEVICES = ("auto", "cpu", "cuda")  # fl_ec.training.select_device
@@ -144,39 +144,67 @@ def parse_tier_counts(text: str, num_partitions: int | None = None) -> list[str]
 class NodeSettings:
     """What a ClientApp learns from its node's ``node_config``.
 
-    ``partition-id``/``num-partitions`` are set by the simulation engine, or by
-    ``flower-supernode --node-config`` in a deployment. The capability knobs let a
-    simulated node pretend to be a GPU box or an edge device; they are optional.
+    A node trains on one of two sources. ``partition-id`` of ``num-partitions``: its
+    slice of the run's benchmark dataset (set by the simulation engine, or by
+    ``flower-supernode --node-config``). ``data-dir``: exactly the examples in that
+    folder (:mod:`fl_ec.data.local_folder`); such a node needs no partition keys, and a
+    ``partition-id`` it is given only names it to the server (seeded sampling orders
+    nodes by it). The capability knobs let a simulated node pretend to be a GPU box or
+    an edge device; they are optional.
     """
 
-    partition_id: int
-    num_partitions: int
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_dir: str = ""
     device_tier: str = ""
     memory_mb: float = 0.0
     speed: float = 0.0
+
+    def __post_init__(self) -> None:
+        pid, num = self.partition_id, self.num_partitions
+        check_fields(
+            self,
+            [
+                (
+                    "partition_id",
+                    bool(self.data_dir) or (pid is not None and num is not None),
+                    "(and num-partitions) must be set when there is no data-dir: start the "
+                    "SuperNode with --node-config 'partition-id=0 num-partitions=N' (its "
+                    "benchmark partition) or 'data-dir=\"/path\"' (its own data)",
+                ),
+                ("partition_id", pid is None or pid >= 0, "must be >= 0"),
+                ("num_partitions", num is None or num > 0, "must be > 0"),
+                (
+                    "partition_id",
+                    pid is None or num is None or pid < num,
+                    f"must be within [0, num-partitions={num})",
+                ),
+            ],
+        )
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
         """Parse ``node_config``; :class:`ConfigError` says what the SuperNode must set."""
         try:
-            partition_id = int(node_config["partition-id"])
-            num_partitions = int(node_config["num-partitions"])
-        except KeyError as err:
-            raise ConfigError(
-                f"node_config lacks {err.args[0]!r}: start the SuperNode with "
-                '--node-config "partition-id=0 num-partitions=N"'
-            ) from None
-        except (TypeError, ValueError):
-            raise ConfigError("node_config partition-id/num-partitions must be integers") from None
-        if num_partitions <= 0 or not 0 <= partition_id < num_partitions:
-            raise ConfigError(
-                f"node_config partition-id={partition_id} must be within "
-                f"[0, num-partitions={num_partitions})"
+            partition_id, num_partitions = (
+                None if node_config.get(key) is None else int(node_config[key])
+                for key in ("partition-id", "num-partitions")
             )
-        return cls(
-            partition_id=partition_id,
-            num_partitions=num_partitions,
-            device_tier=str(node_config.get("device-tier", "")),
-            memory_mb=float(node_config.get("memory-mb", 0.0)),
-            speed=float(node_config.get("speed", 0.0)),
-        )
+            memory_mb, speed = (float(node_config.get(k, 0.0)) for k in ("memory-mb", "speed"))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                "node_config partition-id/num-partitions must be integers, memory-mb/speed "
+                "numbers"
+            ) from None
+        try:
+            return cls(
+                partition_id=partition_id,
+                num_partitions=num_partitions,
+                data_dir=str(node_config.get("data-dir", "")).strip(),
+                device_tier=str(node_config.get("device-tier", "")),
+                memory_mb=memory_mb,
+                speed=speed,
+            )
+        except SettingError as err:  # named as the SuperNode's --node-config spells it
+            key = err.field.replace("_", "-")
+            raise ConfigError(f"node_config {key}={err.value!r} {err.reason}") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,6 +38,7 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+SYNTHETIC_STATS = ((0.5,), (0.3,))
 
 _IDX_DTYPES = {0x08: np.uint8}
 
@@ -207,9 +209,41 @@ def make_synthetic(
         labels = torch.randint(0, num_classes, (n,), generator=generator)
         noise = 0.35 * torch.randn(n, 1, image_size, image_size, generator=generator)
         images = (prototypes[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return TensorData(images, labels, mean=(0.5,), std=(0.3,), num_classes=num_classes)
+        mean, std = SYNTHETIC_STATS
+        return TensorData(images, labels, mean=mean, std=std, num_classes=num_classes)
 
     return draw(num_train), draw(num_test)
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """What one example of a dataset looks like: ``channels`` x ``height`` x ``width``
+    uint8 pixels, a label in ``[0, num_classes)``, and the per-channel ``mean``/``std``
+    every consumer normalises with."""
+
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# The format of each dataset load_dataset serves, known without loading it: a node with
+# its own data (fl_ec.data.local_folder) must match the run's dataset, whose proxy,
+# validation and test sets the server loads.
+DATASET_FORMATS = {
+    "fashion-mnist": DatasetFormat(1, 28, 28, 10, *FASHION_MNIST_STATS),
+    "cifar10": DatasetFormat(3, 32, 32, 10, *CIFAR10_STATS),
+    "synthetic": DatasetFormat(1, 28, 28, 10, *SYNTHETIC_STATS),  # make_synthetic's defaults
+}
+
+
+def dataset_format(name: str) -> DatasetFormat:
+    """The :class:`DatasetFormat` of a dataset name from the run-config."""
+    if name not in DATASET_FORMATS:
+        raise DataError(f"dataset={name!r} is unknown: choose {', '.join(DATASET_FORMATS)}")
+    return DATASET_FORMATS[name]
 
 
 def load_dataset(

@@ -4,8 +4,9 @@
 the strategy sends and every reply it receives passes through it, so the bytes are
 those of the arrays actually sent (``len(Array.data)``, the serialised payload) --
 whatever the strategy, including ones that send different arrays to each node. It
-also logs failed replies with their node id and reason, and the nodes that did not
-answer in time. When failures stop the run is :mod:`fl_ec.run.abort`'s rule.
+records the ``num-examples`` each node's training reply reports
+(``train-examples-by-node``), and logs failed replies with their node id and reason and
+the nodes that did not answer in time. When failures stop the run is :mod:`fl_ec.run.abort`'s rule.
 
 :class:`TimedAggregation` wraps a strategy to time its ``aggregate_train`` and
 ``aggregate_query`` (the server's own work; the clients' answers to queries are
@@ -25,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_ec.protocol import SERVER_ROUND_KEY
+from fl_ec.protocol import NUM_EXAMPLES_KEY, SERVER_ROUND_KEY
 from fl_ec.results import RoundRecord, RunRecorder
 from fl_ec.run.wrapper import StrategyWrapper
 
@@ -114,6 +115,11 @@ class MeteredGrid(DelegatingGrid):
             record.train_seconds += elapsed
             record.train_replies += len(replies) - len(failed)
             record.rejected_replies += len(failed)
+            # What each node says it trained on: a site's own data shows up here.
+            examples = {str(r.metadata.src_node_id): examples_reported(r) for r in replies}
+            examples = {node: n for node, n in examples.items() if n is not None}
+            if examples:
+                record.metrics.setdefault("train-examples-by-node", {}).update(examples)
         elif message_type == MessageType.QUERY:  # e.g. FedEC's feature statistics
             record.client_query_seconds += elapsed
         else:
@@ -143,6 +149,19 @@ class MeteredGrid(DelegatingGrid):
             lost,
             "the wait" if timeout is None else f"{timeout:g} s",
         )
+
+
+def examples_reported(reply: Message) -> int | None:
+    """The ``num-examples`` a training reply reports (Flower's weighting key), when it is
+    a non-negative whole number; None for an error reply or anything else."""
+    if reply.has_error():
+        return None
+    for record in reply.content.metric_records.values():
+        value = record.get(NUM_EXAMPLES_KEY)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and 0 <= value < 2**53 and float(value).is_integer():
+            return int(value)
+    return None
 
 
 def round_of(message: Message, default: int) -> int:

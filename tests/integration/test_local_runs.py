@@ -4,6 +4,7 @@ started: tests/test_results_dir.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -53,3 +54,30 @@ def test_a_run_from_another_folder_writes_into_its_own_results(cli, tmp_path):
     assert not (Path.cwd() / "results" / "second").exists()  # not the SuperLink's folder
     assert "was running before this run and is left running" in proc.stdout
     assert cli.local_superlink_pids() == superlink
+
+
+def test_fl_ec_compare_draws_fedavg_and_fedec_of_the_same_clients_on_one_plot(cli, tmp_path):
+    app = _other_project(tmp_path)
+    config = merge_overrides(SMALL_RUN, 'strategy="fedec" num-server-rounds=2 fraction-train=0.5')
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_ec.compare", str(app), "--supernodes", "4", "-c", config],
+        env=cli.env,
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    plot, *sides = sorted((app / "results").glob("compare-*"))  # the plot's folder first
+    runs = {f.name.rsplit("-", 1)[1]: json.loads((f / "metrics.json").read_text()) for f in sides}
+    assert sorted(runs) == ["fedavg", "fedec"]
+    assert runs["fedavg"]["config"]["strategy"] == "fedavg"
+    assert runs["fedec"]["config"]["strategy"] == "fedec"
+    # The same clients in every round, so the difference is the aggregation's.
+    sampled = {k: [r["sampled-partitions"] for r in m["rounds"][1:]] for k, m in runs.items()}
+    assert sampled["fedavg"] == sampled["fedec"] and len(sampled["fedec"][0]) == 2
+    drawn = {p.name for p in plot.iterdir()}
+    assert {"accuracy.png", "accuracy_vs_bytes.png", "summary.md"} <= drawn
+    table = (plot / "summary.md").read_text()
+    assert "| fedavg |" in table and "| fedec |" in table
+    assert f"fl-ec: plot -> {plot / 'accuracy.png'}" in proc.stdout

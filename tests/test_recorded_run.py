@@ -114,6 +114,7 @@ def test_the_run_folder_has_metrics_plots_the_model_and_bytes(task_identity, tmp
     }
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert all(r["bytes-down"] > 0 and r["train-replies"] == 2 for r in rounds[1:])
+    assert all(r["server-peak-rss-mb"] > 50 for r in rounds)  # at least torch's own
     assert rounds[1]["client-train_loss"] > 0 and rounds[1]["client-eval-eval"] == 0.5
     # What each sampled node said it trained on (ScriptedGrid: its node id).
     assert all(int(n) == count for n, count in rounds[1]["train-examples-by-node"].items())

@@ -29,6 +29,8 @@ through it too.
 from __future__ import annotations
 
 import datetime as dt
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -252,6 +254,8 @@ class RecordedRun(TimedAggregation):
         record.rejected_replies += invalid
         record.train_replies -= invalid
         central = {k: v for k, v in self._central.pop(server_round, {}).items() if _is_number(v)}
+        # The server process's peak memory so far: what a larger federation costs it.
+        server["server-peak-rss-mb"] = _peak_rss_mb()
         record = self.recorder.close_round(server_round, {**central, **server})
         log(INFO, "[fl-ec] %s", _round_line(record, self.recorder.num_rounds, self.accuracy_key()))
         return record
@@ -350,6 +354,12 @@ def announce_results_dir(results_dir: str) -> Path:
         )
     log(INFO, "[fl-ec] results -> %s", root.resolve())
     return root.resolve()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _is_number(value: Any) -> bool:

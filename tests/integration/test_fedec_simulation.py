@@ -72,36 +72,3 @@ def test_feature_calibration_in_the_last_round_queries_every_client(cli, tmp_pat
     assert "calibration-val-gain" in last
     # The query's arrays (the served model, to both nodes) are metered.
     assert last["bytes-down"] == first["bytes-down"] + 2 * model_bytes(metrics)
-
-
-def test_partial_participation_fedavg_and_undistilled_fedec_train_the_same_clients(cli, tmp_path):
-    """The benchmark's control: 2 of 5 nodes per round, sampled alike by both strategies.
-
-    Node ids are random per run and Flower samples from the global random state; with
-    seeded sampling both runs train the same partitions, both aggregate the replies in
-    node order with the same arithmetic, so FedEC without distillation serves FedAvg's
-    models bit for bit.
-    """
-    results = tmp_path / "results"
-    shared = "num-server-rounds=2 fraction-train=0.4 alpha=0.1 local-epochs=2"
-    runs = {
-        name: completed_run(cli, results, name, f"{shared} {extra}", num_supernodes=5)
-        for name, extra in (
-            ("fedavg", 'strategy="fedavg"'),
-            ("fedec", 'strategy="fedec" distill-steps=0'),
-        )
-    }
-    samples = {
-        name: [r["sampled-partitions"] for r in m["rounds"] if r["round"] > 0]
-        for name, m in runs.items()
-    }
-    assert samples["fedavg"] == samples["fedec"]
-    assert all(len(s) == 2 and set(s) <= set(range(5)) for s in samples["fedavg"])
-    fedec_rounds = [r for r in runs["fedec"]["rounds"] if r["round"] > 0]
-    assert all(len(r["sampled-class-counts"]) == 10 for r in fedec_rounds)
-    accuracies = {name: [r["test-accuracy"] for r in m["rounds"]] for name, m in runs.items()}
-    assert accuracies["fedavg"] == accuracies["fedec"]
-    finals = {name: load_saved_model(results / name) for name in runs}
-    fedec_state = finals["fedec"].state_dict()
-    for key, tensor in finals["fedavg"].state_dict().items():
-        assert torch.equal(tensor, fedec_state[key]), key

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_ec.launch import FlowerCli, merge_overrides
+from fl_ec.results import load_saved_model
 from tests.conftest import ROOT, requires_fashion_mnist
 from tests.integration.helpers import SMALL_RUN, run_config
 
@@ -56,11 +58,19 @@ def test_a_run_from_another_folder_writes_into_its_own_results(cli, tmp_path):
     assert cli.local_superlink_pids() == superlink
 
 
-def test_fl_ec_compare_draws_fedavg_and_fedec_of_the_same_clients_on_one_plot(cli, tmp_path):
+def test_fl_ec_compare_runs_fedavg_and_fedec_on_the_same_clients_into_one_plot(cli, tmp_path):
+    """fl-ec-compare from another folder: FedAvg, then FedEC, 2 of 5 nodes per round.
+
+    Node ids are random per run and Flower samples from the global random state; with
+    seeded sampling both runs train the same partitions, both aggregate the replies in
+    node order with the same arithmetic, so FedEC without distillation serves FedAvg's
+    models bit for bit: the difference fl-ec-compare draws is the strategy's alone.
+    """
     app = _other_project(tmp_path)
-    config = merge_overrides(SMALL_RUN, 'strategy="fedec" num-server-rounds=2 fraction-train=0.5')
+    chosen = 'strategy="fedec" distill-steps=0 num-server-rounds=2 fraction-train=0.4 alpha=0.1'
+    config = merge_overrides(SMALL_RUN, f"{chosen} local-epochs=2")
     proc = subprocess.run(
-        [sys.executable, "-m", "fl_ec.compare", str(app), "--supernodes", "4", "-c", config],
+        [sys.executable, "-m", "fl_ec.compare", str(app), "--supernodes", "5", "-c", config],
         env=cli.env,
         cwd=app,
         capture_output=True,
@@ -68,14 +78,23 @@ def test_fl_ec_compare_draws_fedavg_and_fedec_of_the_same_clients_on_one_plot(cl
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == f"fl-ec: results -> {app / 'results'}"
     plot, *sides = sorted((app / "results").glob("compare-*"))  # the plot's folder first
     runs = {f.name.rsplit("-", 1)[1]: json.loads((f / "metrics.json").read_text()) for f in sides}
     assert sorted(runs) == ["fedavg", "fedec"]
     assert runs["fedavg"]["config"]["strategy"] == "fedavg"
     assert runs["fedec"]["config"]["strategy"] == "fedec"
-    # The same clients in every round, so the difference is the aggregation's.
-    sampled = {k: [r["sampled-partitions"] for r in m["rounds"][1:]] for k, m in runs.items()}
-    assert sampled["fedavg"] == sampled["fedec"] and len(sampled["fedec"][0]) == 2
+    samples = {k: [r["sampled-partitions"] for r in m["rounds"][1:]] for k, m in runs.items()}
+    assert samples["fedavg"] == samples["fedec"]
+    assert all(len(s) == 2 and set(s) <= set(range(5)) for s in samples["fedavg"])
+    assert all(len(r["sampled-class-counts"]) == 10 for r in runs["fedec"]["rounds"][1:])
+    accuracies = {k: [r["test-accuracy"] for r in m["rounds"]] for k, m in runs.items()}
+    assert accuracies["fedavg"] == accuracies["fedec"]
+    finals = {k: load_saved_model(side) for k, side in zip(sorted(runs), sides, strict=True)}
+    fedec_state = finals["fedec"].state_dict()
+    for key, tensor in finals["fedavg"].state_dict().items():
+        assert torch.equal(tensor, fedec_state[key]), key
+
     drawn = {p.name for p in plot.iterdir()}
     assert {"accuracy.png", "accuracy_vs_bytes.png", "summary.md"} <= drawn
     table = (plot / "summary.md").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -180,3 +181,10 @@ def test_a_reply_counting_its_examples_wrongly_is_not_recorded(task_identity, va
     assert examples_reported(Message(content, reply_to=message)) is None
     good = RecordDict({"metrics": MetricRecord({"num-examples": 12})})
     assert examples_reported(Message(good, reply_to=message)) == 12
+
+
+def test_a_tracker_whose_backend_is_missing_fails_with_the_install_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+    with pytest.raises(ConfigError, match=r'^tracking="mlflow" needs its backend: pip install'):
+        RecordedRun.from_run_config(FedAvg(), {"results-dir": str(tmp_path), "tracking": "mlflow"})
+    assert not (tmp_path / "mlflow.db").exists()

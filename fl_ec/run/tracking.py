@@ -18,8 +18,10 @@ round with the line that installs it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +141,6 @@ def build_trackers(names: list[str], run: TrackedRun) -> dict[str, Tracker]:
 
 def _import(module: str, extra: str) -> Any:
     """``module``, or a one-line ConfigError that says which extra installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -161,6 +161,4 @@ def _mlflow_key(name: str) -> str:
 
 
 def _millis() -> int:
-    import time
-
     return int(time.time() * 1000)

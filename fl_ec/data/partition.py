@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -111,17 +112,29 @@ def _partition_cached(
     if partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
     elif partitioner == "dirichlet":
-        part = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            # Tiny partitions make local epochs meaningless; with few samples per
-            # client relax the floor rather than fail to find a split.
-            min_partition_size=min(10, len(labels) // (2 * num_partitions)),
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
+        # Tiny partitions make local epochs meaningless; with few samples per client
+        # relax the floor rather than fail to find a split. flwr-datasets redraws a split
+        # with a partition under the floor 10 times, then gives up: with hundreds of
+        # clients at a low alpha that happens, so the floor halves until a split is found
+        # (a split found at the first floor is the one it always was).
+        floor = min(10, len(labels) // (2 * num_partitions))
+        while True:
+            part = DirichletPartitioner(
+                num_partitions=num_partitions,
+                partition_by="label",
+                alpha=alpha,
+                min_partition_size=floor,
+                self_balancing=False,
+                shuffle=True,
+                seed=seed,
+            )
+            part.dataset = table
+            try:
+                return _indices(part, num_partitions)
+            except ValueError as err:
+                if floor <= 1 or "max number of attempts" not in str(err):
+                    raise DataError(f"{partitioner} partitioning failed: {err}") from None
+                floor //= 2
     elif partitioner == "pathological":
         num_classes = len(set(labels))
         if classes_per_client > num_classes:
@@ -142,8 +155,11 @@ def _partition_cached(
         )
     part.dataset = table
     try:
-        return tuple(
-            tuple(sorted(part.load_partition(pid)["index"])) for pid in range(num_partitions)
-        )
+        return _indices(part, num_partitions)
     except ValueError as err:
         raise DataError(f"{partitioner} partitioning failed: {err}") from None
+
+
+def _indices(part: Any, num_partitions: int) -> tuple[tuple[int, ...], ...]:
+    """Each partition's sorted row indices, as ``part`` splits its dataset."""
+    return tuple(tuple(sorted(part.load_partition(pid)["index"])) for pid in range(num_partitions))

@@ -75,6 +75,7 @@ def test_holdout_larger_than_dataset_is_rejected():
         split_server_holdout(100, 80, 30, 0, seed=0)
 
 
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")  # each redraw says so
 def test_hundreds_of_skewed_partitions_relax_the_size_floor_instead_of_failing():
     # 200 clients at alpha 0.1: flwr-datasets' 10 redraws rarely find a split in which
     # every client holds 10 samples; the floor halves until one is found.

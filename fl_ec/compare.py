@@ -22,9 +22,9 @@ from typing import Any
 
 from fl_ec.errors import FlEcError
 from fl_ec.launch import (
-    DEFAULT_SUPERNODES,
     FlowerCli,
     absolute_results_dir,
+    add_run_arguments,
     app_defaults,
     leave_local_superlink,
     merge_overrides,
@@ -106,25 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Run FedAvg and the chosen strategy on the same federation and seed "
         "(flwr run, one after the other) and draw both on one accuracy plot.",
     )
-    parser.add_argument("app", nargs="?", default=".", help="app directory (default: .)")
-    parser.add_argument(
-        "superlink",
-        nargs="?",
-        default=None,
-        help="SuperLink connection name from $FLWR_HOME/config.toml (default: a local simulation)",
-    )
-    parser.add_argument(
-        "--run-config",
-        "-c",
-        default="",
-        help='the chosen strategy\'s run, e.g. \'strategy="fedhce" num-server-rounds=5\'; '
+    add_run_arguments(
+        parser,
+        'the chosen strategy\'s run, e.g. \'strategy="fedhce" num-server-rounds=5\'; '
         "FedAvg runs with the same knobs",
-    )
-    parser.add_argument(
-        "--supernodes",
-        type=int,
-        default=DEFAULT_SUPERNODES,
-        help=f"simulated SuperNodes of a local simulation (default: {DEFAULT_SUPERNODES})",
     )
     args = parser.parse_args(argv)
     app_dir = Path(args.app).resolve()

@@ -293,22 +293,18 @@ def process_pids(program: str, argument: str) -> list[int]:
     return pids
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fl-ec-run",
-        description="Run the fl-ec Flower app (flwr run) with a pre-flight config check "
-        "and an exit code that reflects the run's final status.",
-    )
+def add_run_arguments(parser: argparse.ArgumentParser, run_config_help: str) -> None:
+    """The arguments every fl-ec command that submits runs takes: the app, the SuperLink,
+    ``--run-config`` and ``--supernodes``."""
     parser.add_argument("app", nargs="?", default=".", help="app directory (default: .)")
     parser.add_argument(
         "superlink",
         nargs="?",
         default=None,
-        help="SuperLink connection name from $FLWR_HOME/config.toml",
+        help="SuperLink connection name from $FLWR_HOME/config.toml (default: a local "
+        "simulation)",
     )
-    parser.add_argument(
-        "--run-config", "-c", default="", help='overrides, e.g. "num-server-rounds=3 alpha=0.1"'
-    )
+    parser.add_argument("--run-config", "-c", default="", help=run_config_help)
     parser.add_argument(
         "--supernodes",
         type=int,
@@ -316,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"simulated SuperNodes for a local simulation (default: {DEFAULT_SUPERNODES}); "
         "ignored by a deployment SuperLink",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fl-ec-run",
+        description="Run the fl-ec Flower app (flwr run) with a pre-flight config check "
+        "and an exit code that reflects the run's final status.",
+    )
+    add_run_arguments(parser, 'overrides, e.g. "num-server-rounds=3 alpha=0.1"')
     parser.add_argument(
         "--keep-superlink",
         action="store_true",

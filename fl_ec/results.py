@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import re
+import resource
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,6 +100,12 @@ def safe_run_name(name: str) -> str:
     """A run name usable as one directory name (no separators, no dot-dot)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
     return cleaned or "run"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def machine_summary() -> dict[str, Any]:

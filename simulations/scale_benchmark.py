@@ -29,7 +29,7 @@ from fl_ec.launch import format_overrides
 
 SECTION = "scale"
 SAMPLED = 10  # nodes per round, whatever the federation's size
-METHODS = {"fedavg": "fedavg", "fedec": "fedec"}  # FedEC with its defaults (gated teacher)
+METHODS = ("fedavg", "fedec")  # each a strategy with its defaults (FedEC: gated teacher)
 
 
 def per_round(metrics: dict, key: str) -> float:
@@ -118,7 +118,7 @@ def main() -> None:
             for label in args.methods:
                 metrics = run_one(
                     label,
-                    METHODS[label],
+                    label,
                     {},
                     0.1,
                     args.rounds,

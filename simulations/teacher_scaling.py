@@ -19,19 +19,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
+from fl_ec.results import peak_rss_mb
+
 SECTION = "teacher-scaling"
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory so far, MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(num_models: int, proxy_size: int, threads: int) -> dict:
@@ -46,13 +42,13 @@ def measure(num_models: int, proxy_size: int, threads: int) -> dict:
     torch.manual_seed(0)
     spec = ArchSpec("cnn", (1, 28, 28), 10)
     proxy = torch.randn(proxy_size, 1, 28, 28)
-    start_mb = peak_mb()
+    start_mb = peak_rss_mb()
     # The replies as the server receives them: serialised arrays, rebuilt into models.
     replies = [ArrayRecord(build_model(spec).state_dict()) for _ in range(num_models)]
     models = [build_from_state_dict(spec, r.to_torch_state_dict()) for r in replies]
     del replies
     param_mb = sum(p.numel() * 4 for p in models[0].parameters()) * num_models / 1e6
-    built_mb = peak_mb()
+    built_mb = peak_rss_mb()
 
     reference = build_model(spec).eval()
     with channels_last(reference), torch.inference_mode():
@@ -68,7 +64,7 @@ def measure(num_models: int, proxy_size: int, threads: int) -> dict:
         "param-mb": param_mb,
         "start-mb": start_mb,
         "built-mb": built_mb,
-        "peak-mb": peak_mb(),
+        "peak-mb": peak_rss_mb(),
         "seconds": teacher.seconds,
         "ratio": teacher.samples_per_second / single,
     }
@@ -114,12 +110,12 @@ def fedec_round(num_models: int, proxy_size: int, threads: int) -> dict:
             }
         )
         replies.append(Message(content, reply_to=request))
-    received_mb = peak_mb()
+    received_mb = peak_rss_mb()
     started = time.perf_counter()
     strategy.aggregate_train(1, replies)
     return {
         "fedec-received-mb": received_mb,
-        "fedec-peak-mb": peak_mb(),
+        "fedec-peak-mb": peak_rss_mb(),
         "fedec-seconds": time.perf_counter() - started,
     }
 

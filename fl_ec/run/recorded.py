@@ -29,8 +29,6 @@ through it too.
 from __future__ import annotations
 
 import datetime as dt
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fl_ec.checkpoint import Checkpoint, CheckpointError, load_latest, restore_rng, write_checkpoint
 from fl_ec.models.spec import ArchSpec
-from fl_ec.results import RoundRecord, RunRecorder, safe_run_name
+from fl_ec.results import RoundRecord, RunRecorder, peak_rss_mb, safe_run_name
 from fl_ec.run.abort import AbortOnFailedRounds
 from fl_ec.run.loop import RoundPlan, run_rounds
 from fl_ec.run.metering import MeteredGrid, TimedAggregation
@@ -255,7 +253,7 @@ class RecordedRun(TimedAggregation):
         record.train_replies -= invalid
         central = {k: v for k, v in self._central.pop(server_round, {}).items() if _is_number(v)}
         # The server process's peak memory so far: what a larger federation costs it.
-        server["server-peak-rss-mb"] = _peak_rss_mb()
+        server["server-peak-rss-mb"] = peak_rss_mb()
         record = self.recorder.close_round(server_round, {**central, **server})
         log(INFO, "[fl-ec] %s", _round_line(record, self.recorder.num_rounds, self.accuracy_key()))
         return record
@@ -354,12 +352,6 @@ def announce_results_dir(results_dir: str) -> Path:
         )
     log(INFO, "[fl-ec] results -> %s", root.resolve())
     return root.resolve()
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _is_number(value: Any) -> bool:

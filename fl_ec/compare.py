@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id = cli.submit(app_dir, config, args.supernodes if local else None)
             print(f"fl-ec: {label}: submitted run {run_id}; streaming its logs", flush=True)
             cli.stream_logs(run_id)
-            outcome = cli.wait(run_id, timeout=120)
+            outcome = cli.wait(run_id, timeout=120, follow=False)
             if not outcome.completed:
                 reason = f"{outcome.status}: {outcome.details}"
                 print(f"fl-ec: {label} ended as {reason}", file=sys.stderr)

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id = cli.submit(args.app.resolve(), args.run_config)
             print(f"fl-ec: run {run_id} submitted to {CONNECTION}", flush=True)
             cli.stream_logs(run_id)
-            outcome = cli.wait(run_id, timeout=600)
+            outcome = cli.wait(run_id, timeout=600, follow=False)
             print(f"fl-ec: run {run_id} {outcome.status} {outcome.details}")
             return 0 if outcome.completed else 1
         else:

@@ -41,7 +41,7 @@ class DistillSettings:
     raises :class:`~fl_ec.errors.SettingError` (a ``ValueError``) naming the field.
     """
 
-    steps: int = 500
+    steps: int = 100
     batch_size: int = 128
     lr: float = 1e-3
     temperature: float = 1.0

@@ -24,6 +24,7 @@ isolated ``FLWR_HOME`` and ports so runs never reuse someone else's SuperLink.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -254,8 +255,30 @@ class FlowerCli:
             return {"status": "unknown", "status-details": proc.stdout + proc.stderr}
         return runs[0] if runs else {"status": "unknown", "status-details": "run not listed"}
 
-    def wait(self, run_id: int, timeout: float = 1800, poll: float = 2.0) -> RunOutcome:
+    def wait(
+        self, run_id: int, timeout: float = 1800, poll: float = 2.0, follow: bool = True
+    ) -> RunOutcome:
+        """Block until the run has finished (or ``timeout`` seconds); its outcome.
+
+        With ``follow`` one quiet ``flwr log --stream`` waits for the end first: the
+        SuperLink closes the stream when the run finishes. Polling ``flwr ls`` alone
+        starts a Python process every ``poll`` seconds (about 1.4 s of CPU each), which a
+        2-core machine takes from the run it waits for. ``flwr ls`` then reads the
+        outcome, polling only while the run is not yet finished (the stream ended early:
+        the run had not started, or the connection dropped). Callers that streamed the
+        logs themselves pass ``follow=False``.
+        """
         deadline = time.monotonic() + timeout
+        if follow:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(
+                    self._cmd("log", str(run_id), "--stream"),
+                    env=self.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
         while True:
             info = self.status(run_id)
             status = str(info.get("status", "unknown"))
@@ -344,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fl-ec: submitted run {run_id}; streaming its logs", flush=True)
     try:
         cli.stream_logs(run_id)
-        outcome = cli.wait(run_id, timeout=120)
+        outcome = cli.wait(run_id, timeout=120, follow=False)
     finally:
         if local:
             leave_local_superlink(cli, already_running, args.keep_superlink)

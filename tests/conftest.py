@@ -61,6 +61,7 @@ class FeatureStatsGrid:
         from flwr.app import ArrayRecord, Error, Message, RecordDict
 
         self.timeouts.append(timeout)
+        from fl_ec.calibration import model_bytes
         from fl_ec.clients.client_app import _stats_settings, received_model
         from fl_ec.protocol import STATS_RECORD_KEY
 
@@ -76,7 +77,8 @@ class FeatureStatsGrid:
             x, y = self.node_data[node]
             settings = _stats_settings(message.content["config"])  # what the query asks
             statistics = settings.statistics()
-            arrays = statistics.to_arrays(statistics.measure(model, x, y, spec.num_classes))
+            measured = statistics.measure(model, x, y, spec.num_classes)
+            arrays = statistics.to_arrays(measured, budget_bytes=model_bytes(model))
             if spoil is not None:
                 spoil(arrays)
             self.replies.append(arrays)

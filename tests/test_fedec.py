@@ -574,7 +574,8 @@ def test_dense_calibration_retrains_every_dense_layer_and_no_convolution(task_id
         assert strategy.server_metrics[1]["calibration-rejected-replies"] == 0
     dim = build_model(SPEC).fc1.in_features
     for dense in [("dense", 1), ("dense", 3)]:
-        assert all(r["factors"].shape[1:] == (dim, 4) for r in replied[dense])
+        assert all(r["factors"].shape[1] == dim for r in replied[dense])
+        assert all(0 < r["ranks"].max() <= 4 for r in replied[dense])
         for key, value in served["classifier", 1].items():
             if key.startswith("fc1."):  # classifier CCVR leaves fc1 alone, the dense one not
                 assert not torch.allclose(value, served[dense][key]), key

@@ -106,8 +106,13 @@ def test_wire_round_trip_and_rejections():
     stats = LowRankDense(rank=4).measure(model, x[y < 2], y[y < 2], 3)
     arrays = LowRankDense(rank=4).to_arrays(stats)
     assert arrays["classes"].tolist() == [0, 1]  # only the classes seen travel
+    assert arrays["factors"].dtype == np.int8 and arrays["means"].dtype == np.float16
     back = LowRankDense(rank=4).parse(arrays, num_classes=3, dim=8)
-    assert torch.allclose(back.factors, stats.factors.float().double())
+    for label in (0, 1):  # the covariance survives int8 columns (and their reordering)
+        assert torch.allclose(
+            _model_covariance(back, label), _model_covariance(stats, label), atol=2e-2
+        )
+        assert torch.allclose(back.means[label], stats.means[label], rtol=1e-3, atol=1e-3)
     assert back.counts[2] == 0
 
     def spoiled(key, value):
@@ -116,15 +121,53 @@ def test_wire_round_trip_and_rejections():
         return broken
 
     cases = {
-        "shape": spoiled("factors", arrays["factors"][:, :, :3]),
+        "shape": spoiled("factors", arrays["factors"][:, :3]),
+        r"ranks must be within \[0, 4\]": spoiled("ranks", arrays["ranks"] + 1),
+        "ranks must be integers": spoiled("ranks", arrays["ranks"].astype(np.float32)),
+        "scales must be finite": spoiled("factor-scales", -arrays["factor-scales"]),
         "non-finite": spoiled("means", np.full_like(arrays["means"], np.nan)),
         "negative": spoiled("residuals", -np.ones_like(arrays["residuals"])),
         "outside": spoiled("classes", np.array([0, 3])),
         "lack": {k: v for k, v in arrays.items() if k != "factors"},
+        "lack.*ranks": {k: v for k, v in arrays.items() if k != "ranks"},
     }
     for reason, broken in cases.items():
         with pytest.raises(ValueError, match=reason):
             LowRankDense(rank=4).parse(broken, num_classes=3, dim=8)
+
+
+def test_under_a_byte_budget_the_weakest_columns_move_into_the_residual():
+    # Four classes of 3136-d features, eight components each at rank 32: 13.6 MB in
+    # float32. Within a copy of the small CNN's 1.7 MB every component keeps its mean and
+    # its total variance, and the columns kept are the strongest of the whole client.
+    generator = torch.Generator().manual_seed(0)
+    n, dim, rank = 32, 3136, 32
+    decay = 0.8 ** torch.arange(rank, dtype=torch.float64)  # each factor's columns weaken
+    factors = torch.randn(n, dim, rank, generator=generator, dtype=torch.float64) * decay
+    factors = factors[:, :, torch.randperm(rank, generator=generator)]  # any column order
+    counts = torch.randint(20, 600, (n,), generator=generator).double()
+    mixture = LowRankMixture(
+        torch.arange(n) % 4,
+        counts,
+        torch.rand(n, dim, generator=generator, dtype=torch.float64),
+        factors,
+        torch.rand(n, dim, generator=generator, dtype=torch.float64),
+    )
+    kind = DenseMixture(rank=rank, components=8)
+    budget = 1_700_000
+    unlimited = kind.to_arrays(mixture)
+    wire = kind.to_arrays(mixture, budget_bytes=budget)
+    assert sum(a.nbytes for a in unlimited.values()) > 2 * budget  # int8 alone is not enough
+    assert budget - 3200 < sum(a.nbytes for a in wire.values()) <= budget
+    ranks = wire["ranks"]
+    assert ranks.min() > 0 and ranks.max() < rank
+    # Larger components keep more columns: the same column explains more of the client.
+    assert ranks[counts.argmax()] > ranks[counts.argmin()]
+    back = kind.parse(wire, num_classes=10, dim=dim)
+    total = factors.pow(2).sum((1, 2)) + mixture.residuals.sum(1)
+    kept = back.factors.pow(2).sum((1, 2)) + back.residuals.sum(1)
+    assert torch.allclose(kept, total, rtol=1e-2)
+    assert torch.allclose(back.means, mixture.means, atol=1e-3)
 
 
 def test_dense_calibration_repairs_a_broken_head_and_leaves_the_body_alone():

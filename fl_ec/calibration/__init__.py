@@ -53,6 +53,7 @@ from fl_ec.calibration.statistics import (
     FitSettings,
     head_entry,
     layer_inputs,
+    model_bytes,
 )
 
 # Statistics of any kind, as FeatureStatistics.parse returns them.
@@ -85,6 +86,7 @@ __all__ = [
     "kmeans_clusters",
     "layer_inputs",
     "low_rank_factor",
+    "model_bytes",
     "model_logits",
     "paired_z",
     "prior_offsets",

@@ -83,8 +83,13 @@ class FeatureStatistics(ABC, Generic[StatsT]):
         """The statistics of the calibrated layers' inputs over a labelled dataset."""
 
     @abstractmethod
-    def to_arrays(self, stats: StatsT) -> dict[str, np.ndarray]:
-        """The wire form: one row per class seen (per component), floats in float32."""
+    def to_arrays(self, stats: StatsT, budget_bytes: int | None = None) -> dict[str, np.ndarray]:
+        """The wire form: one row per class seen (per component).
+
+        ``budget_bytes`` (None: no limit) caps the arrays' bytes where the kind can trade
+        detail for size; a client passes :func:`model_bytes` of the model it measured, so
+        its statistics never cost more upload than a copy of that model.
+        """
 
     @abstractmethod
     def parse(self, arrays: Mapping[str, np.ndarray], num_classes: int, dim: int) -> StatsT:
@@ -148,6 +153,12 @@ class FeatureStatistics(ABC, Generic[StatsT]):
         features, labels = self.sample(stats, settings.samples, generator)
         fit_on_virtual_features(layers, features, labels, settings, generator)
         return time.perf_counter() - start
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s floating-point state in float32: what one copy of it costs on
+    the wire, and so the budget of a client's statistics of it."""
+    return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
 def head_entry(layers: nn.Module) -> nn.Linear:

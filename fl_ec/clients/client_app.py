@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fl_ec.calibration import CalibrationSettings
+from fl_ec.calibration import CalibrationSettings, model_bytes
 from fl_ec.clients.attacks import attack_for
 from fl_ec.clients.faults import inject_fault
 from fl_ec.clients.settings import NodeSettings, parse_tier_counts
@@ -349,15 +349,15 @@ def _feature_stats(msg: Message, context: Context) -> Message:
     config, _, data, spec, model = _setup(msg, context)
     start = time.perf_counter()
     statistics = _stats_settings(query_config).statistics()
-    wire = statistics.to_arrays(
-        statistics.measure(
-            model,
-            data.train.normalize(data.train.images),
-            data.train.labels,
-            spec.num_classes,
-            device=select_device(config.training.device),
-        )
+    measured = statistics.measure(
+        model,
+        data.train.normalize(data.train.images),
+        data.train.labels,
+        spec.num_classes,
+        device=select_device(config.training.device),
     )
+    # No more upload than a copy of the model itself, however many classes it holds.
+    wire = statistics.to_arrays(measured, budget_bytes=model_bytes(model))
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in wire.items()})
     metrics = MetricRecord(
         {NUM_EXAMPLES_KEY: len(data.train), STATS_SECONDS_KEY: time.perf_counter() - start}

@@ -106,7 +106,7 @@ class FedECSection:
     calibration: str = "none"  # a CalibrationSettings.preset name
     calibration_rounds: str = "all"
     calibration_nodes: str = "sampled"
-    distill_steps: int = 500
+    distill_steps: int = 100
     robust_start: str = "mean"
     distill_trainer: str = "adam"
 

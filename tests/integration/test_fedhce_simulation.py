@@ -67,12 +67,12 @@ def test_flowers_quickstart_app_runs_fedhce_with_two_client_lines(cli, tmp_path)
     # reply_variant in its ClientApp: the stock Net (with .view) trains a pruned int4 variant.
     app = quickstart_app(tmp_path, "server_app_fedhce", "client_app_fedhce")
     results = tmp_path / "quickstart"
-    run_id = cli.submit(app, f'num-server-rounds=2 results-file="{results}"', num_supernodes=3)
+    run_id = cli.submit(app, f'num-server-rounds=1 results-file="{results}"', num_supernodes=3)
     outcome = cli.wait(run_id, timeout=600)
     logs = cli.logs(run_id)
     assert outcome.completed, f"{outcome.status}: {outcome.details}\n{logs[-3000:]}"
     assert "dropped reply" not in logs  # every pruned, int4-packed variant's reply accepted
     accuracy = json.loads(results.with_suffix(".json").read_text())
-    assert accuracy["2"]["accuracy"] > 0.5
+    assert accuracy["1"]["accuracy"] > accuracy["0"]["accuracy"] + 0.3
     state = torch.load(results.with_suffix(".pt"), weights_only=True)
     assert state["fc1.weight"].shape == (120, 256)  # the global model stays full width

@@ -1,6 +1,6 @@
-"""fl-ec-run against a local SuperLink another folder started: the run's folder is the
-project's own, and the SuperLink it did not start is left running (stopping one it
-started: tests/test_results_dir.py)."""
+"""fl-ec-compare against a local SuperLink another folder started: the runs' folder is
+the project's own, and the SuperLink it did not start is left running (stopping one it
+started, and fl-ec-run's folder: tests/test_results_dir.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_ec.launch import FlowerCli, merge_overrides
+from fl_ec.launch import merge_overrides
 from fl_ec.results import load_saved_model
 from tests.conftest import ROOT, requires_fashion_mnist
 from tests.integration.helpers import SMALL_RUN, run_config
@@ -29,43 +29,23 @@ def _other_project(tmp_path: Path) -> Path:
     return app
 
 
-def _fl_ec_run(cli: FlowerCli, app: Path, run_name: str) -> subprocess.CompletedProcess:
-    config = merge_overrides(SMALL_RUN, f'run-name="{run_name}"')  # results-dir: the default
-    return subprocess.run(
-        [sys.executable, "-m", "fl_ec.launch", str(app), "--supernodes", "2", "-c", config],
-        env=cli.env,
-        cwd=app,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_a_run_from_another_folder_writes_into_its_own_results(cli, tmp_path):
-    # The local SuperLink is started by a run of this checkout, in the test's directory.
-    first = cli.submit(ROOT, run_config(tmp_path / "first", "first"), 2)
-    assert cli.wait(first, timeout=600).completed
-    superlink = cli.local_superlink_pids()
-    assert superlink
-
-    app = _other_project(tmp_path)
-    proc = _fl_ec_run(cli, app, "second")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[0] == f"fl-ec: results -> {app / 'results'}"
-    assert (app / "results" / "second" / "metrics.json").is_file()
-    assert not (Path.cwd() / "results" / "second").exists()  # not the SuperLink's folder
-    assert "was running before this run and is left running" in proc.stdout
-    assert cli.local_superlink_pids() == superlink
-
-
-def test_fl_ec_compare_runs_fedavg_and_fedec_on_the_same_clients_into_one_plot(cli, tmp_path):
+def test_fl_ec_compare_from_another_folder_runs_fedavg_and_fedec_into_one_plot(cli, tmp_path):
     """fl-ec-compare from another folder: FedAvg, then FedEC, 2 of 5 nodes per round.
+
+    The local SuperLink was started by a run of this checkout, in the test's directory:
+    the comparison's runs still land in the other project's ``results/``, and the
+    SuperLink it did not start is left running.
 
     Node ids are random per run and Flower samples from the global random state; with
     seeded sampling both runs train the same partitions, both aggregate the replies in
     node order with the same arithmetic, so FedEC without distillation serves FedAvg's
     models bit for bit: the difference fl-ec-compare draws is the strategy's alone.
     """
+    first = cli.submit(ROOT, run_config(tmp_path / "first", "first"), 2)
+    assert cli.wait(first, timeout=600).completed
+    superlink = cli.local_superlink_pids()
+    assert superlink
+
     app = _other_project(tmp_path)
     chosen = 'strategy="fedec" distill-steps=0 num-server-rounds=2 fraction-train=0.4 alpha=0.1'
     config = merge_overrides(SMALL_RUN, f"{chosen} local-epochs=2")
@@ -79,6 +59,9 @@ def test_fl_ec_compare_runs_fedavg_and_fedec_on_the_same_clients_into_one_plot(c
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0] == f"fl-ec: results -> {app / 'results'}"
+    assert not list((Path.cwd() / "results").glob("compare-*-fed*/metrics.json"))
+    assert "was running before this run and is left running" in proc.stdout
+    assert cli.local_superlink_pids() == superlink
     plot, *sides = sorted((app / "results").glob("compare-*"))  # the plot's folder first
     runs = {f.name.rsplit("-", 1)[1]: json.loads((f / "metrics.json").read_text()) for f in sides}
     assert sorted(runs) == ["fedavg", "fedec"]

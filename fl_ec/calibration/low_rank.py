@@ -241,7 +241,8 @@ class _DenseHeadStatistics(FeatureStatistics[DenseStatsT]):
         """The wire form, one row per component (per class seen), within ``budget_bytes``.
 
         Means and residual variances travel in float16 (float32 where float16 would
-        overflow); each factor column in int8 with its own float32 scale. Columns are
+        overflow, which the budget does not foresee); each factor column in int8 with
+        its own float32 scale. Columns are
         ragged: component ``i`` sends its ``ranks[i]`` strongest columns as rows of
         ``factors``. Under a budget the columns that explain the least of the client's
         pooled variance (column variance x component count) are dropped first, and

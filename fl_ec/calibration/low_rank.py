@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl_ec.calibration.low_rank_wire import pack_components, unpack_factors
 from fl_ec.calibration.statistics import (
     FeatureStatistics,
     check_class_arrays,
@@ -173,55 +174,6 @@ def kmeans_clusters(
     return torch.unique(assignment, return_inverse=True)[1]
 
 
-def _strongest_first(factors: torch.Tensor) -> torch.Tensor:
-    """``factors`` (n, d, r) with each component's columns sorted by decreasing norm.
-
-    Reordering a factor's columns leaves ``F @ F.T`` unchanged; sorted, a component's
-    strongest columns are a prefix, which the ragged wire form sends.
-    """
-    order = factors.pow(2).sum(1).argsort(dim=1, descending=True, stable=True)
-    return torch.gather(factors, 2, order.unsqueeze(1).expand_as(factors))
-
-
-# Bytes a component always costs on the wire: class, count and rank (int64), mean and
-# residual (float16); and each factor column it keeps: d int8 values and a float32 scale.
-def _component_bytes(dim: int) -> int:
-    return 3 * 8 + 2 * 2 * dim
-
-
-def _column_bytes(dim: int) -> int:
-    return dim + 4
-
-
-def _ranks_within(
-    factors: torch.Tensor, counts: torch.Tensor, budget_bytes: int | None
-) -> torch.Tensor:
-    """How many of its strongest columns each component sends, within ``budget_bytes``.
-
-    Every non-zero column without a budget. Under one, the columns ranked by the
-    variance they explain in the client's pooled features (their squared norm x the
-    component's count) are kept from the top while they fit.
-    """
-    n, dim, rank = factors.shape
-    value = factors.pow(2).sum(1) * counts[:, None]  # (n, r), each row non-increasing
-    useful = value > 0
-    if budget_bytes is None:
-        return useful.sum(1)
-    room = (budget_bytes - n * _component_bytes(dim)) // _column_bytes(dim)
-    keep = torch.zeros(n * rank, dtype=torch.bool)
-    if room > 0:
-        order = value.flatten().argsort(descending=True, stable=True)[: int(room)]
-        keep[order] = True
-    # A component's kept columns are a prefix: its values are sorted, ties broken stably.
-    return (keep.view(n, rank) & useful).sum(1)
-
-
-def _half_if_finite(values: torch.Tensor) -> np.ndarray:
-    """float16 where every value fits it (features of ReLU nets do), else float32."""
-    half = values.numpy().astype(np.float16)
-    return half if np.isfinite(half).all() else values.numpy().astype(np.float32)
-
-
 DenseStatsT = TypeVar("DenseStatsT", LowRankClassStats, LowRankMixture)
 
 
@@ -238,47 +190,22 @@ class _DenseHeadStatistics(FeatureStatistics[DenseStatsT]):
     def to_arrays(
         self, stats: DenseStatsT, budget_bytes: int | None = None
     ) -> dict[str, np.ndarray]:
-        """The wire form, one row per component (per class seen), within ``budget_bytes``.
-
-        Means and residual variances travel in float16 (float32 where float16 would
-        overflow, which the budget does not foresee); each factor column in int8 with
-        its own float32 scale. Columns are
-        ragged: component ``i`` sends its ``ranks[i]`` strongest columns as rows of
-        ``factors``. Under a budget the columns that explain the least of the client's
-        pooled variance (column variance x component count) are dropped first, and
-        what a dropped column explained joins its component's residual diagonal, so
-        every component keeps its total variance. The means, residuals and counts are
-        always sent: ``4 d + 24`` bytes a component.
-        """
+        """The wire form, one row per component (per class seen), within ``budget_bytes``:
+        float16 means and variances, ragged int8 factor columns, the weakest columns
+        moved into the residual (:mod:`fl_ec.calibration.low_rank_wire`)."""
         mixture = as_mixture(stats)
-        factors, residuals = _strongest_first(mixture.factors), mixture.residuals.clone()
-        ranks = _ranks_within(factors, mixture.counts, budget_bytes)
-        columns = []
-        for component, rank in enumerate(ranks.tolist()):
-            dropped = factors[component, :, rank:]
-            residuals[component] += dropped.pow(2).sum(1)
-            columns.append(factors[component, :, :rank].T)
-        kept = torch.cat(columns) if columns else torch.zeros(0, mixture.dim, dtype=torch.float64)
-        scales = kept.abs().amax(1) / 127.0
-        quantized = torch.round(kept / scales.clamp_min(1e-30)[:, None]).clamp(-127, 127)
-        return {
-            "classes": mixture.labels.numpy().astype(np.int64),
-            "counts": mixture.counts.numpy().astype(np.int64),
-            "ranks": ranks.numpy().astype(np.int64),
-            "means": _half_if_finite(mixture.means),
-            "residuals": _half_if_finite(residuals),
-            "factors": quantized.numpy().astype(np.int8),
-            "factor-scales": scales.numpy().astype(np.float32),
-        }
+        packed = pack_components(
+            mixture.counts, mixture.means, mixture.factors, mixture.residuals, budget_bytes
+        )
+        return {"classes": mixture.labels.numpy().astype(np.int64), **packed}
 
     def _parse_components(
         self, arrays: Mapping[str, np.ndarray], num_classes: int, dim: int, components: int
     ) -> LowRankMixture:
         """Check and rebuild a client's components (up to ``components`` rows per class).
 
-        Every check runs before the dense ``(rows, dim, rank)`` factors are built: ranks
-        within ``[0, rank]``, as many factor rows and scales as the ranks add up to,
-        finite non-negative scales.
+        Every check runs before the dense ``(rows, dim, rank)`` factors are built
+        (:func:`~fl_ec.calibration.low_rank_wire.unpack_factors`).
         """
         index, counts, floats = check_class_arrays(
             arrays,
@@ -288,37 +215,7 @@ class _DenseHeadStatistics(FeatureStatistics[DenseStatsT]):
         )
         if (floats["residuals"] < 0).any():
             raise ValueError("feature statistics residual variances are negative")
-        ranks = np.asarray(arrays["ranks"])
-        if not np.issubdtype(ranks.dtype, np.integer):
-            raise ValueError("feature statistics ranks must be integers")
-        if len(ranks) and (ranks.min() < 0 or ranks.max() > self.rank):
-            raise ValueError(f"feature statistics ranks must be within [0, {self.rank}]")
-        total = int(ranks.sum())
-        missing = [key for key in ("factors", "factor-scales") if key not in arrays]
-        if missing:
-            raise ValueError(f"feature statistics lack {missing}")
-        for key, shape in (("factors", (total, dim)), ("factor-scales", (total,))):
-            value = np.asarray(arrays[key])
-            if value.shape != shape:
-                raise ValueError(
-                    f"feature statistics {key!r} have shape {value.shape}, expected {shape}"
-                )
-            real = np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
-            if not real:
-                raise ValueError(
-                    f"feature statistics {key!r} have dtype {value.dtype}, expected real numbers"
-                )
-        scales = np.asarray(arrays["factor-scales"], dtype=np.float64)
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise ValueError("feature statistics factor scales must be finite and >= 0")
-        columns = np.asarray(arrays["factors"], dtype=np.float64) * scales[:, None]
-        if not np.isfinite(columns).all():
-            raise ValueError("feature statistics contain non-finite values")
-        factors = torch.zeros(len(ranks), dim, self.rank, dtype=torch.float64)
-        starts = np.concatenate([[0], np.cumsum(ranks)])
-        for component, rank in enumerate(ranks.tolist()):
-            block = columns[starts[component] : starts[component + 1]]
-            factors[component, :, :rank] = torch.as_tensor(block.T)
+        factors = unpack_factors(arrays, dim, self.rank)
         return LowRankMixture(
             index,
             torch.as_tensor(counts, dtype=torch.float64),

@@ -221,11 +221,7 @@ def check_class_arrays(
     if not np.issubdtype(classes.dtype, np.integer):
         raise ValueError("feature statistics classes must be integers")
     for key in ("counts", *per_class_shapes):
-        dtype = np.asarray(arrays[key]).dtype
-        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-            raise ValueError(
-                f"feature statistics {key!r} have dtype {dtype}, expected real numbers"
-            )
+        check_real_dtype(key, np.asarray(arrays[key]))
     if classes.min() < 0 or classes.max() >= num_classes:
         raise ValueError(f"feature statistics name a class outside [0, {num_classes})")
     most = int(np.bincount(classes).max())
@@ -243,6 +239,14 @@ def check_class_arrays(
     if not all(np.isfinite(value).all() for value in floats.values()):
         raise ValueError("feature statistics contain non-finite values")
     return torch.as_tensor(classes, dtype=torch.long), counts, floats
+
+
+def check_real_dtype(key: str, value: np.ndarray) -> None:
+    """``ValueError`` unless the statistics array ``key`` holds integers or floats."""
+    if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+        raise ValueError(
+            f"feature statistics {key!r} have dtype {value.dtype}, expected real numbers"
+        )
 
 
 def scatter_classes(index: torch.Tensor, rows: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -204,6 +204,15 @@ def _same_config(recorded: dict, expected: dict) -> bool:
         ignored |= {key for key in as_run if key.startswith("lp-")}
     if as_run.get("strategy") != "fedhce":
         ignored.add("quantized-training")  # it acted only on FedHCE's variants
+        if not as_run.get("train-tiers"):
+            # A node's tier picks FedHCE's variant or trains under `train-tiers`; other
+            # runs are the same whatever the tiers (the fleet's full-model references
+            # repeat the partial regime's runs bit for bit).
+            ignored.add("simulated-tiers")
+    if as_run.get("strategy") == "fedavg":
+        # Server-side distillation knobs: FedAvg never distils, so a run recorded
+        # before their defaults changed is the same run.
+        ignored |= {"distill-steps", "variant-distill-steps"}
     if any(
         as_run.get(key, kept) != kept
         for key, kept in _RETIRED_KNOBS.items()

@@ -81,7 +81,6 @@ RETIRED_KEYS: Final[dict[str, RetiredKey]] = {
     "lp-aux-resolution": RetiredKey(_REMOVED, kept="full"),
     "weight-decay": RetiredKey(_REMOVED, kept=0.0),
     "local-loss": RetiredKey(_REMOVED, kept="ce"),
-    "distill-batch-size": RetiredKey(_DISTILL, kept=128),
     "distill-lr": RetiredKey(_DISTILL, kept=0.001),
     "distill-temperature": RetiredKey(_DISTILL, kept=1.0),
     "distill-eval-every": RetiredKey(_DISTILL, kept=50),

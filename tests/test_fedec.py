@@ -238,6 +238,15 @@ def test_student_starts_from_the_weighted_average(task_identity, data):
     assert torch.allclose(arrays.to_torch_state_dict()["fc1.weight"], expected, atol=1e-6)
 
 
+def test_an_accepted_reply_is_held_once_by_its_state_and_its_model(task_identity, data):
+    strategy = _strategy(data, distill=DistillSettings(steps=0))
+    _start_round(strategy, _global())
+    client = strategy.read_reply(_reply(1, _global(1)))
+    held = client.model.state_dict()
+    assert all(held[k].data_ptr() == v.data_ptr() for k, v in client.state.items())
+    assert torch.equal(client.state["fc1.weight"], _global(1).state_dict()["fc1.weight"])
+
+
 def test_without_distillation_no_client_model_runs_over_the_proxy(task_identity, data, monkeypatch):
     import fl_ec.strategies.steps as steps_module
 

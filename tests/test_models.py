@@ -67,3 +67,26 @@ def test_arrays_with_wrong_keys_or_shapes_are_rejected():
 def test_malformed_specs_are_rejected(text):
     with pytest.raises(ModelSpecError):
         ArchSpec.from_json(text)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8"])
+def test_a_shared_build_holds_the_arrays_themselves(name):
+    spec = ArchSpec(name=name, input_shape=(1, 28, 28), num_classes=10)
+    torch.manual_seed(0)
+    reference = build_model(spec).eval()
+    arrays = {k: v.clone() for k, v in reference.state_dict().items()}
+    shared = build_from_state_dict(spec, arrays, share=True).eval()
+    held = shared.state_dict()
+    assert all(held[k].data_ptr() == v.data_ptr() for k, v in arrays.items())
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(shared(x), reference(x))
+    copied = build_from_state_dict(spec, arrays).state_dict()
+    assert all(copied[k].data_ptr() != v.data_ptr() for k, v in arrays.items())
+
+
+def test_a_shared_build_still_rejects_inconsistent_arrays():
+    spec = ArchSpec("cnn", (1, 28, 28), 10)
+    state = dict(build_model(spec).state_dict())
+    state["conv2.weight"] = torch.zeros(64, 7, 3, 3)
+    with pytest.raises(ModelSpecError):
+        build_from_state_dict(spec, state, share=True)

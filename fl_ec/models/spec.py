@@ -9,6 +9,7 @@ shapes in the arrays, so any channel-pruned variant is rebuilt without extra met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -117,28 +118,37 @@ def build_model(spec: ArchSpec) -> nn.Module:
     return CifarResNet(spec.widths, (depth - 2) // 6, channels, spec.num_classes)
 
 
-def build_from_state_dict(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+def build_from_state_dict(
+    spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], *, share: bool = False
+) -> nn.Module:
     """A model with the spec's topology and the *shapes* of ``state_dict``, loaded from it.
 
     Raises :class:`ModelSpecError` when the keys do not match the spec's topology or
     the shapes are inconsistent (e.g. a conv whose input channels do not match the
     previous layer's output), instead of returning a model that fails later.
+
+    ``share``: the model's parameters and buffers *are* ``state_dict``'s tensors (no
+    initialisation, no copy), so writing to either changes both. For models that are
+    only read, such as the server's copies of client replies, it halves the memory.
     """
-    model = build_model(spec)
-    expected = set(model.state_dict().keys())
-    given = set(state_dict.keys())
-    if expected != given:
-        missing = sorted(expected - given)[:3]
-        unexpected = sorted(given - expected)[:3]
-        raise ModelSpecError(
-            f"arrays do not match spec {spec.name}: missing {missing}, unexpected {unexpected}"
-        )
-    for name, module in list(model.named_modules()):
-        replacement = _resized(module, name, state_dict)
-        if replacement is not None:
-            _set_submodule(model, name, replacement)
+    with torch.device("meta") if share else contextlib.nullcontext():
+        model = build_model(spec)
+        expected = set(model.state_dict().keys())
+        given = set(state_dict.keys())
+        if expected != given:
+            missing = sorted(expected - given)[:3]
+            unexpected = sorted(given - expected)[:3]
+            raise ModelSpecError(
+                f"arrays do not match spec {spec.name}: missing {missing}, unexpected {unexpected}"
+            )
+        for name, module in list(model.named_modules()):
+            replacement = _resized(module, name, state_dict)
+            if replacement is not None:
+                _set_submodule(model, name, replacement)
     try:
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
+        model.load_state_dict(
+            {k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True, assign=share
+        )
         with torch.no_grad():
             model.eval()(torch.zeros(1, *spec.input_shape))
     except RuntimeError as err:

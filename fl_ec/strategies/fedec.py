@@ -261,9 +261,15 @@ class FedEC(RunsRoundsOnStart, FedAvg):
     def read_reply(self, reply: Message) -> ClientModel:
         """One train reply as a client model, or ``RejectedReplyError`` naming its defect."""
         return parse_train_reply(
-            reply, self.expected_reply, self.model.build, self.weighted_by_key,
+            reply, self.expected_reply, self.build_client_model, self.weighted_by_key,
             self.arrayrecord_key, self.reply_limits,
         )
+
+    def build_client_model(
+        self, spec: ArchSpec | None, state: dict[str, torch.Tensor]
+    ) -> nn.Module:
+        """A reply's model, sharing the reply's tensors: client models are only read."""
+        return self.model.build(spec, state, share=True)
 
     def expected_reply(self, claimed: ArchSpec | None, variant: str, node: int) -> Expected:
         """What node ``node``'s reply, claiming architecture ``claimed``, must hold."""

@@ -38,10 +38,16 @@ class GlobalModel:
         # Replaces builder-and-load for arrays of another shape; None: they fail.
         self.rebuild: Rebuild | None = None
 
-    def build(self, spec: ArchSpec | None, state: dict[str, torch.Tensor]) -> nn.Module:
-        """A model from arrays: by ``spec`` when there is one, else the user's builder."""
+    def build(
+        self, spec: ArchSpec | None, state: dict[str, torch.Tensor], share: bool = False
+    ) -> nn.Module:
+        """A model from arrays: by ``spec`` when there is one, else the user's builder.
+
+        ``share``: built by ``spec``, the model holds ``state``'s own tensors
+        (:func:`~fl_ec.models.spec.build_from_state_dict`); for models only read.
+        """
         if spec is not None:
-            return build_from_state_dict(spec, state)
+            return build_from_state_dict(spec, state, share=share)
         if self.rebuild is not None:
             return self.rebuild(state)
         model = self.builder()  # type: ignore[misc]

@@ -282,6 +282,22 @@ def read_state(record: ArrayRecord, bounds: Bounds) -> dict[str, torch.Tensor]:
     return state
 
 
+def shared_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s own tensors in place of ``state``, which it was loaded from.
+
+    Loading copies the arrays into the model, so a reply would otherwise be held twice
+    until the round ends: once as the arrays the average reads, once as the module the
+    teacher runs. The client models are only read (inference, averaging), so both can
+    be the same memory. ``state`` is kept where the model holds other keys, shapes or
+    dtypes (a user's builder may differ).
+    """
+    own = model.state_dict()
+    same = own.keys() == state.keys() and all(
+        own[k].shape == v.shape and own[k].dtype == v.dtype for k, v in state.items()
+    )
+    return {k: own[k].detach() for k in state} if same else state
+
+
 def check_capability(record: ConfigRecord, max_entries: int = 32) -> dict[str, Any]:
     """What a node reports about itself: a few scalars (strings of bounded length)."""
     if len(record) > max_entries:
@@ -353,6 +369,7 @@ def parse_train_reply(
         model = build(expected.spec, state)
     except ModelSpecError as err:
         raise RejectedReplyError(str(err)) from None
+    state = shared_state(model, state)
     numeric = {k: float(v) for k, v in metrics.items() if is_number(v)}
     return ClientModel(node, expected.spec, state, model, weight, class_counts, numeric, variant)
 

@@ -94,6 +94,7 @@ class FedECSection:
 
     OWNER_FIELDS: ClassVar[dict[str, str]] = {
         "steps": "distill_steps",  # DistillSettings
+        "batch_size": "distill_batch_size",
         "preset": "calibration",  # CalibrationSettings
         "rounds": "calibration_rounds",
         "nodes": "calibration_nodes",
@@ -107,6 +108,7 @@ class FedECSection:
     calibration_rounds: str = "all"
     calibration_nodes: str = "sampled"
     distill_steps: int = 100
+    distill_batch_size: int = 128
     robust_start: str = "mean"
     distill_trainer: str = "adam"
 
@@ -137,8 +139,9 @@ class FedECSection:
         )
 
     def distill_settings(self) -> DistillSettings:
-        """The server's distillation: the library's settings with ``distill-steps``."""
-        return DistillSettings(steps=self.distill_steps)
+        """The server's distillation: the library's settings with ``distill-steps`` and
+        ``distill-batch-size``."""
+        return DistillSettings(steps=self.distill_steps, batch_size=self.distill_batch_size)
 
     def calibration_settings(self) -> CalibrationSettings:
         """The ``calibration`` preset, with ``calibration-rounds`` and ``calibration-nodes``."""

@@ -10,7 +10,8 @@ the models are built and after the teacher pass, the pass's seconds, and its thr
 against one CNN's batched inference in the same layout (channels-last, batch 512). In
 the second, FedEC's whole ``aggregate_train`` takes K such replies (the checks, the
 models, the teacher, 50 distillation steps): the peak memory with the replies received
-and after the round. The section ``teacher-scaling`` of BENCHMARKS.md is rewritten.
+and after the round (FedEC fixes glibc's heap thresholds when it is built:
+``fl_ec.run.allocator``). The section ``teacher-scaling`` of BENCHMARKS.md is rewritten.
 """
 
 from __future__ import annotations

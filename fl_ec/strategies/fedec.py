@@ -32,6 +32,7 @@ from fl_ec.models.layout import probe_channels_last
 from fl_ec.models.spec import ArchSpec
 from fl_ec.results import RunRecorder
 from fl_ec.robust import StartRule, WeightedMean
+from fl_ec.run.allocator import fix_heap_thresholds
 from fl_ec.run.loop import RunsRoundsOnStart
 from fl_ec.run.reporting import RoundMetrics
 from fl_ec.strategies.acceptance import accept_evaluate_replies, accept_train_replies
@@ -132,6 +133,7 @@ class FedEC(RunsRoundsOnStart, FedAvg):
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        fix_heap_thresholds()  # the round's peak memory, not glibc's history, decides RSS
         self.settings = FedECSettings(
             teacher_rule, teacher_trim, client_start, proxy_per_round, proxy_batch_size,
             min_valid_replies,

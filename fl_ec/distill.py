@@ -33,7 +33,8 @@ from fl_ec.scoring import model_accuracy
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """Settings of one distillation; the run-config sets ``steps`` (``distill-steps``).
+    """Settings of one distillation; the run-config sets ``steps`` (``distill-steps``) and
+    ``batch_size`` (``distill-batch-size``) of the student's.
 
     Proxy batch size, Adam lr (cosine decay to 0 over ``steps``), KD temperature,
     steps between validation checks (the best checkpoint is kept) and the steps
@@ -41,8 +42,8 @@ class DistillSettings:
     raises :class:`~fl_ec.errors.SettingError` (a ``ValueError``) naming the field.
     """
 
-    steps: int = 100
-    batch_size: int = 128
+    steps: int = 200
+    batch_size: int = 64
     lr: float = 1e-3
     temperature: float = 1.0
     eval_every: int = 50

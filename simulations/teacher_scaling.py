@@ -90,7 +90,7 @@ def fedec_round(num_models: int, proxy_size: int, threads: int) -> dict:
     strategy = FedEC(
         proxy_data=proxy,
         arch_spec=spec,
-        distill=DistillSettings(steps=50, eval_every=50),
+        distill=DistillSettings(steps=50, batch_size=128, eval_every=50),
         min_train_nodes=2,
     )
     strategy.global_arrays = ArrayRecord(build_model(spec).state_dict())

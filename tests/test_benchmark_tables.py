@@ -146,7 +146,10 @@ def test_a_run_recorded_with_the_calibration_knobs_matches_its_preset():
         "dense-mixture": {**dense, "calibration-rank": 32, "calibration-components": 8},
     }
     for preset, recorded in old_runs.items():
-        expected = _as_config({"strategy": "fedec", "calibration": preset})
+        # Runs of that day distilled in batches of 128 (no run-config key then).
+        expected = _as_config(
+            {"strategy": "fedec", "calibration": preset, "distill-batch-size": 128}
+        )
         assert recorded_calibration(recorded) == preset
         for other in old_runs:
             matches = _same_config(
@@ -197,3 +200,10 @@ def test_compare_runs_leaves_out_time_and_node_ids():
     flatten("round1", {"variant": {"int8": {"gain": 0.1, "calibration-seconds": 2.0}}}, b)
     assert b["round1.variant.int8.gain"] == 0.1
     assert "round1.variant.int8.calibration-seconds" not in b
+
+
+def test_a_run_recorded_without_a_distillation_batch_ran_batches_of_128():
+    before = {"strategy": "fedec", "distill-steps": 100}
+    assert _same_config(before, _as_config({**before, "distill-batch-size": 128}))
+    assert not _same_config(before, _as_config(before))  # today's default is 64
+    assert _same_config({"strategy": "fedavg"}, _as_config({"strategy": "fedavg"}))

@@ -112,7 +112,7 @@ class FedHCE(FedEC):
         self.policy = assignment_policy or TierPolicy({}, self.default_variant)
         check_diversity_weight(diversity_weight)
         self.diversity_weight = diversity_weight
-        self.variant_distill = variant_distill or DistillSettings(steps=100)
+        self.variant_distill = variant_distill or DistillSettings(steps=100, batch_size=128)
         self.calibrate_variants = calibrate_variants
         example = self.proxy_inputs[:2]  # what pruning traces the model with
         spec = self.model.spec

@@ -107,8 +107,8 @@ class FedECSection:
     calibration: str = "none"  # a CalibrationSettings.preset name
     calibration_rounds: str = "all"
     calibration_nodes: str = "sampled"
-    distill_steps: int = 100
-    distill_batch_size: int = 128
+    distill_steps: int = 200
+    distill_batch_size: int = 64
     robust_start: str = "mean"
     distill_trainer: str = "adam"
 
@@ -207,5 +207,6 @@ class FedHCESection:
         return [name.strip() for name in self.hce_ensemble.split(",") if name.strip()]
 
     def variant_distill_settings(self) -> DistillSettings:
-        """FedHCE's distillation of its variants: ``variant-distill-steps`` steps."""
-        return DistillSettings(steps=self.variant_distill_steps)
+        """FedHCE's distillation of its variants: ``variant-distill-steps`` steps of 128
+        (the variants' fine-tuning was measured at that size)."""
+        return DistillSettings(steps=self.variant_distill_steps, batch_size=128)

@@ -195,6 +195,8 @@ def _same_config(recorded: dict, expected: dict) -> bool:
         return False
     if recorded.get("prior-correction") and "prior-correction-revert-z" not in recorded:
         as_run["prior-correction-revert-z"] = 0.0  # it reverted on any validation drop
+    if "distill-batch-size" not in recorded:
+        as_run["distill-batch-size"] = 128  # fixed at 128 while it was no run-config key
     ignored = set(_OUTPUT_KEYS)
     if as_run["calibration"] in ("none", "prior"):
         ignored.add("calibration-samples")  # virtual features of a feature calibration
@@ -212,7 +214,7 @@ def _same_config(recorded: dict, expected: dict) -> bool:
     if as_run.get("strategy") == "fedavg":
         # Server-side distillation knobs: FedAvg never distils, so a run recorded
         # before their defaults changed is the same run.
-        ignored |= {"distill-steps", "variant-distill-steps"}
+        ignored |= {"distill-steps", "distill-batch-size", "variant-distill-steps"}
     if any(
         as_run.get(key, kept) != kept
         for key, kept in _RETIRED_KNOBS.items()

@@ -218,7 +218,8 @@ def test_fedec_distillation_switches_to_the_layer_parallel_trainer(tiny):
             "strategy": "fedec",
             "model": "resnet8",
             "distill-trainer": "layer-parallel",
-            "distill-steps": 12,  # x the distillation batch of 128
+            "distill-steps": 12,
+            "distill-batch-size": 128,  # 12 x 128 proxy samples
         }
     )
     strategy = build_strategy(config, spec, ServerData(proxy=train, validation=test, test=test))

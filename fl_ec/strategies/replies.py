@@ -295,7 +295,7 @@ def shared_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict
     same = own.keys() == state.keys() and all(
         own[k].shape == v.shape and own[k].dtype == v.dtype for k, v in state.items()
     )
-    return {k: own[k].detach() for k in state} if same else state
+    return {k: own[k] for k in state} if same else state  # state_dict() is detached
 
 
 def check_capability(record: ConfigRecord, max_entries: int = 32) -> dict[str, Any]:
